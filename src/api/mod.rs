@@ -1,0 +1,4 @@
+//! Front doors: each parses client requests into typed commands and renders
+//! typed answers. Nothing here touches a balance directly.
+
+pub mod ozeki;

@@ -1,0 +1,1 @@
+//! The Ozeki NG HTTP API front door.

@@ -1,0 +1,15 @@
+//! tollgate: a credit-enforcing reverse proxy for HTTP SMS gateways.
+//!
+//! Data flows one way: `api` (front doors parse requests into typed commands
+//! and render typed answers) → `ledger` (balances and reservations, no HTTP)
+//! → `store` (write-behind persistence). `tariff` prices messages with pure
+//! functions; `proxy` is the thin pingora glue; `config` turns files into one
+//! validated `Config`.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod error;
+pub mod ledger;
+pub mod money;
+pub mod sim;
+pub mod tariff;

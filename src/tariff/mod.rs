@@ -1,0 +1,1 @@
+//! The credit calculator: message parts and per-destination prices.
