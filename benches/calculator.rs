@@ -1,0 +1,145 @@
+//! Credit calculator benchmarks.
+//!
+//! Motivation: every recipient of every `sendmessage` is priced on the
+//! request path before it is forwarded (part counting × longest-prefix
+//! lookup × off-peak check), and tariffs hot-reload while traffic flows, so
+//! SPEC 4.2 asks that 100 000+ prefix tables load "in well under a second"
+//! and price in O(length of number). These benches keep both honest.
+//!
+//! Run: `cargo bench --bench calculator`
+//!
+//! Last measured (2-core dev VM, release profile):
+//!   parts_for/gsm7_short_ascii (120 chars)          ~ 40 ns
+//!   parts_for/gsm7_long_ascii (1 500 chars)         ~ 0.5 µs
+//!   parts_for/gsm7_latin (160 chars with é, €, Δ)   ~ 0.3 µs
+//!   parts_for/ucs2_short (Hungarian, 120 chars)     ~ 0.2 µs
+//!   parts_for/ucs2_long_emoji (1 000 chars)         ~ 2 µs
+//!   prefix_table/load_200k (read + parse + build)   ~ 40 ms
+//!   prefix_table/lookup_200k (11-digit numbers)     ~ 25 ns
+//!   tariff/quote_200k (normalise + parts + price)   ~ 0.2 µs
+//! (see the report of the change that last touched this file for exact
+//! numbers; rerun after any change to `src/tariff/`.)
+
+use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use std::path::Path;
+use tollgate::tariff::{gen, parts_for, MessageType, PartRules, QuoteRequest, Tariff};
+
+fn bench_parts(c: &mut Criterion) {
+    let rules = PartRules::default();
+    let texts: [(&str, String); 5] = [
+        (
+            "gsm7_short_ascii",
+            "Your verification code is 482913. It expires in 10 minutes. Do not share it with anyone, not even our staff!!"
+                .chars()
+                .cycle()
+                .take(120)
+                .collect(),
+        ),
+        ("gsm7_long_ascii", "The quick brown fox jumps over the lazy dog. ".repeat(34)[..1500].to_string()),
+        ("gsm7_latin", "Café Δ price 5€ {ok} ".chars().cycle().take(160).collect()),
+        (
+            "ucs2_short",
+            "Árvíztűrő tükörfúrógép, köszönjük a rendelését! ".chars().cycle().take(120).collect(),
+        ),
+        ("ucs2_long_emoji", "Szép napot 😀 ".chars().cycle().take(1000).collect()),
+    ];
+    let mut group = c.benchmark_group("parts_for");
+    for (name, text) in &texts {
+        group.throughput(Throughput::Bytes(text.len() as u64));
+        group.bench_function(*name, |b| {
+            b.iter(|| parts_for(black_box(text), &MessageType::Text, &rules, 1).unwrap())
+        });
+    }
+    group.finish();
+}
+
+/// Numbers under the generated table's prefixes, plus some unmatched ones.
+fn numbers(csv: &str, n: usize) -> Vec<String> {
+    let prefixes: Vec<&str> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split_once(',').unwrap().0)
+        .collect();
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    (0..n)
+        .map(|i| {
+            let mut number = if i % 10 == 9 {
+                "99".to_string()
+            } else {
+                prefixes[next() as usize % prefixes.len()].to_string()
+            };
+            while number.len() < 11 {
+                number.push((b'0' + (next() % 10) as u8) as char);
+            }
+            number
+        })
+        .collect()
+}
+
+fn bench_tables(c: &mut Criterion) {
+    let csv = gen::generate_prefix_table(200_000, 1);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("prefixes.csv"), &csv).unwrap();
+    let yaml = "default_country_code: \"36\"\nnational_prefix: \"06\"\ndefault_price: 1\nprefixes_file: prefixes.csv\noffpeak:\n  timezone: Europe/Budapest\n  windows:\n    - { days: [mon, tue, wed, thu, fri], from: \"20:00\", to: \"08:00\" }\n";
+    let yaml_path = dir.path().join("tariffs.yaml");
+    std::fs::write(&yaml_path, yaml).unwrap();
+
+    let mut group = c.benchmark_group("prefix_table");
+    group.sample_size(10);
+    group.bench_function("load_200k", |b| {
+        b.iter_batched(
+            || (),
+            |()| Tariff::load(black_box(Path::new(&yaml_path))).unwrap(),
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+
+    let tariff = Tariff::load(&yaml_path).unwrap();
+    assert_eq!(tariff.prefix_count(), 200_000);
+    let numbers = numbers(&csv, 4096);
+    let mut group = c.benchmark_group("prefix_table");
+    let mut i = 0;
+    group.bench_function("lookup_200k", |b| {
+        b.iter(|| {
+            i = (i + 1) % numbers.len();
+            tariff
+                .price_per_part(black_box(&numbers[i]), None)
+                .price_per_part_milli
+        })
+    });
+    group.finish();
+
+    let recipients: Vec<String> = numbers.iter().map(|n| format!("+{n}")).collect();
+    let text = "Your verification code is 482913. It expires in 10 minutes.";
+    let mut group = c.benchmark_group("tariff");
+    let mut i = 0;
+    group.bench_function("quote_200k", |b| {
+        b.iter(|| {
+            i = (i + 1) % recipients.len();
+            tariff
+                .quote(black_box(&QuoteRequest {
+                    recipient: &recipients[i],
+                    text,
+                    message_type: "SMS:TEXT",
+                    class: None,
+                    at_unix_ms: 1_736_967_600_000,
+                }))
+                .unwrap()
+                .total_milli
+        })
+    });
+    group.bench_function("bucket_preference", |b| {
+        b.iter(|| tariff.bucket_preference(black_box(1_736_967_600_000)))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_parts, bench_tables);
+criterion_main!(benches);
