@@ -7,9 +7,17 @@
 //! validated `Config`.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod api;
+pub mod auth;
+pub mod config;
 pub mod error;
 pub mod ledger;
+pub mod metrics;
 pub mod money;
+pub mod proxy;
+pub mod server;
+pub mod service;
 pub mod sim;
 pub mod tariff;
+pub mod upstream;

@@ -1,1 +1,280 @@
-fn main() {}
+//! The `tollgate` command: run the proxy, check configuration, manage
+//! accounts, price a message. Only wiring lives here.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tollgate::config::{accounts, Config};
+use tollgate::ledger::Role;
+use tollgate::money::{format_credits, parse_credits};
+use tollgate::tariff::{QuoteRequest, Tariff};
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "Credit-control reverse proxy for SMS gateways"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        #[arg(short, long, default_value = "conf/tollgate.yaml")]
+        config: PathBuf,
+    },
+    /// Validate the configuration, tariffs and accounts; non-zero exit on error.
+    Check {
+        #[arg(short, long, default_value = "conf/tollgate.yaml")]
+        config: PathBuf,
+    },
+    /// Manage seed accounts (the accounts file named by the configuration).
+    Accounts {
+        #[arg(short, long, default_value = "conf/tollgate.yaml")]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: AccountsAction,
+    },
+    /// Price a message with the configured tariff.
+    Quote {
+        #[arg(short, long, default_value = "conf/tollgate.yaml")]
+        config: PathBuf,
+        #[arg(long)]
+        recipient: String,
+        #[arg(long, default_value = "")]
+        text: String,
+        #[arg(long, default_value = "SMS:TEXT")]
+        messagetype: String,
+        /// Tariff class of the sending account.
+        #[arg(long)]
+        class: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AccountsAction {
+    /// Add an account; the password is read from standard input.
+    Add {
+        name: String,
+        #[arg(long, default_value = "user")]
+        role: String,
+        #[arg(long)]
+        parent: Option<String>,
+        #[arg(long)]
+        tariff_class: Option<String>,
+        /// Opening any-time balance in credits.
+        #[arg(long, default_value = "0")]
+        anytime: String,
+        #[arg(long, default_value = "0")]
+        offpeak: String,
+    },
+    /// List accounts.
+    List,
+    /// Show one account.
+    Show { name: String },
+    /// Change a password; the new one is read from standard input.
+    Passwd { name: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match execute(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("tollgate: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(command: Command) -> Result<(), String> {
+    match command {
+        Command::Run { config } => {
+            let config = Config::load(&config).map_err(|e| e.to_string())?;
+            tollgate::server::run(config).map_err(|e| e.to_string())
+        }
+        Command::Check { config } => check(&config),
+        Command::Accounts { config, action } => accounts_command(&config, action),
+        Command::Quote {
+            config,
+            recipient,
+            text,
+            messagetype,
+            class,
+        } => {
+            let config = Config::load(&config).map_err(|e| e.to_string())?;
+            let tariff = Tariff::load(&config.tariffs_path).map_err(|e| e.to_string())?;
+            let q = tariff
+                .quote(&QuoteRequest {
+                    recipient: &recipient,
+                    text: &text,
+                    message_type: &messagetype,
+                    class: class.as_deref(),
+                    at_unix_ms: tollgate::service::now_unix_ms(),
+                })
+                .map_err(|e| e.to_string())?;
+            println!("tariff version  {}", tariff.version());
+            println!("recipient       {}", q.normalised);
+            println!(
+                "matched prefix  {}",
+                q.matched_prefix.as_deref().unwrap_or("(default)")
+            );
+            println!("encoding        {}", q.encoding.as_str());
+            println!("parts           {} ({} units)", q.parts, q.units);
+            println!("price per part  {}", format_credits(q.price_per_part_milli));
+            println!("bucket          {:?}", q.bucket);
+            println!("total           {}", format_credits(q.total_milli));
+            Ok(())
+        }
+    }
+}
+
+fn check(path: &Path) -> Result<(), String> {
+    let config = Config::load(path).map_err(|e| e.to_string())?;
+    let tariff = Tariff::load(&config.tariffs_path).map_err(|e| e.to_string())?;
+    let n_accounts = match &config.accounts_path {
+        Some(p) => accounts::load(p).map_err(|e| e.to_string())?.len(),
+        None => 0,
+    };
+    println!(
+        "ok: {} (tariff {} version {}, {} seed accounts)",
+        path.display(),
+        config.tariffs_path.display(),
+        tariff.version(),
+        n_accounts
+    );
+    Ok(())
+}
+
+fn read_password() -> Result<String, String> {
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| format!("reading the password from standard input: {e}"))?;
+    let pw = line.trim_end_matches(['\r', '\n']).to_string();
+    if pw.is_empty() || pw.chars().count() > 16 {
+        return Err("the password must be 1 to 16 characters (Ozeki's limit)".into());
+    }
+    Ok(pw)
+}
+
+fn accounts_command(config_path: &Path, action: AccountsAction) -> Result<(), String> {
+    let config = Config::load(config_path).map_err(|e| e.to_string())?;
+    let path = config.accounts_path.ok_or_else(|| {
+        format!(
+            "{}: accounts: no accounts file is configured",
+            config_path.display()
+        )
+    })?;
+    let mut seeds = if path.exists() {
+        accounts::load(&path).map_err(|e| e.to_string())?
+    } else {
+        Vec::new()
+    };
+    match action {
+        AccountsAction::List => {
+            println!(
+                "{:<24} {:<6} {:<16} {:>12} {:>12}",
+                "NAME", "ROLE", "PARENT", "ANYTIME", "OFFPEAK"
+            );
+            for s in &seeds {
+                println!(
+                    "{:<24} {:<6} {:<16} {:>12} {:>12}",
+                    s.name,
+                    s.role.as_str(),
+                    s.parent.as_deref().unwrap_or("-"),
+                    format_credits(s.anytime_milli),
+                    format_credits(s.offpeak_milli)
+                );
+            }
+            Ok(())
+        }
+        AccountsAction::Show { name } => {
+            let s = seeds
+                .iter()
+                .find(|s| s.name == name)
+                .ok_or_else(|| format!("no account {name:?} in {}", path.display()))?;
+            println!("name          {}", s.name);
+            println!("role          {}", s.role.as_str());
+            println!("parent        {}", s.parent.as_deref().unwrap_or("-"));
+            println!("tariff class  {}", s.tariff_class.as_deref().unwrap_or("-"));
+            println!(
+                "anytime       {} (opening balance)",
+                format_credits(s.anytime_milli)
+            );
+            println!(
+                "offpeak       {} (opening balance)",
+                format_credits(s.offpeak_milli)
+            );
+            println!("password      argon2id hash set");
+            Ok(())
+        }
+        AccountsAction::Add {
+            name,
+            role,
+            parent,
+            tariff_class,
+            anytime,
+            offpeak,
+        } => {
+            accounts::validate_account_name(&name).map_err(|p| format!("account name: {p}"))?;
+            if seeds.iter().any(|s| s.name == name) {
+                return Err(format!(
+                    "account {name:?} exists; use `accounts passwd` to change its password"
+                ));
+            }
+            let role = Role::parse(&role).ok_or("--role must be admin or user")?;
+            if let Some(p) = &parent {
+                if !seeds.iter().any(|s| &s.name == p) {
+                    return Err(format!("--parent {p:?} is not an account"));
+                }
+            }
+            let amount = |t: &str, flag: &str| match parse_credits(t) {
+                Ok(m) if m >= 0 => Ok(m),
+                Ok(_) => Err(format!("{flag} cannot be negative")),
+                Err(e) => Err(format!("{flag}: {e}")),
+            };
+            let seed = accounts::AccountSeed {
+                anytime_milli: amount(&anytime, "--anytime")?,
+                offpeak_milli: amount(&offpeak, "--offpeak")?,
+                password_hash: accounts::hash_password(&read_password()?),
+                name: name.clone(),
+                role,
+                parent,
+                tariff_class,
+            };
+            seeds.push(seed);
+            accounts::save(&path, &seeds).map_err(|e| e.to_string())?;
+            println!("added {name} to {}", path.display());
+            Ok(())
+        }
+        AccountsAction::Passwd { name } => {
+            let hash = accounts::hash_password(&read_password()?);
+            let s = seeds
+                .iter_mut()
+                .find(|s| s.name == name)
+                .ok_or_else(|| format!("no account {name:?} in {}", path.display()))?;
+            s.password_hash = hash;
+            accounts::save(&path, &seeds).map_err(|e| e.to_string())?;
+            println!(
+                "password of {name} changed in {} (a running tollgate picks it up on restart)",
+                path.display()
+            );
+            Ok(())
+        }
+    }
+}

@@ -59,8 +59,16 @@ pub fn parse_credits(text: &str) -> Result<i64, AmountError> {
         return Err(AmountError::TooPrecise(t.to_string()));
     }
     let range = || AmountError::OutOfRange(t.to_string());
-    let whole_v: i64 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| range())? };
-    let mut frac_v: i64 = if frac.is_empty() { 0 } else { frac.parse().map_err(|_| range())? };
+    let whole_v: i64 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().map_err(|_| range())?
+    };
+    let mut frac_v: i64 = if frac.is_empty() {
+        0
+    } else {
+        frac.parse().map_err(|_| range())?
+    };
     for _ in frac.len()..3 {
         frac_v *= 10;
     }
@@ -111,16 +119,31 @@ mod tests {
         assert_eq!(parse_credits(".5"), Ok(500));
         assert_eq!(parse_credits("7."), Ok(7000));
         assert_eq!(parse_credits("+3"), Ok(3000));
-        assert!(matches!(parse_credits("0.1234"), Err(AmountError::TooPrecise(_))));
-        assert!(matches!(parse_credits("1e3"), Err(AmountError::NotANumber(_))));
-        assert!(matches!(parse_credits("."), Err(AmountError::NotANumber(_))));
-        assert!(matches!(parse_credits("-"), Err(AmountError::NotANumber(_))));
+        assert!(matches!(
+            parse_credits("0.1234"),
+            Err(AmountError::TooPrecise(_))
+        ));
+        assert!(matches!(
+            parse_credits("1e3"),
+            Err(AmountError::NotANumber(_))
+        ));
+        assert!(matches!(
+            parse_credits("."),
+            Err(AmountError::NotANumber(_))
+        ));
+        assert!(matches!(
+            parse_credits("-"),
+            Err(AmountError::NotANumber(_))
+        ));
         assert!(matches!(parse_credits(""), Err(AmountError::Empty)));
         assert!(matches!(
             parse_credits("99999999999999999999"),
             Err(AmountError::OutOfRange(_))
         ));
-        assert!(matches!(parse_whole_credits("1.5"), Err(AmountError::NotAnInteger(_))));
+        assert!(matches!(
+            parse_whole_credits("1.5"),
+            Err(AmountError::NotAnInteger(_))
+        ));
         assert_eq!(parse_whole_credits("-4"), Ok(-4000));
     }
 

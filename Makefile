@@ -1,0 +1,50 @@
+# tollgate: `make run` to try it, `make test` for the full suite.
+SHELL := /bin/bash
+CARGO ?= cargo
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+LISTEN ?= 127.0.0.1:9501
+UPSTREAM ?= 127.0.0.1:9502
+
+.PHONY: run test lint deps build fmt bench clean
+
+# pingora-core builds zlib-ng from source and needs cmake.
+deps:
+	@command -v cmake >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq cmake; }
+
+build: deps
+	$(CARGO) build --release --bins
+
+# Starts the bundled ozeki-sim upstream and tollgate with the sample config.
+run: build
+	@set -m; \
+	target/release/ozeki-sim --listen $(UPSTREAM) & sim=$$!; \
+	trap 'kill $$sim 2>/dev/null' EXIT INT TERM; \
+	sleep 0.3; \
+	echo; \
+	echo "tollgate: point your Ozeki clients at http://$(LISTEN)/api (upstream ozeki-sim on $(UPSTREAM))"; \
+	echo "          metrics and admin API on http://127.0.0.1:9601 ; try:"; \
+	echo "          curl 'http://$(LISTEN)/api?action=getcredits&username=john&password=secret1'"; \
+	echo; \
+	target/release/tollgate run -c conf/tollgate.yaml
+
+# The full suite: unit, property and integration tests (integration tests
+# start the real binaries on ephemeral loopback ports).
+test: deps
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		$(CARGO) nextest run --lib --bins --tests --no-fail-fast && $(CARGO) test --doc; \
+	else \
+		$(CARGO) test --lib --bins --tests --no-fail-fast && $(CARGO) test --doc; \
+	fi
+
+lint: deps
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt
+
+bench: deps
+	$(CARGO) bench
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,577 @@
+//! Configuration: YAML files parsed into file structs that reject unknown
+//! keys, then validated into one internal [`Config`].
+//!
+//! Every error names the file, the key and what would be valid, so an
+//! operator can fix it without reading the source. Relative paths inside a
+//! file resolve against that file's directory. This module never opens a
+//! socket or touches a balance.
+
+pub mod accounts;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::ledger::Overdraft;
+
+/// A configuration problem: which file, which key, what is wrong and how to
+/// fix it.
+#[derive(Debug, Error)]
+#[error("{file}: {key}: {problem}")]
+pub struct ConfigError {
+    pub file: String,
+    pub key: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    pub fn new(file: &Path, key: impl Into<String>, problem: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.display().to_string(),
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// What tollgate does with credit (SPEC 5.1a).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Price, reserve, refuse and settle.
+    Enforce,
+    /// Price and record what would have happened; never refuse, never move a balance.
+    Shadow,
+    /// Forward everything untouched: the emergency bypass and the benchmark reference.
+    Passthrough,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    Sync,
+    Async,
+}
+
+/// What to do with a send from credentials tollgate does not know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownAccounts {
+    Reject,
+    Forward,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InDoubtPolicy {
+    /// Leave in-doubt reservations for an operator.
+    Manual,
+    Post,
+    Void,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ActionEcho {
+    Addcredits,
+    Getcredits,
+}
+
+// ---------------------------------------------------------------------------
+// File structs: exactly what `conf/tollgate.yaml` may contain.
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default = "default_mode")]
+    mode: Mode,
+    listen: String,
+    #[serde(default)]
+    threads: Option<usize>,
+    upstream: FileUpstream,
+    #[serde(default)]
+    admin: FileAdmin,
+    #[serde(default)]
+    ozeki: FileOzeki,
+    #[serde(default)]
+    auth: FileAuth,
+    #[serde(default)]
+    ledger: FileLedger,
+    #[serde(default)]
+    settle: FileSettle,
+    #[serde(default)]
+    store: FileStore,
+    #[serde(default = "default_durability")]
+    durability: Durability,
+    tariffs: String,
+    #[serde(default)]
+    accounts: Option<String>,
+}
+
+fn default_mode() -> Mode {
+    Mode::Enforce
+}
+fn default_durability() -> Durability {
+    Durability::Sync
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileUpstream {
+    address: String,
+    #[serde(default = "default_connect_timeout_ms")]
+    connect_timeout_ms: u64,
+    #[serde(default = "default_read_timeout_ms")]
+    read_timeout_ms: u64,
+    #[serde(default = "default_idle_timeout_s")]
+    idle_timeout_s: u64,
+}
+fn default_connect_timeout_ms() -> u64 {
+    2_000
+}
+fn default_read_timeout_ms() -> u64 {
+    30_000
+}
+fn default_idle_timeout_s() -> u64 {
+    60
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAdmin {
+    #[serde(default = "default_admin_listen")]
+    listen: String,
+    #[serde(default)]
+    token: Option<String>,
+}
+impl Default for FileAdmin {
+    fn default() -> Self {
+        FileAdmin {
+            listen: default_admin_listen(),
+            token: None,
+        }
+    }
+}
+fn default_admin_listen() -> String {
+    "127.0.0.1:9601".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileOzeki {
+    #[serde(default = "default_ozeki_paths")]
+    paths: Vec<String>,
+    #[serde(default = "default_addcredits_echo")]
+    addcredits_action_echo: ActionEcho,
+    #[serde(default = "default_body_limit")]
+    body_limit_bytes: usize,
+}
+impl Default for FileOzeki {
+    fn default() -> Self {
+        FileOzeki {
+            paths: default_ozeki_paths(),
+            addcredits_action_echo: default_addcredits_echo(),
+            body_limit_bytes: default_body_limit(),
+        }
+    }
+}
+fn default_ozeki_paths() -> Vec<String> {
+    vec!["/api".into(), "/httpapi".into(), "/ozeki".into()]
+}
+fn default_addcredits_echo() -> ActionEcho {
+    ActionEcho::Addcredits
+}
+fn default_body_limit() -> usize {
+    1024 * 1024
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAuth {
+    #[serde(default = "default_unknown_accounts")]
+    unknown_accounts: UnknownAccounts,
+    #[serde(default)]
+    verify_upstream: bool,
+    #[serde(default)]
+    adopt_balance: bool,
+    #[serde(default = "default_credential_cache")]
+    credential_cache_entries: usize,
+}
+impl Default for FileAuth {
+    fn default() -> Self {
+        FileAuth {
+            unknown_accounts: default_unknown_accounts(),
+            verify_upstream: false,
+            adopt_balance: false,
+            credential_cache_entries: default_credential_cache(),
+        }
+    }
+}
+fn default_unknown_accounts() -> UnknownAccounts {
+    UnknownAccounts::Reject
+}
+fn default_credential_cache() -> usize {
+    100_000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLedger {
+    #[serde(default = "default_overdraft")]
+    overdraft: String,
+}
+impl Default for FileLedger {
+    fn default() -> Self {
+        FileLedger {
+            overdraft: default_overdraft(),
+        }
+    }
+}
+fn default_overdraft() -> String {
+    "strict".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSettle {
+    #[serde(default = "default_ttl_s")]
+    reservation_ttl_s: u64,
+    #[serde(default = "default_in_doubt_after_s")]
+    in_doubt_after_s: u64,
+    #[serde(default = "default_in_doubt_policy")]
+    in_doubt_policy: InDoubtPolicy,
+}
+impl Default for FileSettle {
+    fn default() -> Self {
+        FileSettle {
+            reservation_ttl_s: default_ttl_s(),
+            in_doubt_after_s: default_in_doubt_after_s(),
+            in_doubt_policy: default_in_doubt_policy(),
+        }
+    }
+}
+fn default_ttl_s() -> u64 {
+    300
+}
+fn default_in_doubt_after_s() -> u64 {
+    3600
+}
+fn default_in_doubt_policy() -> InDoubtPolicy {
+    InDoubtPolicy::Manual
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileStore {
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default = "default_batch_max_entries")]
+    batch_max_entries: usize,
+    #[serde(default = "default_batch_age_max_ms")]
+    batch_age_max_ms: u64,
+    #[serde(default = "default_queue_max_entries")]
+    queue_max_entries: usize,
+    #[serde(default = "default_ack_timeout_ms")]
+    ack_timeout_ms: u64,
+}
+impl Default for FileStore {
+    fn default() -> Self {
+        FileStore {
+            path: None,
+            batch_max_entries: default_batch_max_entries(),
+            batch_age_max_ms: default_batch_age_max_ms(),
+            queue_max_entries: default_queue_max_entries(),
+            ack_timeout_ms: default_ack_timeout_ms(),
+        }
+    }
+}
+fn default_batch_max_entries() -> usize {
+    4096
+}
+fn default_batch_age_max_ms() -> u64 {
+    2
+}
+fn default_queue_max_entries() -> usize {
+    65_536
+}
+fn default_ack_timeout_ms() -> u64 {
+    5_000
+}
+
+// ---------------------------------------------------------------------------
+// The validated configuration.
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this was loaded from (for reloads and messages).
+    pub source: PathBuf,
+    pub mode: Mode,
+    pub listen: SocketAddr,
+    /// Worker threads of the proxy service; `None` = pingora's default.
+    pub threads: Option<usize>,
+    pub upstream: UpstreamConfig,
+    pub admin: AdminConfig,
+    pub ozeki: OzekiConfig,
+    pub auth: AuthConfig,
+    pub overdraft: Overdraft,
+    pub settle: SettleConfig,
+    pub store: StoreConfig,
+    pub durability: Durability,
+    pub tariffs_path: PathBuf,
+    pub accounts_path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub address: SocketAddr,
+    pub connect_timeout: Duration,
+    /// Longest wait for the gateway's answer once the request is written;
+    /// past it a send's reservation goes in doubt.
+    pub read_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+#[derive(Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// Bearer token for `/admin/*`; `None` disables those endpoints.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct OzekiConfig {
+    pub paths: Vec<String>,
+    pub addcredits_action_echo: ActionEcho,
+    pub body_limit_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub unknown_accounts: UnknownAccounts,
+    pub verify_upstream: bool,
+    pub adopt_balance: bool,
+    pub credential_cache_entries: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct SettleConfig {
+    pub reservation_ttl: Duration,
+    pub in_doubt_after: Duration,
+    pub in_doubt_policy: InDoubtPolicy,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// SQLite file; `None` keeps the ledger in memory only (tests, demos).
+    pub path: Option<PathBuf>,
+    pub batch_max_entries: usize,
+    pub batch_age_max: Duration,
+    pub queue_max_entries: usize,
+    /// How long an acknowledging answer waits for its commit before failing
+    /// with `store_unavailable`.
+    pub ack_timeout: Duration,
+}
+
+/// Resolves `value` against the directory of `file` unless it is absolute.
+pub fn resolve_relative(file: &Path, value: &str) -> PathBuf {
+    let p = Path::new(value);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        file.parent().unwrap_or_else(|| Path::new(".")).join(p)
+    }
+}
+
+fn parse_addr(file: &Path, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| {
+        ConfigError::new(
+            file,
+            key,
+            format!("{value:?} is not an address; write IP:PORT, e.g. 127.0.0.1:9501"),
+        )
+    })
+}
+
+/// Turns a serde_yaml error into a ConfigError naming the file and position.
+pub fn yaml_error(file: &Path, e: serde_yaml::Error) -> ConfigError {
+    let key = match e.location() {
+        Some(l) => format!("line {} column {}", l.line(), l.column()),
+        None => "(document)".into(),
+    };
+    ConfigError::new(file, key, e.to_string())
+}
+
+impl Config {
+    /// Reads and validates `conf/tollgate.yaml` (not the files it names).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(path, "(file)", format!("cannot read: {e}")))?;
+        Config::from_yaml(&text, path)
+    }
+
+    pub fn from_yaml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let f: FileConfig = serde_yaml::from_str(text).map_err(|e| yaml_error(path, e))?;
+        let overdraft = match f.ledger.overdraft.as_str() {
+            "strict" => Overdraft::Strict,
+            "ozeki" => Overdraft::Ozeki,
+            other => {
+                return Err(ConfigError::new(
+                    path,
+                    "ledger.overdraft",
+                    format!("{other:?} is not valid; use strict or ozeki"),
+                ))
+            }
+        };
+        if f.threads == Some(0) {
+            return Err(ConfigError::new(path, "threads", "must be at least 1"));
+        }
+        for (i, p) in f.ozeki.paths.iter().enumerate() {
+            if !p.starts_with('/') {
+                return Err(ConfigError::new(
+                    path,
+                    format!("ozeki.paths[{i}]"),
+                    format!("{p:?} must start with '/'"),
+                ));
+            }
+        }
+        if f.ozeki.body_limit_bytes < 1024 {
+            return Err(ConfigError::new(
+                path,
+                "ozeki.body_limit_bytes",
+                "must be at least 1024",
+            ));
+        }
+        if f.settle.reservation_ttl_s == 0 {
+            return Err(ConfigError::new(
+                path,
+                "settle.reservation_ttl_s",
+                "must be at least 1 second",
+            ));
+        }
+        if f.store.batch_max_entries == 0 || f.store.queue_max_entries < f.store.batch_max_entries {
+            return Err(ConfigError::new(
+                path,
+                "store.queue_max_entries",
+                "must be at least store.batch_max_entries, which must be at least 1",
+            ));
+        }
+        if let Some(t) = &f.admin.token {
+            if t.len() < 16 {
+                return Err(ConfigError::new(
+                    path,
+                    "admin.token",
+                    "must be at least 16 characters (it guards the admin API)",
+                ));
+            }
+        }
+        Ok(Config {
+            source: path.to_path_buf(),
+            mode: f.mode,
+            listen: parse_addr(path, "listen", &f.listen)?,
+            threads: f.threads,
+            upstream: UpstreamConfig {
+                address: parse_addr(path, "upstream.address", &f.upstream.address)?,
+                connect_timeout: Duration::from_millis(f.upstream.connect_timeout_ms),
+                read_timeout: Duration::from_millis(f.upstream.read_timeout_ms),
+                idle_timeout: Duration::from_secs(f.upstream.idle_timeout_s),
+            },
+            admin: AdminConfig {
+                listen: parse_addr(path, "admin.listen", &f.admin.listen)?,
+                token: f.admin.token,
+            },
+            ozeki: OzekiConfig {
+                paths: f.ozeki.paths,
+                addcredits_action_echo: f.ozeki.addcredits_action_echo,
+                body_limit_bytes: f.ozeki.body_limit_bytes,
+            },
+            auth: AuthConfig {
+                unknown_accounts: f.auth.unknown_accounts,
+                verify_upstream: f.auth.verify_upstream,
+                adopt_balance: f.auth.adopt_balance,
+                credential_cache_entries: f.auth.credential_cache_entries,
+            },
+            overdraft,
+            settle: SettleConfig {
+                reservation_ttl: Duration::from_secs(f.settle.reservation_ttl_s),
+                in_doubt_after: Duration::from_secs(f.settle.in_doubt_after_s),
+                in_doubt_policy: f.settle.in_doubt_policy,
+            },
+            store: StoreConfig {
+                path: f.store.path.as_deref().map(|p| resolve_relative(path, p)),
+                batch_max_entries: f.store.batch_max_entries,
+                batch_age_max: Duration::from_millis(f.store.batch_age_max_ms),
+                queue_max_entries: f.store.queue_max_entries,
+                ack_timeout: Duration::from_millis(f.store.ack_timeout_ms),
+            },
+            durability: f.durability,
+            tariffs_path: resolve_relative(path, &f.tariffs),
+            accounts_path: f.accounts.as_deref().map(|p| resolve_relative(path, p)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str =
+        "listen: 127.0.0.1:9501\nupstream: { address: 127.0.0.1:9502 }\ntariffs: tariffs.yaml\n";
+
+    #[test]
+    fn minimal_config_gets_defaults_and_resolves_paths() {
+        let c = Config::from_yaml(MINIMAL, Path::new("/etc/tollgate/tollgate.yaml")).unwrap();
+        assert_eq!(c.mode, Mode::Enforce);
+        assert_eq!(c.durability, Durability::Sync);
+        assert_eq!(c.ozeki.body_limit_bytes, 1 << 20);
+        assert_eq!(c.ozeki.paths, vec!["/api", "/httpapi", "/ozeki"]);
+        assert_eq!(c.tariffs_path, Path::new("/etc/tollgate/tariffs.yaml"));
+        assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9601");
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_position() {
+        let text = format!("{MINIMAL}bogus_key: 1\n");
+        let e = Config::from_yaml(&text, Path::new("conf/tollgate.yaml")).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.starts_with("conf/tollgate.yaml: line 4"), "{msg}");
+        assert!(msg.contains("bogus_key"), "{msg}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_the_fix() {
+        let text = MINIMAL.replace("127.0.0.1:9502", "nowhere");
+        let e = Config::from_yaml(&text, Path::new("t.yaml")).unwrap_err();
+        assert_eq!(e.key, "upstream.address");
+        assert!(e.problem.contains("IP:PORT"));
+
+        let text = format!("{MINIMAL}ledger: {{ overdraft: lenient }}\n");
+        let e = Config::from_yaml(&text, Path::new("t.yaml")).unwrap_err();
+        assert_eq!(e.key, "ledger.overdraft");
+        assert!(e.problem.contains("strict or ozeki"));
+
+        let text = format!("{MINIMAL}admin: {{ token: short }}\n");
+        let e = Config::from_yaml(&text, Path::new("t.yaml")).unwrap_err();
+        assert_eq!(e.key, "admin.token");
+    }
+
+    #[test]
+    fn admin_token_is_not_in_debug_output() {
+        let text = format!("{MINIMAL}admin: {{ token: very-secret-token-123 }}\n");
+        let c = Config::from_yaml(&text, Path::new("t.yaml")).unwrap();
+        assert!(!format!("{c:?}").contains("very-secret-token-123"));
+    }
+}

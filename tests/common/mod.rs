@@ -1,0 +1,325 @@
+//! Test harness: start the real `ozeki-sim` and `tollgate` binaries on
+//! loopback ports and talk to them over TCP.
+//!
+//! Every process is killed when its handle drops, so a failing test leaves
+//! nothing running.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+/// A child process killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub log: Option<PathBuf>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Sim {
+    pub addr: SocketAddr,
+    _proc: Proc,
+}
+
+impl Sim {
+    pub fn start(extra: &[&str]) -> Sim {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ozeki-sim"))
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn ozeki-sim");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("read ozeki-sim address");
+        let addr = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap_or_else(|_| panic!("unexpected ozeki-sim banner {line:?}"));
+        Sim {
+            addr,
+            _proc: Proc { child, log: None },
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Every API request the simulator received, as JSON.
+    pub fn requests(&self) -> Vec<serde_json::Value> {
+        let v: serde_json::Value = client()
+            .get(self.url("/sim/requests"))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        v.as_array().cloned().unwrap_or_default()
+    }
+
+    pub fn sendmessage_count(&self) -> usize {
+        self.requests()
+            .iter()
+            .filter(|r| r["action"].as_str() == Some("sendmessage"))
+            .count()
+    }
+
+    pub fn reset(&self) {
+        client().post(self.url("/sim/reset")).send().unwrap();
+    }
+
+    pub fn fault(&self, mode: &str, count: u32) {
+        let r = client()
+            .post(self.url(&format!("/sim/fault?mode={mode}&count={count}")))
+            .send()
+            .unwrap();
+        assert!(r.status().is_success(), "setting fault {mode}");
+    }
+}
+
+/// A free loopback port (bound and released; a tiny race we accept in tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn password_hash(pw: &str) -> String {
+    static CACHE: OnceLock<std::sync::Mutex<std::collections::HashMap<String, String>>> =
+        OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    cache
+        .lock()
+        .unwrap()
+        .entry(pw.to_string())
+        .or_insert_with(|| tollgate::config::accounts::hash_password(pw))
+        .clone()
+}
+
+pub const TARIFFS: &str = r#"
+default_country_code: "36"
+default_price: 1
+prices:
+  "36": 1
+  "3620": 2
+  "44": 3
+"#;
+
+/// Accounts every test starts with: admin/abc123 (admin, 1000),
+/// john/secret1 (user, 744), poor/poor1 (user, 0).
+pub fn default_accounts() -> String {
+    format!(
+        "accounts:\n\
+         - {{ name: admin, role: admin, password_hash: '{}', anytime: 1000 }}\n\
+         - {{ name: john, role: user, password_hash: '{}', anytime: 744 }}\n\
+         - {{ name: poor, role: user, password_hash: '{}' }}\n",
+        password_hash("abc123"),
+        password_hash("secret1"),
+        password_hash("poor1"),
+    )
+}
+
+pub struct TollgateOptions {
+    pub extra_yaml: String,
+    pub tariffs: String,
+    pub accounts: String,
+}
+
+impl Default for TollgateOptions {
+    fn default() -> Self {
+        TollgateOptions {
+            extra_yaml: String::new(),
+            tariffs: TARIFFS.to_string(),
+            accounts: default_accounts(),
+        }
+    }
+}
+
+pub struct Tollgate {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+    proc: Option<Proc>,
+}
+
+impl Tollgate {
+    pub fn start(upstream: SocketAddr, opts: TollgateOptions) -> Tollgate {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let admin_port = free_port();
+        std::fs::write(dir.path().join("tariffs.yaml"), &opts.tariffs).unwrap();
+        std::fs::write(dir.path().join("accounts.yaml"), &opts.accounts).unwrap();
+        let config = format!(
+            "listen: 127.0.0.1:{port}\n\
+             threads: 2\n\
+             upstream: {{ address: {upstream}, read_timeout_ms: 10000 }}\n\
+             admin: {{ listen: 127.0.0.1:{admin_port}, token: {ADMIN_TOKEN} }}\n\
+             tariffs: tariffs.yaml\n\
+             accounts: accounts.yaml\n\
+             {}\n",
+            opts.extra_yaml
+        );
+        std::fs::write(dir.path().join("tollgate.yaml"), config).unwrap();
+        let mut t = Tollgate {
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            admin: format!("127.0.0.1:{admin_port}").parse().unwrap(),
+            dir,
+            proc: None,
+        };
+        t.spawn();
+        t
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("tollgate.yaml")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("tollgate.log")
+    }
+
+    /// Starts the binary and waits until both listeners accept.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["run", "-c"])
+            .arg(self.config_path())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn tollgate");
+        self.proc = Some(Proc {
+            child,
+            log: Some(self.log_path()),
+        });
+        wait_for_port(self.addr, self);
+        wait_for_port(self.admin, self);
+    }
+
+    pub fn kill(&mut self) {
+        self.proc = None;
+    }
+
+    pub fn url(&self, path_and_query: &str) -> String {
+        format!("http://{}{}", self.addr, path_and_query)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn admin_get(&self, path: &str) -> serde_json::Value {
+        client()
+            .get(self.admin_url(path))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    }
+
+    /// The any-time balance the Ozeki front door reports for `user`.
+    pub fn balance(&self, user: &str, password: &str) -> String {
+        let body = get(&self.url(&format!(
+            "/api?action=getcredits&username={user}&password={password}"
+        )))
+        .1;
+        xml_field(&body, "balance").unwrap_or_else(|| panic!("no balance in {body}"))
+    }
+}
+
+fn wait_for_port(addr: SocketAddr, t: &Tollgate) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("tollgate did not listen on {addr}; log:\n{}", t.log());
+}
+
+pub fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+/// GET → (status, body).
+pub fn get(url: &str) -> (u16, String) {
+    let r = client().get(url).send().unwrap();
+    (r.status().as_u16(), r.text().unwrap())
+}
+
+/// POST a form body → (status, headers, body).
+pub fn post_form(url: &str, body: impl Into<Vec<u8>>) -> (u16, reqwest::header::HeaderMap, String) {
+    let r = client()
+        .post(url)
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(body.into())
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    (status, headers, r.text().unwrap())
+}
+
+/// The text of the first `<name>…</name>` in `xml`.
+pub fn xml_field(xml: &str, name: &str) -> Option<String> {
+    let open = format!("<{name}>");
+    let close = format!("</{name}>");
+    let start = xml.find(&open)? + open.len();
+    let end = xml[start..].find(&close)? + start;
+    Some(xml[start..end].to_string())
+}
+
+pub fn xml_all(xml: &str, name: &str) -> Vec<String> {
+    let open = format!("<{name}>");
+    let close = format!("</{name}>");
+    let mut out = Vec::new();
+    let mut rest = xml;
+    while let Some(i) = rest.find(&open) {
+        let s = &rest[i + open.len()..];
+        let Some(j) = s.find(&close) else { break };
+        out.push(s[..j].to_string());
+        rest = &s[j + close.len()..];
+    }
+    out
+}
+
+pub fn read_to_string(path: &Path) -> String {
+    let mut s = String::new();
+    std::fs::File::open(path)
+        .unwrap()
+        .read_to_string(&mut s)
+        .unwrap();
+    s
+}
