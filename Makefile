@@ -17,7 +17,7 @@ build: deps
 # Starts the bundled ozeki-sim upstream and tollgate with the sample config.
 run: build
 	@set -m; \
-	target/release/ozeki-sim --listen $(UPSTREAM) & sim=$$!; \
+	target/release/ozeki-sim --listen $(UPSTREAM) --user johnjr:sub1pass:10 & sim=$$!; \
 	trap 'kill $$sim 2>/dev/null' EXIT INT TERM; \
 	sleep 0.3; \
 	echo; \

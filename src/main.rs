@@ -1,7 +1,7 @@
 //! The `tollgate` command: run the proxy, check configuration, manage
 //! accounts, price a message. Only wiring lives here.
 
-use std::io::BufRead;
+use std::io::{BufRead, IsTerminal};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -90,6 +90,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match execute(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
