@@ -5,7 +5,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 LISTEN ?= 127.0.0.1:9501
 UPSTREAM ?= 127.0.0.1:9502
 
-.PHONY: run test lint deps build fmt bench clean
+.PHONY: run test lint deps build fmt bench clean prometheus-deps prometheus test-dashboard
 
 # pingora-core builds zlib-ng from source and needs cmake.
 deps:
@@ -31,9 +31,9 @@ run: build
 # start the real binaries on ephemeral loopback ports).
 test: deps
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
-		$(CARGO) nextest run --lib --bins --tests --no-fail-fast && $(CARGO) test --doc; \
+		$(CARGO) test --doc && $(CARGO) nextest run --lib --bins --tests --no-fail-fast; \
 	else \
-		$(CARGO) test --lib --bins --tests --no-fail-fast && $(CARGO) test --doc; \
+		$(CARGO) test --doc && $(CARGO) test --lib --bins --tests --no-fail-fast; \
 	fi
 
 lint: deps
@@ -48,3 +48,19 @@ bench: deps
 
 clean:
 	$(CARGO) clean
+
+# Debian's prometheus package (prometheus + promtool) for the dashboard test
+# and `make prometheus`; tests/dashboard.rs installs it by itself too.
+prometheus-deps:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+		{ $(SUDO) apt-get install -y -qq prometheus || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq prometheus; }; }
+
+# A Prometheus on 127.0.0.1:9090 scraping the tollgate of `make run` with the
+# sample config (dashboards/prometheus.yml); data under target/prometheus.
+prometheus: prometheus-deps
+	prometheus --config.file=dashboards/prometheus.yml --storage.tsdb.path=target/prometheus \
+		--web.listen-address=127.0.0.1:9090
+
+# Every PromQL query of dashboards/ against a real Prometheus.
+test-dashboard: deps prometheus-deps
+	$(CARGO) test --test dashboard
