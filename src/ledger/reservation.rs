@@ -119,6 +119,11 @@ impl Reservation {
 /// doubt first (SPEC 3.3: "dropping a request context without settling must
 /// void").
 ///
+/// Once the request may have reached the gateway, voiding on drop would be
+/// wrong: a context dropped mid-forward (client gone, shutdown) may belong to
+/// a message that was sent. [`ReservationGuard::forwarding`] switches the
+/// drop action to "in doubt" for that phase.
+///
 /// A settle that fails (e.g. a wrong number of flags) leaves the guard armed,
 /// so the reservation is still voided when the consumed guard drops. A void
 /// on drop that finds the reservation already resolved (by the TTL sweep or
@@ -128,8 +133,19 @@ pub struct ReservationGuard {
     ledger: Arc<Ledger>,
     id: ReservationId,
     /// Cleared once the reservation has been resolved or handed over to the
-    /// in-doubt process; while set, drop voids.
+    /// in-doubt process; while set, drop applies `on_drop`.
     armed: bool,
+    on_drop: DropAction,
+}
+
+/// What an armed guard does when dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DropAction {
+    /// Nothing left the building: return the credit.
+    Void,
+    /// The request may have been written upstream: keep the credit reserved
+    /// for an operator or the in-doubt policy.
+    InDoubt,
 }
 
 impl ReservationGuard {
@@ -138,7 +154,14 @@ impl ReservationGuard {
             ledger,
             id,
             armed: true,
+            on_drop: DropAction::Void,
         }
+    }
+
+    /// Marks the start of forwarding: from now on, dropping the guard puts
+    /// the reservation in doubt instead of voiding it.
+    pub fn forwarding(&mut self) {
+        self.on_drop = DropAction::InDoubt;
     }
 
     pub fn id(&self) -> ReservationId {
@@ -195,6 +218,7 @@ impl fmt::Debug for ReservationGuard {
         f.debug_struct("ReservationGuard")
             .field("id", &self.id)
             .field("armed", &self.armed)
+            .field("on_drop", &self.on_drop)
             .finish()
     }
 }
@@ -204,7 +228,10 @@ impl Drop for ReservationGuard {
         if self.armed {
             // Already resolved elsewhere (sweep, operator) is fine: nothing
             // left to return.
-            let _ = self.ledger.void(self.id);
+            let _ = match self.on_drop {
+                DropAction::Void => self.ledger.void(self.id).map(drop),
+                DropAction::InDoubt => self.ledger.mark_in_doubt(self.id),
+            };
         }
     }
 }

@@ -637,6 +637,33 @@ fn guard_voids_on_drop() {
 }
 
 #[test]
+fn guard_dropped_while_forwarding_goes_in_doubt_not_void() {
+    let f = fixture();
+    f.account("a", 10 * C, 0);
+    let id = f
+        .ledger
+        .reserve("a", &[4 * C], BucketPreference::AnytimeOnly, None, None)
+        .unwrap();
+    {
+        let mut g = ReservationGuard::new(f.ledger.clone(), id);
+        g.forwarding();
+    }
+    let r = f.ledger.reservation(id).expect("still reserved");
+    assert_eq!(r.state, ReservationState::InDoubt);
+    assert_eq!(f.avail("a", Bucket::Anytime), 6 * C);
+    // A guard that settles while forwarding resolves normally.
+    let id = f
+        .ledger
+        .reserve("a", &[C], BucketPreference::AnytimeOnly, None, None)
+        .unwrap();
+    let mut g = ReservationGuard::new(f.ledger.clone(), id);
+    g.forwarding();
+    g.settle(C, None).unwrap();
+    assert!(f.ledger.reservation(id).is_none());
+    f.assert_replay_matches();
+}
+
+#[test]
 fn guard_settle_disarms_and_a_failed_settle_still_voids() {
     let f = fixture();
     f.account("a", 10 * C, 0);

@@ -1,0 +1,688 @@
+//! The embedded SQLite [`Store`]: one file under `store.path`, WAL mode,
+//! `synchronous=FULL` with `durability: sync` (a commit survives power
+//! loss) and `NORMAL` with `durability: async` (survives a process crash;
+//! the last commits may be lost on power loss).
+//!
+//! Owns the schema and its version. One connection, used by one thread (the
+//! writer) or by an offline tool; readers such as `tollgate ledger export`
+//! may open their own connection while tollgate runs (WAL lets them read a
+//! consistent snapshot without blocking the writer). It must never be used
+//! from an async task.
+//!
+//! Schema (version 1):
+//! - `schema_version(version)` — one row.
+//! - `entries(seq PK, kind, account, bucket, amount_milli, reservation_id,
+//!   reference, tariff_version, at_unix_ms)` — the journal.
+//! - `accounts(name PK, parent, role, tariff_class, {anytime,offpeak}_
+//!   {posted,reserved}_milli)` — the balances as the sum of the committed
+//!   entries (see the `store` module docs).
+//! - `open_reservations(id PK, account, anytime_milli, offpeak_milli,
+//!   reference, tariff_version, created_unix_ms)`.
+
+use std::collections::hash_map::Entry as MapEntry;
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
+
+use super::{AccountMeta, Loaded, Store, StoreError};
+use crate::config::Durability;
+use crate::ledger::{
+    AccountView, Bucket, BucketBalance, Entry, EntryKind, ReservationId, ReservationState,
+    ReservationView, Role,
+};
+
+/// The schema this build writes and reads.
+pub const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA_V1: &str = "
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+CREATE TABLE entries (
+    seq            INTEGER PRIMARY KEY,
+    kind           TEXT    NOT NULL,
+    account        TEXT    NOT NULL,
+    bucket         TEXT    NOT NULL,
+    amount_milli   INTEGER NOT NULL,
+    reservation_id INTEGER,
+    reference      TEXT,
+    tariff_version TEXT,
+    at_unix_ms     INTEGER NOT NULL
+);
+CREATE TABLE accounts (
+    name                   TEXT PRIMARY KEY,
+    parent                 TEXT,
+    role                   TEXT    NOT NULL,
+    tariff_class           TEXT,
+    anytime_posted_milli   INTEGER NOT NULL DEFAULT 0,
+    anytime_reserved_milli INTEGER NOT NULL DEFAULT 0,
+    offpeak_posted_milli   INTEGER NOT NULL DEFAULT 0,
+    offpeak_reserved_milli INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE open_reservations (
+    id              INTEGER PRIMARY KEY,
+    account         TEXT    NOT NULL,
+    anytime_milli   INTEGER NOT NULL,
+    offpeak_milli   INTEGER NOT NULL,
+    reference       TEXT,
+    tariff_version  TEXT,
+    created_unix_ms INTEGER NOT NULL
+);
+";
+
+const INSERT_ENTRY: &str = "INSERT INTO entries
+    (seq, kind, account, bucket, amount_milli, reservation_id, reference, tariff_version, at_unix_ms)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+
+const UPSERT_ACCOUNT: &str = "INSERT INTO accounts
+    (name, parent, role, tariff_class,
+     anytime_posted_milli, anytime_reserved_milli, offpeak_posted_milli, offpeak_reserved_milli)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+    ON CONFLICT(name) DO UPDATE SET
+     anytime_posted_milli   = anytime_posted_milli   + excluded.anytime_posted_milli,
+     anytime_reserved_milli = anytime_reserved_milli + excluded.anytime_reserved_milli,
+     offpeak_posted_milli   = offpeak_posted_milli   + excluded.offpeak_posted_milli,
+     offpeak_reserved_milli = offpeak_reserved_milli + excluded.offpeak_reserved_milli";
+
+const UPSERT_RESERVATION: &str = "INSERT INTO open_reservations
+    (id, account, anytime_milli, offpeak_milli, reference, tariff_version, created_unix_ms)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+    ON CONFLICT(id) DO UPDATE SET
+     anytime_milli = anytime_milli + excluded.anytime_milli,
+     offpeak_milli = offpeak_milli + excluded.offpeak_milli";
+
+const DELETE_RESERVATION: &str = "DELETE FROM open_reservations WHERE id = ?1";
+
+const SELECT_ACCOUNTS: &str = "SELECT name, parent, role, tariff_class,
+    anytime_posted_milli, anytime_reserved_milli, offpeak_posted_milli, offpeak_reserved_milli
+    FROM accounts ORDER BY parent IS NOT NULL, name";
+
+/// How long a statement waits for another connection's lock (an export
+/// checkpointing, a second process) before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct SqliteStore {
+    conn: Connection,
+    /// Set when a commit failed: the next commit first checks whether the
+    /// failed attempt reached disk anyway (its first seq is present), so a
+    /// retry never applies a batch's deltas twice.
+    last_commit_failed: bool,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.conn.path())
+            .finish()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating it and its directory if needed) the store tollgate
+    /// runs with.
+    pub fn open(path: &Path, durability: Durability) -> Result<SqliteStore, StoreError> {
+        if let Some(dir) = path.parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("creating store directory {}: {e}", dir.display()),
+                    )
+                })?;
+            }
+        }
+        let conn = Connection::open(path)?;
+        let synchronous = match durability {
+            Durability::Sync => "FULL",
+            Durability::Async => "NORMAL",
+        };
+        Self::configure(&conn, synchronous)?;
+        let mut store = SqliteStore {
+            conn,
+            last_commit_failed: false,
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// Opens an existing store for the offline tools; never creates one.
+    pub fn open_existing(path: &Path) -> Result<SqliteStore, StoreError> {
+        if !path.exists() {
+            return Err(StoreError::Missing(path.display().to_string()));
+        }
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        let store = SqliteStore {
+            conn,
+            last_commit_failed: false,
+        };
+        match store.schema_version()? {
+            Some(SCHEMA_VERSION) => Ok(store),
+            Some(found) if found > SCHEMA_VERSION => Err(StoreError::SchemaTooNew {
+                found,
+                supported: SCHEMA_VERSION,
+            }),
+            Some(found) => Err(StoreError::Corrupt(format!(
+                "unknown schema version {found}"
+            ))),
+            None => Err(StoreError::Corrupt(format!(
+                "{} is not a tollgate store (no schema_version table)",
+                path.display()
+            ))),
+        }
+    }
+
+    fn configure(conn: &Connection, synchronous: &str) -> Result<(), StoreError> {
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Corrupt(format!(
+                "could not switch the journal to WAL mode (got {mode})"
+            )));
+        }
+        conn.execute_batch(&format!(
+            "PRAGMA synchronous={synchronous}; PRAGMA foreign_keys=OFF;"
+        ))?;
+        Ok(())
+    }
+
+    fn schema_version(&self) -> Result<Option<i64>, StoreError> {
+        let has_table: bool = self.conn.query_row(
+            "SELECT EXISTS(SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_version')",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_table {
+            return Ok(None);
+        }
+        Ok(self
+            .conn
+            .query_row("SELECT MAX(version) FROM schema_version", [], |r| {
+                r.get::<_, Option<i64>>(0)
+            })?)
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        match self.schema_version()? {
+            None => {
+                let tx = self
+                    .conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)?;
+                tx.execute_batch(SCHEMA_V1)?;
+                tx.execute(
+                    "INSERT INTO schema_version (version) VALUES (?1)",
+                    [SCHEMA_VERSION],
+                )?;
+                tx.commit()?;
+                Ok(())
+            }
+            Some(SCHEMA_VERSION) => Ok(()),
+            Some(found) if found > SCHEMA_VERSION => Err(StoreError::SchemaTooNew {
+                found,
+                supported: SCHEMA_VERSION,
+            }),
+            Some(found) => Err(StoreError::Corrupt(format!(
+                "unknown schema version {found}"
+            ))),
+        }
+    }
+
+    /// The raw connection, for tests that tamper with a store.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    fn commit_inner(
+        &mut self,
+        entries: &[Entry],
+        accounts: &[AccountMeta],
+    ) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if self.last_commit_failed {
+            let present: Option<i64> = tx
+                .query_row(
+                    "SELECT seq FROM entries WHERE seq = ?1",
+                    [seq_to_sql(entries[0].seq)],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if present.is_some() {
+                // The failed attempt committed after all; batches are atomic,
+                // so all of it is there.
+                return Ok(());
+            }
+        }
+
+        // Fold the batch in memory first: per-account deltas and the net
+        // effect on open reservations (a reservation opened and resolved in
+        // the same batch never touches the table).
+        let mut deltas: HashMap<&str, [i64; 4]> = HashMap::new();
+        let mut opened: HashMap<u64, OpenedInBatch<'_>> = HashMap::new();
+        let mut resolved: Vec<u64> = Vec::new();
+        for e in entries {
+            let d = deltas.entry(e.account.as_str()).or_insert([0; 4]);
+            let (p, r) = match e.bucket {
+                Bucket::Anytime => (0, 1),
+                Bucket::OffPeak => (2, 3),
+            };
+            d[p] = d[p].wrapping_add(e.posted_delta_milli());
+            d[r] = d[r].wrapping_add(e.reserved_delta_milli());
+            let Some(id) = e.reservation_id else { continue };
+            if e.kind == EntryKind::Reserve {
+                let o = opened.entry(id).or_insert_with(|| OpenedInBatch {
+                    entry: e,
+                    anytime_milli: 0,
+                    offpeak_milli: 0,
+                });
+                match e.bucket {
+                    Bucket::Anytime => {
+                        o.anytime_milli = o.anytime_milli.wrapping_add(e.amount_milli)
+                    }
+                    Bucket::OffPeak => {
+                        o.offpeak_milli = o.offpeak_milli.wrapping_add(e.amount_milli)
+                    }
+                }
+            } else if let MapEntry::Occupied(o) = opened.entry(id) {
+                o.remove();
+            } else {
+                resolved.push(id);
+            }
+        }
+        let meta: HashMap<&str, &AccountMeta> =
+            accounts.iter().map(|m| (m.name.as_str(), m)).collect();
+
+        {
+            let mut insert = tx.prepare_cached(INSERT_ENTRY)?;
+            for e in entries {
+                insert.execute(params![
+                    seq_to_sql(e.seq),
+                    e.kind.as_str(),
+                    e.account,
+                    e.bucket.as_str(),
+                    e.amount_milli,
+                    e.reservation_id.map(seq_to_sql),
+                    e.reference,
+                    e.tariff_version,
+                    e.at_unix_ms,
+                ])?;
+            }
+            let mut upsert = tx.prepare_cached(UPSERT_ACCOUNT)?;
+            for (name, d) in &deltas {
+                let fallback;
+                let m = match meta.get(name) {
+                    Some(m) => *m,
+                    None => {
+                        fallback = AccountMeta::unknown(name);
+                        &fallback
+                    }
+                };
+                upsert.execute(params![
+                    name,
+                    m.parent,
+                    m.role.as_str(),
+                    m.tariff_class,
+                    d[0],
+                    d[1],
+                    d[2],
+                    d[3]
+                ])?;
+            }
+            let mut open = tx.prepare_cached(UPSERT_RESERVATION)?;
+            for (id, o) in &opened {
+                open.execute(params![
+                    seq_to_sql(*id),
+                    o.entry.account,
+                    o.anytime_milli,
+                    o.offpeak_milli,
+                    o.entry.reference,
+                    o.entry.tariff_version,
+                    o.entry.at_unix_ms,
+                ])?;
+            }
+            let mut delete = tx.prepare_cached(DELETE_RESERVATION)?;
+            for id in &resolved {
+                delete.execute([seq_to_sql(*id)])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+/// A reservation whose `reserve` entries are in the batch being committed.
+struct OpenedInBatch<'a> {
+    /// Its first reserve entry (account, reference, tariff, time).
+    entry: &'a Entry,
+    anytime_milli: i64,
+    offpeak_milli: i64,
+}
+
+/// Seqs and reservation ids are below 2^63 (the ledger counts from 1).
+fn seq_to_sql(seq: u64) -> i64 {
+    seq as i64
+}
+
+fn corrupt(what: &str, value: &str) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        0,
+        rusqlite::types::Type::Text,
+        format!("unknown {what} {value:?}").into(),
+    )
+}
+
+fn account_from_row(row: &Row<'_>) -> rusqlite::Result<AccountView> {
+    let role: String = row.get(2)?;
+    Ok(AccountView {
+        name: row.get(0)?,
+        parent: row.get(1)?,
+        role: Role::parse(&role).ok_or_else(|| corrupt("role", &role))?,
+        tariff_class: row.get(3)?,
+        anytime: BucketBalance {
+            posted_milli: row.get(4)?,
+            reserved_milli: row.get(5)?,
+        },
+        offpeak: BucketBalance {
+            posted_milli: row.get(6)?,
+            reserved_milli: row.get(7)?,
+        },
+    })
+}
+
+fn entry_from_row(row: &Row<'_>) -> rusqlite::Result<Entry> {
+    let kind: String = row.get(1)?;
+    let bucket: String = row.get(3)?;
+    Ok(Entry {
+        seq: row.get::<_, i64>(0)? as u64,
+        kind: EntryKind::parse(&kind).ok_or_else(|| corrupt("entry kind", &kind))?,
+        account: row.get(2)?,
+        bucket: Bucket::parse(&bucket).ok_or_else(|| corrupt("bucket", &bucket))?,
+        amount_milli: row.get(4)?,
+        reservation_id: row.get::<_, Option<i64>>(5)?.map(|v| v as u64),
+        reference: row.get(6)?,
+        tariff_version: row.get(7)?,
+        at_unix_ms: row.get(8)?,
+    })
+}
+
+impl Store for SqliteStore {
+    fn load(&mut self) -> Result<Loaded, StoreError> {
+        let accounts = self.stored_balances()?;
+        let mut stmt = self.conn.prepare(
+            "SELECT id, account, anytime_milli, offpeak_milli, reference, tariff_version, created_unix_ms
+             FROM open_reservations ORDER BY id",
+        )?;
+        let open_reservations = stmt
+            .query_map([], |row| {
+                let anytime_milli: i64 = row.get(2)?;
+                let offpeak_milli: i64 = row.get(3)?;
+                let total_milli = anytime_milli.saturating_add(offpeak_milli);
+                Ok(ReservationView {
+                    id: ReservationId(row.get::<_, i64>(0)? as u64),
+                    account: row.get(1)?,
+                    state: ReservationState::Open,
+                    anytime_milli,
+                    offpeak_milli,
+                    total_milli,
+                    shares_milli: vec![total_milli],
+                    reference: row.get(4)?,
+                    tariff_version: row.get(5)?,
+                    created_unix_ms: row.get(6)?,
+                    in_doubt_since_unix_ms: None,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        let last_seq: i64 =
+            self.conn
+                .query_row("SELECT COALESCE(MAX(seq), 0) FROM entries", [], |r| {
+                    r.get(0)
+                })?;
+        Ok(Loaded {
+            accounts,
+            open_reservations,
+            last_seq: last_seq.max(0) as u64,
+        })
+    }
+
+    fn commit(&mut self, entries: &[Entry], accounts: &[AccountMeta]) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let result = self.commit_inner(entries, accounts);
+        self.last_commit_failed = result.is_err();
+        result
+    }
+
+    fn for_each_entry(
+        &mut self,
+        visit: &mut dyn FnMut(Entry) -> Result<(), StoreError>,
+    ) -> Result<u64, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT seq, kind, account, bucket, amount_milli, reservation_id, reference, tariff_version, at_unix_ms
+             FROM entries ORDER BY seq",
+        )?;
+        let mut rows = stmt.query([])?;
+        let mut n = 0u64;
+        while let Some(row) = rows.next()? {
+            visit(entry_from_row(row)?)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn stored_balances(&mut self) -> Result<Vec<AccountView>, StoreError> {
+        let mut stmt = self.conn.prepare(SELECT_ACCOUNTS)?;
+        let rows = stmt
+            .query_map([], account_from_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::replay;
+
+    fn entry(
+        seq: u64,
+        kind: EntryKind,
+        account: &str,
+        amount_milli: i64,
+        rid: Option<u64>,
+    ) -> Entry {
+        Entry {
+            seq,
+            kind,
+            account: account.into(),
+            bucket: Bucket::Anytime,
+            amount_milli,
+            reservation_id: rid,
+            reference: Some(format!("r{seq}")),
+            tariff_version: None,
+            at_unix_ms: 1_700_000_000_000 + seq as i64,
+        }
+    }
+
+    fn meta(name: &str) -> AccountMeta {
+        AccountMeta {
+            name: name.into(),
+            parent: None,
+            role: Role::User,
+            tariff_class: Some("gold".into()),
+        }
+    }
+
+    fn all_entries(store: &mut SqliteStore) -> Vec<Entry> {
+        let mut out = Vec::new();
+        store
+            .for_each_entry(&mut |e| {
+                out.push(e);
+                Ok(())
+            })
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn creates_schema_and_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/dir/t.db");
+        let mut s = SqliteStore::open(&path, Durability::Sync).unwrap();
+        assert_eq!(s.schema_version().unwrap(), Some(SCHEMA_VERSION));
+        let mode: String = s
+            .conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let sync: i64 = s
+            .conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(sync, 2, "FULL in sync mode");
+        assert_eq!(s.load().unwrap(), Loaded::default());
+        drop(s);
+        let s = SqliteStore::open(&path, Durability::Async).unwrap();
+        let sync: i64 = s
+            .conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(sync, 1, "NORMAL in async mode");
+        drop(s);
+        SqliteStore::open_existing(&path).unwrap();
+    }
+
+    #[test]
+    fn refuses_newer_schema_and_missing_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let s = SqliteStore::open(&path, Durability::Sync).unwrap();
+        s.conn
+            .execute("UPDATE schema_version SET version = 99", [])
+            .unwrap();
+        drop(s);
+        assert!(matches!(
+            SqliteStore::open(&path, Durability::Sync),
+            Err(StoreError::SchemaTooNew { found: 99, .. })
+        ));
+        assert!(matches!(
+            SqliteStore::open_existing(&path),
+            Err(StoreError::SchemaTooNew { found: 99, .. })
+        ));
+        assert!(matches!(
+            SqliteStore::open_existing(&dir.path().join("nope.db")),
+            Err(StoreError::Missing(_))
+        ));
+    }
+
+    #[test]
+    fn balances_are_the_sum_of_committed_entries() {
+        use EntryKind::*;
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteStore::open(&dir.path().join("t.db"), Durability::Sync).unwrap();
+        // Cross-account entries out of seq order, a reservation opened in one
+        // batch and resolved in the next, one opened and resolved in a batch.
+        let b1 = vec![
+            entry(2, Add, "b", 5_000, None),
+            entry(1, Add, "a", 10_000, None),
+            entry(3, Reserve, "a", 3_000, Some(3)),
+            entry(4, Reserve, "b", 1_000, Some(4)),
+            entry(5, Void, "b", -1_000, Some(4)),
+        ];
+        s.commit(&b1, &[meta("a"), meta("b")]).unwrap();
+        let loaded = s.load().unwrap();
+        assert_eq!(loaded.last_seq, 5);
+        assert_eq!(loaded.open_reservations.len(), 1);
+        let r = &loaded.open_reservations[0];
+        assert_eq!((r.id, r.account.as_str()), (ReservationId(3), "a"));
+        assert_eq!((r.anytime_milli, r.total_milli), (3_000, 3_000));
+        assert_eq!(r.shares_milli, vec![3_000]);
+        assert_eq!(r.reference.as_deref(), Some("r3"));
+        let a = &loaded.accounts[0];
+        assert_eq!(a.name, "a");
+        assert_eq!(a.tariff_class.as_deref(), Some("gold"));
+        assert_eq!(
+            a.anytime,
+            BucketBalance {
+                posted_milli: 10_000,
+                reserved_milli: 3_000
+            }
+        );
+
+        // An account the batch does not describe still gets a row.
+        let b2 = vec![
+            entry(6, Post, "a", -2_000, Some(3)),
+            entry(7, Void, "a", -1_000, Some(3)),
+            entry(8, Set, "c", 700, None),
+        ];
+        s.commit(&b2, &[meta("a")]).unwrap();
+        let loaded = s.load().unwrap();
+        assert!(loaded.open_reservations.is_empty());
+        assert_eq!(loaded.last_seq, 8);
+        let entries = all_entries(&mut s);
+        assert_eq!(
+            entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            (1..=8).collect::<Vec<_>>(),
+            "seq order, whatever the commit order"
+        );
+        assert_eq!(entries[0], b1[1]);
+        let replayed = replay(&entries);
+        for acct in s.stored_balances().unwrap() {
+            for b in Bucket::ALL {
+                let want = replayed
+                    .get(&(acct.name.clone(), b))
+                    .copied()
+                    .unwrap_or_default();
+                assert_eq!(acct.bucket(b), want, "{} {b}", acct.name);
+            }
+        }
+        let c = loaded.accounts.iter().find(|a| a.name == "c").unwrap();
+        assert_eq!(c.role, Role::User);
+    }
+
+    #[test]
+    fn a_retried_batch_that_did_commit_is_not_applied_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteStore::open(&dir.path().join("t.db"), Durability::Sync).unwrap();
+        let batch = vec![entry(1, EntryKind::Add, "a", 1_000, None)];
+        s.commit(&batch, &[meta("a")]).unwrap();
+        // Pretend the commit reported an error although it reached disk.
+        s.last_commit_failed = true;
+        s.commit(&batch, &[meta("a")]).unwrap();
+        assert_eq!(all_entries(&mut s).len(), 1);
+        assert_eq!(s.stored_balances().unwrap()[0].anytime.posted_milli, 1_000);
+        // Without the flag, a duplicate seq is an error, not a silent skip.
+        assert!(s.commit(&batch, &[meta("a")]).is_err());
+        assert_eq!(s.stored_balances().unwrap()[0].anytime.posted_milli, 1_000);
+    }
+
+    #[test]
+    fn loads_parents_before_children() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteStore::open(&dir.path().join("t.db"), Durability::Sync).unwrap();
+        let child = AccountMeta {
+            parent: Some("zz-parent".into()),
+            ..meta("aa-child")
+        };
+        s.commit(
+            &[
+                entry(1, EntryKind::Add, "aa-child", 1, None),
+                entry(2, EntryKind::Add, "zz-parent", 1, None),
+            ],
+            &[child, meta("zz-parent")],
+        )
+        .unwrap();
+        let names: Vec<String> = s
+            .load()
+            .unwrap()
+            .accounts
+            .into_iter()
+            .map(|a| a.name)
+            .collect();
+        assert_eq!(names, vec!["zz-parent", "aa-child"]);
+    }
+}
