@@ -5,11 +5,22 @@
 //! loopback); everything under `/admin/` needs `Authorization: Bearer
 //! TOKEN`, compared in constant time. With no token configured the
 //! `/admin/` endpoints answer 403. Never echoes a token or a password.
+//!
+//! Readiness: the listener only opens once the application is built, i.e.
+//! the tariff, the accounts and (with a store) the persisted balances are
+//! loaded, so `/readyz` checks the remaining dependency, the gateway: a
+//! TCP connect to the upstream address with a short timeout. The probe's
+//! result is cached for [`PROBE_CACHE`] so a scrape storm cannot become a
+//! connect storm against the gateway; a probe in flight blocks only the
+//! admin request that started it, never the proxy.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use http::{Response, StatusCode};
+use parking_lot::Mutex;
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::json;
@@ -20,8 +31,49 @@ use crate::money::format_credits;
 use crate::service::{now_unix_ms, App};
 use crate::tariff::QuoteRequest;
 
+/// How long one upstream probe result is trusted.
+pub const PROBE_CACHE: Duration = Duration::from_secs(1);
+/// Longest a readiness probe waits for the gateway's TCP handshake (or the
+/// configured connect timeout, if shorter).
+pub const PROBE_TIMEOUT_MAX: Duration = Duration::from_millis(500);
+
 pub struct AdminApp {
     pub app: Arc<App>,
+    probe: UpstreamProbe,
+}
+
+/// Whether the gateway accepts TCP connections, cached for [`PROBE_CACHE`].
+struct UpstreamProbe {
+    address: SocketAddr,
+    timeout: Duration,
+    /// When the last probe finished and what it found (`Err`: why not).
+    last: Mutex<Option<(Instant, Result<(), String>)>>,
+}
+
+impl UpstreamProbe {
+    /// Probes at most once per [`PROBE_CACHE`]; two admin requests that
+    /// find the cache stale at once may both probe (harmless).
+    async fn check(&self) -> Result<(), String> {
+        if let Some((at, result)) = &*self.last.lock() {
+            if at.elapsed() < PROBE_CACHE {
+                return result.clone();
+            }
+        }
+        let result =
+            match tokio::time::timeout(self.timeout, tokio::net::TcpStream::connect(self.address))
+                .await
+            {
+                Ok(Ok(_stream)) => Ok(()),
+                Ok(Err(e)) => Err(format!("upstream {} unreachable: {e}", self.address)),
+                Err(_) => Err(format!(
+                    "upstream {} unreachable: no TCP handshake within {} ms",
+                    self.address,
+                    self.timeout.as_millis()
+                )),
+            };
+        *self.last.lock() = Some((Instant::now(), result.clone()));
+        result
+    }
 }
 
 fn json_response(status: StatusCode, value: serde_json::Value) -> Response<Vec<u8>> {
@@ -52,7 +104,7 @@ pub fn reservation_json(r: &ReservationView) -> serde_json::Value {
     json!({
         "id": r.id.0,
         "account": r.account,
-        "state": match r.state { ReservationState::Open => "open", ReservationState::InDoubt => "in_doubt" },
+        "state": r.state.as_str(),
         "total": format_credits(r.total_milli),
         "anytime": format_credits(r.anytime_milli),
         "offpeak": format_credits(r.offpeak_milli),
@@ -74,10 +126,26 @@ fn query_param(query: &str, name: &str) -> Option<String> {
     })
 }
 
+/// Why a request for `/admin/*` is not let in.
+enum Denied {
+    /// No `admin.token` configured: the operator API is switched off.
+    Disabled,
+    WrongToken,
+}
+
 impl AdminApp {
-    fn authorized(&self, session: &ServerSession) -> bool {
+    pub fn new(app: Arc<App>) -> Self {
+        let probe = UpstreamProbe {
+            address: app.config.upstream.address,
+            timeout: app.config.upstream.connect_timeout.min(PROBE_TIMEOUT_MAX),
+            last: Mutex::new(None),
+        };
+        AdminApp { app, probe }
+    }
+
+    fn authorize(&self, session: &ServerSession) -> Result<(), Denied> {
         let Some(token) = &self.app.config.admin.token else {
-            return false;
+            return Err(Denied::Disabled);
         };
         let presented = session
             .req_header()
@@ -86,21 +154,38 @@ impl AdminApp {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        presented.as_bytes().ct_eq(token.as_bytes()).into()
+        if bool::from(presented.as_bytes().ct_eq(token.as_bytes())) {
+            Ok(())
+        } else {
+            Err(Denied::WrongToken)
+        }
     }
 
-    fn metrics(&self) -> Response<Vec<u8>> {
+    /// Ready when the application is built (it is, or this listener would
+    /// not be open) and the gateway accepts connections.
+    async fn ready(&self) -> Response<Vec<u8>> {
+        let probe = self.probe.check().await;
+        self.app.metrics.upstream_up.set(probe.is_ok() as i64);
+        match probe {
+            Ok(()) => text_response(StatusCode::OK, "text/plain", "ready\n".into()),
+            Err(reason) => text_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {reason}\n"),
+            ),
+        }
+    }
+
+    async fn metrics(&self) -> Response<Vec<u8>> {
+        let up = self.probe.check().await.is_ok();
         let m = &self.app.metrics;
-        let reservations = self.app.ledger.reservations(None);
-        let in_doubt = reservations
-            .iter()
-            .filter(|r| r.state == ReservationState::InDoubt)
-            .count();
-        m.reservations_open
-            .set((reservations.len() - in_doubt) as i64);
-        m.reservations_in_doubt.set(in_doubt as i64);
-        m.accounts.set(self.app.ledger.len() as i64);
-        text_response(StatusCode::OK, "text/plain; version=0.0.4", m.render())
+        m.upstream_up.set(up as i64);
+        m.observe_ledger(&self.app.ledger, &self.app.config.metrics.balance_accounts);
+        text_response(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            m.render(),
+        )
     }
 
     fn account(&self, name: &str) -> Response<Vec<u8>> {
@@ -120,25 +205,113 @@ impl AdminApp {
         }
     }
 
-    fn resolve(&self, id: &str, how: &str) -> Response<Vec<u8>> {
+    fn reservations(&self, query: &str) -> Response<Vec<u8>> {
+        let state = match query_param(query, "state").as_deref() {
+            Some("in_doubt") => Some(ReservationState::InDoubt),
+            Some("open") => Some(ReservationState::Open),
+            None | Some("") | Some("all") => None,
+            Some(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "state must be open, in_doubt or all",
+                )
+            }
+        };
+        let list: Vec<_> = self
+            .app
+            .ledger
+            .reservations(state)
+            .iter()
+            .map(reservation_json)
+            .collect();
+        json_response(StatusCode::OK, json!({ "reservations": list }))
+    }
+
+    /// An operator's decision on an in-doubt reservation: post its whole
+    /// total, or void it. Open reservations belong to a request still in
+    /// flight (or to the TTL sweep) and are refused, so an operator cannot
+    /// race a settlement. Like every acknowledged change it waits for the
+    /// store (back-pressure before, durability after, SPEC 6).
+    async fn resolve(&self, id: &str, how: &str) -> Response<Vec<u8>> {
         let Ok(id) = id.parse::<u64>() else {
             return error(StatusCode::BAD_REQUEST, "reservation id must be a number");
         };
         let id = ReservationId(id);
-        let result = match how {
-            "post" => match self.app.ledger.reservation(id) {
-                Some(r) => self.app.ledger.settle(id, r.total_milli, Some("admin")),
-                None => return error(StatusCode::NOT_FOUND, "no such open reservation"),
-            },
-            "void" => self.app.ledger.void(id),
-            _ => return error(StatusCode::NOT_FOUND, "use /post or /void"),
+        if how != "post" && how != "void" {
+            return error(StatusCode::NOT_FOUND, "use /post or /void");
+        }
+        let Some(r) = self.app.ledger.reservation(id) else {
+            // Ids are entry sequence numbers: one below the next was issued.
+            return if id.0 < self.app.ledger.next_seq() {
+                error(
+                    StatusCode::CONFLICT,
+                    "the reservation is already resolved (a reservation resolves at most once)",
+                )
+            } else {
+                error(StatusCode::NOT_FOUND, "no such reservation")
+            };
+        };
+        if r.state != ReservationState::InDoubt {
+            return error(
+                StatusCode::CONFLICT,
+                "the reservation is open (its request is in flight); only in-doubt reservations can be resolved",
+            );
+        }
+        if self.app.admit_change().await.is_err() {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable: the store is behind; nothing was changed, try again",
+            );
+        }
+        let result = if how == "post" {
+            self.app.ledger.settle(id, r.total_milli, Some("admin"))
+        } else {
+            self.app.ledger.void(id)
         };
         match result {
-            Ok(s) => json_response(
-                StatusCode::OK,
-                json!({ "id": id.0, "posted": format_credits(s.posted_milli), "voided": format_credits(s.voided_milli) }),
-            ),
+            Ok(s) => {
+                if self.app.change_durable().await.is_err() {
+                    return error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "store_unavailable: resolved in memory but not yet durable; it is committed when the store recovers",
+                    );
+                }
+                tracing::info!(
+                    target: "tollgate::admin",
+                    reservation_id = id.0,
+                    account = %r.account,
+                    how,
+                    posted_milli = s.posted_milli,
+                    voided_milli = s.voided_milli,
+                    "in-doubt reservation resolved by an operator"
+                );
+                json_response(
+                    StatusCode::OK,
+                    json!({ "id": id.0, "account": r.account, "posted": format_credits(s.posted_milli), "voided": format_credits(s.voided_milli) }),
+                )
+            }
             Err(e) => error(StatusCode::CONFLICT, &e.to_string()),
+        }
+    }
+
+    async fn reload(&self) -> Response<Vec<u8>> {
+        let app = self.app.clone();
+        let before = app.snapshot.load().tariff.version().to_string();
+        // File I/O and parsing (100 000+ prefixes) stay off the admin
+        // runtime's only thread.
+        match tokio::task::spawn_blocking(move || app.reload_tariffs()).await {
+            Ok(Ok(version)) => json_response(
+                StatusCode::OK,
+                json!({ "tariff_version": version, "changed": version != before }),
+            ),
+            Ok(Err(e)) => json_response(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({ "error": e.to_string(), "tariff_version": before }),
+            ),
+            Err(e) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("reload failed: {e}"),
+            ),
         }
     }
 
@@ -185,44 +358,40 @@ impl ServeHttp for AdminApp {
             ("GET", "/healthz") => {
                 return text_response(StatusCode::OK, "text/plain", "ok\n".into())
             }
-            ("GET", "/readyz") => {
-                return text_response(StatusCode::OK, "text/plain", "ready\n".into())
-            }
-            ("GET", "/metrics") => return self.metrics(),
+            ("GET", "/readyz") => return self.ready().await,
+            ("GET", "/metrics") => return self.metrics().await,
             _ => {}
         }
         if !path.starts_with("/admin/") {
             return error(StatusCode::NOT_FOUND, "not found");
         }
-        if !self.authorized(session) {
-            return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+        match self.authorize(session) {
+            Ok(()) => {}
+            Err(Denied::Disabled) => {
+                return error(
+                    StatusCode::FORBIDDEN,
+                    "the admin API is disabled: set admin.token in the configuration",
+                )
+            }
+            Err(Denied::WrongToken) => {
+                return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token")
+            }
         }
         let segments: Vec<&str> = path.trim_start_matches("/admin/").split('/').collect();
         match (method.as_str(), segments.as_slice()) {
             ("GET", ["accounts", name]) => self.account(name),
-            ("GET", ["reservations"]) => {
-                let state = match query_param(&query, "state").as_deref() {
-                    Some("in_doubt") => Some(ReservationState::InDoubt),
-                    Some("open") => Some(ReservationState::Open),
-                    None | Some("") | Some("all") => None,
-                    Some(_) => {
-                        return error(
-                            StatusCode::BAD_REQUEST,
-                            "state must be open, in_doubt or all",
-                        )
-                    }
-                };
-                let list: Vec<_> = self
-                    .app
-                    .ledger
-                    .reservations(state)
-                    .iter()
-                    .map(reservation_json)
-                    .collect();
-                json_response(StatusCode::OK, json!({ "reservations": list }))
-            }
-            ("POST", ["reservations", id, how]) => self.resolve(id, how),
+            ("GET", ["reservations"]) => self.reservations(&query),
+            ("POST", ["reservations", id, how]) => self.resolve(id, how).await,
+            ("POST", ["reload"]) => self.reload().await,
             ("GET", ["quote"]) => self.quote(&query),
+            (
+                _,
+                ["accounts", _]
+                | ["reservations"]
+                | ["reservations", _, _]
+                | ["reload"]
+                | ["quote"],
+            ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
             _ => error(StatusCode::NOT_FOUND, "not found"),
         }
     }

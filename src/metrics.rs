@@ -1,136 +1,441 @@
 //! Every metric tollgate exports, in one place (SPEC 8).
 //!
-//! Names carry the `tollgate_` prefix; label values come from closed sets
-//! (front door, action, outcome, bucket, kind) so cardinality stays bounded.
-//! Nothing here ever carries an account's password, a token or a free-form
-//! client string.
+//! Names carry the `tollgate_` prefix and every family has help text. Label
+//! values come from closed sets (front door, action, outcome, bucket, entry
+//! kind, limiter rule, reload result) so cardinality stays bounded; the only
+//! per-account series are the balance gauges of the accounts an operator
+//! listed in `metrics.balance_accounts`. Nothing here ever carries a
+//! password, a token or a free-form client string.
+//!
+//! Credit amounts are exported in **milli-credits** (1 credit = 1000), the
+//! ledger's own integer unit, so a counter is exactly the sum of the entries
+//! it counts; dashboards divide by 1000 to show credits.
+//!
+//! Families with label sets that may see no traffic for a long time (credit
+//! kinds per bucket, limiter decisions, reload results, shadow decisions)
+//! are initialised to 0 for every label combination, so a dashboard shows a
+//! flat line rather than "no data".
+//!
+//! Gauges that describe the ledger (reservations, accounts, watched
+//! balances) are computed at scrape time by [`Metrics::observe_ledger`]; a
+//! scrape walks the reservation map once, one shard lock at a time, so the
+//! numbers are consistent per reservation but not one global snapshot.
 
+use prometheus::core::Collector;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+use crate::ledger::{Bucket, EntryKind, Ledger, ReservationState};
+
+/// Limiter rules of SPEC 7, the `rule` label of
+/// `tollgate_rate_limit_decisions_total`.
+pub const RATE_LIMIT_RULES: [&str; 4] = [
+    // Per-account send rate in parts per second.
+    "account_parts",
+    // Per-source-IP request rate.
+    "source_ip",
+    // Per (IP, username) authentication-failure lockout.
+    "auth_lockout",
+    // Global upstream cap in parts per second.
+    "upstream_parts",
+];
+
+/// The `result` label of `tollgate_rate_limit_decisions_total`: allowed,
+/// refused (429), or over the limit but let through because the rule runs
+/// in shadow mode.
+pub const RATE_LIMIT_RESULTS: [&str; 3] = ["allowed", "limited", "shadow_limited"];
+
+/// The `result` label of `tollgate_tariff_reloads_total`.
+pub const RELOAD_RESULTS: [&str; 2] = ["ok", "error"];
+
+/// The `decision` label of `tollgate_shadow_decisions_total`.
+pub const SHADOW_DECISIONS: [&str; 2] = ["would_charge", "would_refuse"];
+
+/// The `result` label of `tollgate_received_messages_total`: charged in
+/// full; delivered with a charge that fell short (strict overdraft, see
+/// `tollgate_receive_shortfall_milli_total`); counted but not charged
+/// (shadow mode).
+pub const RECEIVE_RESULTS: [&str; 3] = ["charged", "shortfall", "shadow"];
+
+/// Buckets of the latency histograms, in seconds: sub-millisecond local
+/// answers up to the gateway's slowest answers.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 pub struct Metrics {
     pub registry: Registry,
+    /// `tollgate_build_info{version}`: always 1; says which build runs.
+    pub build_info: IntGaugeVec,
     /// Requests by front door, action and outcome.
     pub requests: IntCounterVec,
-    /// Milli-credits moved, by entry kind (reserve/post/void/expire/add/set/transfer) and bucket.
+    /// Milli-credits moved by ledger entries, by entry kind and bucket
+    /// (absolute amounts: an `add` of −5 counts 5000).
     pub credits_milli: IntCounterVec,
     pub reservations_open: IntGauge,
     pub reservations_in_doubt: IntGauge,
+    /// Credit held by unresolved reservations, by state (`open`,
+    /// `in_doubt`): what an operator's decision on them is worth.
+    pub reservations_held_milli: IntGaugeVec,
     /// Sends forwarded without charge because the credentials were unknown
     /// and `auth.unknown_accounts: forward`.
     pub unknown_forwarded: IntCounterVec,
     /// What shadow mode would have done.
     pub shadow_decisions: IntCounterVec,
+    /// Messages handed out by priced `receivemessage` answers, by result.
+    pub received_messages: IntCounterVec,
+    /// Receive charges that could not be taken because the account had
+    /// too little credit (the gateway had already delivered the messages).
+    pub receive_shortfall_milli: IntCounter,
+    /// Limiter decisions by rule and result (SPEC 7).
+    pub rate_limit_decisions: IntCounterVec,
     pub upstream_latency: HistogramVec,
     pub request_latency: HistogramVec,
+    /// Whether the last readiness probe could connect to the gateway.
+    pub upstream_up: IntGauge,
     pub accounts: IntGauge,
+    /// `tollgate_tariff_info{version}`: 1 for the version in force, no other
+    /// series (a reload replaces it).
     pub tariff_info: IntGaugeVec,
+    pub tariff_reloads: IntCounterVec,
+    pub tariff_loaded_timestamp_s: IntGauge,
+    /// Available balance of each account in `metrics.balance_accounts`.
+    pub account_available_milli: IntGaugeVec,
+    /// Reserved balance of each account in `metrics.balance_accounts`.
+    pub account_reserved_milli: IntGaugeVec,
+    /// Ledger entries recorded and not yet committed by the store.
+    pub store_queue_depth: IntGauge,
+    /// Entries per committed store batch: how well group commit works.
+    pub store_batch_entries: Histogram,
+    /// Time one batch's transaction took, fsync included.
+    pub store_commit_latency: Histogram,
+    /// Age of the oldest entry not yet committed: the loss window of
+    /// `durability: async`.
+    pub store_oldest_unpersisted_age: Gauge,
+    /// Failed batch commits (each is retried; nothing is dropped).
+    pub store_commit_errors: IntCounter,
+    pub store_committed_entries: IntCounter,
+    /// Changes refused with `store_unavailable`, by the wait that timed out
+    /// (`admit`: the queue stayed full; `durable`: the commit did not come).
+    pub store_ack_timeouts: IntCounterVec,
+    /// Entries recorded after the writer stopped: lost; should stay 0.
+    pub store_entries_after_stop: IntCounter,
 }
 
-const LATENCY_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+/// The `wait` label of `tollgate_store_ack_timeouts_total`.
+pub const STORE_WAITS: [&str; 2] = ["admit", "durable"];
+
+/// Entries per store batch: 1 (idle) up to past the default batch size.
+const BATCH_SIZE_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0,
 ];
+
+/// Store commit latency, in seconds: a page-cache commit up to a stalled
+/// disk.
+const COMMIT_LATENCY_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5,
+];
+
+fn counter(name: &str, help: &str) -> IntCounter {
+    IntCounter::new(name, help).expect("valid metric definition")
+}
+
+fn histogram(name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+        .expect("valid metric definition")
+}
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition")
+}
+
+fn gauge(name: &str, help: &str) -> IntGauge {
+    IntGauge::new(name, help).expect("valid metric definition")
+}
+
+fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition")
+}
+
+fn latency_histogram(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+        labels,
+    )
+    .expect("valid metric definition")
+}
 
 impl Metrics {
     pub fn new() -> Self {
-        let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new(
+        let m = Metrics {
+            registry: Registry::new(),
+            build_info: gauge_vec(
+                "tollgate_build_info",
+                "Always 1; the version label names the running build",
+                &["version"],
+            ),
+            requests: counter_vec(
                 "tollgate_requests_total",
-                "Requests by front door, action and outcome",
+                "Requests by front door (ozeki, passthrough, ...), action and outcome",
+                &["front_door", "action", "outcome"],
             ),
-            &["front_door", "action", "outcome"],
-        )
-        .unwrap();
-        let credits_milli = IntCounterVec::new(
-            Opts::new(
+            credits_milli: counter_vec(
                 "tollgate_credits_milli_total",
-                "Milli-credits moved by ledger entries, by kind and bucket",
+                "Milli-credits (1 credit = 1000) moved by ledger entries, by entry kind \
+                 (reserve, post, void, expire, add, set, transfer) and bucket; absolute amounts",
+                &["kind", "bucket"],
             ),
-            &["kind", "bucket"],
-        )
-        .unwrap();
-        let reservations_open = IntGauge::new(
-            "tollgate_reservations_open",
-            "Reservations not yet resolved",
-        )
-        .unwrap();
-        let reservations_in_doubt = IntGauge::new(
-            "tollgate_reservations_in_doubt",
-            "Reservations whose send outcome is unknown",
-        )
-        .unwrap();
-        let unknown_forwarded = IntCounterVec::new(
-            Opts::new(
+            reservations_open: gauge(
+                "tollgate_reservations_open",
+                "Reservations awaiting the gateway's answer (not yet posted, voided or expired)",
+            ),
+            reservations_in_doubt: gauge(
+                "tollgate_reservations_in_doubt",
+                "Reservations whose send outcome is unknown, awaiting an operator or the policy",
+            ),
+            reservations_held_milli: gauge_vec(
+                "tollgate_reservations_held_milli",
+                "Milli-credits held by unresolved reservations, by state (open, in_doubt)",
+                &["state"],
+            ),
+            unknown_forwarded: counter_vec(
                 "tollgate_unknown_account_forwarded_total",
-                "Requests from unknown credentials forwarded uncharged",
+                "Requests from unknown credentials forwarded uncharged (auth.unknown_accounts: forward)",
+                &["action"],
             ),
-            &["action"],
-        )
-        .unwrap();
-        let shadow_decisions = IntCounterVec::new(
-            Opts::new(
+            shadow_decisions: counter_vec(
                 "tollgate_shadow_decisions_total",
-                "Shadow mode: what enforce mode would have decided",
+                "Shadow mode: what enforce mode would have decided for a send",
+                &["decision"],
             ),
-            &["decision"],
-        )
-        .unwrap();
-        let upstream_latency = HistogramVec::new(
-            HistogramOpts::new(
+            received_messages: counter_vec(
+                "tollgate_received_messages_total",
+                "Messages returned by priced receivemessage answers, by result (charged, shortfall, shadow)",
+                &["result"],
+            ),
+            receive_shortfall_milli: counter(
+                "tollgate_receive_shortfall_milli_total",
+                "Milli-credits of receive charges not taken: the account could not pay and the messages were already delivered",
+            ),
+            rate_limit_decisions: counter_vec(
+                "tollgate_rate_limit_decisions_total",
+                "Rate-limit decisions by rule (account_parts, source_ip, auth_lockout, \
+                 upstream_parts) and result (allowed, limited, shadow_limited)",
+                &["rule", "result"],
+            ),
+            upstream_latency: latency_histogram(
                 "tollgate_upstream_latency_seconds",
                 "Time from forwarding a request to the end of the gateway's answer",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-            &["action"],
-        )
-        .unwrap();
-        let request_latency = HistogramVec::new(
-            HistogramOpts::new(
-                "tollgate_request_latency_seconds",
-                "Time from a request's arrival to its answer",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-            &["front_door", "action"],
-        )
-        .unwrap();
-        let accounts = IntGauge::new("tollgate_accounts", "Accounts in memory").unwrap();
-        let tariff_info = IntGaugeVec::new(
-            Opts::new(
-                "tollgate_tariff_info",
-                "The tariff version in force (value 1)",
+                &["action"],
             ),
-            &["version"],
-        )
-        .unwrap();
-        for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(credits_milli.clone()),
-            Box::new(reservations_open.clone()),
-            Box::new(reservations_in_doubt.clone()),
-            Box::new(unknown_forwarded.clone()),
-            Box::new(shadow_decisions.clone()),
-            Box::new(upstream_latency.clone()),
-            Box::new(request_latency.clone()),
-            Box::new(accounts.clone()),
-            Box::new(tariff_info.clone()),
-        ] {
-            registry.register(c).expect("metric names are unique");
+            request_latency: latency_histogram(
+                "tollgate_request_latency_seconds",
+                "Time from a request's arrival to the end of its answer",
+                &["front_door", "action"],
+            ),
+            upstream_up: gauge(
+                "tollgate_upstream_up",
+                "1 if the last readiness probe connected to the gateway, else 0",
+            ),
+            accounts: gauge("tollgate_accounts", "Accounts in memory"),
+            tariff_info: gauge_vec(
+                "tollgate_tariff_info",
+                "The tariff version (content hash) in force; value 1",
+                &["version"],
+            ),
+            tariff_reloads: counter_vec(
+                "tollgate_tariff_reloads_total",
+                "Tariff reloads by result (ok: swapped in; error: rejected, previous kept)",
+                &["result"],
+            ),
+            tariff_loaded_timestamp_s: gauge(
+                "tollgate_tariff_loaded_timestamp_seconds",
+                "Unix time the tariff in force was loaded",
+            ),
+            account_available_milli: gauge_vec(
+                "tollgate_account_available_milli",
+                "Available milli-credits of the accounts listed in metrics.balance_accounts",
+                &["account", "bucket"],
+            ),
+            account_reserved_milli: gauge_vec(
+                "tollgate_account_reserved_milli",
+                "Reserved milli-credits of the accounts listed in metrics.balance_accounts",
+                &["account", "bucket"],
+            ),
+            store_queue_depth: gauge(
+                "tollgate_store_queue_depth",
+                "Ledger entries recorded and not yet committed by the store",
+            ),
+            store_batch_entries: histogram(
+                "tollgate_store_batch_entries",
+                "Entries per committed store batch (group commit)",
+                BATCH_SIZE_BUCKETS,
+            ),
+            store_commit_latency: histogram(
+                "tollgate_store_commit_seconds",
+                "Time to commit one store batch, fsync included",
+                COMMIT_LATENCY_BUCKETS,
+            ),
+            store_oldest_unpersisted_age: Gauge::new(
+                "tollgate_store_oldest_unpersisted_age_seconds",
+                "Age of the oldest ledger entry not yet committed (the async-mode loss window)",
+            )
+            .expect("valid metric definition"),
+            store_commit_errors: counter(
+                "tollgate_store_commit_errors_total",
+                "Failed store batch commits (kept and retried, never dropped)",
+            ),
+            store_committed_entries: counter(
+                "tollgate_store_committed_entries_total",
+                "Ledger entries committed by the store",
+            ),
+            store_ack_timeouts: counter_vec(
+                "tollgate_store_ack_timeouts_total",
+                "Changes refused with store_unavailable, by the wait that timed out (admit, durable)",
+                &["wait"],
+            ),
+            store_entries_after_stop: counter(
+                "tollgate_store_entries_after_stop_total",
+                "Ledger entries recorded after the store writer stopped (not persisted)",
+            ),
+        };
+        let collectors: Vec<Box<dyn Collector>> = vec![
+            Box::new(m.build_info.clone()),
+            Box::new(m.requests.clone()),
+            Box::new(m.credits_milli.clone()),
+            Box::new(m.reservations_open.clone()),
+            Box::new(m.reservations_in_doubt.clone()),
+            Box::new(m.reservations_held_milli.clone()),
+            Box::new(m.unknown_forwarded.clone()),
+            Box::new(m.shadow_decisions.clone()),
+            Box::new(m.received_messages.clone()),
+            Box::new(m.receive_shortfall_milli.clone()),
+            Box::new(m.rate_limit_decisions.clone()),
+            Box::new(m.upstream_latency.clone()),
+            Box::new(m.request_latency.clone()),
+            Box::new(m.upstream_up.clone()),
+            Box::new(m.accounts.clone()),
+            Box::new(m.tariff_info.clone()),
+            Box::new(m.tariff_reloads.clone()),
+            Box::new(m.tariff_loaded_timestamp_s.clone()),
+            Box::new(m.account_available_milli.clone()),
+            Box::new(m.account_reserved_milli.clone()),
+            Box::new(m.store_queue_depth.clone()),
+            Box::new(m.store_batch_entries.clone()),
+            Box::new(m.store_commit_latency.clone()),
+            Box::new(m.store_oldest_unpersisted_age.clone()),
+            Box::new(m.store_commit_errors.clone()),
+            Box::new(m.store_committed_entries.clone()),
+            Box::new(m.store_ack_timeouts.clone()),
+            Box::new(m.store_entries_after_stop.clone()),
+        ];
+        for c in collectors {
+            m.registry.register(c).expect("metric names are unique");
         }
-        Metrics {
-            registry,
-            requests,
-            credits_milli,
-            reservations_open,
-            reservations_in_doubt,
-            unknown_forwarded,
-            shadow_decisions,
-            upstream_latency,
-            request_latency,
-            accounts,
-            tariff_info,
+        m.initialise_series();
+        m
+    }
+
+    /// Creates every series of the closed label sets at 0, so they exist
+    /// before the first event.
+    fn initialise_series(&self) {
+        self.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        for kind in EntryKind::ALL {
+            for bucket in [Bucket::Anytime, Bucket::OffPeak] {
+                self.credits_milli
+                    .with_label_values(&[kind.as_str(), bucket.as_str()]);
+            }
+        }
+        for state in [ReservationState::Open, ReservationState::InDoubt] {
+            self.reservations_held_milli
+                .with_label_values(&[state.as_str()]);
+        }
+        for rule in RATE_LIMIT_RULES {
+            for result in RATE_LIMIT_RESULTS {
+                self.rate_limit_decisions.with_label_values(&[rule, result]);
+            }
+        }
+        for result in RELOAD_RESULTS {
+            self.tariff_reloads.with_label_values(&[result]);
+        }
+        for decision in SHADOW_DECISIONS {
+            self.shadow_decisions.with_label_values(&[decision]);
+        }
+        for result in RECEIVE_RESULTS {
+            self.received_messages.with_label_values(&[result]);
+        }
+        self.unknown_forwarded.with_label_values(&["sendmessage"]);
+        for wait in STORE_WAITS {
+            self.store_ack_timeouts.with_label_values(&[wait]);
+        }
+    }
+
+    /// Makes `version` the only `tollgate_tariff_info` series.
+    pub fn set_tariff_version(&self, version: &str, loaded_unix_s: i64) {
+        self.tariff_info.reset();
+        self.tariff_info.with_label_values(&[version]).set(1);
+        self.tariff_loaded_timestamp_s.set(loaded_unix_s);
+    }
+
+    /// Counts a tariff reload; `ok` is whether it was swapped in.
+    pub fn record_reload(&self, ok: bool) {
+        self.tariff_reloads
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
+    }
+
+    /// Refreshes the gauges that describe the ledger: reservations by state,
+    /// accounts, and the balances of `balance_accounts` (an account not in
+    /// the ledger gets no series). Called before each scrape.
+    pub fn observe_ledger(&self, ledger: &Ledger, balance_accounts: &[String]) {
+        let mut count = [0i64; 2];
+        let mut held_milli = [0i64; 2];
+        for r in ledger.reservations(None) {
+            let i = match r.state {
+                ReservationState::Open => 0,
+                ReservationState::InDoubt => 1,
+            };
+            count[i] += 1;
+            held_milli[i] += r.total_milli;
+        }
+        self.reservations_open.set(count[0]);
+        self.reservations_in_doubt.set(count[1]);
+        for (i, state) in [ReservationState::Open, ReservationState::InDoubt]
+            .into_iter()
+            .enumerate()
+        {
+            self.reservations_held_milli
+                .with_label_values(&[state.as_str()])
+                .set(held_milli[i]);
+        }
+        self.accounts.set(ledger.len() as i64);
+        for name in balance_accounts {
+            let Some(view) = ledger.account(name) else {
+                // Removed since the last scrape (or never seeded).
+                for bucket in [Bucket::Anytime, Bucket::OffPeak] {
+                    let _ = self
+                        .account_available_milli
+                        .remove_label_values(&[name, bucket.as_str()]);
+                    let _ = self
+                        .account_reserved_milli
+                        .remove_label_values(&[name, bucket.as_str()]);
+                }
+                continue;
+            };
+            for bucket in [Bucket::Anytime, Bucket::OffPeak] {
+                let b = view.bucket(bucket);
+                self.account_available_milli
+                    .with_label_values(&[name, bucket.as_str()])
+                    .set(b.available_milli());
+                self.account_reserved_milli
+                    .with_label_values(&[name, bucket.as_str()])
+                    .set(b.reserved_milli);
+            }
         }
     }
 
@@ -147,5 +452,112 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::ledger::{
+        BucketPreference, Clock, LedgerConfig, ManualClock, NullSink, Overdraft, Role,
+    };
+
+    fn ledger() -> Ledger {
+        let l = Ledger::new(
+            LedgerConfig {
+                overdraft: Overdraft::Strict,
+                reservation_ttl_ms: 300_000,
+            },
+            Arc::new(NullSink),
+            Arc::new(ManualClock::new(0)) as Arc<dyn Clock>,
+        );
+        for name in ["watched", "other"] {
+            l.open_account(name, None, Role::User, None).unwrap();
+            l.add(name, Bucket::Anytime, 10_000, None).unwrap();
+        }
+        l
+    }
+
+    #[test]
+    fn every_family_is_prefixed_and_documented() {
+        let m = Metrics::new();
+        // Vectors without a series are not gathered: give each one.
+        m.upstream_latency.with_label_values(&["x"]).observe(0.1);
+        m.request_latency
+            .with_label_values(&["x", "y"])
+            .observe(0.1);
+        m.account_available_milli.with_label_values(&["a", "b"]);
+        m.account_reserved_milli.with_label_values(&["a", "b"]);
+        m.requests.with_label_values(&["a", "b", "c"]);
+        m.set_tariff_version("v", 0);
+        let families = m.registry.gather();
+        assert_eq!(families.len(), 28);
+        for f in families {
+            assert!(f.get_name().starts_with("tollgate_"), "{}", f.get_name());
+            assert!(!f.get_help().is_empty(), "{} has no help", f.get_name());
+        }
+    }
+
+    #[test]
+    fn closed_label_sets_start_at_zero() {
+        let text = Metrics::new().render();
+        for line in [
+            "tollgate_credits_milli_total{bucket=\"offpeak\",kind=\"expire\"} 0",
+            "tollgate_rate_limit_decisions_total{result=\"limited\",rule=\"account_parts\"} 0",
+            "tollgate_tariff_reloads_total{result=\"error\"} 0",
+            "tollgate_shadow_decisions_total{decision=\"would_refuse\"} 0",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn tariff_info_keeps_only_the_version_in_force() {
+        let m = Metrics::new();
+        m.set_tariff_version("aaaa", 1);
+        m.set_tariff_version("bbbb", 2);
+        let text = m.render();
+        assert!(text.contains("tollgate_tariff_info{version=\"bbbb\"} 1"));
+        assert!(!text.contains("aaaa"));
+        assert!(text.contains("tollgate_tariff_loaded_timestamp_seconds 2"));
+    }
+
+    #[test]
+    fn ledger_gauges_and_only_listed_balances() {
+        let l = ledger();
+        let id = l
+            .reserve(
+                "watched",
+                &[1_500],
+                BucketPreference::AnytimeOnly,
+                None,
+                None,
+            )
+            .unwrap();
+        let doubt = l
+            .reserve("other", &[250], BucketPreference::AnytimeOnly, None, None)
+            .unwrap();
+        l.mark_in_doubt(doubt).unwrap();
+        let m = Metrics::new();
+        m.observe_ledger(&l, &["watched".to_string(), "gone".to_string()]);
+        let text = m.render();
+        assert!(text.contains("tollgate_reservations_open 1"), "{text}");
+        assert!(text.contains("tollgate_reservations_in_doubt 1"));
+        assert!(text.contains("tollgate_reservations_held_milli{state=\"open\"} 1500"));
+        assert!(text.contains("tollgate_reservations_held_milli{state=\"in_doubt\"} 250"));
+        assert!(text.contains("tollgate_accounts 2"));
+        assert!(text.contains(
+            "tollgate_account_available_milli{account=\"watched\",bucket=\"anytime\"} 8500"
+        ));
+        assert!(text.contains(
+            "tollgate_account_reserved_milli{account=\"watched\",bucket=\"anytime\"} 1500"
+        ));
+        assert!(!text.contains("account=\"other\""));
+        assert!(!text.contains("account=\"gone\""));
+        l.void(id).unwrap();
+        m.observe_ledger(&l, &["watched".to_string()]);
+        assert!(m.render().contains("tollgate_reservations_open 0"));
     }
 }

@@ -1,0 +1,431 @@
+//! The Grafana dashboard against a real Prometheus (SPEC 8): every PromQL
+//! expression in `dashboards/tollgate-overview.json` must evaluate without
+//! error and return data from a Prometheus that scraped a loaded tollgate.
+//!
+//! The test runs Debian's `prometheus` binary itself (installing the
+//! package when it is missing) on a free loopback port with a temporary
+//! data directory and a 1 s scrape of the test tollgate's admin listener;
+//! it never touches a system Prometheus service. It also runs `promtool
+//! check metrics` on a scrape and `promtool check config` on the sample
+//! scrape configuration. Every wait is bounded; if Prometheus cannot be
+//! installed the test fails and says so, it never skips.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+
+const DASHBOARD: &str = "dashboards/tollgate-overview.json";
+/// How long the test keeps traffic flowing once Prometheus scrapes, so that
+/// every rate window holds several samples of a changing counter.
+const LOADED_FOR: Duration = Duration::from_secs(6);
+
+fn repo_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+/// Runs `cmd` to completion within `limit`; (success, stdout + stderr).
+fn run_bounded(cmd: &mut Command, limit: Duration) -> (bool, String) {
+    let out_file = tempfile::NamedTempFile::new().unwrap();
+    let mut child = match cmd
+        .stdin(Stdio::null())
+        .stdout(out_file.reopen().unwrap())
+        .stderr(out_file.reopen().unwrap())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => return (false, format!("cannot start {cmd:?}: {e}")),
+    };
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let output = std::fs::read_to_string(out_file.path()).unwrap_or_default();
+    match status {
+        Some(s) => (s.success(), output),
+        None => (false, format!("{output}\n(killed after {limit:?})")),
+    }
+}
+
+fn have(binary: &str) -> bool {
+    Command::new(binary)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Installs Debian's `prometheus` package (prometheus + promtool) when
+/// either binary is missing; panics with the reason if it cannot.
+fn ensure_prometheus() {
+    if have("prometheus") && have("promtool") {
+        return;
+    }
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    let apt = |args: &[&str]| {
+        let mut cmd = if root {
+            Command::new("apt-get")
+        } else {
+            let mut c = Command::new("sudo");
+            c.args(["-n", "apt-get"]);
+            c
+        };
+        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        run_bounded(&mut cmd, Duration::from_secs(600))
+    };
+    let install = ["install", "-y", "-q", "prometheus"];
+    let (mut ok, mut log) = apt(&install);
+    if !ok {
+        let (_, update_log) = apt(&["update", "-q"]);
+        let (ok2, log2) = apt(&install);
+        ok = ok2;
+        log = format!("{log}\n--- apt-get update ---\n{update_log}\n--- retry ---\n{log2}");
+    }
+    assert!(
+        ok && have("prometheus") && have("promtool"),
+        "the dashboard test needs Prometheus and could not install it \
+         (`apt-get install -y prometheus`{}). Install Debian's `prometheus` \
+         package, which provides `prometheus` and `promtool`, and run the test \
+         again. apt said:\n{log}",
+        if root { "" } else { " via sudo" }
+    );
+}
+
+/// A Prometheus server of our own, killed on drop.
+struct Prometheus {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Prometheus {
+    fn start(scrape_target: std::net::SocketAddr) -> Prometheus {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
+                 scrape_configs:\n  - job_name: tollgate\n    static_configs:\n      - targets: [\"{scrape_target}\"]\n"
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--storage.tsdb.retention.time=1h")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start prometheus");
+        let p = Prometheus { child, port, dir };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ready = client()
+                .get(p.url("/-/ready"))
+                .send()
+                .is_ok_and(|r| r.status().is_success());
+            if ready {
+                return p;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "prometheus not ready within 60 s; log:\n{}",
+                p.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// Evaluates `expr` now: Ok(result vector) or Err(what went wrong).
+    fn query(&self, expr: &str) -> Result<Vec<serde_json::Value>, String> {
+        let url = self.url(&format!(
+            "/api/v1/query?query={}",
+            utf8_percent_encode(expr, NON_ALPHANUMERIC)
+        ));
+        let r = client().get(url).send().map_err(|e| e.to_string())?;
+        let status = r.status();
+        let v: serde_json::Value = r.json().map_err(|e| format!("HTTP {status}: {e}"))?;
+        if v["status"] != "success" {
+            return Err(format!("HTTP {status}: {v}"));
+        }
+        match &v["data"]["result"] {
+            serde_json::Value::Array(a) => Ok(a.clone()),
+            // Scalar results (e.g. `time()`) are data too.
+            other if !other.is_null() => Ok(vec![other.clone()]),
+            _ => Err(format!("no result in {v}")),
+        }
+    }
+}
+
+/// Grafana's variables as a dashboard evaluates them with "All" selected.
+fn substitute(expr: &str) -> String {
+    expr.replace("$__rate_interval", "1m")
+        .replace("$__interval", "15s")
+        .replace("$__range", "5m")
+        .replace("${instance}", ".*")
+        .replace("$instance", ".*")
+}
+
+/// Every panel, rows' nested panels included.
+fn all_panels(dashboard: &serde_json::Value) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for p in dashboard["panels"].as_array().expect("panels") {
+        out.push(p.clone());
+        if let Some(nested) = p["panels"].as_array() {
+            out.extend(nested.iter().cloned());
+        }
+    }
+    out
+}
+
+/// (panel title, expression) for every query of the dashboard, template
+/// variable queries included (as the PromQL Grafana runs for them).
+fn dashboard_queries(dashboard: &serde_json::Value) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for p in all_panels(dashboard) {
+        if p["type"] == "row" {
+            continue;
+        }
+        let title = p["title"].as_str().unwrap_or("?").to_string();
+        let targets = p["targets"].as_array().cloned().unwrap_or_default();
+        assert!(!targets.is_empty(), "panel {title:?} has no query");
+        for t in targets {
+            let expr = t["expr"]
+                .as_str()
+                .unwrap_or_else(|| panic!("panel {title:?}: a target without expr"));
+            assert!(!expr.trim().is_empty(), "panel {title:?}: empty expr");
+            out.push((title.clone(), expr.to_string()));
+        }
+    }
+    for var in dashboard["templating"]["list"]
+        .as_array()
+        .expect("templating")
+    {
+        if var["type"] != "query" {
+            continue;
+        }
+        let q = var["query"]["query"]
+            .as_str()
+            .or(var["query"].as_str())
+            .unwrap();
+        // label_values(METRIC, LABEL) → the series it lists.
+        let inner = q
+            .strip_prefix("label_values(")
+            .and_then(|s| s.strip_suffix(')'))
+            .unwrap_or_else(|| panic!("variable query {q:?} is not label_values(metric, label)"));
+        let (metric, label) = inner.rsplit_once(',').unwrap();
+        out.push((
+            format!("variable {}", var["name"]),
+            format!("count by ({}) ({})", label.trim(), metric.trim()),
+        ));
+    }
+    out
+}
+
+fn send(tg: &Tollgate, recipients: &str) -> u16 {
+    get(&tg.url(&format!(
+        "/api?action=sendmessage&username=john&password=secret1&recipient={recipients}&messagedata=hello"
+    )))
+    .0
+}
+
+/// One round of ordinary traffic: accepted and rejected recipients, an
+/// insufficient-credit refusal, credit actions, forwarded actions.
+fn traffic_round(tg: &Tollgate) {
+    assert_eq!(send(tg, "%2B36301234567,%2B36991234567"), 200);
+    get(&tg.url(
+        "/api?action=sendmessage&username=poor&password=poor1&recipient=%2B36301234567&messagedata=x",
+    ));
+    get(&tg.url("/api?action=getcredits&username=john&password=secret1"));
+    get(&tg.url("/api?action=addcredits&username=admin&password=abc123&useraccount=john&add=1"));
+    get(&tg.url("/api?action=receivemessage&username=john&password=secret1"));
+    get(&tg.url("/somewhere/else"));
+}
+
+#[test]
+fn every_dashboard_query_returns_data_from_a_real_prometheus() {
+    let started = Instant::now();
+    // The dashboard and provisioning files parse and hang together.
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(repo_path(DASHBOARD)).unwrap())
+            .expect("dashboard JSON");
+    assert_eq!(dashboard["uid"], "tollgate-overview");
+    let mut ids = std::collections::HashSet::new();
+    for p in all_panels(&dashboard) {
+        assert!(
+            ids.insert(p["id"].as_u64().expect("panel id")),
+            "duplicate id {}",
+            p["id"]
+        );
+        if p["type"] != "row" {
+            assert_eq!(p["datasource"]["uid"], "${datasource}", "{}", p["title"]);
+        }
+    }
+    for file in [
+        "dashboards/provisioning/dashboards/tollgate.yaml",
+        "dashboards/provisioning/datasources/prometheus.yaml",
+    ] {
+        let v: serde_yaml::Value =
+            serde_yaml::from_str(&std::fs::read_to_string(repo_path(file)).unwrap())
+                .unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(v["apiVersion"].as_u64(), Some(1), "{file}");
+    }
+    let ds: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(repo_path(
+            "dashboards/provisioning/datasources/prometheus.yaml",
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(ds["datasources"][0]["type"].as_str(), Some("prometheus"));
+    let queries = dashboard_queries(&dashboard);
+    assert!(queries.len() >= 15, "{} queries", queries.len());
+
+    ensure_prometheus();
+    let (ok, out) = run_bounded(
+        Command::new("promtool")
+            .arg("check")
+            .arg("config")
+            .arg(repo_path("dashboards/prometheus.yml")),
+        Duration::from_secs(30),
+    );
+    assert!(
+        ok,
+        "promtool check config dashboards/prometheus.yml:\n{out}"
+    );
+
+    // A loaded tollgate: traffic of every kind the dashboard shows.
+    let sim = Sim::start(&["--reject-prefix", "3699"]);
+    let tg = Tollgate::start(
+        sim.addr,
+        TollgateOptions {
+            extra_yaml:
+                "metrics: { balance_accounts: [john, admin] }\nstore: { path: tollgate.db }\n"
+                    .into(),
+            ..Default::default()
+        },
+    );
+    traffic_round(&tg);
+    sim.fault("http500", 1);
+    send(&tg, "%2B442012345678");
+    sim.fault("reset", 1);
+    send(&tg, "%2B36301111111");
+    let r = client()
+        .post(tg.admin_url("/admin/reload"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // promtool's own lint of what tollgate exposes.
+    let scrape = get(&tg.admin_url("/metrics")).1;
+    let scrape_file = tg.dir.path().join("scrape.prom");
+    std::fs::write(&scrape_file, &scrape).unwrap();
+    let (ok, out) = run_bounded(
+        Command::new("sh")
+            .arg("-c")
+            .arg("promtool check metrics < \"$1\"")
+            .arg("sh")
+            .arg(&scrape_file),
+        Duration::from_secs(30),
+    );
+    assert!(
+        ok,
+        "promtool check metrics:\n{out}\n--- scrape ---\n{scrape}"
+    );
+
+    let prometheus = Prometheus::start(tg.admin);
+    // Wait for the first successful scrape, keeping traffic flowing.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        traffic_round(&tg);
+        let up = prometheus.query("up{job=\"tollgate\"} == 1");
+        if up.is_ok_and(|r| !r.is_empty()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "prometheus never scraped tollgate at {}; log:\n{}",
+            tg.admin,
+            prometheus.log()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let loaded_until = Instant::now() + LOADED_FOR;
+    while Instant::now() < loaded_until {
+        traffic_round(&tg);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let mut failures = Vec::new();
+    for (title, expr) in &queries {
+        let promql = substitute(expr);
+        match prometheus.query(&promql) {
+            Err(e) => failures.push(format!("{title}: `{promql}` failed: {e}")),
+            Ok(result) if result.is_empty() => {
+                failures.push(format!("{title}: `{promql}` returned no series"))
+            }
+            Ok(result) => {
+                let all_nan = result.iter().all(|s| s["value"][1] == "NaN");
+                if all_nan {
+                    failures.push(format!("{title}: `{promql}` returned only NaN: {result:?}"));
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} dashboard queries failed:\n{}",
+        failures.len(),
+        queries.len(),
+        failures.join("\n")
+    );
+    // Spot-check that the data is tollgate's: the in-doubt send is there.
+    let in_doubt = prometheus.query("tollgate_reservations_in_doubt").unwrap();
+    assert_eq!(in_doubt[0]["value"][1], "1", "{in_doubt:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(600),
+        "the test took {:?}",
+        started.elapsed()
+    );
+}
