@@ -1,0 +1,498 @@
+//! What the 2sms-compatible SOAP door does (SPEC 2.2): serve the WSDL,
+//! answer `GetBalance`, and move credit between a parent and its
+//! sub-account for `SubAccountGiveCredit`.
+//!
+//! Transport rules (SOAP 1.1 and 1.2 HTTP bindings): the `Content-Type`
+//! says which version the client speaks (`text/xml` → 1.1,
+//! `application/soap+xml` → 1.2); an envelope of the other version is a
+//! `VersionMismatch` fault. Every fault is HTTP 500, as ASMX (which the
+//! original service runs on) answers both versions; an operation that ran
+//! and failed is a normal response (HTTP 200) with a non-zero `Code` from
+//! `crate::error`.
+//!
+//! Credentials are checked by the shared credential store (argon2id and its
+//! cache). A failed transfer changes nothing (the ledger's transfer is one
+//! atomic operation over both accounts and both buckets). Balances in
+//! answers are *available* balances (posted minus reserved). A caller never
+//! learns anything about an account that is not its own or its
+//! sub-account's: an unknown `SubAccount` is answered like someone else's
+//! (`not_a_subaccount`), with zero sub-account balances.
+//!
+//! Durability (SPEC 6): a transfer is admitted by the store's back-pressure
+//! first, and its success is answered only once committed (with
+//! `durability: sync`); a store that does not keep up is answered with
+//! `store_unavailable` (on a commit timeout the transfer stays made in
+//! memory and queued, but is not acknowledged).
+
+use crate::api::soap::{
+    balance_response, call_from_envelope, check_action, fault, give_credit_response,
+    parse_envelope, wsdl, BalanceAnswer, Call, CallError, EnvelopeLimits, FaultKind,
+    GiveCreditAnswer, OperationName, SoapCredentials, SoapVersion,
+};
+use crate::auth::AuthOutcome;
+use crate::error::ErrorCode;
+use crate::ledger::{AccountView, LedgerError};
+use crate::service::ozeki::LocalAnswer;
+use crate::service::App;
+
+/// HTTP status of every SOAP Fault.
+pub const FAULT_STATUS: u16 = 500;
+
+/// The parts of an HTTP request the door looks at.
+#[derive(Debug, Clone, Copy)]
+pub struct SoapHttpRequest<'a> {
+    pub method: &'a str,
+    pub query: Option<&'a str>,
+    /// `Host` header, for the WSDL's address.
+    pub host: Option<&'a str>,
+    pub content_type: Option<&'a str>,
+    /// SOAP 1.1 `SOAPAction` header.
+    pub soap_action: Option<&'a str>,
+    pub body: &'a [u8],
+}
+
+/// Whether a path is the SOAP endpoint (ASCII case-insensitive, as IIS
+/// paths are).
+pub fn is_soap_path(app: &App, path: &str) -> bool {
+    path.eq_ignore_ascii_case(&app.config.soap.path)
+}
+
+/// Whether the query string asks for the WSDL (`?WSDL`, `?wsdl`, …).
+pub fn wants_wsdl(query: Option<&str>) -> bool {
+    query.is_some_and(|q| {
+        q.split('&').any(|pair| {
+            pair.split('=')
+                .next()
+                .unwrap_or("")
+                .eq_ignore_ascii_case("wsdl")
+        })
+    })
+}
+
+/// The SOAP version a `Content-Type` announces, and the SOAP 1.2 `action`
+/// parameter if present.
+pub fn version_of_content_type(
+    content_type: Option<&str>,
+) -> Option<(SoapVersion, Option<String>)> {
+    let ct = content_type?;
+    let mut parts = ct.split(';');
+    let media = parts.next().unwrap_or("").trim();
+    let version = if media.eq_ignore_ascii_case("text/xml") {
+        SoapVersion::V11
+    } else if media.eq_ignore_ascii_case("application/soap+xml") {
+        SoapVersion::V12
+    } else {
+        return None;
+    };
+    let action = parts.find_map(|p| {
+        let (name, value) = p.split_once('=')?;
+        name.trim()
+            .eq_ignore_ascii_case("action")
+            .then(|| value.trim().trim_matches('"').to_string())
+    });
+    Some((version, action))
+}
+
+fn fault_answer(version: SoapVersion, kind: FaultKind, reason: &str, status: u16) -> LocalAnswer {
+    LocalAnswer {
+        status,
+        content_type: version.content_type(),
+        body: fault(version, kind, reason),
+        outcome: "fault",
+    }
+}
+
+/// The answer to a body over `soap.body_limit_bytes` (HTTP 413, a fault).
+pub fn too_large(content_type: Option<&str>) -> LocalAnswer {
+    let version = version_of_content_type(content_type)
+        .map(|(v, _)| v)
+        .unwrap_or(SoapVersion::V11);
+    fault_answer(version, FaultKind::Client, "request body too large", 413)
+}
+
+/// Serves one request on the SOAP path; returns the operation label for
+/// metrics and the answer.
+pub async fn handle(
+    app: &App,
+    req: &SoapHttpRequest<'_>,
+    request_id: &str,
+) -> (&'static str, LocalAnswer) {
+    if req.method.eq_ignore_ascii_case("GET") {
+        return if wants_wsdl(req.query) {
+            (
+                "wsdl",
+                LocalAnswer {
+                    status: 200,
+                    content_type: "text/xml; charset=utf-8",
+                    body: wsdl(&location(app, req.host)),
+                    outcome: "ok",
+                },
+            )
+        } else {
+            ("help", help_page(app))
+        };
+    }
+    if !req.method.eq_ignore_ascii_case("POST") {
+        return (
+            "other",
+            fault_answer(
+                SoapVersion::V11,
+                FaultKind::Client,
+                "use POST (or GET ?WSDL)",
+                405,
+            ),
+        );
+    }
+    let Some((version, action)) = version_of_content_type(req.content_type) else {
+        return (
+            "other",
+            fault_answer(
+                SoapVersion::V11,
+                FaultKind::Client,
+                "Content-Type must be text/xml (SOAP 1.1) or application/soap+xml (SOAP 1.2)",
+                415,
+            ),
+        );
+    };
+    let limits = EnvelopeLimits::default();
+    let envelope = match parse_envelope(req.body, &limits) {
+        Ok(e) => e,
+        Err(failure) => {
+            // A well-formed envelope of the other version is a version
+            // mismatch for the binding the client used.
+            let (kind, fault_version) = match failure.version {
+                Some(v) if v != version => (FaultKind::VersionMismatch, version),
+                Some(v) => (failure.error.fault_kind(), v),
+                None => (failure.error.fault_kind(), version),
+            };
+            return (
+                "other",
+                fault_answer(
+                    fault_version,
+                    kind,
+                    &failure.error.to_string(),
+                    FAULT_STATUS,
+                ),
+            );
+        }
+    };
+    if envelope.version != version {
+        return (
+            "other",
+            fault_answer(
+                version,
+                FaultKind::VersionMismatch,
+                &format!(
+                    "a SOAP {} envelope was sent as SOAP {}",
+                    envelope.version.as_str(),
+                    version.as_str()
+                ),
+                FAULT_STATUS,
+            ),
+        );
+    }
+    let declared = match version {
+        SoapVersion::V11 => req.soap_action.map(str::to_string),
+        SoapVersion::V12 => action,
+    };
+    let call = match call_from_envelope(&envelope) {
+        Ok(call) => call,
+        Err(CallError::UnknownOperation(name)) => {
+            return (
+                "other",
+                fault_answer(
+                    version,
+                    FaultKind::Client,
+                    &format!("unknown operation {name}"),
+                    FAULT_STATUS,
+                ),
+            )
+        }
+        Err(CallError::InvalidParams { operation, reason }) => {
+            if let Err(reason) = check_action(version, declared.as_deref(), operation) {
+                return (
+                    operation.label(),
+                    fault_answer(version, FaultKind::Client, &reason, FAULT_STATUS),
+                );
+            }
+            tracing::debug!(operation = operation.as_str(), %reason, "soap call refused");
+            let code = ErrorCode::InvalidRequest;
+            let text = format!("{}: {reason}", code.message());
+            return (
+                operation.label(),
+                failure_answer(version, operation, code, &text, None, None),
+            );
+        }
+    };
+    let operation = call.operation();
+    if let Err(reason) = check_action(version, declared.as_deref(), operation) {
+        return (
+            operation.label(),
+            fault_answer(version, FaultKind::Client, &reason, FAULT_STATUS),
+        );
+    }
+    let answer = match call {
+        Call::GetBalance { credentials } => get_balance(app, version, &credentials).await,
+        Call::SubAccountGiveCredit {
+            credentials,
+            sub_account,
+            anytime_milli,
+            offpeak_milli,
+        } => {
+            give_credit(
+                app,
+                version,
+                &credentials,
+                &sub_account,
+                anytime_milli,
+                offpeak_milli,
+                request_id,
+            )
+            .await
+        }
+    };
+    (operation.label(), answer)
+}
+
+fn ok_answer(version: SoapVersion, body: String) -> LocalAnswer {
+    LocalAnswer {
+        status: 200,
+        content_type: version.content_type(),
+        body,
+        outcome: "ok",
+    }
+}
+
+/// An operation's response for a failure: `…Result` false, the code, and
+/// the balances the caller may see (zeros otherwise).
+fn failure_answer(
+    version: SoapVersion,
+    operation: OperationName,
+    code: ErrorCode,
+    text: &str,
+    parent: Option<&AccountView>,
+    sub: Option<&AccountView>,
+) -> LocalAnswer {
+    let available = |v: Option<&AccountView>| {
+        v.map(|v| (v.anytime.available_milli(), v.offpeak.available_milli()))
+            .unwrap_or((0, 0))
+    };
+    let (pa, po) = available(parent);
+    let (sa, so) = available(sub);
+    let body = match operation {
+        OperationName::GetBalance => balance_response(
+            version,
+            &BalanceAnswer {
+                ok: false,
+                anytime_milli: pa,
+                offpeak_milli: po,
+                result_text: text.to_string(),
+                code: code.code(),
+            },
+        ),
+        OperationName::SubAccountGiveCredit => give_credit_response(
+            version,
+            &GiveCreditAnswer {
+                ok: false,
+                parent_anytime_milli: pa,
+                parent_offpeak_milli: po,
+                sub_anytime_milli: sa,
+                sub_offpeak_milli: so,
+                result_text: text.to_string(),
+                code: code.code(),
+            },
+        ),
+    };
+    LocalAnswer {
+        status: 200,
+        content_type: version.content_type(),
+        body,
+        outcome: code.name(),
+    }
+}
+
+/// The caller's ledger account if the credentials verify; else the error
+/// to answer (the same for an unknown name and a wrong password).
+async fn authenticate(app: &App, credentials: &SoapCredentials) -> Result<AccountView, ErrorCode> {
+    let outcome = app
+        .credentials
+        .verify(&credentials.username, &credentials.password)
+        .await;
+    if outcome != AuthOutcome::Verified {
+        return Err(ErrorCode::AuthFailed);
+    }
+    app.ledger
+        .account(&credentials.username)
+        .ok_or(ErrorCode::UnknownAccount)
+}
+
+async fn get_balance(
+    app: &App,
+    version: SoapVersion,
+    credentials: &SoapCredentials,
+) -> LocalAnswer {
+    let op = OperationName::GetBalance;
+    let view = match authenticate(app, credentials).await {
+        Ok(v) => v,
+        Err(code) => return failure_answer(version, op, code, code.message(), None, None),
+    };
+    ok_answer(
+        version,
+        balance_response(
+            version,
+            &BalanceAnswer {
+                ok: true,
+                anytime_milli: view.anytime.available_milli(),
+                offpeak_milli: view.offpeak.available_milli(),
+                result_text: format!("Balance of {} retrieved successfully.", view.name),
+                code: 0,
+            },
+        ),
+    )
+}
+
+async fn give_credit(
+    app: &App,
+    version: SoapVersion,
+    credentials: &SoapCredentials,
+    sub_account: &str,
+    anytime_milli: i64,
+    offpeak_milli: i64,
+    request_id: &str,
+) -> LocalAnswer {
+    let op = OperationName::SubAccountGiveCredit;
+    let caller = match authenticate(app, credentials).await {
+        Ok(v) => v,
+        Err(code) => return failure_answer(version, op, code, code.message(), None, None),
+    };
+    // Back-pressure before the change (SPEC 6); nothing has moved yet.
+    if let Err(code) = app.admit_change().await {
+        return failure_answer(version, op, code, code.message(), Some(&caller), None);
+    }
+    match app.ledger.transfer(
+        &caller.name,
+        sub_account,
+        anytime_milli,
+        offpeak_milli,
+        Some(request_id),
+    ) {
+        Ok(outcome) => {
+            // The answer acknowledges the transfer: with `durability: sync`
+            // it waits for the commit (SPEC 6). On a timeout the change is
+            // made in memory and stays queued (committed when the store
+            // recovers), but the client is told it is not acknowledged.
+            if let Err(code) = app.change_durable().await {
+                let parent = app.ledger.account(&caller.name);
+                return failure_answer(version, op, code, code.message(), parent.as_ref(), None);
+            }
+            let body = give_credit_response(
+                version,
+                &GiveCreditAnswer {
+                    ok: true,
+                    parent_anytime_milli: outcome.parent.anytime.available_milli(),
+                    parent_offpeak_milli: outcome.parent.offpeak.available_milli(),
+                    sub_anytime_milli: outcome.child.anytime.available_milli(),
+                    sub_offpeak_milli: outcome.child.offpeak.available_milli(),
+                    result_text: format!(
+                        "Credits successfully exchanged between {} (master account) and {} (sub account).",
+                        caller.name, sub_account
+                    ),
+                    code: 0,
+                },
+            );
+            ok_answer(version, body)
+        }
+        Err(e) => {
+            let code = match &e {
+                LedgerError::InsufficientCredit { .. } => ErrorCode::InsufficientCredit,
+                LedgerError::NotASubaccount { .. } => ErrorCode::NotASubaccount,
+                // The caller exists (it just authenticated), so an unknown
+                // account is the sub-account: answered like a stranger's.
+                LedgerError::UnknownAccount(name) if *name != caller.name => {
+                    ErrorCode::NotASubaccount
+                }
+                LedgerError::UnknownAccount(_) => ErrorCode::UnknownAccount,
+                _ => ErrorCode::InvalidRequest,
+            };
+            let text = match &e {
+                LedgerError::InvalidAmount(reason) => format!("{}: {reason}", code.message()),
+                _ => code.message().to_string(),
+            };
+            // Current balances: the caller's own, and the sub-account's only
+            // if it is the caller's.
+            let parent = app.ledger.account(&caller.name);
+            let sub = app
+                .ledger
+                .account(sub_account)
+                .filter(|s| s.parent.as_deref() == Some(caller.name.as_str()));
+            failure_answer(version, op, code, &text, parent.as_ref(), sub.as_ref())
+        }
+    }
+}
+
+/// The WSDL's service address: the client's `Host` if it is a plain
+/// host[:port], else the listen address.
+fn location(app: &App, host: Option<&str>) -> String {
+    let valid = |h: &&str| {
+        !h.is_empty()
+            && h.len() <= 255
+            && h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".-:[]_".contains(&b))
+    };
+    let host = host
+        .filter(valid)
+        .map(str::to_string)
+        .unwrap_or_else(|| app.config.listen.to_string());
+    format!("http://{host}{}", app.config.soap.path)
+}
+
+fn help_page(app: &App) -> LocalAnswer {
+    let path = &app.config.soap.path;
+    let mut body = String::from(
+        "<!DOCTYPE html>\n<html><head><title>Account</title></head><body>\n<h1>Account</h1>\n<ul>\n",
+    );
+    for op in OperationName::ALL {
+        body.push_str(&format!("<li>{}</li>\n", op.as_str()));
+    }
+    let mut escaped = String::new();
+    crate::api::soap::render::push_escaped(&mut escaped, path);
+    body.push_str(&format!(
+        "</ul>\n<p>Service description: <a href=\"{escaped}?WSDL\">{escaped}?WSDL</a></p>\n</body></html>\n"
+    ));
+    LocalAnswer {
+        status: 200,
+        content_type: "text/html; charset=utf-8",
+        body,
+        outcome: "ok",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_types_announce_versions_and_actions() {
+        assert_eq!(
+            version_of_content_type(Some("text/xml; charset=utf-8")),
+            Some((SoapVersion::V11, None))
+        );
+        assert_eq!(
+            version_of_content_type(Some(
+                "application/soap+xml; charset=utf-8; action=\"http://x/GetBalance\""
+            )),
+            Some((SoapVersion::V12, Some("http://x/GetBalance".into())))
+        );
+        assert_eq!(version_of_content_type(Some("application/json")), None);
+        assert_eq!(version_of_content_type(None), None);
+    }
+
+    #[test]
+    fn wsdl_query_is_case_insensitive() {
+        assert!(wants_wsdl(Some("WSDL")));
+        assert!(wants_wsdl(Some("wsdl")));
+        assert!(wants_wsdl(Some("x=1&Wsdl=")));
+        assert!(!wants_wsdl(Some("op=GetBalance")));
+        assert!(!wants_wsdl(None));
+    }
+}
