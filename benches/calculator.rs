@@ -8,21 +8,26 @@
 //!
 //! Run: `cargo bench --bench calculator`
 //!
-//! Last measured (2-core dev VM, release profile):
-//!   parts_for/gsm7_short_ascii (120 chars)          ~ 40 ns
-//!   parts_for/gsm7_long_ascii (1 500 chars)         ~ 0.5 µs
-//!   parts_for/gsm7_latin (160 chars with é, €, Δ)   ~ 0.3 µs
-//!   parts_for/ucs2_short (Hungarian, 120 chars)     ~ 0.2 µs
-//!   parts_for/ucs2_long_emoji (1 000 chars)         ~ 2 µs
-//!   prefix_table/load_200k (read + parse + build)   ~ 40 ms
-//!   prefix_table/lookup_200k (11-digit numbers)     ~ 25 ns
-//!   tariff/quote_200k (normalise + parts + price)   ~ 0.2 µs
-//! (see the report of the change that last touched this file for exact
-//! numbers; rerun after any change to `src/tariff/`.)
+//! Last measured (2-core shared dev VM with other builds running, so
+//! ±30% noise; release profile, criterion medians):
+//!   parts_for/gsm7_short_ascii  (120 chars)                  ~70-85 ns
+//!   parts_for/gsm7_long_ascii   (1 500 chars, 10 parts)      ~310 ns
+//!   parts_for/gsm7_latin        (160 chars, é Δ € {}: split) ~180 ns
+//!   parts_for/ucs2_short        (120 Hungarian chars)        ~120-200 ns
+//!   parts_for/ucs2_long_emoji   (1 000 chars, greedy split)  ~2.2 µs
+//!   prefix_table/load_200k      (read + parse + build)       ~52 ms
+//!     (the frozen 200 000-prefix table holds 6.6 MiB of nodes)
+//!   prefix_table/lookup_200k    (random 11-digit numbers)    ~89 ns
+//!   tariff/quote_200k           (normalise + parts + price)  ~275 ns
+//!   tariff/bucket_preference    (tz conversion + windows)    ~53 ns
+//! Lookups are bound by cache misses across the table, not by digits.
 
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use std::path::Path;
-use tollgate::tariff::{gen, parts_for, MessageType, PartRules, QuoteRequest, Tariff};
+use tollgate::money::parse_credits;
+use tollgate::tariff::{
+    gen, parts_for, MessageType, PartRules, PrefixTableBuilder, QuoteRequest, Tariff,
+};
 
 fn bench_parts(c: &mut Criterion) {
     let rules = PartRules::default();
@@ -103,6 +108,19 @@ fn bench_tables(c: &mut Criterion) {
 
     let tariff = Tariff::load(&yaml_path).unwrap();
     assert_eq!(tariff.prefix_count(), 200_000);
+    let mut builder = PrefixTableBuilder::new();
+    for line in csv.lines().skip(1) {
+        let (prefix, price) = line.split_once(',').unwrap();
+        builder
+            .insert(prefix, parse_credits(price).unwrap())
+            .unwrap();
+    }
+    let table = builder.build();
+    eprintln!(
+        "200k-prefix table: {} prefixes, {} KiB of nodes",
+        table.len(),
+        table.heap_bytes() / 1024
+    );
     let numbers = numbers(&csv, 4096);
     let mut group = c.benchmark_group("prefix_table");
     let mut i = 0;
@@ -119,6 +137,8 @@ fn bench_tables(c: &mut Criterion) {
     let recipients: Vec<String> = numbers.iter().map(|n| format!("+{n}")).collect();
     let text = "Your verification code is 482913. It expires in 10 minutes.";
     let mut group = c.benchmark_group("tariff");
+    // Elements = prices: criterion reports prices per second.
+    group.throughput(Throughput::Elements(1));
     let mut i = 0;
     group.bench_function("quote_200k", |b| {
         b.iter(|| {
@@ -137,6 +157,30 @@ fn bench_tables(c: &mut Criterion) {
     });
     group.bench_function("bucket_preference", |b| {
         b.iter(|| tariff.bucket_preference(black_box(1_736_967_600_000)))
+    });
+    // A 1 000-recipient batch priced as `sendmessage` does it: one quote per
+    // recipient with one snapshot.
+    group.throughput(Throughput::Elements(1000));
+    let mut start = 0;
+    group.bench_function("quote_batch_1000", |b| {
+        b.iter(|| {
+            start = (start + 1000) % (recipients.len() - 1000);
+            recipients[start..start + 1000]
+                .iter()
+                .map(|r| {
+                    tariff
+                        .quote(&QuoteRequest {
+                            recipient: r,
+                            text,
+                            message_type: "SMS:TEXT",
+                            class: None,
+                            at_unix_ms: 1_736_967_600_000,
+                        })
+                        .unwrap()
+                        .total_milli
+                })
+                .sum::<i64>()
+        })
     });
     group.finish();
 }

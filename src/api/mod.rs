@@ -1,4 +1,6 @@
 //! Front doors: each parses client requests into typed commands and renders
 //! typed answers. Nothing here touches a balance directly.
 
+pub mod boxis;
 pub mod ozeki;
+pub mod soap;

@@ -221,6 +221,9 @@ pub struct Tariff {
     /// Upper-cased Ozeki type → flat parts, for [`MessageType::Other`].
     message_type_parts: HashMap<String, u32>,
     part_rules: PartRules,
+    /// Every `prefixes_file` read, resolved: the hot-reload watcher must
+    /// watch them as well as the YAML.
+    prefix_files: Vec<PathBuf>,
 }
 
 #[derive(Debug)]
@@ -271,6 +274,7 @@ impl Tariff {
         let mut v = Validator {
             origin,
             hasher: blake3::Hasher::new(),
+            prefix_files: Vec::new(),
         };
         v.hash(text.as_bytes());
         v.build(file)
@@ -481,6 +485,13 @@ impl Tariff {
     pub fn prefix_count(&self) -> usize {
         self.prices.len()
     }
+
+    /// The prefixes files this tariff was built from (resolved paths), for
+    /// the reload watcher: editing one changes the tariff as much as
+    /// editing the YAML.
+    pub fn prefix_files(&self) -> &[PathBuf] {
+        &self.prefix_files
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -536,6 +547,7 @@ struct WindowFile {
 struct Validator<'a> {
     origin: &'a Path,
     hasher: blake3::Hasher,
+    prefix_files: Vec<PathBuf>,
 }
 
 /// The text of a scalar (string or number), for reading as decimal.
@@ -752,6 +764,7 @@ impl Validator<'_> {
             receive_price_milli,
             message_type_parts,
             part_rules: PartRules { ucs2_split_units },
+            prefix_files: self.prefix_files,
         })
     }
 
@@ -821,6 +834,7 @@ impl Validator<'_> {
             let bytes = std::fs::read(&path)
                 .map_err(|e| self.invalid(&key, format!("cannot read {}: {e}", path.display())))?;
             self.hash(&bytes);
+            self.prefix_files.push(path.clone());
             let text = std::str::from_utf8(&bytes).map_err(|e| {
                 self.invalid(&key, format!("{} is not UTF-8 text: {e}", path.display()))
             })?;

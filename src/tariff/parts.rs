@@ -33,7 +33,8 @@ pub const BINARY_SPLIT_OCTETS: u32 = 134;
 /// The Ozeki `messagetype` of a send, reduced to what pricing needs.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum MessageType {
-    /// `SMS:TEXT`, `SMS:TEXT:CLASSn` or empty: GSM-7 when possible, else UCS-2.
+    /// Empty, `SMS:TEXT`, `SMS:TEXT:CLASSn` and every other `SMS:TEXT…`
+    /// variant that is not GSM7BIT/UCS2: GSM-7 when possible, else UCS-2.
     Text,
     /// `SMS:TEXT:GSM7BIT…`: GSM-7 only; other characters are an error.
     TextGsm7,
@@ -60,11 +61,11 @@ impl MessageType {
         if starts_with_ignore_case(s, "SMS:TEXT:UCS2") {
             return MessageType::TextUcs2;
         }
-        if starts_with_ignore_case(s, "SMS:TEXT:CLASS") {
-            let class = &s.as_bytes()["SMS:TEXT:CLASS".len()..];
-            if !class.is_empty() && class.iter().all(u8::is_ascii_digit) {
-                return MessageType::Text;
-            }
+        // Every other text variant (`:CLASSn`, flags tollgate does not
+        // know, even a misspelling) is counted by its content: a flat part
+        // would let a long text through for the price of one.
+        if starts_with_ignore_case(s, "SMS:TEXT") {
+            return MessageType::Text;
         }
         if s.eq_ignore_ascii_case("SMS:BINARY") {
             return MessageType::Binary;
@@ -221,50 +222,61 @@ pub fn gsm7_septets(c: char) -> u32 {
     }
 }
 
-/// Greedy part filler shared by every encoding: indivisible items of `cost`
-/// units go into parts of `split` units; a single-part message may hold up
-/// to `single` units. Counters are u64 so no input can overflow them.
-struct Filler {
-    split: u64,
+/// Parts of a message of `total` units: one if it fits `single`, else
+/// `split`-unit parts. `greedy` recounts with indivisible pairs and is only
+/// called when the message has some (`has_pairs`) and needs splitting.
+#[inline]
+fn parts_of(
     total: u64,
-    parts_if_split: u64,
+    single: u32,
+    split: u32,
+    has_pairs: bool,
+    greedy: impl FnOnce() -> u64,
+) -> u64 {
+    if total <= u64::from(single) {
+        1
+    } else if !has_pairs {
+        total.div_ceil(u64::from(split))
+    } else {
+        greedy()
+    }
+}
+
+/// Greedy filling of `split`-unit parts (`split` >= 2) with items of 0, 1 or
+/// 2 units, where a 2-unit item that does not fit the room left opens the
+/// next part. Branch-free, so mixed-width text does not mispredict; u64
+/// counters, so no input can overflow them.
+#[derive(Debug, Clone, Copy)]
+struct Greedy {
+    split: u64,
+    parts: u64,
     used: u64,
 }
 
-impl Filler {
+impl Greedy {
     #[inline]
     fn new(split: u32) -> Self {
-        Filler {
-            split: split as u64,
-            total: 0,
-            parts_if_split: 1,
+        debug_assert!(split >= 2);
+        Greedy {
+            split: u64::from(split),
+            parts: 1,
             used: 0,
         }
     }
 
     #[inline]
-    fn push(&mut self, cost: u32) {
-        let cost = cost as u64;
-        if self.used + cost > self.split && self.used > 0 {
-            self.parts_if_split += 1;
-            self.used = 0;
-        }
-        self.used += cost;
-        self.total += cost;
+    fn push(&mut self, cost: u64) {
+        // An item never exceeds a whole part (cost <= 2 <= split), so
+        // overflowing the room left always means "start the next part".
+        let next = u64::from(self.used + cost > self.split);
+        self.parts += next;
+        self.used = self.used * (1 - next) + cost;
     }
 
-    #[inline]
-    fn finish(self, encoding: Encoding, single: u32) -> PartCount {
-        let parts = if self.total <= single as u64 {
-            1
-        } else {
-            self.parts_if_split
-        };
-        PartCount {
-            encoding,
-            parts: saturate(parts),
-            units: saturate(self.total),
-        }
+    fn count(split: u32, costs: impl Iterator<Item = u64>) -> u64 {
+        let mut g = Greedy::new(split);
+        costs.for_each(|cost| g.push(cost));
+        g.parts
     }
 }
 
@@ -275,34 +287,109 @@ fn saturate(v: u64) -> u32 {
 
 /// GSM-7 count, or the first character outside GSM 03.38.
 fn gsm7_count(text: &str) -> Result<PartCount, char> {
-    let mut filler = Filler::new(GSM7_SPLIT_SEPTETS);
-    if text.is_ascii() {
-        // Hot path: plain ASCII needs no UTF-8 decoding.
-        for &b in text.as_bytes() {
-            let cost = LATIN1_SEPTETS[b as usize] as u32;
-            if cost == 0 {
-                return Err(b as char);
-            }
-            filler.push(cost);
+    // An extension character is the only 2-septet item, so total septets >
+    // characters means escape pairs are present.
+    let (total, parts) = if text.is_ascii() {
+        // Hot path: a vectorisable scan, and a greedy walk only for long
+        // texts with escapes.
+        let bytes = text.as_bytes();
+        let (escapes, outside) = scan_ascii(bytes);
+        if outside > 0 {
+            let bad = bytes.iter().find(|&&b| LATIN1_SEPTETS[b as usize] == 0);
+            return Err(bad.map_or('\0', |&b| char::from(b)));
         }
+        let total = bytes.len() as u64 + escapes;
+        let has_pairs = escapes > 0;
+        let parts = parts_of(
+            total,
+            GSM7_SINGLE_SEPTETS,
+            GSM7_SPLIT_SEPTETS,
+            has_pairs,
+            || {
+                let costs = bytes.iter().map(|&b| u64::from(LATIN1_SEPTETS[b as usize]));
+                Greedy::count(GSM7_SPLIT_SEPTETS, costs)
+            },
+        );
+        (total, parts)
     } else {
+        // Decode once, filling greedily on the way.
+        let mut total = 0u64;
+        let mut greedy = Greedy::new(GSM7_SPLIT_SEPTETS);
         for c in text.chars() {
-            let cost = gsm7_septets(c);
+            let cost = u64::from(gsm7_septets(c));
             if cost == 0 {
                 return Err(c);
             }
-            filler.push(cost);
+            total += cost;
+            greedy.push(cost);
         }
+        let parts = if total <= u64::from(GSM7_SINGLE_SEPTETS) {
+            1
+        } else {
+            greedy.parts
+        };
+        (total, parts)
+    };
+    Ok(PartCount {
+        encoding: Encoding::Gsm7,
+        parts: saturate(parts),
+        units: saturate(total),
+    })
+}
+
+/// Counts, in ASCII bytes, the extension-table characters and the
+/// characters outside GSM 03.38, with range comparisons only (no table
+/// lookups) so the compiler vectorises the loop. Must agree with
+/// `LATIN1_SEPTETS` on 0..128 (tested).
+#[inline]
+fn scan_ascii(bytes: &[u8]) -> (u64, u64) {
+    let (mut escapes, mut outside) = (0u64, 0u64);
+    // u8 lane counters cannot overflow within 255 bytes.
+    for chunk in bytes.chunks(255) {
+        let (mut e, mut o) = (0u8, 0u8);
+        for &b in chunk {
+            let ext = (b.wrapping_sub(b'[') < 4) | (b.wrapping_sub(b'{') < 4) | (b == 0x0C);
+            let control = (b < 0x20) & (b != b'\n') & (b != b'\r') & (b != 0x0C);
+            e += u8::from(ext);
+            o += u8::from(control | (b == b'`') | (b == 0x7F));
+        }
+        escapes += u64::from(e);
+        outside += u64::from(o);
     }
-    Ok(filler.finish(Encoding::Gsm7, GSM7_SINGLE_SEPTETS))
+    (escapes, outside)
+}
+
+/// True for the first byte of a UTF-8 sequence (not a continuation byte).
+#[inline]
+fn is_char_start(b: u8) -> bool {
+    (b as i8) >= -0x40
 }
 
 fn ucs2_count(text: &str, rules: &PartRules) -> PartCount {
-    let mut filler = Filler::new(rules.ucs2_split_units.max(2));
-    for c in text.chars() {
-        filler.push(c.len_utf16() as u32);
+    let split = rules.ucs2_split_units.max(2);
+    // UTF-16 units straight from the UTF-8 bytes, no decoding: one per
+    // character plus one per 4-byte sequence (lead byte 0xF0..), which is
+    // exactly a surrogate pair.
+    let bytes = text.as_bytes();
+    let mut chars = 0u64;
+    let mut astral = 0u64;
+    for &b in bytes {
+        chars += u64::from(is_char_start(b));
+        astral += u64::from(b >= 0xF0);
     }
-    filler.finish(Encoding::Ucs2, UCS2_SINGLE_UNITS)
+    let units = chars + astral;
+    let parts = parts_of(units, UCS2_SINGLE_UNITS, split, astral > 0, || {
+        // Continuation bytes cost 0 (a no-op push).
+        let costs = bytes
+            .iter()
+            .map(|&b| u64::from(is_char_start(b)) + u64::from(b >= 0xF0));
+        Greedy::count(split, costs)
+    });
+    PartCount {
+        encoding: Encoding::Ucs2,
+        parts: saturate(parts),
+        units: saturate(units),
+    }
 }
 
 /// Binary data is strict hex: an even number of `0-9a-fA-F`, nothing else.
@@ -383,14 +470,17 @@ mod tests {
             MessageType::parse("sms:wappush"),
             MessageType::Other("SMS:WAPPUSH".into())
         );
-        assert_eq!(
-            MessageType::parse("SMS:TEXT:CLASS"),
-            MessageType::Other("SMS:TEXT:CLASS".into())
-        );
-        assert_eq!(
-            MessageType::parse("SMS:TEXTX"),
-            MessageType::Other("SMS:TEXTX".into())
-        );
+        // Unknown text variants are text, counted by content, never flat.
+        for kind in [
+            "SMS:TEXT:CLASS",
+            "SMS:TEXTX",
+            "sms:text:flash",
+            "SMS:TEXT:CLASS0:FLASH",
+            "SMS:TEXT:UTF8",
+            " SMS:TEXT:GSM7 ",
+        ] {
+            assert_eq!(MessageType::parse(kind), MessageType::Text, "{kind}");
+        }
     }
 
     #[test]
@@ -424,6 +514,21 @@ mod tests {
         for c in "`çÀ\u{1B}\t\u{0}ő".chars() {
             assert_eq!(gsm7_septets(c), 0, "{c:?}");
         }
+    }
+
+    #[test]
+    fn ascii_scan_agrees_with_the_table() {
+        for b in 0u8..128 {
+            let (escapes, outside) = scan_ascii(&[b]);
+            let expected = match LATIN1_SEPTETS[b as usize] {
+                0 => (0, 1),
+                1 => (0, 0),
+                _ => (1, 0),
+            };
+            assert_eq!((escapes, outside), expected, "byte {b:#04x}");
+        }
+        let long = "a{`".repeat(300);
+        assert_eq!(scan_ascii(long.as_bytes()), (300, 300));
     }
 
     #[test]
@@ -653,6 +758,24 @@ mod tests {
             prop_assert_eq!(got.encoding, Encoding::Ucs2);
             prop_assert_eq!(got.units as usize, text.encode_utf16().count());
             prop_assert!(got.parts >= 1);
+        }
+
+        #[test]
+        fn ucs2_matches_reference(text in any::<String>(), split in 2u32..=67) {
+            let rules = PartRules { ucs2_split_units: split };
+            let got = parts_for(&text, &MessageType::TextUcs2, &rules, 1).unwrap();
+            let units: Vec<u32> = text.chars().map(|c| c.len_utf16() as u32).collect();
+            let total: u32 = units.iter().sum();
+            let mut parts = vec![0u32];
+            for cost in units {
+                if *parts.last().unwrap() + cost > split {
+                    parts.push(0);
+                }
+                *parts.last_mut().unwrap() += cost;
+            }
+            let expected = if total <= 70 { 1 } else { parts.len() as u32 };
+            prop_assert_eq!(got.units, total);
+            prop_assert_eq!(got.parts, expected);
         }
 
         #[test]

@@ -304,6 +304,15 @@ fn message_types_use_flat_parts_and_errors() {
     assert_eq!(parts("SMS:BINARY:XML"), Ok((Encoding::Flat, 3)));
     assert_eq!(parts("SMS:VCARD"), Ok((Encoding::Flat, 1)));
     assert_eq!(parts("SMS:TEXT:UCS2"), Ok((Encoding::Ucs2, 1)));
+    // An unknown text variant is counted by its content, never flat: a
+    // long text must not pass for one part.
+    let long = "a".repeat(400);
+    for kind in ["SMS:TEXT:FLASH", "sms:text:class0:flash", "SMS:TEXTX"] {
+        let c = t.count_parts(&long, kind).unwrap();
+        assert_eq!((c.encoding, c.parts), (Encoding::Gsm7, 3), "{kind}");
+        let c = t.count_parts(&"ő".repeat(100), kind).unwrap();
+        assert_eq!((c.encoding, c.parts), (Encoding::Ucs2, 2), "{kind}");
+    }
     assert_eq!(parts("SMS:BINARY"), Err(CalcError::InvalidHex));
     assert_eq!(
         t.count_parts("ő", "SMS:TEXT:GSM7BIT"),
@@ -507,6 +516,10 @@ fn errors_name_file_key_and_what_is_valid() {
             "conf/tariffs.yaml: message_type_parts.\"SMS:TEXT\": only non-text types take flat parts",
         ),
         (
+            "default_price: 1\nmessage_type_parts: { \"sms:text:flash\": 1 }\n",
+            "conf/tariffs.yaml: message_type_parts.\"sms:text:flash\": only non-text types take flat parts",
+        ),
+        (
             "default_price: 1\nmax_parts: 4\nmessage_type_parts: { \"SMS:WAPPUSH\": 5 }\n",
             "conf/tariffs.yaml: message_type_parts.\"SMS:WAPPUSH\": 5 is not valid; expected a whole number from 1 to 4",
         ),
@@ -568,6 +581,8 @@ fn prefixes_file_loads_relative_to_the_yaml() {
     std::fs::write(&yaml_path, yaml).unwrap();
     let t = Tariff::load(&yaml_path).unwrap();
     assert_eq!(t.prefix_count(), 3);
+    assert_eq!(t.prefix_files(), [dir.path().join("prefixes.csv")]);
+    assert!(tariff(BASE).prefix_files().is_empty());
     assert_eq!(t.price_per_part("36201", None).price_per_part_milli, 800);
     assert_eq!(t.price_per_part("36301", None).price_per_part_milli, 1000);
     assert_eq!(t.price_per_part("4471", None).price_per_part_milli, 2500);

@@ -171,6 +171,13 @@ pub fn classify(params: &Params) -> Result<Command, RequestError> {
     }
 }
 
+/// The credentials of a request for `action` that tollgate charges but does
+/// not answer itself (a priced `receivemessage`), by the same rules as the
+/// actions it owns.
+pub fn credentials_for(params: &Params, action: &str) -> Result<Credentials, RequestError> {
+    Request { params, action }.credentials()
+}
+
 fn invalid(action: &str, detail: impl Into<String>) -> RequestError {
     RequestError {
         action: action.to_string(),

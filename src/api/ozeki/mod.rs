@@ -16,9 +16,12 @@
 //! 3. A refused send is answered with [`send_refusal`]; a forwarded one is
 //!    settled from [`parse_send_answer`] + [`match_reports`], where every
 //!    error and every `None` means *in doubt*.
+//! 4. With a receive price set, a forwarded `receivemessage` is charged per
+//!    message [`inbox::count_messages`] finds in the gateway's answer.
 
 pub mod answer;
 pub mod command;
+pub mod inbox;
 pub mod params;
 pub mod render;
 
