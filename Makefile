@@ -64,3 +64,12 @@ prometheus: prometheus-deps
 # Every PromQL query of dashboards/ against a real Prometheus.
 test-dashboard: deps prometheus-deps
 	$(CARGO) test --test dashboard
+
+# Persistence: the kill -9 crash test (CRASH_ITERATIONS=20 by default) and
+# the in-process durable-throughput benchmark (release build).
+.PHONY: crash-test bench-store
+crash-test: deps
+	$(CARGO) test --test crash -- --nocapture
+
+bench-store: deps
+	$(CARGO) bench --bench store

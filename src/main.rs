@@ -41,6 +41,13 @@ enum Command {
         #[command(subcommand)]
         action: AccountsAction,
     },
+    /// Read the persisted ledger (the store named by `store.path`).
+    Ledger {
+        #[arg(short, long, global = true, default_value = "conf/tollgate.yaml")]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: LedgerAction,
+    },
     /// Price a message with the configured tariff.
     Quote {
         #[arg(short, long, default_value = "conf/tollgate.yaml")]
@@ -55,6 +62,27 @@ enum Command {
         #[arg(long)]
         class: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum LedgerAction {
+    /// Write every entry, in seq order, as CSV or JSON lines.
+    Export {
+        #[arg(long, value_enum, default_value_t = ExportFormatArg::Csv)]
+        format: ExportFormatArg,
+        /// Output file; standard output when absent.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Replay every entry and check the sums against the stored balances
+    /// and open reservations; non-zero exit on any mismatch.
+    Verify,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ExportFormatArg {
+    Csv,
+    Jsonl,
 }
 
 #[derive(Subcommand)]
@@ -109,6 +137,7 @@ fn execute(command: Command) -> Result<(), String> {
         }
         Command::Check { config } => check(&config),
         Command::Accounts { config, action } => accounts_command(&config, action),
+        Command::Ledger { config, action } => ledger_command(&config, action),
         Command::Quote {
             config,
             recipient,
@@ -158,6 +187,53 @@ fn check(path: &Path) -> Result<(), String> {
         n_accounts
     );
     Ok(())
+}
+
+fn ledger_command(config_path: &Path, action: LedgerAction) -> Result<(), String> {
+    use tollgate::store::{export, verify, SqliteStore};
+    let config = Config::load(config_path).map_err(|e| e.to_string())?;
+    let path = config.store.path.as_deref().ok_or_else(|| {
+        format!(
+            "{}: store.path: no store is configured, so there is no ledger to read",
+            config_path.display()
+        )
+    })?;
+    let mut store = SqliteStore::open_existing(path).map_err(|e| e.to_string())?;
+    match action {
+        LedgerAction::Export { format, output } => {
+            let format = match format {
+                ExportFormatArg::Csv => export::ExportFormat::Csv,
+                ExportFormatArg::Jsonl => export::ExportFormat::Jsonl,
+            };
+            let mut out: Box<dyn std::io::Write> = match &output {
+                Some(p) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()))?,
+                )),
+                None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+            };
+            let n = export::export(&mut store, format, &mut out).map_err(|e| e.to_string())?;
+            if let Some(p) = &output {
+                eprintln!("exported {n} entries to {}", p.display());
+            }
+            Ok(())
+        }
+        LedgerAction::Verify => {
+            let report = verify::verify(&mut store).map_err(|e| e.to_string())?;
+            print!("{report}");
+            if report.is_ok(config.overdraft) {
+                println!(
+                    "ok: {} entries replay to the stored balances",
+                    report.entries
+                );
+                Ok(())
+            } else {
+                Err(format!(
+                    "verify failed: the entries in {} do not sum to the stored state",
+                    path.display()
+                ))
+            }
+        }
+    }
 }
 
 fn read_password() -> Result<String, String> {
@@ -257,6 +333,8 @@ fn accounts_command(config_path: &Path, action: AccountsAction) -> Result<(), St
                 role,
                 parent,
                 tariff_class,
+                email: None,
+                boxis_user_key: None,
             };
             seeds.push(seed);
             accounts::save(&path, &seeds).map_err(|e| e.to_string())?;

@@ -1,16 +1,17 @@
 //! Wiring: build the application state from a validated `Config` and run
-//! the pingora server with its services (proxy, admin, sweeper).
+//! the pingora server with its services (proxy, admin, sweeper, tariff
+//! reloader).
 //!
 //! This module owns start-up order: tariffs and accounts are loaded and
 //! checked before any listener opens, so a bad file stops start-up with its
 //! error instead of serving with half a configuration.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::server::configuration::{Opt, ServerConf};
-use pingora::server::{Server, ShutdownWatch};
+use pingora::server::{RunArgs, Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 
@@ -20,7 +21,9 @@ use crate::config::{accounts, Config, InDoubtPolicy};
 use crate::ledger::{Bucket, Clock, EntrySink, Ledger, LedgerConfig, NullSink, SystemClock};
 use crate::metrics::Metrics;
 use crate::proxy::TollgateProxy;
+use crate::reload::Reloader;
 use crate::service::{App, MetricsSink};
+use crate::store::{AccountDirectory, Loaded, SqliteStore, Store, WriteBehind, WriterConfig};
 use crate::tariff::Tariff;
 
 #[derive(Debug, thiserror::Error)]
@@ -31,13 +34,99 @@ pub enum StartError {
     Tariff(String),
     #[error("account {account}: {problem}")]
     Account { account: String, problem: String },
+    #[error("store {path}: {problem}")]
+    Store { path: String, problem: String },
 }
 
-/// Builds the shared state: ledger, credentials, tariff, seeded accounts.
+/// How long shutdown keeps retrying a failing store before it gives up on
+/// the entries still queued (and exits non-zero).
+const SHUTDOWN_FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The store opened at start-up: its writer (the ledger's sink, not yet
+/// started) and what it loaded.
+pub struct OpenedStore {
+    pub writer: Arc<WriteBehind>,
+    pub loaded: Loaded,
+}
+
+/// Opens the SQLite store named by `store.path` and loads it; `None` when
+/// no store is configured.
+pub fn open_store(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<OpenedStore>, StartError> {
+    let Some(path) = &config.store.path else {
+        return Ok(None);
+    };
+    let fail = |e: crate::store::StoreError| StartError::Store {
+        path: path.display().to_string(),
+        problem: e.to_string(),
+    };
+    let mut store = SqliteStore::open(path, config.durability).map_err(fail)?;
+    let loaded = store.load().map_err(fail)?;
+    let writer = Arc::new(WriteBehind::new(
+        Box::new(store),
+        WriterConfig::from(&config.store),
+        metrics.clone(),
+    ));
+    Ok(Some(OpenedStore { writer, loaded }))
+}
+
+/// Start-up load (SPEC 6): balances, the reservations open at the last stop
+/// or crash (they come back in doubt), and the seq counter.
+fn restore(ledger: &Ledger, loaded: Loaded) {
+    let accounts = loaded.accounts.len();
+    let in_doubt = loaded.open_reservations.len();
+    for account in loaded.accounts {
+        ledger.restore_account(account);
+    }
+    for reservation in loaded.open_reservations {
+        ledger.restore_reservation(reservation);
+    }
+    ledger.set_next_seq(loaded.last_seq + 1);
+    if in_doubt > 0 {
+        tracing::warn!(
+            in_doubt,
+            "reservations open at the last stop are in doubt; resolve them via /admin/reservations"
+        );
+    }
+    tracing::info!(
+        accounts,
+        last_seq = loaded.last_seq,
+        "ledger restored from the store"
+    );
+}
+
+/// Builds the shared state without a store: ledger, credentials, tariff,
+/// seeded accounts; entries go to `sink` (tests, benchmarks).
 pub fn build_app(config: Config, sink: Arc<dyn EntrySink>) -> Result<App, StartError> {
+    build(config, Arc::new(Metrics::new()), sink, None)
+}
+
+/// Builds the shared state over the store from [`open_store`] (if any):
+/// the store's accounts, balances and open reservations are restored first,
+/// the writer is started, and only then are seed accounts the store does not
+/// have created.
+pub fn build_app_with_store(
+    config: Config,
+    metrics: Arc<Metrics>,
+    store: Option<OpenedStore>,
+) -> Result<App, StartError> {
+    let sink: Arc<dyn EntrySink> = match &store {
+        Some(s) => s.writer.clone(),
+        None => Arc::new(NullSink),
+    };
+    build(config, metrics, sink, store)
+}
+
+fn build(
+    config: Config,
+    metrics: Arc<Metrics>,
+    sink: Arc<dyn EntrySink>,
+    store: Option<OpenedStore>,
+) -> Result<App, StartError> {
     let tariff =
         Tariff::load(&config.tariffs_path).map_err(|e| StartError::Tariff(e.to_string()))?;
-    let metrics = Arc::new(Metrics::new());
     let ledger = Arc::new(Ledger::new(
         LedgerConfig {
             overdraft: config.overdraft,
@@ -49,13 +138,31 @@ pub fn build_app(config: Config, sink: Arc<dyn EntrySink>) -> Result<App, StartE
         }),
         Arc::new(SystemClock) as Arc<dyn Clock>,
     ));
+    let writer = store.map(|s| {
+        restore(&ledger, s.loaded);
+        let directory: Weak<dyn AccountDirectory> = Arc::downgrade(&ledger) as _;
+        s.writer.start(directory);
+        s.writer
+    });
     let credentials = Arc::new(CredentialStore::new(config.auth.credential_cache_entries));
-    if let Some(path) = &config.accounts_path {
-        for seed in accounts::load(path)? {
-            seed_account(&ledger, &credentials, &seed)?;
-        }
+    let seeds = match &config.accounts_path {
+        Some(path) => accounts::load(path)?,
+        None => Vec::new(),
+    };
+    for seed in &seeds {
+        seed_account(&ledger, &credentials, seed)?;
     }
-    Ok(App::new(config, ledger, credentials, tariff, metrics))
+    let mut app = App::new(config, ledger, credentials, tariff, metrics);
+    app.store = writer;
+    // Boxis identities (e-mail, user key) come from the seeds only.
+    for seed in &seeds {
+        app.boxis.keys.set(
+            &seed.name,
+            seed.email.as_deref(),
+            seed.boxis_user_key.as_deref(),
+        );
+    }
+    Ok(app)
 }
 
 /// Opens a seed account the ledger does not know yet, with its opening
@@ -109,6 +216,9 @@ impl BackgroundService for Sweeper {
                 _ = shutdown.changed() => return,
                 _ = tick.tick() => {}
             }
+            if let Some(store) = &self.app.store {
+                store.refresh_gauges();
+            }
             let expired = self.app.ledger.expire_due();
             if !expired.is_empty() {
                 tracing::warn!(count = expired.len(), "expired forgotten reservations");
@@ -136,15 +246,18 @@ impl BackgroundService for Sweeper {
 
 /// Runs tollgate until a signal stops it.
 pub fn run(config: Config) -> Result<(), StartError> {
-    let sink: Arc<dyn EntrySink> = Arc::new(NullSink);
-    let app = Arc::new(build_app(config, sink)?);
+    // The store first: a store that cannot open stops start-up before any
+    // listener does.
+    let metrics = Arc::new(Metrics::new());
+    let store = open_store(&config, &metrics)?;
+    let app = Arc::new(build_app_with_store(config, metrics, store)?);
     let cfg = &app.config;
 
     let mut conf = ServerConf::default();
     if let Some(t) = cfg.threads {
         conf.threads = t;
     }
-    conf.grace_period_seconds = Some(0);
+    conf.grace_period_seconds = Some(cfg.shutdown_grace.as_secs());
     conf.graceful_shutdown_timeout_seconds = Some(10);
     let opt = Opt::default();
     let mut server = Server::new_with_opt_and_conf(opt, conf);
@@ -157,7 +270,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
     );
     proxy.add_tcp(&cfg.listen.to_string());
 
-    let mut admin = Service::new("tollgate admin".to_string(), AdminApp { app: app.clone() });
+    let mut admin = Service::new("tollgate admin".to_string(), AdminApp::new(app.clone()));
     admin.add_tcp(&cfg.admin.listen.to_string());
     admin.threads = Some(1);
 
@@ -172,8 +285,48 @@ pub fn run(config: Config) -> Result<(), StartError> {
         accounts = app.ledger.len(),
         "tollgate starting"
     );
-    server.add_service(proxy);
-    server.add_service(admin);
+    // The reloader first, and the listeners after it is ready: its SIGHUP
+    // handler is installed before a port accepts (pingora 0.9.1 has none,
+    // and an unhandled SIGHUP ends the process). See `reload.rs`.
+    let reloader = server.add_service(background_service(
+        "tariff reloader",
+        Reloader::new(app.clone()),
+    ));
+    server.add_service(proxy).add_dependency(&reloader);
+    server.add_service(admin).add_dependency(&reloader);
     server.add_service(sweeper);
-    server.run_forever();
+    // Not `run_forever`: it exits the process. `run` returns once a signal
+    // (SIGTERM: graceful, SIGINT: fast) has stopped every service runtime —
+    // so no request is left to record entries — and the store is flushed
+    // before the process exits 0.
+    server.run(RunArgs::default());
+    flush_store(&app)
+}
+
+/// Commits everything the writer still holds and stops it.
+fn flush_store(app: &App) -> Result<(), StartError> {
+    let Some(writer) = &app.store else {
+        return Ok(());
+    };
+    let queued = writer.depth();
+    match writer.flush_and_stop(SHUTDOWN_FLUSH_TIMEOUT) {
+        Ok(()) => {
+            tracing::info!(
+                flushed = queued,
+                committed = writer.committed_position(),
+                "store flushed; exiting"
+            );
+            Ok(())
+        }
+        Err(e) => Err(StartError::Store {
+            path: app
+                .config
+                .store
+                .path
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            problem: e.to_string(),
+        }),
+    }
 }

@@ -43,6 +43,12 @@ struct FileAccount {
     anytime: Option<serde_yaml::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     offpeak: Option<serde_yaml::Value>,
+    /// Boxis clients may log in with this instead of the account name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    email: Option<String>,
+    /// The Boxis API key (SPEC 2.1), in clear: the authcode is an md5 over it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    boxis_user_key: Option<String>,
 }
 
 fn default_role() -> String {
@@ -60,6 +66,12 @@ pub struct AccountSeed {
     pub tariff_class: Option<String>,
     pub anytime_milli: i64,
     pub offpeak_milli: i64,
+    /// Another name a Boxis client may log in with (unique, compared
+    /// case-insensitively).
+    pub email: Option<String>,
+    /// The Boxis user key: a secret held in clear because the Boxis
+    /// authcode is `md5(timestamp + user_key)`. Never printed.
+    pub boxis_user_key: Option<String>,
 }
 
 impl std::fmt::Debug for AccountSeed {
@@ -70,6 +82,11 @@ impl std::fmt::Debug for AccountSeed {
             .field("parent", &self.parent)
             .field("anytime_milli", &self.anytime_milli)
             .field("offpeak_milli", &self.offpeak_milli)
+            .field("email", &self.email)
+            .field(
+                "boxis_user_key",
+                &self.boxis_user_key.as_ref().map(|_| "<redacted>"),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -110,6 +127,42 @@ pub fn validate_account_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Longest e-mail address (RFC 5321 path limit).
+pub const EMAIL_MAX_LEN: usize = 254;
+/// Bounds of a Boxis user key, in characters.
+pub const BOXIS_USER_KEY_LEN: std::ops::RangeInclusive<usize> = 8..=128;
+
+/// Checks an e-mail address loosely: one `@` with text on both sides, no
+/// whitespace or control characters, at most [`EMAIL_MAX_LEN`] bytes.
+pub fn validate_email(email: &str) -> Result<(), String> {
+    let ok = email.len() <= EMAIL_MAX_LEN
+        && email.split('@').count() == 2
+        && !email.starts_with('@')
+        && !email.ends_with('@')
+        && !email.chars().any(|c| c.is_control() || c.is_whitespace());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "must be an e-mail address (local@domain, at most {EMAIL_MAX_LEN} bytes, no spaces)"
+        ))
+    }
+}
+
+/// Checks a Boxis user key: printable ASCII without spaces, 8 to 128
+/// characters. The message never contains the key.
+pub fn validate_boxis_user_key(key: &str) -> Result<(), String> {
+    if BOXIS_USER_KEY_LEN.contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(())
+    } else {
+        Err(format!(
+            "must be {} to {} printable ASCII characters without spaces",
+            BOXIS_USER_KEY_LEN.start(),
+            BOXIS_USER_KEY_LEN.end()
+        ))
+    }
+}
+
 fn amount(path: &Path, key: String, v: &Option<serde_yaml::Value>) -> Result<i64, ConfigError> {
     let Some(v) = v else { return Ok(0) };
     let text = decimal_text(v)
@@ -136,6 +189,7 @@ pub fn load(path: &Path) -> Result<Vec<AccountSeed>, ConfigError> {
 pub fn parse(text: &str, path: &Path) -> Result<Vec<AccountSeed>, ConfigError> {
     let file: FileAccounts = serde_yaml::from_str(text).map_err(|e| yaml_error(path, e))?;
     let mut seen = HashSet::new();
+    let mut seen_emails = HashSet::new();
     let mut seeds = Vec::with_capacity(file.accounts.len());
     for (i, a) in file.accounts.iter().enumerate() {
         let key = |field: &str| format!("accounts[{i}].{field}");
@@ -168,6 +222,20 @@ pub fn parse(text: &str, path: &Path) -> Result<Vec<AccountSeed>, ConfigError> {
                 "must be an argon2id hash; create one with `tollgate accounts passwd`",
             ));
         }
+        if let Some(email) = &a.email {
+            validate_email(email).map_err(|p| ConfigError::new(path, key("email"), p))?;
+            if !seen_emails.insert(email.to_lowercase()) {
+                return Err(ConfigError::new(
+                    path,
+                    key("email"),
+                    format!("{email:?} belongs to another account; e-mail addresses are unique"),
+                ));
+            }
+        }
+        if let Some(k) = &a.boxis_user_key {
+            validate_boxis_user_key(k)
+                .map_err(|p| ConfigError::new(path, key("boxis_user_key"), p))?;
+        }
         seeds.push(AccountSeed {
             name: a.name.clone(),
             role,
@@ -176,6 +244,8 @@ pub fn parse(text: &str, path: &Path) -> Result<Vec<AccountSeed>, ConfigError> {
             tariff_class: a.tariff_class.clone(),
             anytime_milli: amount(path, key("anytime"), &a.anytime)?,
             offpeak_milli: amount(path, key("offpeak"), &a.offpeak)?,
+            email: a.email.clone(),
+            boxis_user_key: a.boxis_user_key.clone(),
         });
     }
     for (i, s) in seeds.iter().enumerate() {
@@ -237,6 +307,8 @@ pub fn save(path: &Path, seeds: &[AccountSeed]) -> Result<(), ConfigError> {
                     .then(|| serde_yaml::Value::String(format_credits(s.anytime_milli))),
                 offpeak: (s.offpeak_milli != 0)
                     .then(|| serde_yaml::Value::String(format_credits(s.offpeak_milli))),
+                email: s.email.clone(),
+                boxis_user_key: s.boxis_user_key.clone(),
             })
             .collect(),
     };
@@ -287,6 +359,40 @@ mod tests {
             parse(&text, Path::new("a.yaml")).unwrap_err().key,
             "accounts[0].parent"
         );
+    }
+
+    #[test]
+    fn boxis_identity_fields_validate_round_trip_and_stay_secret() {
+        let hash = hash_password("pw");
+        let text = format!(
+            "accounts:\n  - name: a\n    password_hash: '{hash}'\n    email: A@Example.com\n    boxis_user_key: BX3KwWU2SuqvoEWnjYmOibf\n  - name: b\n    password_hash: '{hash}'\n"
+        );
+        let seeds = parse(&text, Path::new("a.yaml")).unwrap();
+        assert_eq!(seeds[0].email.as_deref(), Some("A@Example.com"));
+        assert_eq!(
+            seeds[0].boxis_user_key.as_deref(),
+            Some("BX3KwWU2SuqvoEWnjYmOibf")
+        );
+        assert!(!format!("{:?}", seeds[0]).contains("BX3KwWU2"));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("accounts.yaml");
+        save(&path, &seeds).unwrap();
+        let again = load(&path).unwrap();
+        assert_eq!(again[0].boxis_user_key, seeds[0].boxis_user_key);
+        assert_eq!(again[1].email, None);
+
+        let dup = text.replace("  - name: b\n", "  - name: b\n    email: a@example.COM\n");
+        let e = parse(&dup, Path::new("a.yaml")).unwrap_err();
+        assert_eq!(e.key, "accounts[1].email");
+        let bad = text.replace("A@Example.com", "not an email");
+        assert_eq!(
+            parse(&bad, Path::new("a.yaml")).unwrap_err().key,
+            "accounts[0].email"
+        );
+        let short = text.replace("BX3KwWU2SuqvoEWnjYmOibf", "short");
+        let e = parse(&short, Path::new("a.yaml")).unwrap_err();
+        assert_eq!(e.key, "accounts[0].boxis_user_key");
+        assert!(!e.to_string().contains("short\""));
     }
 
     #[test]

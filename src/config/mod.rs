@@ -107,13 +107,25 @@ struct FileConfig {
     store: FileStore,
     #[serde(default = "default_durability")]
     durability: Durability,
+    /// Seconds SIGTERM waits for requests in flight before stopping.
+    #[serde(default = "default_shutdown_grace_s")]
+    shutdown_grace_s: u64,
     tariffs: String,
     #[serde(default)]
     accounts: Option<String>,
+    #[serde(default)]
+    metrics: FileMetrics,
+    #[serde(default)]
+    boxis: FileBoxis,
+    #[serde(default)]
+    soap: FileSoap,
 }
 
 fn default_mode() -> Mode {
     Mode::Enforce
+}
+fn default_shutdown_grace_s() -> u64 {
+    3
 }
 fn default_durability() -> Durability {
     Durability::Sync
@@ -302,6 +314,78 @@ fn default_ack_timeout_ms() -> u64 {
     5_000
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMetrics {
+    #[serde(default)]
+    balance_accounts: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBoxis {
+    #[serde(default = "default_boxis_path")]
+    path: String,
+    #[serde(default = "default_timestamp_window_s")]
+    timestamp_window_s: u64,
+    #[serde(default = "default_replay_cache_entries")]
+    replay_cache_entries: usize,
+    #[serde(default = "default_door_body_limit")]
+    body_limit_bytes: usize,
+}
+impl Default for FileBoxis {
+    fn default() -> Self {
+        FileBoxis {
+            path: default_boxis_path(),
+            timestamp_window_s: default_timestamp_window_s(),
+            replay_cache_entries: default_replay_cache_entries(),
+            body_limit_bytes: default_door_body_limit(),
+        }
+    }
+}
+fn default_boxis_path() -> String {
+    "/boxis".into()
+}
+fn default_timestamp_window_s() -> u64 {
+    300
+}
+fn default_replay_cache_entries() -> usize {
+    // About 8 MB at most; enough for 330 authenticated calls a second
+    // sustained over the default 300 s window.
+    100_000
+}
+fn default_door_body_limit() -> usize {
+    64 * 1024
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSoap {
+    #[serde(default = "default_soap_path")]
+    path: String,
+    #[serde(default = "default_door_body_limit")]
+    body_limit_bytes: usize,
+}
+impl Default for FileSoap {
+    fn default() -> Self {
+        FileSoap {
+            path: default_soap_path(),
+            body_limit_bytes: default_door_body_limit(),
+        }
+    }
+}
+fn default_soap_path() -> String {
+    "/WebServices/2.2/Simple/Account.asmx".into()
+}
+
+/// Longest accepted `boxis.timestamp_window_s` (a day): a wider window
+/// only widens what a captured request is good for.
+pub const TIMESTAMP_WINDOW_MAX_S: u64 = 86_400;
+
+/// Most accounts `metrics.balance_accounts` may list: each adds two series
+/// per bucket, and the list exists to keep that bounded.
+pub const BALANCE_ACCOUNTS_MAX: usize = 1000;
+
 // ---------------------------------------------------------------------------
 // The validated configuration.
 // ---------------------------------------------------------------------------
@@ -322,8 +406,42 @@ pub struct Config {
     pub settle: SettleConfig,
     pub store: StoreConfig,
     pub durability: Durability,
+    /// How long SIGTERM lets requests in flight finish (pingora's grace
+    /// period). A send cut off after that goes in doubt, never void.
+    pub shutdown_grace: Duration,
     pub tariffs_path: PathBuf,
     pub accounts_path: Option<PathBuf>,
+    pub metrics: MetricsConfig,
+    pub boxis: BoxisConfig,
+    pub soap: SoapConfig,
+}
+
+/// The Boxis-compatible door (SPEC 2.1).
+#[derive(Debug, Clone)]
+pub struct BoxisConfig {
+    /// Exact request path (`POST /boxis`).
+    pub path: String,
+    /// How far a request's `timestamp` may be from now, either way.
+    pub timestamp_window_s: u64,
+    /// Most authcodes remembered for replay detection; when that many are
+    /// still inside the window, new requests are refused (`rate_limited`).
+    pub replay_cache_entries: usize,
+    pub body_limit_bytes: usize,
+}
+
+/// The 2sms-compatible SOAP door (SPEC 2.2).
+#[derive(Debug, Clone)]
+pub struct SoapConfig {
+    /// Request path, matched ASCII case-insensitively (as IIS does).
+    pub path: String,
+    pub body_limit_bytes: usize,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct MetricsConfig {
+    /// Accounts whose balances are exported as gauges; every other account
+    /// stays out of `/metrics` so label cardinality stays bounded.
+    pub balance_accounts: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -415,6 +533,61 @@ pub fn yaml_error(file: &Path, e: serde_yaml::Error) -> ConfigError {
     ConfigError::new(file, key, e.to_string())
 }
 
+/// Checks the `boxis:` and `soap:` sections: paths start with `/` and
+/// differ from each other and from the Ozeki paths; bounds are sane.
+fn validate_doors(path: &Path, f: &FileConfig) -> Result<(), ConfigError> {
+    for (key, p) in [("boxis.path", &f.boxis.path), ("soap.path", &f.soap.path)] {
+        if !p.starts_with('/') || p.contains('?') {
+            return Err(ConfigError::new(
+                path,
+                key,
+                format!("{p:?} must start with '/' and hold no query"),
+            ));
+        }
+        if f.ozeki.paths.iter().any(|o| o.eq_ignore_ascii_case(p)) {
+            return Err(ConfigError::new(
+                path,
+                key,
+                format!("{p:?} is also an ozeki.paths entry; pick another path"),
+            ));
+        }
+    }
+    if f.boxis.path.eq_ignore_ascii_case(&f.soap.path) {
+        return Err(ConfigError::new(
+            path,
+            "soap.path",
+            "must differ from boxis.path",
+        ));
+    }
+    if !(1..=TIMESTAMP_WINDOW_MAX_S).contains(&f.boxis.timestamp_window_s) {
+        return Err(ConfigError::new(
+            path,
+            "boxis.timestamp_window_s",
+            format!("must be 1 to {TIMESTAMP_WINDOW_MAX_S} seconds"),
+        ));
+    }
+    if f.boxis.replay_cache_entries == 0 {
+        return Err(ConfigError::new(
+            path,
+            "boxis.replay_cache_entries",
+            "must be at least 1",
+        ));
+    }
+    for (key, limit) in [
+        ("boxis.body_limit_bytes", f.boxis.body_limit_bytes),
+        ("soap.body_limit_bytes", f.soap.body_limit_bytes),
+    ] {
+        if !(1024..=16 * 1024 * 1024).contains(&limit) {
+            return Err(ConfigError::new(
+                path,
+                key,
+                "must be 1024 to 16777216 bytes",
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Config {
     /// Reads and validates `conf/tollgate.yaml` (not the files it names).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -469,6 +642,26 @@ impl Config {
                 "must be at least store.batch_max_entries, which must be at least 1",
             ));
         }
+        if f.metrics.balance_accounts.len() > BALANCE_ACCOUNTS_MAX {
+            return Err(ConfigError::new(
+                path,
+                "metrics.balance_accounts",
+                format!(
+                    "lists {} accounts; at most {BALANCE_ACCOUNTS_MAX} (each adds gauge series)",
+                    f.metrics.balance_accounts.len()
+                ),
+            ));
+        }
+        for (i, name) in f.metrics.balance_accounts.iter().enumerate() {
+            if name.is_empty() || name.len() > 64 {
+                return Err(ConfigError::new(
+                    path,
+                    format!("metrics.balance_accounts[{i}]"),
+                    "must be an account name of 1 to 64 characters",
+                ));
+            }
+        }
+        validate_doors(path, &f)?;
         if let Some(t) = &f.admin.token {
             if t.len() < 16 {
                 return Err(ConfigError::new(
@@ -518,8 +711,22 @@ impl Config {
                 ack_timeout: Duration::from_millis(f.store.ack_timeout_ms),
             },
             durability: f.durability,
+            shutdown_grace: Duration::from_secs(f.shutdown_grace_s),
             tariffs_path: resolve_relative(path, &f.tariffs),
             accounts_path: f.accounts.as_deref().map(|p| resolve_relative(path, p)),
+            boxis: BoxisConfig {
+                path: f.boxis.path,
+                timestamp_window_s: f.boxis.timestamp_window_s,
+                replay_cache_entries: f.boxis.replay_cache_entries,
+                body_limit_bytes: f.boxis.body_limit_bytes,
+            },
+            soap: SoapConfig {
+                path: f.soap.path,
+                body_limit_bytes: f.soap.body_limit_bytes,
+            },
+            metrics: MetricsConfig {
+                balance_accounts: f.metrics.balance_accounts,
+            },
         })
     }
 }
@@ -566,6 +773,55 @@ mod tests {
         let text = format!("{MINIMAL}admin: {{ token: short }}\n");
         let e = Config::from_yaml(&text, Path::new("t.yaml")).unwrap_err();
         assert_eq!(e.key, "admin.token");
+    }
+
+    #[test]
+    fn metrics_section_lists_balance_accounts_and_rejects_unknown_keys() {
+        let c = Config::from_yaml(MINIMAL, Path::new("t.yaml")).unwrap();
+        assert!(c.metrics.balance_accounts.is_empty());
+        let text = format!("{MINIMAL}metrics: {{ balance_accounts: [john, admin] }}\n");
+        let c = Config::from_yaml(&text, Path::new("t.yaml")).unwrap();
+        assert_eq!(c.metrics.balance_accounts, vec!["john", "admin"]);
+        let text = format!("{MINIMAL}metrics: {{ balance_account: [john] }}\n");
+        let e = Config::from_yaml(&text, Path::new("t.yaml")).unwrap_err();
+        assert!(e.problem.contains("balance_account"), "{e}");
+        let text = format!("{MINIMAL}metrics: {{ balance_accounts: [''] }}\n");
+        let e = Config::from_yaml(&text, Path::new("t.yaml")).unwrap_err();
+        assert_eq!(e.key, "metrics.balance_accounts[0]");
+    }
+
+    #[test]
+    fn boxis_and_soap_sections_default_and_validate() {
+        let c = Config::from_yaml(MINIMAL, Path::new("t.yaml")).unwrap();
+        assert_eq!(c.boxis.path, "/boxis");
+        assert_eq!(c.boxis.timestamp_window_s, 300);
+        assert_eq!(c.soap.path, "/WebServices/2.2/Simple/Account.asmx");
+        let text = format!("{MINIMAL}boxis: {{ path: /b, timestamp_window_s: 60 }}\n");
+        let c = Config::from_yaml(&text, Path::new("t.yaml")).unwrap();
+        assert_eq!(
+            (c.boxis.path.as_str(), c.boxis.timestamp_window_s),
+            ("/b", 60)
+        );
+        for (extra, key) in [
+            ("boxis: { path: boxis }", "boxis.path"),
+            ("boxis: { path: /api }", "boxis.path"),
+            (
+                "boxis: { timestamp_window_s: 0 }",
+                "boxis.timestamp_window_s",
+            ),
+            ("soap: { path: /BOXIS }", "soap.path"),
+            ("soap: { body_limit_bytes: 10 }", "soap.body_limit_bytes"),
+        ] {
+            let e =
+                Config::from_yaml(&format!("{MINIMAL}{extra}\n"), Path::new("t.yaml")).unwrap_err();
+            assert_eq!(e.key, key, "{extra}: {e}");
+        }
+        let e = Config::from_yaml(
+            &format!("{MINIMAL}boxis: {{ window: 5 }}\n"),
+            Path::new("t.yaml"),
+        )
+        .unwrap_err();
+        assert!(e.problem.contains("window"), "{e}");
     }
 
     #[test]

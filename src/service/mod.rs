@@ -6,7 +6,9 @@
 //! the answer is. It knows HTTP only as status codes; the pingora glue in
 //! `proxy.rs` moves the bytes.
 
+pub mod boxis;
 pub mod ozeki;
+pub mod soap;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -14,14 +16,23 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::auth::CredentialStore;
-use crate::config::{Config, Mode};
+use crate::config::{Config, Durability, Mode};
+use crate::error::ErrorCode;
 use crate::ledger::{Entry, EntrySink, Ledger};
 use crate::metrics::Metrics;
-use crate::tariff::Tariff;
+use crate::store::WriteBehind;
+use crate::tariff::{Tariff, TariffError};
 use crate::upstream::Upstream;
 
 /// What a request runs with from start to end, swapped whole on reload
 /// (SPEC 5.2): a request keeps the snapshot it started with.
+///
+/// Everything that hot-reloads lives here, in this one struct behind one
+/// `ArcSwap`, so a request never sees the tariff of one reload with the
+/// limits of another. The rate limits (SPEC 7) join as a field of their own
+/// next to `tariff`, and [`App::reload_tariffs`] builds the next snapshot
+/// from the previous one, carrying over whatever it does not reload (the
+/// limiter *state* lives outside the snapshot so it survives reloads).
 pub struct Snapshot {
     pub mode: Mode,
     pub tariff: Arc<Tariff>,
@@ -34,10 +45,18 @@ pub struct App {
     pub snapshot: ArcSwap<Snapshot>,
     pub upstream: Upstream,
     pub metrics: Arc<Metrics>,
+    /// The Boxis door's user keys and replay cache (seeded at startup).
+    pub boxis: boxis::BoxisState,
+    /// The write-behind store writer; `None` when `store.path` is unset
+    /// (the ledger then lives in memory only). Set once at start-up.
+    pub store: Option<Arc<WriteBehind>>,
     /// Makes request ids unique across restarts: the start time prefixes a
     /// per-process counter.
     started_unix_ms: i64,
     next_request: AtomicU64,
+    /// Serialises reloads, so two at once cannot swap in the older file
+    /// last or interleave their metrics.
+    reload_lock: parking_lot::Mutex<()>,
 }
 
 impl App {
@@ -48,11 +67,9 @@ impl App {
         tariff: Tariff,
         metrics: Arc<Metrics>,
     ) -> Self {
-        metrics
-            .tariff_info
-            .with_label_values(&[tariff.version()])
-            .set(1);
+        metrics.set_tariff_version(tariff.version(), now_unix_ms() / 1000);
         let upstream = Upstream::new(&config.upstream);
+        let boxis = boxis::BoxisState::new(&config.boxis);
         let snapshot = ArcSwap::from_pointee(Snapshot {
             mode: config.mode,
             tariff: Arc::new(tariff),
@@ -64,8 +81,72 @@ impl App {
             snapshot,
             upstream,
             metrics,
+            boxis,
             started_unix_ms: now_unix_ms(),
             next_request: AtomicU64::new(1),
+            reload_lock: parking_lot::Mutex::new(()),
+            store: None,
+        }
+    }
+
+    /// Re-reads and validates the tariff file and swaps it into the
+    /// snapshot (SPEC 5.2), keeping the mode; returns the version now in
+    /// force. An invalid file changes nothing: the previous tariff stays,
+    /// the error is logged and counted. Requests in flight keep the
+    /// snapshot they loaded. Blocks on file I/O and parsing: call it off
+    /// the request path.
+    pub fn reload_tariffs(&self) -> Result<String, TariffError> {
+        let _serialised = self.reload_lock.lock();
+        let tariff = match Tariff::load(&self.config.tariffs_path) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "tariff reload rejected; the previous tariff stays in force");
+                self.metrics.record_reload(false);
+                return Err(e);
+            }
+        };
+        let version = tariff.version().to_string();
+        let previous = self.snapshot.load_full();
+        self.snapshot.store(Arc::new(Snapshot {
+            mode: previous.mode,
+            tariff: Arc::new(tariff),
+        }));
+        self.metrics
+            .set_tariff_version(&version, now_unix_ms() / 1000);
+        self.metrics.record_reload(true);
+        tracing::info!(
+            previous = previous.tariff.version(),
+            version = %version,
+            "tariff reloaded"
+        );
+        Ok(version)
+    }
+
+    /// Back-pressure (SPEC 6): call before a ledger change a client asked
+    /// for. Waits while the store's queue is over `store.queue_max_entries`;
+    /// past `store.ack_timeout` the change must be refused with
+    /// `store_unavailable` (nothing has changed yet).
+    pub async fn admit_change(&self) -> Result<(), ErrorCode> {
+        match &self.store {
+            Some(w) => w.admit().await.map_err(|_| ErrorCode::StoreUnavailable),
+            None => Ok(()),
+        }
+    }
+
+    /// Call after a ledger change and before the answer that acknowledges
+    /// it (or before forwarding a send). With `durability: sync` it waits
+    /// until everything recorded so far is committed — one group commit
+    /// serves every request waiting at the same time. With `async`, or
+    /// without a store, it returns at once. `Err(StoreUnavailable)` after
+    /// `store.ack_timeout`: the change is made in memory and stays queued
+    /// (it is committed if the store recovers), but it is not acknowledged.
+    pub async fn change_durable(&self) -> Result<(), ErrorCode> {
+        match (&self.store, self.config.durability) {
+            (Some(w), Durability::Sync) => w
+                .wait_durable()
+                .await
+                .map_err(|_| ErrorCode::StoreUnavailable),
+            _ => Ok(()),
         }
     }
 

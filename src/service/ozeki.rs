@@ -11,13 +11,16 @@
 //!   → the `ReservationGuard` voids on drop.
 
 use crate::api::ozeki::answer::{match_reports, parse_send_answer, AnswerError};
-use crate::api::ozeki::command::{classify, Command, Credentials, OutgoingMessage, SendMessage};
+use crate::api::ozeki::command::{
+    classify, credentials_for, Command, Credentials, OutgoingMessage, SendMessage,
+};
+use crate::api::ozeki::inbox::{count_messages, has_conflicting_actions, names_receive};
 use crate::api::ozeki::params::Params;
 use crate::api::ozeki::render;
 use crate::auth::AuthOutcome;
 use crate::config::{ActionEcho, Mode, UnknownAccounts};
 use crate::error::ErrorCode;
-use crate::ledger::{Bucket, LedgerError, ReservationGuard, Role};
+use crate::ledger::{Bucket, BucketPreference, LedgerError, Overdraft, ReservationGuard, Role};
 use crate::service::{now_unix_ms, App, Snapshot};
 use crate::tariff::QuoteRequest;
 use crate::upstream::Forwarded;
@@ -51,6 +54,9 @@ pub enum Decision {
     Answer(LocalAnswer),
     /// Forward the original request; settle `send` from the answer.
     Forward(Option<PendingSend>),
+    /// Forward a `receivemessage` and charge each message its answer
+    /// returns (receive pricing, see [`charge_receive`]).
+    ForwardReceive(PendingReceive),
 }
 
 /// How a forwarded send settled, for the access log and headers.
@@ -62,6 +68,9 @@ pub enum Settled {
     },
     Voided,
     InDoubt,
+    /// The reservation was resolved before the answer came (the TTL sweep
+    /// expired it, or an operator posted/voided it): nothing left to settle.
+    AlreadyResolved,
     Uncharged,
 }
 
@@ -71,6 +80,7 @@ impl Settled {
             Settled::Posted { .. } => "settled",
             Settled::Voided => "voided",
             Settled::InDoubt => "in_doubt",
+            Settled::AlreadyResolved => "already_resolved",
             Settled::Uncharged => "forwarded",
         }
     }
@@ -97,6 +107,9 @@ pub async fn decide(app: &App, snapshot: &Snapshot, params: &Params, request_id:
         Err(e) => return Decision::Answer(error_answer(&e.action, e.code, e.code.name())),
     };
     match command {
+        Command::Other if snapshot.tariff.receive_price_milli() > 0 && names_receive(params) => {
+            receive_message(app, snapshot, params, request_id).await
+        }
         Command::Other => Decision::Forward(None),
         Command::GetCredits {
             credentials,
@@ -196,6 +209,14 @@ async fn change_credits(
         return error_answer(action, ErrorCode::Forbidden, "forbidden");
     }
     let target = useraccount.unwrap_or(caller.name);
+    // Back-pressure before a change; `setcredits` without a new balance
+    // changes nothing and neither waits nor needs durability.
+    let changes = !matches!(change, Change::Set(None));
+    if changes {
+        if let Err(code) = app.admit_change().await {
+            return error_answer(action, code, code.name());
+        }
+    }
     let result = match change {
         Change::Set(None) => match app.ledger.account(&target) {
             Some(v) => Ok(v.anytime),
@@ -211,10 +232,19 @@ async fn change_credits(
             .map(|a| a.balance),
     };
     match result {
-        Ok(balance) => xml(
-            render::credits_answer(echo, &target, balance.available_milli()),
-            "ok",
-        ),
+        Ok(balance) => {
+            // The answer acknowledges the change: with `durability: sync` it
+            // waits for the commit (SPEC 6).
+            if changes {
+                if let Err(code) = app.change_durable().await {
+                    return error_answer(action, code, code.name());
+                }
+            }
+            xml(
+                render::credits_answer(echo, &target, balance.available_milli()),
+                "ok",
+            )
+        }
         Err(e) => {
             let code = ledger_error_code(&e);
             error_answer(action, code, code.name())
@@ -323,6 +353,9 @@ async fn send_message(
         }));
     }
 
+    if let Err(code) = app.admit_change().await {
+        return refusal(&send, code, code.message());
+    }
     match app.ledger.reserve(
         &account,
         &shares,
@@ -330,14 +363,26 @@ async fn send_message(
         Some(request_id),
         Some(tariff.version()),
     ) {
-        Ok(id) => Decision::Forward(Some(PendingSend {
-            guard: Some(ReservationGuard::new(app.ledger.clone(), id)),
-            account,
-            messages: send.messages,
-            batch: send.batch,
-            cost_milli,
-            request_id: request_id.to_string(),
-        })),
+        Ok(id) => {
+            let guard = ReservationGuard::new(app.ledger.clone(), id);
+            // SPEC 1.3 step 6: a reservation is durable before the request
+            // leaves; one the store did not commit in time is voided and the
+            // send refused locally, never forwarded.
+            if let Err(code) = app.change_durable().await {
+                if let Err(e) = guard.void() {
+                    tracing::warn!(request_id, error = %e, "voiding an unpersisted reservation");
+                }
+                return refusal(&send, code, code.message());
+            }
+            Decision::Forward(Some(PendingSend {
+                guard: Some(guard),
+                account,
+                messages: send.messages,
+                batch: send.batch,
+                cost_milli,
+                request_id: request_id.to_string(),
+            }))
+        }
         Err(LedgerError::InsufficientCredit { .. }) => refusal(
             &send,
             ErrorCode::InsufficientCredit,
@@ -393,7 +438,7 @@ pub fn settle(send: PendingSend, forwarded: &Forwarded) -> Settled {
         Err(e) => {
             // Only possible if an operator or the sweep resolved it first.
             tracing::warn!(request_id = %send.request_id, error = %e, "reservation already resolved");
-            Settled::InDoubt
+            Settled::AlreadyResolved
         }
     }
 }
@@ -402,4 +447,271 @@ pub fn settle(send: PendingSend, forwarded: &Forwarded) -> Settled {
 fn is_gateway_error(body: &[u8]) -> bool {
     let window = &body[..body.len().min(4096)];
     window.windows(11).any(|w| w == b"<errorcode>")
+}
+
+// ---------------------------------------------------------------------------
+// Receive pricing (SPEC 4.2): every message a `receivemessage` answer hands
+// out costs the tariff's `receive_price`, charged after the answer came
+// (post-debit: the number of messages is only known then).
+//
+// How it is charged: one reservation of `count × price` (one share per
+// message), posted in full at once — `reserve` then `settle`, with no await
+// between them. Not an `add` of a negative amount, because a reservation
+// draws from the bucket the tariff says pays now (off-peak first inside a
+// window), records the tariff version on its entries like a send, obeys the
+// overdraft policy like a send, and is counted as `posted` credit like one.
+//
+// What happens when the account cannot pay (the messages are already out
+// of the gateway's inbox, so refusing after the fact is impossible):
+// - before forwarding, a receive is refused locally (`insufficient_credit`,
+//   the messages stay in the gateway's inbox for later) when the account
+//   cannot pay for even one message: under `overdraft: strict` its payable
+//   balance is below `receive_price`; under `overdraft: ozeki` it is not
+//   above zero (Ozeki's rule);
+// - after the answer, under `strict`, a charge larger than the payable
+//   balance takes what is available (never below zero) and the rest is a
+//   *shortfall*: logged as a warning with the account and request id and
+//   counted in `tollgate_receive_shortfall_milli_total`. Under `ozeki` the
+//   whole charge is taken while the payable balance is above zero, as for
+//   a send.
+// An answer tollgate cannot read (not Ozeki XML, malformed, too large) is
+// relayed unchanged and uncharged, with outcome `uncounted` in the access
+// log and `tollgate_requests_total`: it never guesses a count.
+
+/// A `receivemessage` on its way to the gateway, to be charged from the
+/// answer.
+#[derive(Debug)]
+pub struct PendingReceive {
+    pub account: String,
+    pub price_per_message_milli: i64,
+    /// Which bucket pays, decided when the request arrived.
+    pub preference: BucketPreference,
+    /// The tariff snapshot that priced it, recorded on the entries.
+    pub tariff_version: String,
+    pub request_id: String,
+    /// Shadow mode: count and report, never move a balance.
+    pub shadow: bool,
+}
+
+/// What charging a `receivemessage` answer did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReceiveCharge {
+    pub messages: u32,
+    pub charged_milli: i64,
+    pub shortfall_milli: i64,
+    pub outcome: &'static str,
+}
+
+/// What an account can pay now with `preference`, never below 0.
+fn payable_milli(view: &crate::ledger::AccountView, preference: BucketPreference) -> i64 {
+    let anytime = view.anytime.available_milli().max(0);
+    match preference {
+        BucketPreference::AnytimeOnly => anytime,
+        BucketPreference::OffPeakFirst => {
+            anytime.saturating_add(view.offpeak.available_milli().max(0))
+        }
+    }
+}
+
+async fn receive_message(
+    app: &App,
+    snapshot: &Snapshot,
+    params: &Params,
+    request_id: &str,
+) -> Decision {
+    const ACTION: &str = "receivemessage";
+    if has_conflicting_actions(params) {
+        return Decision::Answer(error_answer(
+            ACTION,
+            ErrorCode::InvalidRequest,
+            ErrorCode::InvalidRequest.name(),
+        ));
+    }
+    let credentials = match credentials_for(params, ACTION) {
+        Ok(c) => c,
+        Err(e) => return Decision::Answer(error_answer(ACTION, e.code, e.code.name())),
+    };
+    if authenticate(app, &credentials).await != AuthOutcome::Verified {
+        if app.config.auth.unknown_accounts == UnknownAccounts::Forward {
+            app.metrics
+                .unknown_forwarded
+                .with_label_values(&[ACTION])
+                .inc();
+            return Decision::Forward(None);
+        }
+        return Decision::Answer(error_answer(ACTION, ErrorCode::AuthFailed, "auth_failed"));
+    }
+    let Some(view) = app.ledger.account(&credentials.username) else {
+        return Decision::Answer(error_answer(
+            ACTION,
+            ErrorCode::UnknownAccount,
+            "unknown_account",
+        ));
+    };
+    let tariff = &snapshot.tariff;
+    let price = tariff.receive_price_milli();
+    let preference = tariff.bucket_preference(now_unix_ms());
+    let shadow = snapshot.mode == Mode::Shadow;
+    if !shadow {
+        let payable = payable_milli(&view, preference);
+        let can_pay_one = match app.ledger.config().overdraft {
+            Overdraft::Strict => payable >= price,
+            Overdraft::Ozeki => payable > 0,
+        };
+        if !can_pay_one {
+            return Decision::Answer(error_answer(
+                ACTION,
+                ErrorCode::InsufficientCredit,
+                ErrorCode::InsufficientCredit.name(),
+            ));
+        }
+        // Back-pressure before a change: messages must not leave the
+        // gateway while their charge could not be recorded.
+        if let Err(code) = app.admit_change().await {
+            return Decision::Answer(error_answer(ACTION, code, code.name()));
+        }
+    }
+    Decision::ForwardReceive(PendingReceive {
+        account: view.name,
+        price_per_message_milli: price,
+        preference,
+        tariff_version: tariff.version().to_string(),
+        request_id: request_id.to_string(),
+        shadow,
+    })
+}
+
+/// Charges the messages of a forwarded `receivemessage` answer (see the
+/// comment above [`PendingReceive`]). Nothing is charged unless the gateway
+/// answered 2xx with an answer tollgate can count.
+pub async fn charge_receive(
+    app: &App,
+    pending: &PendingReceive,
+    forwarded: &Forwarded,
+) -> ReceiveCharge {
+    let mut charge = ReceiveCharge {
+        messages: 0,
+        charged_milli: 0,
+        shortfall_milli: 0,
+        outcome: "forwarded",
+    };
+    let Forwarded::Answered { header, body, .. } = forwarded else {
+        return charge;
+    };
+    if !header.status.is_success() {
+        return charge;
+    }
+    charge.messages = match count_messages(body) {
+        Ok(0) => return charge,
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(
+                request_id = %pending.request_id,
+                account = %pending.account,
+                error = %e,
+                "receivemessage answer could not be counted; relayed uncharged"
+            );
+            charge.outcome = "uncounted";
+            return charge;
+        }
+    };
+    let metrics = &app.metrics;
+    // Cannot overflow: the answer is at most 16 MiB (< 2^24 messages) and a
+    // price at most 10^9 milli-credits.
+    let amount_milli = i64::from(charge.messages) * pending.price_per_message_milli;
+    if pending.shadow {
+        metrics
+            .received_messages
+            .with_label_values(&["shadow"])
+            .inc_by(u64::from(charge.messages));
+        let payable = app
+            .ledger
+            .account(&pending.account)
+            .map_or(0, |v| payable_milli(&v, pending.preference));
+        let decision = if payable >= amount_milli {
+            "would_charge"
+        } else {
+            "would_refuse"
+        };
+        metrics.shadow_decisions.with_label_values(&[decision]).inc();
+        charge.outcome = "shadow";
+        return charge;
+    }
+    let shares = vec![pending.price_per_message_milli; charge.messages as usize];
+    charge.charged_milli = post_receive(app, pending, &shares, amount_milli);
+    charge.shortfall_milli = amount_milli - charge.charged_milli;
+    if charge.shortfall_milli > 0 {
+        metrics
+            .received_messages
+            .with_label_values(&["shortfall"])
+            .inc_by(u64::from(charge.messages));
+        metrics
+            .receive_shortfall_milli
+            .inc_by(charge.shortfall_milli.unsigned_abs());
+        tracing::warn!(
+            request_id = %pending.request_id,
+            account = %pending.account,
+            messages = charge.messages,
+            charged_milli = charge.charged_milli,
+            shortfall_milli = charge.shortfall_milli,
+            "received messages cost more than the account could pay; the rest is a shortfall"
+        );
+        charge.outcome = "receive_shortfall";
+    } else {
+        metrics
+            .received_messages
+            .with_label_values(&["charged"])
+            .inc_by(u64::from(charge.messages));
+        charge.outcome = "receive_charged";
+    }
+    if charge.charged_milli > 0 {
+        // The answer does not acknowledge the charge, but with `durability:
+        // sync` the charge is committed before the client sees it; a store
+        // that is behind leaves it queued (committed when it recovers).
+        if let Err(code) = app.change_durable().await {
+            tracing::warn!(request_id = %pending.request_id, code = code.name(), "receive charge not yet durable");
+        }
+    }
+    charge
+}
+
+/// Reserves and posts `amount_milli` (one share per message); when the
+/// account cannot pay it all, whatever it can pay. Returns what was posted.
+fn post_receive(app: &App, pending: &PendingReceive, shares: &[i64], amount_milli: i64) -> i64 {
+    let ledger = &app.ledger;
+    let reference = Some(pending.request_id.as_str());
+    let version = Some(pending.tariff_version.as_str());
+    let mut attempt: Vec<i64> = shares.to_vec();
+    // A few tries: a concurrent send may take the balance between reading
+    // it and reserving.
+    for _ in 0..3 {
+        let total: i64 = attempt.iter().sum();
+        if total == 0 {
+            return 0;
+        }
+        match ledger.reserve(&pending.account, &attempt, pending.preference, reference, version) {
+            Ok(id) => {
+                return match ledger.settle(id, total, reference) {
+                    Ok(s) => s.posted_milli,
+                    Err(e) => {
+                        // Only possible if the sweep or an operator resolved
+                        // it in between, which needs far more time than this.
+                        tracing::warn!(request_id = %pending.request_id, error = %e, "receive charge resolved elsewhere");
+                        0
+                    }
+                };
+            }
+            Err(LedgerError::InsufficientCredit { .. }) => {
+                let payable = ledger
+                    .account(&pending.account)
+                    .map_or(0, |v| payable_milli(&v, pending.preference));
+                attempt = vec![payable.min(amount_milli)];
+            }
+            Err(e) => {
+                tracing::warn!(request_id = %pending.request_id, error = %e, "receive charge failed");
+                return 0;
+            }
+        }
+    }
+    0
 }

@@ -137,6 +137,9 @@ pub fn default_accounts() -> String {
     )
 }
 
+/// `extra_yaml` for a tollgate with an SQLite store in its temp dir.
+pub const STORE_YAML: &str = "store: { path: tollgate.db }\n";
+
 pub struct TollgateOptions {
     pub extra_yaml: String,
     pub tariffs: String,
@@ -170,6 +173,7 @@ impl Tollgate {
         let config = format!(
             "listen: 127.0.0.1:{port}\n\
              threads: 2\n\
+             shutdown_grace_s: 0\n\
              upstream: {{ address: {upstream}, read_timeout_ms: 10000 }}\n\
              admin: {{ listen: 127.0.0.1:{admin_port}, token: {ADMIN_TOKEN} }}\n\
              tariffs: tariffs.yaml\n\
@@ -221,6 +225,52 @@ impl Tollgate {
 
     pub fn kill(&mut self) {
         self.proc = None;
+    }
+
+    /// The running process's id.
+    pub fn pid(&self) -> u32 {
+        self.proc.as_ref().expect("tollgate is running").child.id()
+    }
+
+    /// Sends `signal` (e.g. "TERM", "INT", "KILL") and waits up to 30 s for
+    /// the process to exit; returns its exit status.
+    pub fn stop_with(&mut self, signal: &str) -> std::process::ExitStatus {
+        let mut proc = self.proc.take().expect("tollgate is running");
+        let sent = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(proc.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -{signal} failed");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = proc.child.try_wait().expect("wait for tollgate") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tollgate did not exit after SIG{signal}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Runs `tollgate ARGS... -c <this config>` to completion (the CLI
+    /// subcommands: `ledger verify`, `ledger export`, ...).
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(args)
+            .arg("-c")
+            .arg(self.config_path())
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run the tollgate CLI")
+    }
+
+    /// The SQLite store of a tollgate started with [`STORE_YAML`].
+    pub fn store_path(&self) -> PathBuf {
+        self.dir.path().join("tollgate.db")
     }
 
     pub fn url(&self, path_and_query: &str) -> String {
