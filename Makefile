@@ -73,3 +73,16 @@ crash-test: deps
 
 bench-store: deps
 	$(CARGO) bench --bench store
+
+# Fuzzing (cargo-fuzz on the stable toolchain). The bundled SQLite trips a
+# false AddressSanitizer ODR report at start-up, hence the ASAN_OPTIONS.
+FUZZ_TARGETS := ozeki_params acceptreport boxis_form soap_envelope
+FUZZ_SECONDS ?= 300
+.PHONY: fuzz
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz
+	@for t in $(FUZZ_TARGETS); do \
+		echo "== fuzzing $$t for $(FUZZ_SECONDS)s"; \
+		RUSTC_BOOTSTRAP=1 ASAN_OPTIONS=detect_odr_violation=0 \
+		  $(CARGO) fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	done

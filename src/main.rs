@@ -101,6 +101,13 @@ enum AccountsAction {
         anytime: String,
         #[arg(long, default_value = "0")]
         offpeak: String,
+        /// E-mail address (Boxis clients may log in with it).
+        #[arg(long)]
+        email: Option<String>,
+        /// Generate a Boxis user key (printed once; clients compute
+        /// md5(timestamp + key)). Never passed on the command line.
+        #[arg(long)]
+        boxis_key: bool,
     },
     /// List accounts.
     List,
@@ -236,6 +243,14 @@ fn ledger_command(config_path: &Path, action: LedgerAction) -> Result<(), String
     }
 }
 
+/// 32 random hex characters for a Boxis user key.
+fn new_boxis_key() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn read_password() -> Result<String, String> {
     let mut line = String::new();
     std::io::stdin()
@@ -307,6 +322,8 @@ fn accounts_command(config_path: &Path, action: AccountsAction) -> Result<(), St
             tariff_class,
             anytime,
             offpeak,
+            email,
+            boxis_key,
         } => {
             accounts::validate_account_name(&name).map_err(|p| format!("account name: {p}"))?;
             if seeds.iter().any(|s| s.name == name) {
@@ -333,12 +350,18 @@ fn accounts_command(config_path: &Path, action: AccountsAction) -> Result<(), St
                 role,
                 parent,
                 tariff_class,
-                email: None,
-                boxis_user_key: None,
+                email,
+                boxis_user_key: boxis_key.then(new_boxis_key),
             };
+            let key = seed.boxis_user_key.clone();
             seeds.push(seed);
+            // Validates the whole file (unique e-mails, key length) before writing.
             accounts::save(&path, &seeds).map_err(|e| e.to_string())?;
+            accounts::load(&path).map_err(|e| e.to_string())?;
             println!("added {name} to {}", path.display());
+            if let Some(key) = key {
+                println!("Boxis user key (shown once): {key}");
+            }
             Ok(())
         }
         AccountsAction::Passwd { name } => {
