@@ -6,20 +6,26 @@
 //! SPEC 4.2 asks that 100 000+ prefix tables load "in well under a second"
 //! and price in O(length of number). These benches keep both honest.
 //!
-//! Run: `cargo bench --bench calculator`
+//! Run: `cargo bench --bench calculator` (tables and quotes only:
+//! `cargo bench --bench calculator -- 'prefix_table|tariff'`)
 //!
-//! Last measured (2-core shared dev VM with other builds running, so
-//! ±30% noise; release profile, criterion medians):
+//! Last measured (2-core shared dev VM with other builds and profilers
+//! running, so ±50% noise; release profile, criterion medians; the first
+//! figure is the quietest run):
 //!   parts_for/gsm7_short_ascii  (120 chars)                  ~70-85 ns
-//!   parts_for/gsm7_long_ascii   (1 500 chars, 10 parts)      ~310 ns
-//!   parts_for/gsm7_latin        (160 chars, é Δ € {}: split) ~180 ns
-//!   parts_for/ucs2_short        (120 Hungarian chars)        ~120-200 ns
-//!   parts_for/ucs2_long_emoji   (1 000 chars, greedy split)  ~2.2 µs
-//!   prefix_table/load_200k      (read + parse + build)       ~52 ms
-//!     (the frozen 200 000-prefix table holds 6.6 MiB of nodes)
-//!   prefix_table/lookup_200k    (random 11-digit numbers)    ~89 ns
-//!   tariff/quote_200k           (normalise + parts + price)  ~275 ns
-//!   tariff/bucket_preference    (tz conversion + windows)    ~53 ns
+//!   parts_for/gsm7_long_ascii   (1 500 chars, 10 parts)      ~310-540 ns
+//!   parts_for/gsm7_latin        (160 chars, é Δ € {}: split) ~180-340 ns
+//!   parts_for/ucs2_short        (120 Hungarian chars)        ~120-500 ns
+//!   parts_for/ucs2_long_emoji   (1 000 chars, greedy split)  ~2.2-3.6 µs
+//!   prefix_table/load_200k      (read + parse + build)       ~52-69 ms
+//!     (the frozen 200 000-prefix table holds 6.6 MiB of nodes; a hot
+//!     reload of such a deck costs this, off the request path)
+//!   prefix_table/lookup_200k    (random 11-digit numbers)    ~89-96 ns
+//!   tariff/quote_200k           (normalise + parts + price)  ~275-410 ns
+//!     = 2.4-3.6 million prices per second on one core
+//!   tariff/quote_batch_1000     (a 1 000-recipient send)     ~355 µs
+//!     = ~2.8 million prices per second on one core
+//!   tariff/bucket_preference    (tz conversion + windows)    ~53-70 ns
 //! Lookups are bound by cache misses across the table, not by digits.
 
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};

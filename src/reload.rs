@@ -1,5 +1,6 @@
 //! Hot reload of the tariff snapshot (SPEC 5.2): on a change of the tariff
-//! file or one of its prefixes files, and on `SIGHUP`. (`POST
+//! file, one of its prefixes files or the configuration file (for its
+//! `limits:`), and on `SIGHUP`. (`POST
 //! /admin/reload` is the third trigger, in `admin.rs`.) Every trigger calls
 //! the one [`App::reload_tariffs`], which validates the files, swaps the
 //! snapshot in one `ArcSwap` store, and on an invalid file logs the file,
@@ -90,12 +91,16 @@ impl Reloader {
         Reloader { app }
     }
 
-    /// The files whose change means a reload: the tariff file and the
-    /// prefixes files of the tariff in force, as absolute paths.
+    /// The files whose change means a reload, as absolute paths: the
+    /// tariff file, the prefixes files of the tariff in force, and the
+    /// configuration file (its `limits:` section reloads with the tariff).
     fn wanted_files(&self) -> HashSet<PathBuf> {
         let snapshot = self.app.snapshot.load();
-        std::iter::once(self.app.config.tariffs_path.as_path())
+        let config = &self.app.config;
+        [config.tariffs_path.as_path(), config.source.as_path()]
+            .into_iter()
             .chain(snapshot.tariff.prefix_files().iter().map(PathBuf::as_path))
+            .filter(|p| !p.as_os_str().is_empty())
             .map(absolute)
             .collect()
     }

@@ -105,12 +105,21 @@ fn metric(tg: &Tollgate, series: &str) -> Option<f64> {
         .unwrap()
         .text()
         .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 fn reloads(tg: &Tollgate, result: &str) -> f64 {
-    metric(tg, &format!("tollgate_tariff_reloads_total{{result=\"{result}\"}}")).unwrap_or(0.0)
+    metric(
+        tg,
+        &format!("tollgate_tariff_reloads_total{{result=\"{result}\"}}"),
+    )
+    .unwrap_or(0.0)
 }
 
 fn quote(tg: &Tollgate) -> serde_json::Value {
@@ -282,12 +291,19 @@ fn tariff_rewrites_under_load_fail_no_request() {
         let q = quote(&tg);
         q["tariff_version"] == expected_version.as_str() && q["total"] == expected_total.as_str()
     });
-    assert!(settled, "final snapshot is not the last valid file: {}", quote(&tg));
+    assert!(
+        settled,
+        "final snapshot is not the last valid file: {}",
+        quote(&tg)
+    );
     // Past the debounce of the last (invalid) rewrite: still in force.
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(quote(&tg)["tariff_version"], expected_version.as_str());
     assert_eq!(
-        metric(&tg, &format!("tollgate_tariff_info{{version=\"{expected_version}\"}}")),
+        metric(
+            &tg,
+            &format!("tollgate_tariff_info{{version=\"{expected_version}\"}}")
+        ),
         Some(1.0)
     );
 
@@ -313,8 +329,14 @@ fn tariff_rewrites_under_load_fail_no_request() {
         reloads_ok >= 25.0 && reloads_error >= 25.0,
         "reloads ok {reloads_ok}, error {reloads_error}"
     );
-    assert!(costs.len() >= 10, "too few versions priced traffic: {costs:?}");
-    assert!(admin_statuses.iter().all(|s| *s == 200 || *s == 422), "{admin_statuses:?}");
+    assert!(
+        costs.len() >= 10,
+        "too few versions priced traffic: {costs:?}"
+    );
+    assert!(
+        admin_statuses.iter().all(|s| *s == 200 || *s == 422),
+        "{admin_statuses:?}"
+    );
 
     // Every rejected file was logged with its file, line and key.
     let log = tg.log();
@@ -340,7 +362,11 @@ fn tariff_rewrites_under_load_fail_no_request() {
     let status = tg.stop_with("TERM");
     assert!(status.success(), "tollgate exited with {status}");
     let out = tg.cli(&["ledger", "export", "--format", "jsonl"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut reserves = 0;
     for line in String::from_utf8(out.stdout).unwrap().lines() {
         let e: serde_json::Value = serde_json::from_str(line).unwrap();
@@ -392,9 +418,15 @@ fn sighup_reloads_and_does_not_kill() {
     let before_version = quote(&tg)["tariff_version"].clone();
     std::fs::write(&path, "default_price: 1\nmax_parts: 0\n").unwrap();
     sighup(&tg);
-    assert!(wait_until(Duration::from_secs(10), || reloads(&tg, "error") >= 1.0));
+    assert!(wait_until(Duration::from_secs(10), || reloads(
+        &tg, "error"
+    ) >= 1.0));
     assert_eq!(quote(&tg)["tariff_version"], before_version);
-    assert!(tg.log().contains("max_parts: 0 is not valid"), "{}", tg.log());
+    assert!(
+        tg.log().contains("max_parts: 0 is not valid"),
+        "{}",
+        tg.log()
+    );
     assert_eq!(tg.balance("john", "secret1"), "744");
 }
 
@@ -421,7 +453,8 @@ fn a_changed_prefixes_file_is_watched_too() {
     // In place.
     std::fs::write(&csv, "prefix,price\n44,3\n").unwrap();
     assert!(
-        wait_until(Duration::from_secs(10), || quote(&tg)["price_per_part"] == "3"),
+        wait_until(Duration::from_secs(10), || quote(&tg)["price_per_part"]
+            == "3"),
         "{}",
         tg.log()
     );
@@ -430,13 +463,31 @@ fn a_changed_prefixes_file_is_watched_too() {
     std::fs::write(&tmp, "prefix,price\n44,4.5\n").unwrap();
     std::fs::rename(&tmp, &csv).unwrap();
     assert!(
-        wait_until(Duration::from_secs(10), || quote(&tg)["price_per_part"] == "4.5"),
+        wait_until(Duration::from_secs(10), || quote(&tg)["price_per_part"]
+            == "4.5"),
         "{}",
         tg.log()
     );
     // A bad line is rejected with its file and line; 4.5 stays.
     std::fs::write(&csv, "prefix,price\n44,4\n44,5\n").unwrap();
-    assert!(wait_until(Duration::from_secs(10), || reloads(&tg, "error") >= 1.0));
+    assert!(wait_until(Duration::from_secs(10), || reloads(
+        &tg, "error"
+    ) >= 1.0));
     assert_eq!(quote(&tg)["price_per_part"], "4.5");
     assert!(tg.log().contains("prefixes.csv:3:"), "{}", tg.log());
+
+    // The configuration file is watched too (its `limits:` reload with
+    // the tariff): saving it triggers a reload.
+    let before = reloads(&tg, "ok") + reloads(&tg, "error");
+    let config = std::fs::read(tg.config_path()).unwrap();
+    let tmp = tg.dir.path().join("tollgate.yaml.new");
+    std::fs::write(&tmp, config).unwrap();
+    std::fs::rename(&tmp, tg.config_path()).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || reloads(&tg, "ok")
+            + reloads(&tg, "error")
+            > before),
+        "{}",
+        tg.log()
+    );
 }

@@ -82,7 +82,12 @@ fn longest_prefix_over_overlapping_chains_and_both_sources() {
     assert_eq!(price("+123456789012345"), p("123456789012345", 5));
     assert_eq!(price("+123456789012344"), p("1", 6));
     // National and international forms of one number price the same.
-    for form in ["07700 900123", "+447700900123", "00447700900123", "447700900123"] {
+    for form in [
+        "07700 900123",
+        "+447700900123",
+        "00447700900123",
+        "447700900123",
+    ] {
         assert_eq!(price(form), p("447700900", 0), "{form}");
     }
     assert_eq!(price("07911 123456"), p("447", 3));
@@ -119,25 +124,40 @@ fn class_overrides_and_exact_rounding() {
     // Totals are parts × price in exact milli-credits: 3 × 0.333 = 0.999.
     let long = "x".repeat(400); // 3 GSM-7 parts
     let q = quote("030 123 4567", &long, None);
-    assert_eq!((q.parts, q.price_per_part_milli, q.total_milli), (3, 333, 999));
+    assert_eq!(
+        (q.parts, q.price_per_part_milli, q.total_milli),
+        (3, 333, 999)
+    );
     let q = quote("020 123 4567", &long, Some("reseller"));
-    assert_eq!((q.matched_prefix.as_deref(), q.total_milli), (Some("3620"), 333));
+    assert_eq!(
+        (q.matched_prefix.as_deref(), q.total_milli),
+        (Some("3620"), 333)
+    );
     // The class overrides only what it lists.
     let q = quote("030 123 4567", "hi", Some("reseller"));
-    assert_eq!((q.matched_prefix.as_deref(), q.total_milli), (Some("36"), 333));
+    assert_eq!(
+        (q.matched_prefix.as_deref(), q.total_milli),
+        (Some("36"), 333)
+    );
     let q = quote("+44 7700 900123", "hi", Some("reseller"));
     assert_eq!(q.total_milli, 2500);
     let q = quote("+33 123456789", "hi", Some("reseller"));
     assert_eq!((q.matched_prefix, q.total_milli), (None, 700));
     let q = quote("+36 20 1234567", "hi", Some("premium"));
-    assert_eq!((q.matched_prefix.as_deref(), q.total_milli), (Some("36"), 1250));
+    assert_eq!(
+        (q.matched_prefix.as_deref(), q.total_milli),
+        (Some("36"), 1250)
+    );
     assert_eq!(
         t.price_per_part("36201234567", Some("premium")).source,
         PriceSource::ClassPrefix
     );
     // UCS-2 counting decides the parts; the price is per part.
     let q = quote("+36 20 1234567", &"ő".repeat(71), Some("premium"));
-    assert_eq!((q.encoding, q.parts, q.total_milli), (Encoding::Ucs2, 2, 2500));
+    assert_eq!(
+        (q.encoding, q.parts, q.total_milli),
+        (Encoding::Ucs2, 2, 2500)
+    );
     // Fast mode rounds up to a whole credit, never down.
     assert_eq!(t.fast_price(333), 1000);
     assert_eq!(t.fast_price(1250), 2000); // 1.875 → 2
@@ -159,8 +179,8 @@ fn offpeak_windows_across_midnight_week_wrap_and_dst() {
     assert_eq!(at(utc_ms(2025, 1, 20, 5, 59, 59)), Off); // Monday
     assert_eq!(at(utc_ms(2025, 1, 20, 6, 0, 0)), Peak);
     assert_eq!(at(utc_ms(2025, 1, 20, 22, 0, 0)), Peak); // Monday opens none
-    // Friday 23:00 → Saturday 01:00: Saturday 00:30 is Friday's window;
-    // Friday 00:30 is not (Thursday opens no window).
+                                                         // Friday 23:00 → Saturday 01:00: Saturday 00:30 is Friday's window;
+                                                         // Friday 00:30 is not (Thursday opens no window).
     assert_eq!(at(utc_ms(2025, 1, 24, 0, 30, 0)), Peak);
     assert_eq!(at(utc_ms(2025, 1, 24, 23, 0, 0)), Off);
     assert_eq!(at(utc_ms(2025, 1, 25, 0, 30, 0)), Off);
@@ -198,11 +218,7 @@ fn an_offpeak_send_draws_offpeak_first_through_the_ledger() {
         "default_price: 1\noffpeak: { timezone: Europe/Budapest, windows: [ { days: [sat, sun], from: \"00:00\", to: \"24:00\" } ] }\n",
     );
     let sink = Arc::new(MemorySink::new());
-    let ledger = Ledger::new(
-        LedgerConfig::default(),
-        sink.clone(),
-        Arc::new(SystemClock),
-    );
+    let ledger = Ledger::new(LedgerConfig::default(), sink.clone(), Arc::new(SystemClock));
     ledger.open_account("john", None, Role::User, None).unwrap();
     ledger.add("john", Bucket::Anytime, 10_000, None).unwrap();
     ledger.add("john", Bucket::OffPeak, 2_000, None).unwrap();
@@ -269,7 +285,13 @@ fn account_json(tg: &Tollgate, name: &str) -> serde_json::Value {
 fn metric(tg: &Tollgate, series: &str) -> f64 {
     let text = get(&tg.admin_url("/metrics")).1;
     text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
         .unwrap_or_else(|| panic!("no series {series}"))
 }
 
@@ -342,7 +364,11 @@ fn quote_shows_the_breakdown_in_the_cli_and_the_admin_api() {
         "--text",
         &"a".repeat(161),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8(out.stdout).unwrap();
     for line in [
         format!("tariff version  {version}"),
@@ -361,8 +387,7 @@ fn quote_shows_the_breakdown_in_the_cli_and_the_admin_api() {
 // ---------------------------------------------------------------------------
 // Receive pricing.
 
-const RECEIVE_TARIFF: &str =
-    "default_country_code: \"36\"\ndefault_price: 1\nreceive_price: 0.5\n";
+const RECEIVE_TARIFF: &str = "default_country_code: \"36\"\ndefault_price: 1\nreceive_price: 0.5\n";
 
 fn inbox(sim: &Sim, count: u32) {
     let r = client()
@@ -452,14 +477,21 @@ fn received_messages_are_charged_per_message() {
     inbox(&sim, 1);
     let (status, cost, body) = receive(&tg, "john", "wrong");
     assert_eq!((status, cost), (200, None));
-    assert_eq!(xml_field(&body, "errorcode").as_deref(), Some("1003"), "{body}");
+    assert_eq!(
+        xml_field(&body, "errorcode").as_deref(),
+        Some("1003"),
+        "{body}"
+    );
     assert_eq!(receive_requests(&sim), 3);
     assert_eq!(sim_inbox_len(&sim), 1);
     // `action=x&action=receivemessage` cannot fetch messages uncharged.
-    let (_, body) = get(&tg.url(
-        "/api?action=getversion&action=receivemessage&username=john&password=secret1",
-    ));
-    assert_eq!(xml_field(&body, "errorcode").as_deref(), Some("1006"), "{body}");
+    let (_, body) =
+        get(&tg.url("/api?action=getversion&action=receivemessage&username=john&password=secret1"));
+    assert_eq!(
+        xml_field(&body, "errorcode").as_deref(),
+        Some("1006"),
+        "{body}"
+    );
     assert_eq!(sim_inbox_len(&sim), 1);
 
     // Under strict overdraft, poor (1 credit) pays for two of five messages
@@ -477,7 +509,10 @@ fn received_messages_are_charged_per_message() {
         1500.0
     );
     assert_eq!(
-        metric(&tg, "tollgate_received_messages_total{result=\"shortfall\"}"),
+        metric(
+            &tg,
+            "tollgate_received_messages_total{result=\"shortfall\"}"
+        ),
         5.0
     );
     assert!(tg.log().contains("shortfall_milli=1500"), "{}", tg.log());
@@ -486,24 +521,40 @@ fn received_messages_are_charged_per_message() {
     inbox(&sim, 2);
     let (status, cost, body) = receive(&tg, "poor", "poor1");
     assert_eq!((status, cost), (200, None));
-    assert_eq!(xml_field(&body, "errorcode").as_deref(), Some("1001"), "{body}");
-    assert_eq!(xml_field(&body, "action").as_deref(), Some("receivemessage"));
+    assert_eq!(
+        xml_field(&body, "errorcode").as_deref(),
+        Some("1001"),
+        "{body}"
+    );
+    assert_eq!(
+        xml_field(&body, "action").as_deref(),
+        Some("receivemessage")
+    );
     assert_eq!(sim_inbox_len(&sim), 2);
 
     // The charges are ledger entries priced by the tariff version in force.
     let status = tg.stop_with("TERM");
     assert!(status.success());
     let out = tg.cli(&["ledger", "export", "--format", "jsonl"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let posts: Vec<serde_json::Value> = String::from_utf8(out.stdout)
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .filter(|e: &serde_json::Value| e["kind"] == "post")
         .collect();
-    let amounts: Vec<i64> = posts.iter().map(|e| e["amount_milli"].as_i64().unwrap()).collect();
+    let amounts: Vec<i64> = posts
+        .iter()
+        .map(|e| e["amount_milli"].as_i64().unwrap())
+        .collect();
     assert_eq!(amounts, [-1500, -1000, -500, -1000], "{posts:#?}");
-    assert!(posts.iter().all(|e| e["tariff_version"] == version.as_str()));
+    assert!(posts
+        .iter()
+        .all(|e| e["tariff_version"] == version.as_str()));
 }
 
 #[test]
@@ -534,11 +585,17 @@ fn receive_pricing_modes_and_overdraft_policies() {
     assert_eq!(xml_all(&body, "message").len(), 4);
     assert_eq!(shadow.balance("poor", "poor1"), "1");
     assert_eq!(
-        metric(&shadow, "tollgate_received_messages_total{result=\"shadow\"}"),
+        metric(
+            &shadow,
+            "tollgate_received_messages_total{result=\"shadow\"}"
+        ),
         4.0
     );
     assert_eq!(
-        metric(&shadow, "tollgate_shadow_decisions_total{decision=\"would_refuse\"}"),
+        metric(
+            &shadow,
+            "tollgate_shadow_decisions_total{decision=\"would_refuse\"}"
+        ),
         1.0
     );
     drop(shadow);
@@ -561,6 +618,10 @@ fn receive_pricing_modes_and_overdraft_policies() {
     inbox(&sim, 1);
     let (_, cost, body) = receive(&ozeki, "poor", "poor1");
     assert_eq!(cost, None);
-    assert_eq!(xml_field(&body, "errorcode").as_deref(), Some("1001"), "{body}");
+    assert_eq!(
+        xml_field(&body, "errorcode").as_deref(),
+        Some("1001"),
+        "{body}"
+    );
     assert_eq!(sim_inbox_len(&sim), 1);
 }

@@ -121,7 +121,11 @@ pub fn count_messages(body: &[u8]) -> Result<u32, InboxError> {
             Event::End(_) => {
                 // quick-xml has checked that the end tag matches.
                 let name = path.pop().ok_or_else(|| malformed("unbalanced end tag"))?;
-                if name == b"message" && path.len() == 2 && path[0] == b"response" && path[1] == b"data" {
+                if name == b"message"
+                    && path.len() == 2
+                    && path[0] == b"response"
+                    && path[1] == b"data"
+                {
                     count = count
                         .checked_add(1)
                         .ok_or_else(|| malformed("too many messages"))?;
@@ -287,7 +291,11 @@ mod tests {
         assert!(names_receive(&p("Action=ReceiveMessage")));
         assert!(names_receive(&p("action=getversion&action=receivemessage")));
         assert!(!names_receive(&p("action=sendmessage")));
-        assert!(!has_conflicting_actions(&p("action=receivemessage&ACTION=receiveMessage")));
-        assert!(has_conflicting_actions(&p("action=getversion&action=receivemessage")));
+        assert!(!has_conflicting_actions(&p(
+            "action=receivemessage&ACTION=receiveMessage"
+        )));
+        assert!(has_conflicting_actions(&p(
+            "action=getversion&action=receivemessage"
+        )));
     }
 }
