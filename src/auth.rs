@@ -8,13 +8,21 @@
 //! generation number; changing a password or removing the account bumps or
 //! drops it, which invalidates every cached entry for that account.
 //!
+//! Memory (issue 8: 10 M accounts): the argon2id PHC strings `accounts add`
+//! makes (97 characters) are kept decoded, 48 bytes of salt and hash plus an
+//! interned parameter prefix, and rebuilt only for an argon2 run; a record
+//! is one 56-byte allocation (64 with malloc's header), the name another. For those records the generation is the
+//! first 8 bytes of the hash itself: every new password hash has a fresh
+//! salt, so it changes with the password (and setting the very same hash
+//! again keeps cached verifications, which still hold).
+//!
 //! Never stored or logged: a plain password. The cache holds MACs only, and
 //! the key dies with the process.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use argon2::password_hash::{PasswordHash, PasswordVerifier};
+use argon2::password_hash::{Output, PasswordHash, PasswordVerifier, SaltString};
 use argon2::Argon2;
 use dashmap::DashMap;
 use rand::RngCore;
@@ -27,13 +35,53 @@ pub enum AuthOutcome {
     WrongPassword,
 }
 
-struct Record {
-    phc: String,
-    generation: u64,
+/// An account's password hash (see the module docs for the compact form).
+enum Record {
+    /// `{prefix}{b64(salt)}${b64(hash)}`: argon2id with a 16-byte salt and a
+    /// 32-byte hash, `prefix` an index into [`CredentialStore::prefixes`]
+    /// (`$argon2id$v=19$m=19456,t=2,p=1$` for every hash of one build).
+    Argon2id { prefix: u16, salt_hash: [u8; 48] },
+    /// Any other PHC string, and every record with an expiry.
+    Phc(Box<PhcRecord>),
 }
 
+struct PhcRecord {
+    phc: Box<str>,
+    generation: u64,
+    /// Credentials adopted from the gateway (drop-in mode, SPEC 5.3) are
+    /// trusted until then; past it the account counts as unknown here, so
+    /// the gateway is asked again. `None`: a local account, no expiry.
+    expires: Option<std::time::Instant>,
+}
+
+impl Record {
+    fn current(&self) -> bool {
+        match self {
+            Record::Argon2id { .. } => true,
+            Record::Phc(r) => r.expires.is_none_or(|at| std::time::Instant::now() < at),
+        }
+    }
+
+    fn generation(&self) -> u64 {
+        match self {
+            Record::Argon2id { salt_hash, .. } => {
+                u64::from_le_bytes(salt_hash[16..24].try_into().expect("8 bytes"))
+            }
+            Record::Phc(r) => r.generation,
+        }
+    }
+}
+
+/// Most distinct argon2 parameter prefixes kept compact; hashes with
+/// further ones are kept as text.
+const PREFIXES_MAX: usize = 64;
+
 pub struct CredentialStore {
-    records: DashMap<String, Arc<Record>>,
+    /// Boxed: at the map's usual 45-85 % load a slot costs less as a
+    /// pointer to the 56-byte record than with the record inline.
+    records: DashMap<Box<str>, Box<Record>>,
+    /// Interned `$argon2id$v=…$m=…,t=…,p=…$` prefixes of compact records.
+    prefixes: parking_lot::Mutex<Vec<Box<str>>>,
     /// MAC(username, password) → generation of the record it was verified
     /// against. A hit counts only while that generation is current.
     verified: DashMap<[u8; 32], (Arc<str>, u64)>,
@@ -55,6 +103,7 @@ impl CredentialStore {
         rand::rngs::OsRng.fill_bytes(&mut mac_key);
         CredentialStore {
             records: DashMap::new(),
+            prefixes: parking_lot::Mutex::new(Vec::new()),
             verified: DashMap::new(),
             mac_key,
             in_flight: DashMap::new(),
@@ -68,13 +117,94 @@ impl CredentialStore {
     /// Sets (or replaces) an account's argon2id hash; cached verifications
     /// of the old password stop counting at once.
     pub fn set(&self, account: &str, phc: &str) {
-        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        self.records.insert(
-            account.to_string(),
-            Arc::new(Record {
-                phc: phc.to_string(),
-                generation,
-            }),
+        self.insert_record(account, phc, None);
+    }
+
+    /// Sets an account's hash that counts only until `expires` (drop-in
+    /// adoption: the gateway is asked again after it).
+    pub fn set_expiring(&self, account: &str, phc: &str, expires: std::time::Instant) {
+        self.insert_record(account, phc, Some(expires));
+    }
+
+    fn insert_record(&self, account: &str, phc: &str, expires: Option<std::time::Instant>) {
+        let compact = match expires {
+            None => self.compact(phc),
+            Some(_) => None,
+        };
+        let record = compact.unwrap_or_else(|| {
+            Record::Phc(Box::new(PhcRecord {
+                phc: phc.into(),
+                generation: self.next_generation.fetch_add(1, Ordering::Relaxed),
+                expires,
+            }))
+        });
+        self.records.insert(account.into(), Box::new(record));
+    }
+
+    /// The compact form of `phc`, if it has one that rebuilds to exactly
+    /// the same text.
+    fn compact(&self, phc: &str) -> Option<Record> {
+        let parsed = PasswordHash::new(phc).ok()?;
+        if parsed.algorithm.as_str() != "argon2id" {
+            return None;
+        }
+        let (salt, hash) = (parsed.salt?, parsed.hash?);
+        let mut salt_hash = [0u8; 48];
+        if salt.decode_b64(&mut salt_hash[..16]).ok()?.len() != 16 || hash.len() != 32 {
+            return None;
+        }
+        salt_hash[16..].copy_from_slice(hash.as_bytes());
+        let tail = salt.as_str().len() + 1 + hash.b64_len();
+        let prefix_text = phc.get(..phc.len().checked_sub(tail)?)?;
+        let prefix = {
+            // Critical section: a scan of a handful of prefixes.
+            let mut prefixes = self.prefixes.lock();
+            match prefixes.iter().position(|p| &**p == prefix_text) {
+                Some(i) => i,
+                None if prefixes.len() < PREFIXES_MAX => {
+                    prefixes.push(prefix_text.into());
+                    prefixes.len() - 1
+                }
+                None => return None,
+            }
+        };
+        let record = Record::Argon2id {
+            prefix: u16::try_from(prefix).ok()?,
+            salt_hash,
+        };
+        (self.phc_text(&record).as_deref() == Some(phc)).then_some(record)
+    }
+
+    /// The PHC string of a record (for an argon2 run).
+    fn phc_text(&self, record: &Record) -> Option<String> {
+        match record {
+            Record::Argon2id { prefix, salt_hash } => {
+                let salt = SaltString::encode_b64(&salt_hash[..16]).ok()?;
+                let hash = Output::new(&salt_hash[16..]).ok()?;
+                let mut buf = [0u8; 64];
+                let hash = hash.b64_encode(&mut buf).ok()?;
+                let prefixes = self.prefixes.lock();
+                let prefix = prefixes.get(usize::from(*prefix))?;
+                Some(format!("{prefix}{}${hash}", salt.as_str()))
+            }
+            Record::Phc(r) => Some(r.phc.to_string()),
+        }
+    }
+
+    /// Remembers credentials as verified against the account's current
+    /// record without an argon2 run: for credentials the caller has just
+    /// verified another way (the gateway, in drop-in mode) and hashed into
+    /// that record.
+    pub fn remember(&self, username: &str, password: &str) {
+        let Some(generation) = self.records.get(username).map(|r| r.generation()) else {
+            return;
+        };
+        if self.verified.len() >= self.cache_max_entries {
+            self.evict_some();
+        }
+        self.verified.insert(
+            self.mac(username, password),
+            (Arc::from(username), generation),
         );
     }
 
@@ -116,7 +246,11 @@ impl CredentialStore {
             let hit = self.verified.get(&mac)?;
             (hit.0.clone(), hit.1)
         };
-        let current = self.records.get(&*account).map(|r| r.generation);
+        let current = self
+            .records
+            .get(&*account)
+            .filter(|r| r.current())
+            .map(|r| r.generation());
         if current == Some(generation) && &*account == username {
             Some(AuthOutcome::Verified)
         } else {
@@ -129,12 +263,18 @@ impl CredentialStore {
     /// off the async threads). Remembers a success.
     pub fn verify_slow(&self, username: &str, password: &str) -> AuthOutcome {
         self.argon2_runs.fetch_add(1, Ordering::Relaxed);
-        let record = self.records.get(username).map(|r| r.clone());
-        let Some(record) = record else {
+        // Short guard: the text and generation are copied out before the
+        // argon2 run (milliseconds).
+        let record = self
+            .records
+            .get(username)
+            .filter(|r| r.current())
+            .and_then(|r| Some((self.phc_text(&r)?, r.generation())));
+        let Some((phc, generation)) = record else {
             let _ = verify_phc(&self.dummy_phc, password);
             return AuthOutcome::UnknownAccount;
         };
-        if !verify_phc(&record.phc, password) {
+        if !verify_phc(&phc, password) {
             return AuthOutcome::WrongPassword;
         }
         if self.verified.len() >= self.cache_max_entries {
@@ -142,7 +282,7 @@ impl CredentialStore {
         }
         self.verified.insert(
             self.mac(username, password),
-            (Arc::from(username), record.generation),
+            (Arc::from(username), generation),
         );
         AuthOutcome::Verified
     }
@@ -249,6 +389,68 @@ mod tests {
             store.verify_slow("john", "secret2"),
             AuthOutcome::UnknownAccount
         );
+    }
+
+    #[test]
+    fn expiring_records_count_as_unknown_after_their_time() {
+        let store = CredentialStore::new(100);
+        let now = std::time::Instant::now();
+        store.set_expiring(
+            "adopted",
+            &hash_password("pw"),
+            now + std::time::Duration::from_secs(60),
+        );
+        store.remember("adopted", "pw");
+        assert_eq!(
+            store.check_cached("adopted", "pw"),
+            Some(AuthOutcome::Verified)
+        );
+        assert_eq!(store.argon2_runs(), 0);
+        store.set_expiring("adopted", &hash_password("pw"), now);
+        assert_eq!(store.check_cached("adopted", "pw"), None);
+        assert_eq!(
+            store.verify_slow("adopted", "pw"),
+            AuthOutcome::UnknownAccount
+        );
+    }
+
+    #[test]
+    fn argon2id_hashes_are_kept_compact_and_rebuilt_exactly() {
+        use argon2::password_hash::PasswordHasher;
+        assert_eq!(std::mem::size_of::<Record>(), 56);
+        let store = CredentialStore::new(100);
+        let phc = hash_password("secret1");
+        store.set("john", &phc);
+        {
+            let r = store.records.get("john").unwrap();
+            assert!(matches!(**r, Record::Argon2id { prefix: 0, .. }));
+            assert_eq!(store.phc_text(&r).as_deref(), Some(phc.as_str()));
+        }
+        assert_eq!(store.verify_slow("john", "secret1"), AuthOutcome::Verified);
+        // Other parameters get their own prefix.
+        let params = argon2::Params::new(1024, 1, 1, None).unwrap();
+        let cheap = Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+            .hash_password(b"pw", &SaltString::generate(&mut rand::rngs::OsRng))
+            .unwrap()
+            .to_string();
+        store.set("cheap", &cheap);
+        assert!(matches!(
+            **store.records.get("cheap").unwrap(),
+            Record::Argon2id { prefix: 1, .. }
+        ));
+        assert_eq!(store.verify_slow("cheap", "pw"), AuthOutcome::Verified);
+        assert_eq!(store.verify_slow("cheap", "px"), AuthOutcome::WrongPassword);
+        // Anything else is kept as given.
+        store.set("odd", "not a phc string");
+        assert!(matches!(
+            **store.records.get("odd").unwrap(),
+            Record::Phc(_)
+        ));
+        assert_eq!(store.verify_slow("odd", "x"), AuthOutcome::WrongPassword);
+        // A new hash of the same password is a new generation.
+        let before = store.records.get("john").unwrap().generation();
+        store.set("john", &hash_password("secret1"));
+        assert_ne!(store.records.get("john").unwrap().generation(), before);
     }
 
     #[test]

@@ -31,11 +31,13 @@ use crate::ledger::{Bucket, EntryKind, Ledger, ReservationState};
 
 /// Limiter rules of SPEC 7, the `rule` label of
 /// `tollgate_rate_limit_decisions_total`.
-pub const RATE_LIMIT_RULES: [&str; 4] = [
+pub const RATE_LIMIT_RULES: [&str; 5] = [
     // Per-account send rate in parts per second.
     "account_parts",
     // Per-source-IP request rate.
     "source_ip",
+    // Per-source-IP requests in progress (the connection cap).
+    "source_ip_concurrent",
     // Per (IP, username) authentication-failure lockout.
     "auth_lockout",
     // Global upstream cap in parts per second.
@@ -46,6 +48,13 @@ pub const RATE_LIMIT_RULES: [&str; 4] = [
 /// refused (429), or over the limit but let through because the rule runs
 /// in shadow mode.
 pub const RATE_LIMIT_RESULTS: [&str; 3] = ["allowed", "limited", "shadow_limited"];
+
+/// The `result` label of `tollgate_upstream_verifications_total`: the
+/// gateway confirmed the credentials; refused them; could not be asked;
+/// or the same wrong credentials were refused from the negative cache
+/// without asking (drop-in authentication, SPEC 5.3).
+pub const VERIFICATION_RESULTS: [&str; 4] =
+    ["verified", "rejected", "unavailable", "cached_rejection"];
 
 /// The `result` label of `tollgate_tariff_reloads_total`.
 pub const RELOAD_RESULTS: [&str; 2] = ["ok", "error"];
@@ -91,6 +100,11 @@ pub struct Metrics {
     pub receive_shortfall_milli: IntCounter,
     /// Limiter decisions by rule and result (SPEC 7).
     pub rate_limit_decisions: IntCounterVec,
+    /// Keys each limiter table holds (bounded by
+    /// `limits.max_keys_per_rule`), refreshed by the sweep.
+    pub rate_limit_keys: IntGaugeVec,
+    /// Drop-in credential checks against the gateway, by result.
+    pub upstream_verifications: IntCounterVec,
     pub upstream_latency: HistogramVec,
     pub request_latency: HistogramVec,
     /// Whether the last readiness probe could connect to the gateway.
@@ -222,9 +236,21 @@ impl Metrics {
             ),
             rate_limit_decisions: counter_vec(
                 "tollgate_rate_limit_decisions_total",
-                "Rate-limit decisions by rule (account_parts, source_ip, auth_lockout, \
-                 upstream_parts) and result (allowed, limited, shadow_limited)",
+                "Rate-limit decisions by rule (account_parts, source_ip, source_ip_concurrent, \
+                 auth_lockout, upstream_parts) and result (allowed, limited, shadow_limited)",
                 &["rule", "result"],
+            ),
+            rate_limit_keys: gauge_vec(
+                "tollgate_rate_limit_keys",
+                "Keys held by each limiter table (source_ip, source_ip_concurrent, auth_lockout, \
+                 account_parts); bounded by limits.max_keys_per_rule",
+                &["rule"],
+            ),
+            upstream_verifications: counter_vec(
+                "tollgate_upstream_verifications_total",
+                "Drop-in credential checks against the gateway (auth.verify_upstream) by result \
+                 (verified, rejected, unavailable, cached_rejection)",
+                &["result"],
             ),
             upstream_latency: latency_histogram(
                 "tollgate_upstream_latency_seconds",
@@ -314,6 +340,8 @@ impl Metrics {
             Box::new(m.received_messages.clone()),
             Box::new(m.receive_shortfall_milli.clone()),
             Box::new(m.rate_limit_decisions.clone()),
+            Box::new(m.rate_limit_keys.clone()),
+            Box::new(m.upstream_verifications.clone()),
             Box::new(m.upstream_latency.clone()),
             Box::new(m.request_latency.clone()),
             Box::new(m.upstream_up.clone()),
@@ -359,6 +387,17 @@ impl Metrics {
             for result in RATE_LIMIT_RESULTS {
                 self.rate_limit_decisions.with_label_values(&[rule, result]);
             }
+        }
+        for rule in [
+            "source_ip",
+            "source_ip_concurrent",
+            "auth_lockout",
+            "account_parts",
+        ] {
+            self.rate_limit_keys.with_label_values(&[rule]);
+        }
+        for result in VERIFICATION_RESULTS {
+            self.upstream_verifications.with_label_values(&[result]);
         }
         for result in RELOAD_RESULTS {
             self.tariff_reloads.with_label_values(&[result]);
@@ -493,7 +532,7 @@ mod tests {
         m.requests.with_label_values(&["a", "b", "c"]);
         m.set_tariff_version("v", 0);
         let families = m.registry.gather();
-        assert_eq!(families.len(), 28);
+        assert_eq!(families.len(), 30);
         for f in families {
             assert!(f.get_name().starts_with("tollgate_"), "{}", f.get_name());
             assert!(!f.get_help().is_empty(), "{} has no help", f.get_name());

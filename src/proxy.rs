@@ -19,11 +19,14 @@ use pingora::prelude::*;
 use pingora::proxy::{ProxyHttp, Session};
 
 use crate::api::ozeki::command::action_of;
+use crate::api::ozeki::params::Params;
 use crate::api::ozeki::params::{parse_params, sniff_action, ParamLimits};
 use crate::config::Mode;
 use crate::error::ErrorCode;
+use crate::idempotency::{self, Begin, Claim, StoredAnswer};
+use crate::limits::{ActiveGuard, Refusal};
 use crate::service::ozeki::{self, Decision, LocalAnswer, PendingReceive, PendingSend};
-use crate::service::App;
+use crate::service::{App, Snapshot};
 use crate::upstream::{self, Forwarded, Upstream};
 
 /// The `Server` header of the gateway we stand in for (SPEC 1.5); local
@@ -72,6 +75,12 @@ pub struct RequestCtx {
     /// upstream latency is measured from here to the end of the relay.
     upstream_started: Option<Instant>,
     upstream_latency: Option<std::time::Duration>,
+    /// This request's place in the per-IP concurrency count (SPEC 7),
+    /// released when pingora drops the context after logging.
+    active: Option<ActiveGuard>,
+    /// The `Idempotency-Key` claim of a first request (SPEC 3.4): completed
+    /// with the answer when it is written, or released.
+    idempotency: Option<Claim>,
 }
 
 /// Longest account name an access line repeats (a client may send any
@@ -95,6 +104,8 @@ impl ProxyHttp for TollgateProxy {
             upstream_status: None,
             upstream_started: None,
             upstream_latency: None,
+            active: None,
+            idempotency: None,
         }
     }
 
@@ -103,11 +114,24 @@ impl ProxyHttp for TollgateProxy {
         if snapshot.mode == Mode::Passthrough {
             return Ok(false);
         }
+        // SPEC 7: per-IP limits before anything is parsed. Ozeki requests
+        // are refused in Ozeki's shape once their parameters are read.
+        let limited = match self.admit(session, ctx, &snapshot).await? {
+            Admission::Go => None,
+            Admission::Answered => return Ok(true),
+            Admission::Limited(refusal) => Some(refusal),
+        };
+        let client_ip = client_ip(session);
         let path = session.req_header().uri.path();
-        if let Some(door) = self.credit_door(path) {
+        let credit_door = self.credit_door(path);
+        let ozeki_path = self.is_ozeki_path(path);
+        if let (Some(refusal), false) = (limited, ozeki_path) {
+            return self.answer_limited_plain(session, ctx, refusal).await;
+        }
+        if let Some(door) = credit_door {
             return self.serve_credit_door(session, ctx, door).await;
         }
-        if !self.is_ozeki_path(path) {
+        if !ozeki_path {
             return Ok(false);
         }
         ctx.front_door = "ozeki";
@@ -128,12 +152,20 @@ impl ProxyHttp for TollgateProxy {
                     && crate::api::ozeki::inbox::names_receive(&params);
                 if !INTERCEPTED.contains(&action.as_str()) && !priced_receive {
                     ctx.action = action_label(&action);
+                    if let Some(refusal) = limited {
+                        let decision = ozeki::limited_answer(&params, refusal);
+                        self.carry_out(session, ctx, Bytes::new(), decision).await?;
+                        return Ok(true);
+                    }
                     return Ok(false);
                 }
             }
         }
 
-        let body = match read_body(session, self.app.config.ozeki.body_limit_bytes).await? {
+        let body = match self
+            .read_body_timed(session, ctx, self.app.config.ozeki.body_limit_bytes)
+            .await?
+        {
             Some(b) => b,
             None => {
                 ctx.outcome = "body_too_large";
@@ -182,20 +214,19 @@ impl ProxyHttp for TollgateProxy {
         let request_id = self.app.new_request_id();
         ctx.request_id = Some(request_id.clone());
 
-        match ozeki::decide(&self.app, &snapshot, &params, &request_id).await {
-            Decision::Answer(answer) => {
-                ctx.outcome = answer.outcome;
-                write_local(session, answer).await?;
+        let decision = match limited {
+            Some(refusal) => ozeki::limited_answer(&params, refusal),
+            None => {
+                if self
+                    .ozeki_idempotency(session, ctx, &snapshot, &params, &body, client_ip)
+                    .await?
+                {
+                    return Ok(true);
+                }
+                ozeki::decide(&self.app, &snapshot, &params, &request_id, client_ip).await
             }
-            Decision::Forward(pending) => {
-                self.forward_and_settle(session, ctx, body, pending, None)
-                    .await?;
-            }
-            Decision::ForwardReceive(receive) => {
-                self.forward_and_settle(session, ctx, body, None, Some(receive))
-                    .await?;
-            }
-        }
+        };
+        self.carry_out(session, ctx, body, decision).await?;
         Ok(true)
     }
 
@@ -386,6 +417,7 @@ impl TollgateProxy {
                 for (k, v) in extra {
                     header.insert_header(k, v)?;
                 }
+                self.record_answer(ctx, &header, &body);
                 session.write_response_header(header, false).await?;
                 session.write_response_body(Some(body), true).await?;
             }
@@ -393,6 +425,11 @@ impl TollgateProxy {
                 tracing::warn!(request_id = ctx.request_id.as_deref().unwrap_or("-"), %reason, "gateway unreachable");
                 if ctx.outcome == "forwarded" {
                     ctx.outcome = "upstream_unavailable";
+                }
+                // Nothing reached the gateway (any reservation is void): a
+                // retry with the same key may run.
+                if let Some(claim) = ctx.idempotency.take() {
+                    claim.release();
                 }
                 let text = crate::api::ozeki::render::error_answer(
                     &ctx.action,
@@ -413,14 +450,13 @@ impl TollgateProxy {
                 if ctx.outcome == "forwarded" {
                     ctx.outcome = "upstream_error";
                 }
-                write_answer(
-                    session,
-                    504,
-                    "text/plain",
-                    Bytes::from_static(b"Gateway answer lost\n"),
-                    &[],
-                )
-                .await?;
+                let body = Bytes::from_static(b"Gateway answer lost\n");
+                let header = local_header(504, "text/plain", body.len(), &[])?;
+                // The send may have gone out: a retry with the same key
+                // gets this answer, never a second send.
+                self.record_answer(ctx, &header, &body);
+                session.write_response_header(header, false).await?;
+                session.write_response_body(Some(body), true).await?;
             }
         }
         Ok(())
@@ -475,7 +511,12 @@ impl TollgateProxy {
         let request_id = self.app.new_request_id();
         ctx.request_id = Some(request_id.clone());
         let now_s = crate::service::now_unix_ms().div_euclid(1000);
-        let body = read_body(session, limit).await?;
+        let body = self.read_body_timed(session, ctx, limit).await?;
+        if let (Some(body), CreditDoor::Soap) = (&body, door) {
+            if self.soap_idempotency(session, ctx, body).await? {
+                return Ok(true);
+            }
+        }
         let (action, answer) = match (&body, door) {
             (None, CreditDoor::Boxis) => ("other", boxis::too_large(&[], now_s)),
             (None, CreditDoor::Soap) => ("other", soap::too_large(content_type.as_deref())),
@@ -511,6 +552,7 @@ impl TollgateProxy {
         if answer.status == 405 {
             h.insert_header("Allow", "GET, POST")?;
         }
+        self.record_answer(ctx, &h, answer.body.as_bytes());
         session.write_response_header(Box::new(h), false).await?;
         session
             .write_response_body(Some(Bytes::from(answer.body)), true)
@@ -520,6 +562,479 @@ impl TollgateProxy {
         }
         Ok(true)
     }
+}
+
+// ---------------------------------------------------------------------------
+// Protection (SPEC 7) and idempotency (SPEC 3.4): the pingora side. The
+// decisions are `limits` and `idempotency`; this only moves bytes.
+// ---------------------------------------------------------------------------
+
+/// The Ozeki actions an `Idempotency-Key` applies to (SPEC 3.4).
+const IDEMPOTENT: [&str; 3] = ["sendmessage", "addcredits", "setcredits"];
+
+/// What admission decided for a request.
+enum Admission {
+    Go,
+    /// Over a per-IP limit. Ozeki requests are answered in Ozeki's shape
+    /// once their parameters are read; others at once.
+    Limited(Refusal),
+    /// Already answered (header too large).
+    Answered,
+}
+
+fn client_ip(session: &Session) -> Option<std::net::IpAddr> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
+}
+
+/// Bytes of the request line and headers, as received (roughly: names,
+/// values and separators).
+fn header_bytes(req: &RequestHeader) -> usize {
+    let line = req.method.as_str().len()
+        + req.uri.path().len()
+        + req.uri.query().map_or(0, |q| q.len() + 1)
+        + 12;
+    req.headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + line
+}
+
+impl TollgateProxy {
+    /// First thing for every request outside passthrough: the body read
+    /// timeout, the header size, then the per-IP concurrency and rate.
+    async fn admit(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        snapshot: &Snapshot,
+    ) -> Result<Admission> {
+        let downstream = &self.app.config.downstream;
+        session.set_read_timeout(Some(downstream.read_timeout));
+        if header_bytes(session.req_header()) > downstream.header_limit_bytes {
+            ctx.outcome = "header_too_large";
+            session.set_keepalive(None);
+            write_answer(
+                session,
+                431,
+                "text/plain",
+                Bytes::from_static(b"Request header fields too large\n"),
+                &[],
+            )
+            .await?;
+            return Ok(Admission::Answered);
+        }
+        let ip = client_ip(session);
+        let shadow_all = snapshot.mode == Mode::Shadow;
+        let limiter = &self.app.limiter;
+        match limiter.enter_request(&snapshot.limits, ip, shadow_all) {
+            Ok(guard) => ctx.active = guard,
+            Err(refusal) => return Ok(Admission::Limited(refusal)),
+        }
+        Ok(
+            match limiter.check_source_ip(&snapshot.limits, ip, shadow_all) {
+                Ok(()) => Admission::Go,
+                Err(refusal) => Admission::Limited(refusal),
+            },
+        )
+    }
+
+    /// HTTP 429 for a request that is not an Ozeki action (plain text).
+    async fn answer_limited_plain(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        refusal: Refusal,
+    ) -> Result<bool> {
+        ctx.outcome = "rate_limited";
+        let has_body = request_has_body(session);
+        if has_body {
+            session.set_keepalive(None);
+        }
+        write_answer(
+            session,
+            429,
+            "text/plain",
+            Bytes::from_static(b"Too many requests\n"),
+            &[("Retry-After", refusal.retry_after_s.to_string())],
+        )
+        .await?;
+        if has_body {
+            linger(session).await;
+        }
+        Ok(true)
+    }
+
+    /// Carries out an Ozeki decision: a local answer, or forwarding.
+    async fn carry_out(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        body: Bytes,
+        decision: Decision,
+    ) -> Result<()> {
+        match decision {
+            Decision::Answer(answer) => {
+                ctx.outcome = answer.outcome;
+                self.write_local_recorded(session, ctx, answer, &[]).await
+            }
+            Decision::RateLimited {
+                answer,
+                retry_after_s,
+            } => {
+                ctx.outcome = answer.outcome;
+                let extra = [("Retry-After", retry_after_s.to_string())];
+                self.write_local_recorded(session, ctx, answer, &extra)
+                    .await
+            }
+            Decision::Forward(pending) => {
+                self.forward_and_settle(session, ctx, body, pending, None)
+                    .await
+            }
+            Decision::ForwardReceive(receive) => {
+                self.forward_and_settle(session, ctx, body, None, Some(receive))
+                    .await
+            }
+        }
+    }
+
+    async fn write_local_recorded(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        answer: LocalAnswer,
+        extra: &[(&'static str, String)],
+    ) -> Result<()> {
+        let body = Bytes::from(answer.body);
+        let header = local_header(answer.status, answer.content_type, body.len(), extra)?;
+        self.record_answer(ctx, &header, &body);
+        session.write_response_header(header, false).await?;
+        session.write_response_body(Some(body), true).await?;
+        Ok(())
+    }
+
+    /// Reads the whole body within `downstream.body_timeout` (then HTTP
+    /// 408); `None` if it exceeds `limit` bytes.
+    async fn read_body_timed(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        limit: usize,
+    ) -> Result<Option<Bytes>> {
+        let deadline = self.app.config.downstream.body_timeout;
+        match tokio::time::timeout(deadline, read_body(session, limit)).await {
+            // A client that stalls longer than `downstream.read_timeout`
+            // between two reads: a client error, not a server one.
+            Ok(Err(e)) if matches!(e.etype(), pingora::ErrorType::ReadTimedout) => {
+                ctx.outcome = "body_timeout";
+                Err(pingora::Error::explain(
+                    pingora::ErrorType::HTTPStatus(408),
+                    "request body stalled",
+                ))
+            }
+            Ok(read) => read,
+            Err(_) => {
+                ctx.outcome = "body_timeout";
+                Err(pingora::Error::explain(
+                    pingora::ErrorType::HTTPStatus(408),
+                    "request body not received in time",
+                ))
+            }
+        }
+    }
+
+    /// Binds the request's idempotency key (if it holds one) to the answer
+    /// about to be written, or releases it when nothing happened.
+    fn record_answer(&self, ctx: &mut RequestCtx, header: &ResponseHeader, body: &[u8]) {
+        let Some(claim) = ctx.idempotency.take() else {
+            return;
+        };
+        if idempotency::releases(&ctx.action, ctx.outcome) {
+            claim.release();
+            return;
+        }
+        let headers = header
+            .headers
+            .iter()
+            .filter(|(name, _)| idempotency::should_store_header(name.as_str()))
+            .map(|(name, value)| {
+                (
+                    name.as_str().to_string(),
+                    String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        claim.complete(StoredAnswer {
+            status: header.status.as_u16(),
+            headers,
+            body: body.to_vec(),
+        });
+    }
+
+    /// SPEC 3.4 for an Ozeki send or credit change carrying an
+    /// `Idempotency-Key`: `Ok(true)` when answered here (a replay or a
+    /// refusal); otherwise the request goes on, holding the key's claim in
+    /// `ctx` if the key is new.
+    async fn ozeki_idempotency(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        snapshot: &Snapshot,
+        params: &Params,
+        body: &Bytes,
+        client_ip: Option<std::net::IpAddr>,
+    ) -> Result<bool> {
+        let Some(raw) = session.req_header().headers.get(idempotency::HEADER) else {
+            return Ok(false);
+        };
+        let action = action_of(params).unwrap_or_default();
+        if !IDEMPOTENT.contains(&action.as_str()) {
+            return Ok(false);
+        }
+        if !idempotency::valid_key(raw.as_bytes()) {
+            ctx.outcome = "invalid_request";
+            let text = crate::api::ozeki::render::error_answer(
+                &action,
+                ErrorCode::InvalidRequest,
+                "Invalid request: Idempotency-Key must be 1 to 255 visible ASCII characters",
+            );
+            write_answer(
+                session,
+                400,
+                ozeki::CONTENT_TYPE_XML,
+                Bytes::from(text),
+                &[],
+            )
+            .await?;
+            return Ok(true);
+        }
+        let key = String::from_utf8_lossy(raw.as_bytes()).into_owned();
+        // No account to scope the key by: the request fails authentication.
+        let Some(account) = params.get("username") else {
+            return Ok(false);
+        };
+        let req = session.req_header();
+        // Secret values are left out of the fingerprint (it is stored).
+        let query = redact_query("", req.uri.query());
+        let body_part = match std::str::from_utf8(body) {
+            Ok(text) => redact_query("", Some(text)).into_bytes(),
+            Err(_) => body.to_vec(),
+        };
+        let fingerprint = idempotency::fingerprint(&[
+            req.method.as_str().as_bytes(),
+            req.uri.path().as_bytes(),
+            query.as_bytes(),
+            &body_part,
+        ]);
+        let (status, code, text, outcome) = match self
+            .app
+            .idempotency
+            .begin(account, &key, fingerprint)
+            .await
+        {
+            Begin::Fresh(claim) => {
+                ctx.idempotency = Some(claim);
+                return Ok(false);
+            }
+            Begin::Replay(answer) => {
+                // Only to a caller who could have made the first request;
+                // anyone else goes the normal way (and fails to log in).
+                if !ozeki::caller_verified(&self.app, snapshot, client_ip, params, &action).await {
+                    return Ok(false);
+                }
+                ctx.outcome = "idempotent_replay";
+                write_stored(session, answer).await?;
+                return Ok(true);
+            }
+            Begin::Mismatch => (
+                422,
+                ErrorCode::InvalidRequest,
+                "Invalid request: this Idempotency-Key was used with a different request",
+                "idempotency_mismatch",
+            ),
+            Begin::Interrupted => (
+                409,
+                ErrorCode::Replayed,
+                "The first request with this Idempotency-Key did not finish; its outcome is unknown",
+                "idempotency_conflict",
+            ),
+            Begin::InProgress => (
+                409,
+                ErrorCode::Replayed,
+                "The first request with this Idempotency-Key is still in progress",
+                "idempotency_conflict",
+            ),
+            Begin::Full | Begin::Unavailable => (
+                503,
+                ErrorCode::StoreUnavailable,
+                "Idempotency keys cannot be recorded now, retry later",
+                "store_unavailable",
+            ),
+        };
+        if status != 503
+            && !ozeki::caller_verified(&self.app, snapshot, client_ip, params, &action).await
+        {
+            return Ok(false);
+        }
+        ctx.outcome = outcome;
+        let text = crate::api::ozeki::render::error_answer(&action, code, text);
+        write_answer(
+            session,
+            status,
+            ozeki::CONTENT_TYPE_XML,
+            Bytes::from(text),
+            &[],
+        )
+        .await?;
+        Ok(true)
+    }
+
+    /// SPEC 3.4 for the SOAP transfer (`SubAccountGiveCredit`) carrying an
+    /// `Idempotency-Key`; as [`Self::ozeki_idempotency`]. The fingerprint
+    /// is the call's arguments (the envelope's formatting and the password
+    /// do not count).
+    async fn soap_idempotency(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        body: &Bytes,
+    ) -> Result<bool> {
+        use crate::api::soap::{self as soap_api, Call, FaultKind};
+        let req = session.req_header();
+        let Some(raw) = req.headers.get(idempotency::HEADER) else {
+            return Ok(false);
+        };
+        if !req.method.as_str().eq_ignore_ascii_case("POST") {
+            return Ok(false);
+        }
+        // Anything the door would refuse anyway is left to the door.
+        let Ok(envelope) = soap_api::parse_envelope(body, &soap_api::EnvelopeLimits::default())
+        else {
+            return Ok(false);
+        };
+        let Ok(Call::SubAccountGiveCredit {
+            credentials,
+            sub_account,
+            anytime_milli,
+            offpeak_milli,
+        }) = soap_api::call_from_envelope(&envelope)
+        else {
+            return Ok(false);
+        };
+        let version = envelope.version;
+        ctx.action = soap_api::OperationName::SubAccountGiveCredit
+            .label()
+            .to_string();
+        ctx.account = Some(
+            credentials
+                .username
+                .chars()
+                .take(ACCOUNT_LOG_MAX_CHARS)
+                .collect(),
+        );
+        let fault =
+            |status: u16, text: &str| (status, soap_api::fault(version, FaultKind::Client, text));
+        let refused = if !idempotency::valid_key(raw.as_bytes()) {
+            ctx.outcome = "invalid_request";
+            fault(
+                400,
+                "Idempotency-Key must be 1 to 255 visible ASCII characters",
+            )
+        } else {
+            let key = String::from_utf8_lossy(raw.as_bytes()).into_owned();
+            let fingerprint = idempotency::fingerprint(&[
+                b"soap:SubAccountGiveCredit",
+                sub_account.as_bytes(),
+                &anytime_milli.to_le_bytes(),
+                &offpeak_milli.to_le_bytes(),
+            ]);
+            let begin = self
+                .app
+                .idempotency
+                .begin(&credentials.username, &key, fingerprint)
+                .await;
+            let (status, text, outcome) = match begin {
+                Begin::Fresh(claim) => {
+                    ctx.idempotency = Some(claim);
+                    return Ok(false);
+                }
+                Begin::Replay(answer) => {
+                    if self
+                        .app
+                        .credentials
+                        .verify(&credentials.username, &credentials.password)
+                        .await
+                        != crate::auth::AuthOutcome::Verified
+                    {
+                        return Ok(false);
+                    }
+                    ctx.outcome = "idempotent_replay";
+                    write_stored(session, answer).await?;
+                    return Ok(true);
+                }
+                Begin::Mismatch => (
+                    422,
+                    "this Idempotency-Key was used with a different request",
+                    "idempotency_mismatch",
+                ),
+                Begin::Interrupted => (
+                    409,
+                    "the first request with this Idempotency-Key did not finish; its outcome is unknown",
+                    "idempotency_conflict",
+                ),
+                Begin::InProgress => (
+                    409,
+                    "the first request with this Idempotency-Key is still in progress",
+                    "idempotency_conflict",
+                ),
+                Begin::Full | Begin::Unavailable => (
+                    503,
+                    "idempotency keys cannot be recorded now, retry later",
+                    "store_unavailable",
+                ),
+            };
+            if status != 503
+                && self
+                    .app
+                    .credentials
+                    .verify(&credentials.username, &credentials.password)
+                    .await
+                    != crate::auth::AuthOutcome::Verified
+            {
+                return Ok(false);
+            }
+            ctx.outcome = outcome;
+            fault(status, text)
+        };
+        let (status, text) = refused;
+        write_answer(
+            session,
+            status,
+            version.content_type(),
+            Bytes::from(text),
+            &[],
+        )
+        .await?;
+        Ok(true)
+    }
+}
+
+/// Writes an answer stored under an idempotency key, marked as a replay.
+async fn write_stored(session: &mut Session, answer: StoredAnswer) -> Result<()> {
+    let mut h = ResponseHeader::build(answer.status, Some(answer.headers.len() + 2))?;
+    for (name, value) in answer.headers {
+        h.append_header(name, value.as_str())?;
+    }
+    h.insert_header("Content-Length", answer.body.len().to_string())?;
+    h.insert_header(idempotency::REPLAYED_HEADER, "true")?;
+    session.write_response_header(Box::new(h), false).await?;
+    session
+        .write_response_body(Some(Bytes::from(answer.body)), true)
+        .await?;
+    Ok(())
 }
 
 /// Parameter names whose values never reach a log: Ozeki passes the
@@ -656,17 +1171,6 @@ async fn linger(session: &mut Session) {
     .await;
 }
 
-async fn write_local(session: &mut Session, answer: LocalAnswer) -> Result<()> {
-    write_answer(
-        session,
-        answer.status,
-        answer.content_type,
-        Bytes::from(answer.body),
-        &[],
-    )
-    .await
-}
-
 /// Writes a locally made answer with the headers the gateway would send.
 pub async fn write_answer(
     session: &mut Session,
@@ -675,16 +1179,28 @@ pub async fn write_answer(
     body: Bytes,
     extra: &[(&'static str, String)],
 ) -> Result<()> {
+    let h = local_header(status, content_type, body.len(), extra)?;
+    session.write_response_header(h, false).await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(())
+}
+
+/// The header of a locally made answer: the gateway's `Server`, the type,
+/// the length, and `extra`.
+fn local_header(
+    status: u16,
+    content_type: &str,
+    body_len: usize,
+    extra: &[(&'static str, String)],
+) -> Result<Box<ResponseHeader>> {
     let mut h = ResponseHeader::build(status, Some(4 + extra.len()))?;
     h.insert_header("Server", SERVER_HEADER)?;
     h.insert_header("Content-Type", content_type)?;
-    h.insert_header("Content-Length", body.len().to_string())?;
+    h.insert_header("Content-Length", body_len.to_string())?;
     for (k, v) in extra {
         h.insert_header(*k, v.as_str())?;
     }
-    session.write_response_header(Box::new(h), false).await?;
-    session.write_response_body(Some(body), true).await?;
-    Ok(())
+    Ok(Box::new(h))
 }
 
 #[cfg(test)]

@@ -127,7 +127,9 @@ fn build(
 ) -> Result<App, StartError> {
     let tariff =
         Tariff::load(&config.tariffs_path).map_err(|e| StartError::Tariff(e.to_string()))?;
-    let ledger = Arc::new(Ledger::new(
+    // Sized for the stored accounts, so restoring millions never rehashes.
+    let stored_accounts = store.as_ref().map_or(0, |s| s.loaded.accounts.len());
+    let ledger = Arc::new(Ledger::with_capacity(
         LedgerConfig {
             overdraft: config.overdraft,
             reservation_ttl_ms: config.settle.reservation_ttl.as_millis() as i64,
@@ -137,6 +139,7 @@ fn build(
             next: sink,
         }),
         Arc::new(SystemClock) as Arc<dyn Clock>,
+        stored_accounts,
     ));
     let writer = store.map(|s| {
         restore(&ledger, s.loaded);
@@ -154,6 +157,17 @@ fn build(
     }
     let mut app = App::new(config, ledger, credentials, tariff, metrics);
     app.store = writer;
+    // Idempotency keys live next to the ledger store (SPEC 3.4).
+    if let Some(path) = &app.config.idempotency.path {
+        let keys =
+            crate::idempotency::Idempotency::open(&app.config.idempotency).map_err(|problem| {
+                StartError::Store {
+                    path: path.display().to_string(),
+                    problem,
+                }
+            })?;
+        app.idempotency = Arc::new(keys);
+    }
     // Boxis identities (e-mail, user key) come from the seeds only.
     for seed in &seeds {
         app.boxis.keys.set(
@@ -219,6 +233,7 @@ impl BackgroundService for Sweeper {
             if let Some(store) = &self.app.store {
                 store.refresh_gauges();
             }
+            self.app.sweep_protection();
             let expired = self.app.ledger.expire_due();
             if !expired.is_empty() {
                 tracing::warn!(count = expired.len(), "expired forgotten reservations");
@@ -300,6 +315,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
     // so no request is left to record entries — and the store is flushed
     // before the process exits 0.
     server.run(RunArgs::default());
+    app.idempotency.flush_blocking();
     flush_store(&app)
 }
 

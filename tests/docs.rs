@@ -19,7 +19,10 @@ fn every_metric_family_is_in_the_readme() {
         .map(|f| f.get_name().to_string())
         .filter(|name| !readme.contains(&format!("`{name}`")))
         .collect();
-    assert!(missing.is_empty(), "undocumented metric families: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "undocumented metric families: {missing:?}"
+    );
 }
 
 #[test]

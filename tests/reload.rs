@@ -491,3 +491,43 @@ fn a_changed_prefixes_file_is_watched_too() {
         tg.log()
     );
 }
+
+/// SPEC 5.1a: the mode is part of the hot-reloaded snapshot, so an operator
+/// can switch to the passthrough bypass (and back) without a restart.
+#[test]
+fn a_reload_switches_the_mode_without_a_restart() {
+    let sim = Sim::start(&[]);
+    let tg = Tollgate::start(
+        sim.addr,
+        TollgateOptions {
+            extra_yaml: "mode: enforce".into(),
+            ..Default::default()
+        },
+    );
+    let getcredits = "/api?action=getcredits&username=john&password=secret1";
+    assert_eq!(get(&tg.url(getcredits)).0, 200);
+    assert!(
+        sim.requests().is_empty(),
+        "enforce answers credit actions itself"
+    );
+
+    let config = std::fs::read_to_string(tg.config_path()).unwrap();
+    std::fs::write(
+        tg.config_path(),
+        config.replace("mode: enforce", "mode: passthrough"),
+    )
+    .unwrap();
+    assert_eq!(admin_reload(&tg).0, 200);
+    assert_eq!(get(&tg.url(getcredits)).0, 200);
+    assert_eq!(
+        sim.requests().len(),
+        1,
+        "passthrough forwards credit actions"
+    );
+
+    std::fs::write(tg.config_path(), config).unwrap();
+    assert_eq!(admin_reload(&tg).0, 200);
+    sim.reset();
+    assert_eq!(get(&tg.url(getcredits)).0, 200);
+    assert!(sim.requests().is_empty(), "back to enforce");
+}

@@ -119,6 +119,15 @@ struct FileConfig {
     boxis: FileBoxis,
     #[serde(default)]
     soap: FileSoap,
+    /// Rate limits and lockout (SPEC 7); reloaded with the tariffs.
+    #[serde(default)]
+    limits: crate::limits::config::FileLimits,
+    /// Client timeouts and header size.
+    #[serde(default)]
+    downstream: crate::limits::config::FileDownstream,
+    /// `Idempotency-Key` handling (SPEC 3.4).
+    #[serde(default)]
+    idempotency: crate::idempotency::FileIdempotency,
 }
 
 fn default_mode() -> Mode {
@@ -212,6 +221,10 @@ struct FileAuth {
     adopt_balance: bool,
     #[serde(default = "default_credential_cache")]
     credential_cache_entries: usize,
+    #[serde(default = "default_verified_ttl_s")]
+    verified_ttl_s: u64,
+    #[serde(default = "default_negative_ttl_s")]
+    negative_ttl_s: u64,
 }
 impl Default for FileAuth {
     fn default() -> Self {
@@ -220,8 +233,16 @@ impl Default for FileAuth {
             verify_upstream: false,
             adopt_balance: false,
             credential_cache_entries: default_credential_cache(),
+            verified_ttl_s: default_verified_ttl_s(),
+            negative_ttl_s: default_negative_ttl_s(),
         }
     }
+}
+fn default_verified_ttl_s() -> u64 {
+    3600
+}
+fn default_negative_ttl_s() -> u64 {
+    30
 }
 fn default_unknown_accounts() -> UnknownAccounts {
     UnknownAccounts::Reject
@@ -414,6 +435,10 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub boxis: BoxisConfig,
     pub soap: SoapConfig,
+    /// The limits the first snapshot starts with (reloads re-read them).
+    pub limits: crate::limits::LimitsConfig,
+    pub downstream: crate::limits::DownstreamConfig,
+    pub idempotency: crate::idempotency::IdempotencyConfig,
 }
 
 /// The Boxis-compatible door (SPEC 2.1).
@@ -483,6 +508,12 @@ pub struct AuthConfig {
     pub verify_upstream: bool,
     pub adopt_balance: bool,
     pub credential_cache_entries: usize,
+    /// Drop-in mode: how long credentials the gateway confirmed are
+    /// trusted locally before the gateway is asked again.
+    pub verified_ttl: Duration,
+    /// Drop-in mode: how long credentials the gateway refused are refused
+    /// locally (so they cannot be used to hammer the gateway).
+    pub negative_ttl: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -671,6 +702,29 @@ impl Config {
                 ));
             }
         }
+        for (key, value, max) in [
+            ("auth.verified_ttl_s", f.auth.verified_ttl_s, 30 * 86_400),
+            ("auth.negative_ttl_s", f.auth.negative_ttl_s, 86_400),
+        ] {
+            if !(1..=max).contains(&value) {
+                return Err(ConfigError::new(
+                    path,
+                    key,
+                    format!("must be 1 to {max} seconds"),
+                ));
+            }
+        }
+        let limits = crate::limits::LimitsConfig::from_file(path, f.limits)?;
+        let downstream = crate::limits::DownstreamConfig::from_file(path, f.downstream)?;
+        let idempotency = crate::idempotency::IdempotencyConfig::from_file(
+            path,
+            f.idempotency,
+            f.store
+                .path
+                .as_deref()
+                .map(|p| resolve_relative(path, p))
+                .as_deref(),
+        )?;
         Ok(Config {
             source: path.to_path_buf(),
             mode: f.mode,
@@ -696,6 +750,8 @@ impl Config {
                 verify_upstream: f.auth.verify_upstream,
                 adopt_balance: f.auth.adopt_balance,
                 credential_cache_entries: f.auth.credential_cache_entries,
+                verified_ttl: Duration::from_secs(f.auth.verified_ttl_s),
+                negative_ttl: Duration::from_secs(f.auth.negative_ttl_s),
             },
             overdraft,
             settle: SettleConfig {
@@ -727,6 +783,9 @@ impl Config {
             metrics: MetricsConfig {
                 balance_accounts: f.metrics.balance_accounts,
             },
+            limits,
+            downstream,
+            idempotency,
         })
     }
 }

@@ -7,6 +7,7 @@
 //! `proxy.rs` moves the bytes.
 
 pub mod boxis;
+pub mod dropin;
 pub mod ozeki;
 pub mod soap;
 
@@ -18,7 +19,9 @@ use arc_swap::ArcSwap;
 use crate::auth::CredentialStore;
 use crate::config::{Config, Durability, Mode};
 use crate::error::ErrorCode;
+use crate::idempotency::Idempotency;
 use crate::ledger::{Entry, EntrySink, Ledger};
+use crate::limits::{Limiter, LimitsConfig};
 use crate::metrics::Metrics;
 use crate::store::WriteBehind;
 use crate::tariff::{Tariff, TariffError};
@@ -36,6 +39,9 @@ use crate::upstream::Upstream;
 pub struct Snapshot {
     pub mode: Mode,
     pub tariff: Arc<Tariff>,
+    /// The rates and rules of SPEC 7 (the `limits:` section of
+    /// `tollgate.yaml`, re-read on every reload).
+    pub limits: Arc<LimitsConfig>,
 }
 
 pub struct App {
@@ -50,6 +56,15 @@ pub struct App {
     /// The write-behind store writer; `None` when `store.path` is unset
     /// (the ledger then lives in memory only). Set once at start-up.
     pub store: Option<Arc<WriteBehind>>,
+    /// Limiter state (SPEC 7): outside the snapshot, so a reload changes
+    /// rates without resetting what clients have used.
+    pub limiter: Arc<Limiter>,
+    /// `Idempotency-Key` table (SPEC 3.4): in memory until start-up opens
+    /// its SQLite file (`server::build`).
+    pub idempotency: Arc<Idempotency>,
+    /// Drop-in authentication state: single flight and the negative cache
+    /// of gateway verifications (SPEC 5.3).
+    pub dropin: dropin::DropIn,
     /// Makes request ids unique across restarts: the start time prefixes a
     /// per-process counter.
     started_unix_ms: i64,
@@ -73,8 +88,24 @@ impl App {
         let snapshot = ArcSwap::from_pointee(Snapshot {
             mode: config.mode,
             tariff: Arc::new(tariff),
+            limits: Arc::new(config.limits.clone()),
         });
+        let limiter = Arc::new(Limiter::new(
+            config.limits.max_keys_per_rule,
+            metrics.clone(),
+        ));
+        let idempotency = Arc::new(
+            Idempotency::open(&crate::idempotency::IdempotencyConfig {
+                path: None,
+                ..config.idempotency.clone()
+            })
+            .expect("an in-memory key table always opens"),
+        );
+        let dropin = dropin::DropIn::new(&config.auth);
         App {
+            limiter,
+            idempotency,
+            dropin,
             config,
             ledger,
             credentials,
@@ -107,9 +138,25 @@ impl App {
         };
         let version = tariff.version().to_string();
         let previous = self.snapshot.load_full();
+        let (mode, limits) = match self.reload_config(&previous) {
+            Ok(parts) => parts,
+            Err(e) => {
+                tracing::error!(error = %e, "limits reload rejected; the previous snapshot stays in force");
+                self.metrics.record_reload(false);
+                return Err(TariffError::Invalid {
+                    file: e.file.into(),
+                    key: e.key,
+                    problem: e.problem,
+                });
+            }
+        };
+        if mode != previous.mode {
+            tracing::warn!(previous = ?previous.mode, mode = ?mode, "mode changed by reload");
+        }
         self.snapshot.store(Arc::new(Snapshot {
-            mode: previous.mode,
+            mode,
             tariff: Arc::new(tariff),
+            limits,
         }));
         self.metrics
             .set_tariff_version(&version, now_unix_ms() / 1000);
@@ -120,6 +167,38 @@ impl App {
             "tariff reloaded"
         );
         Ok(version)
+    }
+
+    /// Re-reads the hot-reloadable parts of the configuration file: `mode`
+    /// (SPEC 5.1a) and `limits:`. A file that cannot be read keeps both in
+    /// force (with a warning); a file that is invalid fails the reload.
+    /// Everything else in the file (listeners, store, …) needs a restart.
+    fn reload_config(
+        &self,
+        previous: &Snapshot,
+    ) -> Result<(Mode, Arc<LimitsConfig>), crate::config::ConfigError> {
+        if !self.config.source.is_file() {
+            tracing::warn!(
+                file = %self.config.source.display(),
+                "configuration file not found; the mode and limits in force stay"
+            );
+            return Ok((previous.mode, previous.limits.clone()));
+        }
+        let config = Config::load(&self.config.source)?;
+        if config.limits == *previous.limits {
+            return Ok((config.mode, previous.limits.clone()));
+        }
+        tracing::info!("limits reloaded");
+        Ok((config.mode, Arc::new(config.limits)))
+    }
+
+    /// Evicts idle limiter keys, expired drop-in refusals and (at most once
+    /// a minute) expired idempotency keys. The sweeper calls it every
+    /// second.
+    pub fn sweep_protection(&self) {
+        self.limiter.sweep();
+        self.dropin.sweep();
+        self.idempotency.sweep();
     }
 
     /// Back-pressure (SPEC 6): call before a ledger change a client asked

@@ -10,6 +10,8 @@
 //! - the request context is dropped before settlement (client gone, panic)
 //!   → the `ReservationGuard` voids on drop.
 
+use std::net::IpAddr;
+
 use crate::api::ozeki::answer::{match_reports, parse_send_answer, AnswerError};
 use crate::api::ozeki::command::{
     classify, credentials_for, Command, Credentials, OutgoingMessage, SendMessage,
@@ -17,10 +19,11 @@ use crate::api::ozeki::command::{
 use crate::api::ozeki::inbox::{count_messages, has_conflicting_actions, names_receive};
 use crate::api::ozeki::params::Params;
 use crate::api::ozeki::render;
-use crate::auth::AuthOutcome;
 use crate::config::{ActionEcho, Mode, UnknownAccounts};
 use crate::error::ErrorCode;
 use crate::ledger::{Bucket, BucketPreference, LedgerError, Overdraft, ReservationGuard, Role};
+use crate::limits::Refusal;
+use crate::service::dropin::{self, Auth};
 use crate::service::{now_unix_ms, App, Snapshot};
 use crate::tariff::QuoteRequest;
 use crate::upstream::Forwarded;
@@ -57,6 +60,12 @@ pub enum Decision {
     /// Forward a `receivemessage` and charge each message its answer
     /// returns (receive pricing, see [`charge_receive`]).
     ForwardReceive(PendingReceive),
+    /// Refused by a limit (SPEC 7): the answer (HTTP 429) goes out with
+    /// `Retry-After: retry_after_s`.
+    RateLimited {
+        answer: LocalAnswer,
+        retry_after_s: u64,
+    },
 }
 
 /// How a forwarded send settled, for the access log and headers.
@@ -101,57 +110,146 @@ fn error_answer(action: &str, code: ErrorCode, outcome: &'static str) -> LocalAn
 
 /// Decides what an Ozeki request does. `params` were parsed from the query
 /// and the form body.
-pub async fn decide(app: &App, snapshot: &Snapshot, params: &Params, request_id: &str) -> Decision {
+pub async fn decide(
+    app: &App,
+    snapshot: &Snapshot,
+    params: &Params,
+    request_id: &str,
+    client_ip: Option<IpAddr>,
+) -> Decision {
     let command = match classify(params) {
         Ok(c) => c,
         Err(e) => return Decision::Answer(error_answer(&e.action, e.code, e.code.name())),
     };
     match command {
         Command::Other if snapshot.tariff.receive_price_milli() > 0 && names_receive(params) => {
-            receive_message(app, snapshot, params, request_id).await
+            receive_message(app, snapshot, params, request_id, client_ip).await
         }
         Command::Other => Decision::Forward(None),
         Command::GetCredits {
             credentials,
             useraccount,
-        } => Decision::Answer(get_credits(app, &credentials, useraccount).await),
+        } => {
+            if let Some(refused) =
+                refuse_caller(app, snapshot, client_ip, &credentials, "getcredits").await
+            {
+                return refused;
+            }
+            Decision::Answer(get_credits(app, &credentials, useraccount).await)
+        }
         Command::SetCredits {
             credentials,
             useraccount,
             new_balance_milli,
-        } => Decision::Answer(
-            change_credits(
-                app,
-                &credentials,
-                useraccount,
-                Change::Set(new_balance_milli),
-                request_id,
+        } => {
+            if let Some(refused) =
+                refuse_caller(app, snapshot, client_ip, &credentials, "setcredits").await
+            {
+                return refused;
+            }
+            Decision::Answer(
+                change_credits(
+                    app,
+                    &credentials,
+                    useraccount,
+                    Change::Set(new_balance_milli),
+                    request_id,
+                )
+                .await,
             )
-            .await,
-        ),
+        }
         Command::AddCredits {
             credentials,
             useraccount,
             add_milli,
-        } => Decision::Answer(
-            change_credits(
-                app,
-                &credentials,
-                useraccount,
-                Change::Add(add_milli),
-                request_id,
+        } => {
+            if let Some(refused) =
+                refuse_caller(app, snapshot, client_ip, &credentials, "addcredits").await
+            {
+                return refused;
+            }
+            Decision::Answer(
+                change_credits(
+                    app,
+                    &credentials,
+                    useraccount,
+                    Change::Add(add_milli),
+                    request_id,
+                )
+                .await,
             )
-            .await,
-        ),
-        Command::SendMessage(send) => send_message(app, snapshot, send, request_id).await,
+        }
+        Command::SendMessage(send) => {
+            send_message(app, snapshot, send, request_id, client_ip).await
+        }
     }
 }
 
-/// Checks credentials; the answer never says whether the name exists.
-async fn authenticate(app: &App, credentials: &Credentials) -> AuthOutcome {
-    app.credentials
-        .verify(&credentials.username, &credentials.password)
-        .await
+/// Checks credentials: lockout, local store, drop-in verification
+/// (`service::dropin`). The answer never says whether the name exists.
+async fn authenticate(
+    app: &App,
+    snapshot: &Snapshot,
+    client_ip: Option<IpAddr>,
+    credentials: &Credentials,
+) -> Auth {
+    dropin::authenticate(
+        app,
+        snapshot,
+        client_ip,
+        &credentials.username,
+        &credentials.password,
+    )
+    .await
+}
+
+/// Whether the credentials of an intercepted request verify (for
+/// replaying an idempotent answer to its caller only); counts towards the
+/// lockout like any check.
+pub async fn caller_verified(
+    app: &App,
+    snapshot: &Snapshot,
+    client_ip: Option<IpAddr>,
+    params: &Params,
+    action: &str,
+) -> bool {
+    match credentials_for(params, action) {
+        Ok(c) => authenticate(app, snapshot, client_ip, &c).await == Auth::Verified,
+        Err(_) => false,
+    }
+}
+
+/// The answer for a caller of a credit action that did not authenticate;
+/// `None` if it did.
+async fn refuse_caller(
+    app: &App,
+    snapshot: &Snapshot,
+    client_ip: Option<IpAddr>,
+    credentials: &Credentials,
+    action: &str,
+) -> Option<Decision> {
+    let code = match authenticate(app, snapshot, client_ip, credentials).await {
+        Auth::Verified => return None,
+        Auth::Failed => ErrorCode::AuthFailed,
+        Auth::Unavailable => ErrorCode::UpstreamUnavailable,
+        Auth::Locked(refusal) => {
+            return Some(rate_limited(
+                error_answer(action, ErrorCode::RateLimited, "rate_limited"),
+                refusal,
+            ))
+        }
+    };
+    Some(Decision::Answer(error_answer(action, code, code.name())))
+}
+
+/// An answer refused by a limit: HTTP 429 with `Retry-After`.
+fn rate_limited(mut answer: LocalAnswer, refusal: Refusal) -> Decision {
+    answer.status = 429;
+    answer.outcome = "rate_limited";
+    Decision::RateLimited {
+        answer,
+        retry_after_s: refusal.retry_after_s,
+    }
 }
 
 async fn get_credits(
@@ -160,9 +258,7 @@ async fn get_credits(
     useraccount: Option<String>,
 ) -> LocalAnswer {
     const ACTION: &str = "getcredits";
-    if authenticate(app, credentials).await != AuthOutcome::Verified {
-        return error_answer(ACTION, ErrorCode::AuthFailed, "auth_failed");
-    }
+    // The caller authenticated in `decide`.
     let Some(caller) = app.ledger.account(&credentials.username) else {
         return error_answer(ACTION, ErrorCode::UnknownAccount, "unknown_account");
     };
@@ -199,9 +295,7 @@ async fn change_credits(
         (Change::Add(_), ActionEcho::Getcredits) => "getcredits",
         _ => action,
     };
-    if authenticate(app, credentials).await != AuthOutcome::Verified {
-        return error_answer(action, ErrorCode::AuthFailed, "auth_failed");
-    }
+    // The caller authenticated in `decide`.
     let Some(caller) = app.ledger.account(&credentials.username) else {
         return error_answer(action, ErrorCode::UnknownAccount, "unknown_account");
     };
@@ -275,25 +369,75 @@ fn refusal(send: &SendMessage, code: ErrorCode, message: &str) -> Decision {
     })
 }
 
+/// The answer to an Ozeki request refused by a per-IP limit before it was
+/// decided: a send gets one refusing report per message, anything else an
+/// error answer (`rate_limited`); HTTP 429.
+pub fn limited_answer(params: &Params, refusal_: Refusal) -> Decision {
+    match classify(params) {
+        Ok(Command::SendMessage(send)) => rate_limited_send(&send, refusal_),
+        _ => {
+            let action = crate::api::ozeki::command::action_of(params).unwrap_or_default();
+            rate_limited(
+                error_answer(&action, ErrorCode::RateLimited, "rate_limited"),
+                refusal_,
+            )
+        }
+    }
+}
+
+/// A send refused by a limit: one refusing report per message, HTTP 429.
+fn rate_limited_send(send: &SendMessage, refusal_: Refusal) -> Decision {
+    match refusal(
+        send,
+        ErrorCode::RateLimited,
+        ErrorCode::RateLimited.message(),
+    ) {
+        Decision::Answer(answer) => rate_limited(answer, refusal_),
+        other => other,
+    }
+}
+
 async fn send_message(
     app: &App,
     snapshot: &Snapshot,
     send: SendMessage,
     request_id: &str,
+    client_ip: Option<IpAddr>,
 ) -> Decision {
-    if authenticate(app, &send.credentials).await != AuthOutcome::Verified {
-        if app.config.auth.unknown_accounts == UnknownAccounts::Forward {
-            app.metrics
-                .unknown_forwarded
-                .with_label_values(&["sendmessage"])
-                .inc();
-            return Decision::Forward(None);
+    let shadow_all = snapshot.mode == Mode::Shadow;
+    match authenticate(app, snapshot, client_ip, &send.credentials).await {
+        Auth::Verified => {}
+        Auth::Locked(r) => return rate_limited_send(&send, r),
+        Auth::Unavailable => {
+            return refusal(
+                &send,
+                ErrorCode::UpstreamUnavailable,
+                ErrorCode::UpstreamUnavailable.message(),
+            )
         }
-        return refusal(
-            &send,
-            ErrorCode::AuthFailed,
-            ErrorCode::AuthFailed.message(),
-        );
+        Auth::Failed => {
+            if app.config.auth.unknown_accounts == UnknownAccounts::Forward {
+                // Uncharged, but it still loads the gateway's links: the
+                // upstream cap counts one part per message.
+                let parts = send.messages.len() as u64;
+                if let Err(r) = app
+                    .limiter
+                    .check_send(&snapshot.limits, None, parts, shadow_all)
+                {
+                    return rate_limited_send(&send, r);
+                }
+                app.metrics
+                    .unknown_forwarded
+                    .with_label_values(&["sendmessage"])
+                    .inc();
+                return Decision::Forward(None);
+            }
+            return refusal(
+                &send,
+                ErrorCode::AuthFailed,
+                ErrorCode::AuthFailed.message(),
+            );
+        }
     }
     let account = send.credentials.username.clone();
     let Some(view) = app.ledger.account(&account) else {
@@ -308,6 +452,7 @@ async fn send_message(
     let now = now_unix_ms();
     let tariff = &snapshot.tariff;
     let mut shares = Vec::with_capacity(send.messages.len());
+    let mut parts: u64 = 0;
     for m in &send.messages {
         let quote = tariff.quote(&QuoteRequest {
             recipient: &m.recipient,
@@ -317,7 +462,10 @@ async fn send_message(
             at_unix_ms: now,
         });
         match quote {
-            Ok(q) => shares.push(q.total_milli),
+            Ok(q) => {
+                parts = parts.saturating_add(u64::from(q.parts));
+                shares.push(q.total_milli)
+            }
             Err(e) => {
                 let message = format!("{}: {e}", ErrorCode::InvalidRequest.message());
                 return refusal(&send, ErrorCode::InvalidRequest, &message);
@@ -326,6 +474,17 @@ async fn send_message(
     }
     let cost_milli: i64 = shares.iter().sum();
     let preference = tariff.bucket_preference(now);
+
+    // SPEC 7: the account's parts rate, then the upstream cap, after
+    // pricing and before reserving (a refused send reserved nothing).
+    let mut permit =
+        match app
+            .limiter
+            .check_send(&snapshot.limits, Some(&account), parts, shadow_all)
+        {
+            Ok(p) => p,
+            Err(r) => return rate_limited_send(&send, r),
+        };
 
     if snapshot.mode == Mode::Shadow {
         let payable = match preference {
@@ -354,15 +513,21 @@ async fn send_message(
     }
 
     if let Err(code) = app.admit_change().await {
+        permit.refund(&app.limiter);
         return refusal(&send, code, code.message());
     }
-    match app.ledger.reserve(
+    let reserved = app.ledger.reserve(
         &account,
         &shares,
         preference,
         Some(request_id),
         Some(tariff.version()),
-    ) {
+    );
+    if reserved.is_err() {
+        // Nothing goes upstream: the parts are given back.
+        permit.refund(&app.limiter);
+    }
+    match reserved {
         Ok(id) => {
             let guard = ReservationGuard::new(app.ledger.clone(), id);
             // SPEC 1.3 step 6: a reservation is durable before the request
@@ -372,8 +537,11 @@ async fn send_message(
                 if let Err(e) = guard.void() {
                     tracing::warn!(request_id, error = %e, "voiding an unpersisted reservation");
                 }
+                permit.refund(&app.limiter);
                 return refusal(&send, code, code.message());
             }
+            // The parts are spent: the send goes upstream.
+            drop(permit);
             Decision::Forward(Some(PendingSend {
                 guard: Some(guard),
                 account,
@@ -518,6 +686,7 @@ async fn receive_message(
     snapshot: &Snapshot,
     params: &Params,
     request_id: &str,
+    client_ip: Option<IpAddr>,
 ) -> Decision {
     const ACTION: &str = "receivemessage";
     if has_conflicting_actions(params) {
@@ -531,7 +700,14 @@ async fn receive_message(
         Ok(c) => c,
         Err(e) => return Decision::Answer(error_answer(ACTION, e.code, e.code.name())),
     };
-    if authenticate(app, &credentials).await != AuthOutcome::Verified {
+    let auth = authenticate(app, snapshot, client_ip, &credentials).await;
+    if let Auth::Locked(r) = auth {
+        return rate_limited(
+            error_answer(ACTION, ErrorCode::RateLimited, "rate_limited"),
+            r,
+        );
+    }
+    if auth != Auth::Verified {
         if app.config.auth.unknown_accounts == UnknownAccounts::Forward {
             app.metrics
                 .unknown_forwarded
@@ -633,7 +809,10 @@ pub async fn charge_receive(
         } else {
             "would_refuse"
         };
-        metrics.shadow_decisions.with_label_values(&[decision]).inc();
+        metrics
+            .shadow_decisions
+            .with_label_values(&[decision])
+            .inc();
         charge.outcome = "shadow";
         return charge;
     }
@@ -689,7 +868,13 @@ fn post_receive(app: &App, pending: &PendingReceive, shares: &[i64], amount_mill
         if total == 0 {
             return 0;
         }
-        match ledger.reserve(&pending.account, &attempt, pending.preference, reference, version) {
+        match ledger.reserve(
+            &pending.account,
+            &attempt,
+            pending.preference,
+            reference,
+            version,
+        ) {
             Ok(id) => {
                 return match ledger.settle(id, total, reference) {
                     Ok(s) => s.posted_milli,

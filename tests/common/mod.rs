@@ -202,6 +202,11 @@ impl Tollgate {
 
     /// Starts the binary and waits until both listeners accept.
     pub fn spawn(&mut self) {
+        self.spawn_with_log("info");
+    }
+
+    /// [`Self::spawn`] with another `RUST_LOG` filter.
+    pub fn spawn_with_log(&mut self, rust_log: &str) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -210,7 +215,7 @@ impl Tollgate {
         let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
             .args(["run", "-c"])
             .arg(self.config_path())
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", rust_log)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -302,6 +307,32 @@ impl Tollgate {
         )))
         .1;
         xml_field(&body, "balance").unwrap_or_else(|| panic!("no balance in {body}"))
+    }
+}
+
+/// Where every tollgate's log is copied when its test ends, so
+/// `tests/secrets.rs` can search the logs of the whole suite for secrets.
+pub fn suite_log_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("tollgate-logs")
+}
+
+impl Drop for Tollgate {
+    fn drop(&mut self) {
+        // Stop first, so the copy holds the last lines.
+        self.proc = None;
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = suite_log_dir();
+        if std::fs::create_dir_all(&dir).is_ok() {
+            let exe = std::env::current_exe()
+                .ok()
+                .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+                .unwrap_or_default();
+            let _ = std::fs::copy(
+                self.log_path(),
+                dir.join(format!("{exe}-{}-{n}.log", std::process::id())),
+            );
+        }
     }
 }
 
