@@ -8,18 +8,6 @@ mod common;
 
 use common::*;
 
-fn start(sim_args: &[&str], extra_yaml: &str) -> (Sim, Tollgate) {
-    let sim = Sim::start(sim_args);
-    let tg = Tollgate::start(
-        sim.addr,
-        TollgateOptions {
-            extra_yaml: extra_yaml.to_string(),
-            ..Default::default()
-        },
-    );
-    (sim, tg)
-}
-
 /// `getcredits` calls the gateway received (tollgate's verifications: it
 /// answers clients' own `getcredits` itself).
 fn verifications(sim: &Sim) -> usize {
@@ -43,7 +31,7 @@ const DROPIN: &str = "auth: { verify_upstream: true, adopt_balance: true }\n";
 
 #[test]
 fn unknown_credentials_are_verified_once_and_the_account_is_adopted_with_its_balance() {
-    let (sim, mut tg) = start(
+    let (sim, mut tg) = start_pair(
         &["--user", "carol:Carol&Pw 1:250"],
         &format!("{DROPIN}{STORE_YAML}"),
     );
@@ -102,7 +90,7 @@ fn unknown_credentials_are_verified_once_and_the_account_is_adopted_with_its_bal
 
 #[test]
 fn without_adopt_balance_the_account_starts_empty() {
-    let (sim, tg) = start(
+    let (sim, tg) = start_pair(
         &["--user", "dave:davepw:99"],
         "auth: { verify_upstream: true }\n",
     );
@@ -120,7 +108,7 @@ fn without_adopt_balance_the_account_starts_empty() {
 
 #[test]
 fn wrong_credentials_are_refused_from_a_negative_cache() {
-    let (sim, tg) = start(
+    let (sim, tg) = start_pair(
         &["--user", "carol:right:10"],
         &format!("{DROPIN}limits: {{ auth_lockout: {{ mode: off }} }}\n"),
     );
@@ -154,7 +142,7 @@ fn wrong_credentials_are_refused_from_a_negative_cache() {
 
 #[test]
 fn concurrent_checks_of_the_same_credentials_share_one_gateway_call() {
-    let (sim, tg) = start(&["--user", "erin:erinpw:40", "--latency-ms", "300"], DROPIN);
+    let (sim, tg) = start_pair(&["--user", "erin:erinpw:40", "--latency-ms", "300"], DROPIN);
     let url = tg.url("/api?action=getcredits&username=erin&password=erinpw");
     let threads: Vec<_> = (0..12)
         .map(|_| {

@@ -7,18 +7,6 @@ mod common;
 
 use common::*;
 
-fn start(sim_args: &[&str], extra_yaml: &str) -> (Sim, Tollgate) {
-    let sim = Sim::start(sim_args);
-    let tg = Tollgate::start(
-        sim.addr,
-        TollgateOptions {
-            extra_yaml: extra_yaml.to_string(),
-            ..Default::default()
-        },
-    );
-    (sim, tg)
-}
-
 #[derive(Debug, Clone, PartialEq)]
 struct Reply {
     status: u16,
@@ -71,7 +59,7 @@ const SEND: &str = "action=sendmessage&username=john&password=secret1&recipient=
 
 #[test]
 fn the_same_key_twice_sends_and_charges_once_and_answers_identically() {
-    let (sim, tg) = start(&[], "");
+    let (sim, tg) = start_pair(&[], "");
     let url = tg.url("/api");
     let first = post_keyed(&url, Some("order-1"), SEND);
     assert_eq!(first.status, 200, "{}", first.body);
@@ -98,7 +86,7 @@ fn the_same_key_twice_sends_and_charges_once_and_answers_identically() {
 
 #[test]
 fn credit_changes_with_a_key_apply_once() {
-    let (_sim, tg) = start(&[], "");
+    let (_sim, tg) = start_pair(&[], "");
     let url = tg.url("/api");
     let add = "action=addcredits&username=admin&password=abc123&useraccount=john&add=10";
     let first = post_keyed(&url, Some("top-up-7"), add);
@@ -119,7 +107,7 @@ fn credit_changes_with_a_key_apply_once() {
 
 #[test]
 fn the_same_key_with_another_request_is_refused() {
-    let (sim, tg) = start(&[], "");
+    let (sim, tg) = start_pair(&[], "");
     let url = tg.url("/api");
     assert_eq!(post_keyed(&url, Some("k"), SEND).status, 200);
     let other = SEND.replace("hello", "hello again");
@@ -152,7 +140,7 @@ fn the_same_key_with_another_request_is_refused() {
 
 #[test]
 fn a_refusal_that_changed_nothing_frees_the_key() {
-    let (sim, tg) = start(&[], "");
+    let (sim, tg) = start_pair(&[], "");
     let url = tg.url("/api");
     // Wrong password and insufficient credit: nothing happened; the same
     // key works for the corrected request.
@@ -187,7 +175,7 @@ fn a_refusal_that_changed_nothing_frees_the_key() {
 
 #[test]
 fn a_retry_while_the_first_is_in_flight_waits_for_its_answer() {
-    let (sim, tg) = start(&["--latency-ms", "700"], "");
+    let (sim, tg) = start_pair(&["--latency-ms", "700"], "");
     let url = tg.url("/api");
     let threads: Vec<_> = (0..3)
         .map(|i| {
@@ -216,7 +204,7 @@ fn a_retry_while_the_first_is_in_flight_waits_for_its_answer() {
 
 #[test]
 fn keys_survive_a_restart() {
-    let (sim, mut tg) = start(&[], STORE_YAML);
+    let (sim, mut tg) = start_pair(&[], STORE_YAML);
     let url = tg.url("/api");
     let first = post_keyed(&url, Some("durable-1"), SEND);
     assert_eq!(first.status, 200, "{}", first.body);
@@ -251,7 +239,7 @@ fn a_key_whose_request_died_with_the_process_answers_409() {
     // The gateway never answers: the send is in flight when tollgate is
     // killed; after the restart its outcome is unknown, and the key must
     // not run it again.
-    let (sim, mut tg) = start(&[], STORE_YAML);
+    let (sim, mut tg) = start_pair(&[], STORE_YAML);
     sim.fault("hang", 1);
     let url = tg.url("/api");
     let t = std::thread::spawn(move || {

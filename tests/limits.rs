@@ -11,18 +11,6 @@ use std::net::IpAddr;
 
 use common::*;
 
-fn start(sim_args: &[&str], extra_yaml: &str) -> (Sim, Tollgate) {
-    let sim = Sim::start(sim_args);
-    let tg = Tollgate::start(
-        sim.addr,
-        TollgateOptions {
-            extra_yaml: extra_yaml.to_string(),
-            ..Default::default()
-        },
-    );
-    (sim, tg)
-}
-
 struct Reply {
     status: u16,
     retry_after: Option<u64>,
@@ -72,7 +60,7 @@ fn decisions(tg: &Tollgate, rule: &str, result: &str) -> u64 {
 #[test]
 fn over_the_account_rate_sends_get_429_and_never_reach_the_gateway() {
     // john: 2 parts of burst, then one part every 10 s.
-    let (sim, tg) = start(
+    let (sim, tg) = start_pair(
         &[],
         "limits: { account_parts: { parts_per_s: 0.1, burst: 2, overrides: { admin: { parts_per_s: 100, burst: 100 } } } }",
     );
@@ -119,7 +107,7 @@ fn over_the_account_rate_sends_get_429_and_never_reach_the_gateway() {
 
 #[test]
 fn source_ip_rate_answers_ozeki_actions_in_ozeki_shape_and_others_in_text() {
-    let (sim, tg) = start(
+    let (sim, tg) = start_pair(
         &[],
         "limits: { source_ip: { requests_per_s: 0.1, burst: 3 } }",
     );
@@ -159,7 +147,7 @@ fn source_ip_rate_answers_ozeki_actions_in_ozeki_shape_and_others_in_text() {
 
 #[test]
 fn upstream_cap_refuses_before_anything_is_reserved() {
-    let (sim, tg) = start(
+    let (sim, tg) = start_pair(
         &[],
         "limits: { upstream_parts: { parts_per_s: 0.1, burst: 3 } }",
     );
@@ -186,7 +174,7 @@ fn upstream_cap_refuses_before_anything_is_reserved() {
 
 #[test]
 fn a_shadow_rule_passes_traffic_and_counts() {
-    let (sim, tg) = start(
+    let (sim, tg) = start_pair(
         &[],
         "limits: { account_parts: { parts_per_s: 0.1, burst: 1, mode: shadow } }",
     );
@@ -207,7 +195,7 @@ fn limiter_state_survives_a_reload_and_new_rates_apply() {
     let yaml = |burst: u32| {
         format!("limits: {{ account_parts: {{ parts_per_s: 0.01, burst: {burst} }} }}\n")
     };
-    let (_sim, tg) = start(&[], &yaml(2));
+    let (_sim, tg) = start_pair(&[], &yaml(2));
     let send = || get_from(&send_url(&tg, "john", "secret1", "%2B36301111111"), None).status;
     assert_eq!((send(), send(), send()), (200, 200, 429));
     // Raise the burst to 3 in tollgate.yaml and reload: one more part fits
@@ -239,7 +227,7 @@ fn limiter_state_survives_a_reload_and_new_rates_apply() {
 fn concurrent_requests_per_ip_are_capped() {
     // The gateway takes 600 ms per request: 4 sends at once from one IP
     // with a cap of 2 in progress.
-    let (sim, tg) = start(
+    let (sim, tg) = start_pair(
         &["--latency-ms", "600"],
         "limits: { concurrent_per_ip: { max: 2 } }",
     );
@@ -262,7 +250,7 @@ fn concurrent_requests_per_ip_are_capped() {
 fn bad_password_flood_is_locked_out_and_the_gateway_sees_a_bounded_number_of_checks() {
     // carol exists only on the gateway: every guess would be a gateway
     // call in drop-in mode.
-    let (sim, tg) = start(
+    let (sim, tg) = start_pair(
         &["--user", "carol:RightPw-42:50"],
         "auth: { verify_upstream: true, adopt_balance: true }\n\
          limits: { auth_lockout: { failures: 5, window_s: 60, lock_s: 300 } }",
@@ -313,7 +301,7 @@ fn bad_password_flood_is_locked_out_and_the_gateway_sees_a_bounded_number_of_che
 
 #[test]
 fn oversized_headers_are_refused() {
-    let (sim, tg) = start(&[], "downstream: { header_limit_bytes: 2048 }");
+    let (sim, tg) = start_pair(&[], "downstream: { header_limit_bytes: 2048 }");
     let r = client()
         .get(tg.url("/api?action=getcredits&username=john&password=secret1"))
         .header("X-Padding", "a".repeat(4096))
@@ -349,7 +337,7 @@ const SLOW_BODY: &str =
 #[test]
 fn a_client_stalling_its_body_gets_408() {
     use std::io::{Read, Write};
-    let (sim, tg) = start(
+    let (sim, tg) = start_pair(
         &[],
         "downstream: { read_timeout_ms: 300, body_timeout_ms: 10000 }",
     );
@@ -367,7 +355,7 @@ fn a_client_stalling_its_body_gets_408() {
 #[test]
 fn a_client_trickling_its_body_is_cut_off() {
     use std::io::{Read, Write};
-    let (sim, tg) = start(
+    let (sim, tg) = start_pair(
         &[],
         "downstream: { read_timeout_ms: 1000, body_timeout_ms: 500 }",
     );

@@ -6,21 +6,9 @@ mod common;
 
 use common::*;
 
-fn start(sim_args: &[&str], extra_yaml: &str) -> (Sim, Tollgate) {
-    let sim = Sim::start(sim_args);
-    let tg = Tollgate::start(
-        sim.addr,
-        TollgateOptions {
-            extra_yaml: extra_yaml.to_string(),
-            ..Default::default()
-        },
-    );
-    (sim, tg)
-}
-
 #[test]
 fn credit_actions_are_answered_locally_and_never_forwarded() {
-    let (sim, tg) = start(&[], "");
+    let (sim, tg) = start_pair(&[], "");
     let (status, body) = get(&tg.url("/api?action=getcredits&username=john&password=secret1"));
     assert_eq!(status, 200);
     assert!(
@@ -89,7 +77,7 @@ fn credit_actions_are_answered_locally_and_never_forwarded() {
 
 #[test]
 fn a_send_is_charged_forwarded_byte_for_byte_and_relayed_unchanged() {
-    let (sim, tg) = start(&[], "");
+    let (sim, tg) = start_pair(&[], "");
     let query = "/api?action=sendMessage&userName=john&password=secret1&recepient=%2B36301234567&messageType=SMS:TEXT&messageData=Hello+world";
     let r = client().get(tg.url(query)).send().unwrap();
     assert_eq!(r.status(), 200);
@@ -122,7 +110,7 @@ fn a_send_is_charged_forwarded_byte_for_byte_and_relayed_unchanged() {
 #[test]
 fn every_recipient_and_part_is_priced_and_settled_per_acceptreport() {
     // 3699… numbers are rejected by the gateway, and voided.
-    let (sim, tg) = start(&["--reject-prefix", "3699"], "");
+    let (sim, tg) = start_pair(&["--reject-prefix", "3699"], "");
     // Three recipients: 36 (1/part), 3620 (2/part), 3699 (1/part, rejected);
     // a 161-character GSM text is 2 parts.
     let text = "a".repeat(161);
@@ -142,7 +130,7 @@ fn every_recipient_and_part_is_priced_and_settled_per_acceptreport() {
 
 #[test]
 fn batch_posts_are_priced_per_message_and_settled_by_index() {
-    let (sim, tg) = start(&["--reject-prefix", "3699"], "");
+    let (sim, tg) = start_pair(&["--reject-prefix", "3699"], "");
     let form = "action=sendmessage&username=john&password=secret1&messagecount=3\
         &recipient0=%2B36301111111&messagedata0=one\
         &recipient1=%2B36991111111&messagedata1=two\
@@ -161,7 +149,7 @@ fn batch_posts_are_priced_per_message_and_settled_by_index() {
 
 #[test]
 fn html_answers_are_settled_too() {
-    let (_sim, tg) = start(&["--reject-prefix", "3699"], "");
+    let (_sim, tg) = start_pair(&["--reject-prefix", "3699"], "");
     let (status, body) = get(&tg.url(
         "/api?action=sendmessage&username=john&password=secret1&recipient=%2B36301111111,%2B36991111111&messagedata=hi&responseformat=html",
     ));
@@ -175,7 +163,7 @@ fn html_answers_are_settled_too() {
 
 #[test]
 fn insufficient_credit_is_refused_locally_and_never_reaches_the_gateway() {
-    let (sim, tg) = start(&[], "");
+    let (sim, tg) = start_pair(&[], "");
     let (status, body) = get(&tg.url(
         "/api?action=sendmessage&username=poor&password=poor1&recipient=%2B36301111111,%2B36302222222&messagedata=hi",
     ));
@@ -206,7 +194,7 @@ fn insufficient_credit_is_refused_locally_and_never_reaches_the_gateway() {
 
 #[test]
 fn charset_parameter_decides_the_encoding_and_the_price() {
-    let (_sim, tg) = start(&[], "");
+    let (_sim, tg) = start_pair(&[], "");
     // 71 × "ő" (0xF5 in ISO-8859-2) is UCS-2: 2 parts.
     let text = "%F5".repeat(71);
     let r = client()
@@ -229,7 +217,7 @@ fn charset_parameter_decides_the_encoding_and_the_price() {
 
 #[test]
 fn body_limit_refuses_large_posts_and_forwards_big_ones_intact() {
-    let (sim, tg) = start(&[], "");
+    let (sim, tg) = start_pair(&[], "");
     // 5 MiB: refused with 413, never forwarded.
     let huge = format!(
         "action=sendmessage&username=john&password=secret1&recipient=1&messagedata={}",
@@ -269,7 +257,7 @@ fn body_limit_refuses_large_posts_and_forwards_big_ones_intact() {
 
 #[test]
 fn gateway_5xx_voids_and_connect_failure_voids() {
-    let (sim, tg) = start(&[], "");
+    let (sim, tg) = start_pair(&[], "");
     sim.fault("http500", 1);
     let (status, _) = get(&tg.url("/api?action=sendmessage&username=john&password=secret1&recipient=%2B36301111111&messagedata=hi"));
     assert_eq!(status, 500, "the gateway's answer is relayed unchanged");
@@ -299,7 +287,7 @@ fn gateway_5xx_voids_and_connect_failure_voids() {
 
 #[test]
 fn reset_after_write_and_garbage_answers_leave_the_reservation_in_doubt() {
-    let (sim, tg) = start(&[], "");
+    let (sim, tg) = start_pair(&[], "");
     sim.fault("reset", 1);
     let r = client()
         .get(tg.url("/api?action=sendmessage&username=john&password=secret1&recipient=%2B36301111111&messagedata=hi"))
@@ -349,7 +337,7 @@ fn reset_after_write_and_garbage_answers_leave_the_reservation_in_doubt() {
 
 #[test]
 fn everything_else_is_forwarded_and_relayed_byte_for_byte() {
-    let (sim, tg) = start(&[], "");
+    let (sim, tg) = start_pair(&[], "");
     for path in [
         "/api?action=receivemessage&username=john&password=secret1",
         "/httpapi?action=reporting&username=john&password=secret1&x=%41%42",
@@ -381,7 +369,7 @@ fn everything_else_is_forwarded_and_relayed_byte_for_byte() {
 
 #[test]
 fn invalid_sends_are_refused_without_touching_a_balance() {
-    let (sim, tg) = start(&[], "");
+    let (sim, tg) = start_pair(&[], "");
     for q in [
         "action=sendmessage&username=john&password=secret1&recipient=&messagedata=hi",
         "action=sendmessage&username=john&password=secret1&recipient=abc&messagedata=hi",
@@ -400,7 +388,7 @@ fn invalid_sends_are_refused_without_touching_a_balance() {
 
 #[test]
 fn concurrent_sends_never_overspend() {
-    let (sim, tg) = start(&["--no-record"], "");
+    let (sim, tg) = start_pair(&["--no-record"], "");
     // Credit for exactly 40 one-part messages, 64 parallel clients × 2 tries.
     get(&tg.url(
         "/api?action=setcredits&username=admin&password=abc123&useraccount=john&newbalance=40",
@@ -437,7 +425,7 @@ fn concurrent_sends_never_overspend() {
 
 #[test]
 fn passthrough_mode_forwards_credit_actions_too() {
-    let (sim, tg) = start(&[], "mode: passthrough");
+    let (sim, tg) = start_pair(&[], "mode: passthrough");
     let (status, body) = get(&tg.url("/api?action=getcredits&username=john&password=secret1"));
     assert_eq!(status, 200);
     assert_eq!(xml_field(&body, "balance").as_deref(), Some("744"));

@@ -129,55 +129,43 @@ pub async fn decide(
         Command::GetCredits {
             credentials,
             useraccount,
-        } => {
-            if let Some(refused) =
-                refuse_caller(app, snapshot, client_ip, &credentials, "getcredits").await
-            {
-                return refused;
-            }
-            Decision::Answer(get_credits(app, &credentials, useraccount).await)
-        }
+        } => match refuse_caller(app, snapshot, client_ip, &credentials, "getcredits").await {
+            Some(refused) => refused,
+            None => Decision::Answer(get_credits(app, &credentials, useraccount).await),
+        },
         Command::SetCredits {
             credentials,
             useraccount,
             new_balance_milli,
         } => {
-            if let Some(refused) =
-                refuse_caller(app, snapshot, client_ip, &credentials, "setcredits").await
-            {
-                return refused;
-            }
-            Decision::Answer(
-                change_credits(
-                    app,
-                    &credentials,
-                    useraccount,
-                    Change::Set(new_balance_milli),
-                    request_id,
-                )
-                .await,
+            let change = Change::Set(new_balance_milli);
+            credit_change(
+                app,
+                snapshot,
+                client_ip,
+                &credentials,
+                useraccount,
+                change,
+                request_id,
             )
+            .await
         }
         Command::AddCredits {
             credentials,
             useraccount,
             add_milli,
         } => {
-            if let Some(refused) =
-                refuse_caller(app, snapshot, client_ip, &credentials, "addcredits").await
-            {
-                return refused;
-            }
-            Decision::Answer(
-                change_credits(
-                    app,
-                    &credentials,
-                    useraccount,
-                    Change::Add(add_milli),
-                    request_id,
-                )
-                .await,
+            let change = Change::Add(add_milli);
+            credit_change(
+                app,
+                snapshot,
+                client_ip,
+                &credentials,
+                useraccount,
+                change,
+                request_id,
             )
+            .await
         }
         Command::SendMessage(send) => {
             send_message(app, snapshot, send, request_id, client_ip).await
@@ -278,6 +266,33 @@ async fn get_credits(
 enum Change {
     Set(Option<i64>),
     Add(i64),
+}
+
+impl Change {
+    fn action(&self) -> &'static str {
+        match self {
+            Change::Set(_) => "setcredits",
+            Change::Add(_) => "addcredits",
+        }
+    }
+}
+
+/// `setcredits`/`addcredits`: authenticate (lockout first), then change.
+async fn credit_change(
+    app: &App,
+    snapshot: &Snapshot,
+    client_ip: Option<IpAddr>,
+    credentials: &Credentials,
+    useraccount: Option<String>,
+    change: Change,
+    request_id: &str,
+) -> Decision {
+    match refuse_caller(app, snapshot, client_ip, credentials, change.action()).await {
+        Some(refused) => refused,
+        None => Decision::Answer(
+            change_credits(app, credentials, useraccount, change, request_id).await,
+        ),
+    }
 }
 
 async fn change_credits(

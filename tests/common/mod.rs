@@ -156,6 +156,20 @@ impl Default for TollgateOptions {
     }
 }
 
+/// An `ozeki-sim` started with `sim_args` and a tollgate in front of it with
+/// the default accounts and tariffs plus `extra_yaml` in its config.
+pub fn start_pair(sim_args: &[&str], extra_yaml: &str) -> (Sim, Tollgate) {
+    let sim = Sim::start(sim_args);
+    let tg = Tollgate::start(
+        sim.addr,
+        TollgateOptions {
+            extra_yaml: extra_yaml.to_string(),
+            ..Default::default()
+        },
+    );
+    (sim, tg)
+}
+
 pub struct Tollgate {
     pub addr: SocketAddr,
     pub admin: SocketAddr,

@@ -49,6 +49,12 @@ pub enum AnswerError {
 }
 
 fn malformed(detail: impl std::fmt::Display) -> AnswerError {
+    AnswerError::Malformed(bounded_detail(detail))
+}
+
+/// An error detail cut to `DETAIL_MAX_LEN` bytes on a character boundary:
+/// details quote gateway output, which must not bloat logs.
+pub(crate) fn bounded_detail(detail: impl std::fmt::Display) -> String {
     let mut text = detail.to_string();
     if text.len() > DETAIL_MAX_LEN {
         let mut end = DETAIL_MAX_LEN;
@@ -57,7 +63,7 @@ fn malformed(detail: impl std::fmt::Display) -> AnswerError {
         }
         text.truncate(end);
     }
-    AnswerError::Malformed(text)
+    text
 }
 
 /// Parses a `sendmessage` answer body into its accept reports, in document

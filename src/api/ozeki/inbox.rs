@@ -21,8 +21,6 @@ use super::params::Params;
 
 /// Deepest element nesting accepted (Ozeki's inbox answers are 4 deep).
 const MAX_DEPTH: usize = 32;
-/// Longest error detail, so a hostile body cannot bloat logs.
-const DETAIL_MAX_LEN: usize = 160;
 /// The action whose answers are counted here.
 pub const RECEIVE_ACTION: &str = "receivemessage";
 
@@ -37,15 +35,7 @@ pub enum InboxError {
 }
 
 fn malformed(detail: impl std::fmt::Display) -> InboxError {
-    let mut text = detail.to_string();
-    if text.len() > DETAIL_MAX_LEN {
-        let mut end = DETAIL_MAX_LEN;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-    }
-    InboxError::Malformed(text)
+    InboxError::Malformed(super::answer::bounded_detail(detail))
 }
 
 /// Whether any `action` value of the request is `receivemessage` (any
