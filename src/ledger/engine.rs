@@ -30,20 +30,38 @@ use super::{
     ReservationView, Role, Settlement, TransferOutcome, ACCOUNT_NAME_MAX_CHARS,
 };
 
-/// One account's mutable state. Kept small (72 bytes): at 10 M accounts
-/// every byte here costs 10 MB. The name lives only in the map key.
+/// One account's mutable state. Kept small (48 bytes; 80 with its `Arc`
+/// and lock, one allocation): at 10 M accounts every byte here costs 10 MB.
+/// The name lives only in the map key.
 #[derive(Debug)]
 struct AccountState {
-    /// Shares the parent's map-key allocation when the parent was known.
-    parent: Option<Arc<str>>,
-    /// Interned: a handful of distinct classes serve millions of accounts.
-    tariff_class: Option<Arc<str>>,
+    /// Parent and tariff class, interned as a pair: the common account has
+    /// neither (`None`, no allocation), and the sub-accounts of one parent
+    /// in one class share one `Links`.
+    links: Option<Arc<Links>>,
     anytime: BucketBalance,
     offpeak: BucketBalance,
     role: Role,
 }
 
+/// An account's parent and tariff class (see [`AccountState::links`]).
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Links {
+    /// Shares the parent's map-key allocation when the parent was known.
+    parent: Option<Arc<str>>,
+    /// Interned: a handful of distinct classes serve millions of accounts.
+    tariff_class: Option<Arc<str>>,
+}
+
 impl AccountState {
+    fn parent(&self) -> Option<&Arc<str>> {
+        self.links.as_ref().and_then(|l| l.parent.as_ref())
+    }
+
+    fn tariff_class(&self) -> Option<&Arc<str>> {
+        self.links.as_ref().and_then(|l| l.tariff_class.as_ref())
+    }
+
     fn balances(&self) -> AccountBalances {
         AccountBalances {
             anytime: self.anytime,
@@ -74,9 +92,9 @@ impl AccountState {
     fn view(&self, name: &str) -> AccountView {
         AccountView {
             name: name.to_string(),
-            parent: self.parent.as_deref().map(str::to_string),
+            parent: self.parent().map(|p| p.to_string()),
             role: self.role,
-            tariff_class: self.tariff_class.as_deref().map(str::to_string),
+            tariff_class: self.tariff_class().map(|t| t.to_string()),
             anytime: self.anytime,
             offpeak: self.offpeak,
         }
@@ -123,6 +141,9 @@ pub struct Ledger {
     total_posted_milli: AtomicI64,
     /// Intern pool for tariff class names.
     tariff_classes: Mutex<HashSet<Arc<str>>>,
+    /// Intern pool for (parent, tariff class) pairs; never shrinks (accounts
+    /// are never removed), and holds one entry per distinct pair.
+    links: Mutex<HashSet<Arc<Links>>>,
     sink: Arc<dyn EntrySink>,
     clock: Arc<dyn Clock>,
 }
@@ -158,13 +179,26 @@ fn available(b: BucketBalance) -> Result<i64, LedgerError> {
 
 impl Ledger {
     pub fn new(config: LedgerConfig, sink: Arc<dyn EntrySink>, clock: Arc<dyn Clock>) -> Ledger {
+        Ledger::with_capacity(config, sink, clock, 0)
+    }
+
+    /// A ledger whose account map is sized for `accounts` up front: a
+    /// start-up restoring millions of accounts then never rehashes the map
+    /// while it grows.
+    pub fn with_capacity(
+        config: LedgerConfig,
+        sink: Arc<dyn EntrySink>,
+        clock: Arc<dyn Clock>,
+        accounts: usize,
+    ) -> Ledger {
         Ledger {
             config,
-            accounts: DashMap::new(),
+            accounts: DashMap::with_capacity(accounts),
             reservations: DashMap::new(),
             next_seq: AtomicU64::new(1),
             total_posted_milli: AtomicI64::new(0),
             tariff_classes: Mutex::new(HashSet::new()),
+            links: Mutex::new(HashSet::new()),
             sink,
             clock,
         }
@@ -191,8 +225,7 @@ impl Ledger {
             None => None,
         };
         let state = AccountState {
-            parent,
-            tariff_class: tariff_class.map(|t| self.intern_tariff_class(t)),
+            links: self.intern_links(parent, tariff_class),
             anytime: BucketBalance::default(),
             offpeak: BucketBalance::default(),
             role,
@@ -218,11 +251,7 @@ impl Ledger {
                 .unwrap_or_else(|| Arc::from(p))
         });
         let state = AccountState {
-            parent,
-            tariff_class: view
-                .tariff_class
-                .as_deref()
-                .map(|t| self.intern_tariff_class(t)),
+            links: self.intern_links(parent, view.tariff_class.as_deref()),
             anytime: view.anytime,
             offpeak: view.offpeak,
             role: view.role,
@@ -234,8 +263,7 @@ impl Ledger {
             .entry(Arc::from(view.name.as_str()))
             .or_insert_with(|| {
                 Arc::new(Mutex::new(AccountState {
-                    parent: None,
-                    tariff_class: None,
+                    links: None,
                     anytime: BucketBalance::default(),
                     offpeak: BucketBalance::default(),
                     role: view.role,
@@ -723,7 +751,7 @@ impl Ledger {
         };
         // Critical section (both accounts): check the relationship and all
         // four buckets, then move and record.
-        if c.parent.as_deref() != Some(parent) {
+        if c.parent().map(|p| &**p) != Some(parent) {
             return Err(not_a_subaccount());
         }
         let moves = [
@@ -795,6 +823,26 @@ impl Ledger {
             .map(|r| r.account.clone())
             .ok_or(LedgerError::UnknownReservation(id))?;
         self.cell(&account)
+    }
+
+    /// The shared `Links` for a (parent, tariff class) pair; `None` when
+    /// the account has neither.
+    fn intern_links(&self, parent: Option<Arc<str>>, class: Option<&str>) -> Option<Arc<Links>> {
+        if parent.is_none() && class.is_none() {
+            return None;
+        }
+        let links = Links {
+            parent,
+            tariff_class: class.map(|t| self.intern_tariff_class(t)),
+        };
+        // Critical section: one set lookup or insert.
+        let mut pool = self.links.lock();
+        if let Some(existing) = pool.get(&links) {
+            return Some(existing.clone());
+        }
+        let interned = Arc::new(links);
+        pool.insert(interned.clone());
+        Some(interned)
     }
 
     fn intern_tariff_class(&self, class: &str) -> Arc<str> {
@@ -1003,9 +1051,16 @@ mod tests {
         let (pkey, _) = l.cell("p").unwrap();
         let (a, b) = (c1.lock(), c2.lock());
         assert!(Arc::ptr_eq(
-            a.tariff_class.as_ref().unwrap(),
-            b.tariff_class.as_ref().unwrap()
+            a.tariff_class().unwrap(),
+            b.tariff_class().unwrap()
         ));
-        assert!(Arc::ptr_eq(a.parent.as_ref().unwrap(), &pkey));
+        assert!(Arc::ptr_eq(a.parent().unwrap(), &pkey));
+        // Same parent, same class: one shared `Links`; none without either.
+        assert!(Arc::ptr_eq(
+            a.links.as_ref().unwrap(),
+            b.links.as_ref().unwrap()
+        ));
+        assert!(l.cell("p").unwrap().1.lock().parent().is_none());
+        assert_eq!(std::mem::size_of::<AccountState>(), 48);
     }
 }
