@@ -86,3 +86,10 @@ fuzz:
 		RUSTC_BOOTSTRAP=1 ASAN_OPTIONS=detect_odr_violation=0 \
 		  $(CARGO) fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
 	done
+
+# End-to-end load benchmark (issue 8): direct, nginx, tollgate passthrough,
+# tollgate sendmessage (async, sync) and local getcredits, side by side.
+.PHONY: bench-e2e
+bench-e2e: deps
+	$(CARGO) build --release --bins
+	bash benches/e2e/run.sh
