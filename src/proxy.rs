@@ -191,19 +191,9 @@ impl ProxyHttp for TollgateProxy {
                 ctx.outcome = "invalid_request";
                 let action = sniff_action(query.as_deref(), form_body).unwrap_or_default();
                 ctx.action = action_label(&action);
-                let text = crate::api::ozeki::render::error_answer(
-                    &action,
-                    ErrorCode::InvalidRequest,
-                    &format!("{}: {e}", ErrorCode::InvalidRequest.message()),
-                );
-                write_answer(
-                    session,
-                    200,
-                    ozeki::CONTENT_TYPE_XML,
-                    Bytes::from(text),
-                    &[],
-                )
-                .await?;
+                let message = format!("{}: {e}", ErrorCode::InvalidRequest.message());
+                write_ozeki_error(session, 200, &action, ErrorCode::InvalidRequest, &message)
+                    .await?;
                 return Ok(true);
             }
         };
@@ -431,19 +421,8 @@ impl TollgateProxy {
                 if let Some(claim) = ctx.idempotency.take() {
                     claim.release();
                 }
-                let text = crate::api::ozeki::render::error_answer(
-                    &ctx.action,
-                    ErrorCode::UpstreamUnavailable,
-                    ErrorCode::UpstreamUnavailable.message(),
-                );
-                write_answer(
-                    session,
-                    502,
-                    ozeki::CONTENT_TYPE_XML,
-                    Bytes::from(text),
-                    &[],
-                )
-                .await?;
+                let code = ErrorCode::UpstreamUnavailable;
+                write_ozeki_error(session, 502, &ctx.action, code, code.message()).await?;
             }
             Forwarded::Unknown(reason) => {
                 tracing::warn!(request_id = ctx.request_id.as_deref().unwrap_or("-"), %reason, "gateway answer lost");
@@ -796,19 +775,9 @@ impl TollgateProxy {
         }
         if !idempotency::valid_key(raw.as_bytes()) {
             ctx.outcome = "invalid_request";
-            let text = crate::api::ozeki::render::error_answer(
-                &action,
-                ErrorCode::InvalidRequest,
-                "Invalid request: Idempotency-Key must be 1 to 255 visible ASCII characters",
-            );
-            write_answer(
-                session,
-                400,
-                ozeki::CONTENT_TYPE_XML,
-                Bytes::from(text),
-                &[],
-            )
-            .await?;
+            let message =
+                "Invalid request: Idempotency-Key must be 1 to 255 visible ASCII characters";
+            write_ozeki_error(session, 400, &action, ErrorCode::InvalidRequest, message).await?;
             return Ok(true);
         }
         let key = String::from_utf8_lossy(raw.as_bytes()).into_owned();
@@ -880,15 +849,7 @@ impl TollgateProxy {
             return Ok(false);
         }
         ctx.outcome = outcome;
-        let text = crate::api::ozeki::render::error_answer(&action, code, text);
-        write_answer(
-            session,
-            status,
-            ozeki::CONTENT_TYPE_XML,
-            Bytes::from(text),
-            &[],
-        )
-        .await?;
+        write_ozeki_error(session, status, &action, code, text).await?;
         Ok(true)
     }
 
@@ -1169,6 +1130,25 @@ async fn linger(session: &mut Session) {
         }
     })
     .await;
+}
+
+/// Writes an Ozeki-shaped error answer (`<errormessage>`, `<errorcode>`).
+async fn write_ozeki_error(
+    session: &mut Session,
+    status: u16,
+    action: &str,
+    code: ErrorCode,
+    message: &str,
+) -> Result<()> {
+    let text = crate::api::ozeki::render::error_answer(action, code, message);
+    write_answer(
+        session,
+        status,
+        ozeki::CONTENT_TYPE_XML,
+        Bytes::from(text),
+        &[],
+    )
+    .await
 }
 
 /// Writes a locally made answer with the headers the gateway would send.
