@@ -93,3 +93,10 @@ fuzz:
 bench-e2e: deps
 	$(CARGO) build --release --bins
 	bash benches/e2e/run.sh
+
+# Resident memory per account (1 M and 10 M accounts, credentials included)
+# and start-up time with 10 M accounts in the store (issue 8). The 10 M
+# store is generated once and cached under target/bench-memory/.
+.PHONY: bench-memory
+bench-memory: deps
+	$(CARGO) bench --bench memory
