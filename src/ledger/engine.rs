@@ -387,22 +387,15 @@ impl Ledger {
                 available_milli: available(old)?,
             });
         }
-        let seq = self.take_seqs(1);
-        *st.bucket_mut(bucket) = new;
-        self.total_posted_milli
-            .fetch_add(amount_milli, Ordering::Relaxed);
-        let journal = self.journal(None, reference, None);
-        self.record(
-            seq,
-            &journal,
-            &[Leg {
-                kind: EntryKind::Add,
-                account: &key,
-                bucket,
-                amount_milli,
-            }],
-        );
-        Ok(Applied { seq, balance: new })
+        Ok(self.apply_posted(
+            &mut st,
+            &key,
+            bucket,
+            new,
+            amount_milli,
+            EntryKind::Add,
+            reference,
+        ))
     }
 
     /// Sets a bucket's *available* balance (SPEC 1.2). Reserved credit is
@@ -430,6 +423,31 @@ impl Ledger {
             .checked_sub(available(old)?)
             .ok_or(LedgerError::Overflow)?;
         let new = old.checked_apply(amount_milli, 0)?;
+        Ok(self.apply_posted(
+            &mut st,
+            &key,
+            bucket,
+            new,
+            amount_milli,
+            EntryKind::Set,
+            reference,
+        ))
+    }
+
+    /// The common end of `add` and `set`: store a bucket whose `posted`
+    /// moved by `amount_milli` and journal it as one entry. Called with the
+    /// account lock held (the caller's critical section).
+    #[allow(clippy::too_many_arguments)]
+    fn apply_posted(
+        &self,
+        st: &mut AccountState,
+        key: &str,
+        bucket: Bucket,
+        new: BucketBalance,
+        amount_milli: i64,
+        kind: EntryKind,
+        reference: Option<&str>,
+    ) -> Applied {
         let seq = self.take_seqs(1);
         *st.bucket_mut(bucket) = new;
         self.total_posted_milli
@@ -439,13 +457,13 @@ impl Ledger {
             seq,
             &journal,
             &[Leg {
-                kind: EntryKind::Set,
-                account: &key,
+                kind,
+                account: key,
                 bucket,
                 amount_milli,
             }],
         );
-        Ok(Applied { seq, balance: new })
+        Applied { seq, balance: new }
     }
 
     // ----- reservations ---------------------------------------------------
