@@ -73,6 +73,10 @@ use tollgate::ledger::{
 use tollgate::metrics::Metrics;
 use tollgate::store::{AccountMeta, SqliteStore, Store};
 
+/// The binary's allocator: resident memory depends on it.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const CASE_ENV: &str = "TOLLGATE_MEMORY_CASE";
 const BALANCE_MILLI: i64 = 1_000_000;
 /// Accounts per generated store commit.

@@ -11,6 +11,13 @@ use tollgate::ledger::Role;
 use tollgate::money::{format_credits, parse_credits};
 use tollgate::tariff::{QuoteRequest, Tariff};
 
+/// mimalloc instead of glibc's malloc: the request path allocates many small,
+/// short-lived buffers and the ledger holds millions of small records;
+/// mimalloc is faster on the first and packs the second without per-chunk
+/// headers (benches/e2e/results.md, benches/memory.rs).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "tollgate",
