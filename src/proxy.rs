@@ -27,7 +27,7 @@ use crate::idempotency::{self, Begin, Claim, StoredAnswer};
 use crate::limits::{ActiveGuard, Refusal};
 use crate::service::ozeki::{self, Decision, LocalAnswer, PendingReceive, PendingSend};
 use crate::service::{App, Snapshot};
-use crate::upstream::{self, Forwarded, Upstream};
+use crate::upstream::{self, Forwarded};
 
 /// The `Server` header of the gateway we stand in for (SPEC 1.5); local
 /// answers carry it so a client cannot tell who answered.
@@ -145,6 +145,8 @@ impl ProxyHttp for TollgateProxy {
         // through pingora untouched; so does `receivemessage` unless the
         // tariff in force charges for received messages.
         let has_body = request_has_body(session);
+        // Without a body the query is all there is: parsed once, here.
+        let mut query_params = None;
         if !has_body {
             if let Ok(params) = parse_params(query.as_deref(), None, &self.param_limits) {
                 let action = action_of(&params).unwrap_or_default();
@@ -159,6 +161,7 @@ impl ProxyHttp for TollgateProxy {
                     }
                     return Ok(false);
                 }
+                query_params = Some(params);
             }
         }
 
@@ -183,7 +186,11 @@ impl ProxyHttp for TollgateProxy {
             }
         };
         let form_body = is_form(session).then_some(&body[..]);
-        let params = match parse_params(query.as_deref(), form_body, &self.param_limits) {
+        let parsed = match query_params {
+            Some(p) if body.is_empty() => Ok(p),
+            _ => parse_params(query.as_deref(), form_body, &self.param_limits),
+        };
+        let params = match parsed {
             Ok(p) => p,
             Err(e) => {
                 // Malformed encoding: refused, never forwarded — the gateway
@@ -340,14 +347,17 @@ impl TollgateProxy {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
-        let header = Upstream::upstream_header(session.req_header(), body.len(), client_ip)?;
         let mut pending = pending;
         if let Some(guard) = pending.as_mut().and_then(|p| p.guard.as_mut()) {
             // From here a dropped context (client gone, shutdown) may belong
             // to a sent message: in doubt, never void.
             guard.forwarding();
         }
-        let forwarded = self.app.upstream.forward(header, body).await;
+        let forwarded = self
+            .app
+            .upstream
+            .forward(session.req_header(), body, client_ip)
+            .await;
         if let Forwarded::Answered {
             header, latency, ..
         } = &forwarded

@@ -254,7 +254,7 @@ async fn ask_gateway(app: &App, username: &str, password: &str) -> Result<Option
     .map_err(|e| format!("building the request: {:?}", e.etype()))?;
     req.insert_header("Host", app.upstream.address().to_string())
         .map_err(|e| format!("building the request: {:?}", e.etype()))?;
-    match app.upstream.forward(req, Bytes::new()).await {
+    match app.upstream.forward(&req, Bytes::new(), None).await {
         Forwarded::Answered { header, body, .. } => {
             if !header.status.is_success() {
                 return Err(format!("gateway answered HTTP {}", header.status.as_u16()));

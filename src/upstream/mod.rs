@@ -3,43 +3,42 @@
 //! The Ozeki front door must see a request's whole body before deciding
 //! anything (SPEC 1.1), and pingora 0.9 cannot forward a body its
 //! `request_filter` already consumed (its retry buffer stops at 64 KiB). So
-//! intercepted paths forward here, over pingora's pooled upstream connector,
-//! with the original method, path, query and body bytes.
+//! intercepted paths forward here, with the original method, path, query
+//! and body bytes, over a keep-alive pool of plain TCP connections: one
+//! write per request and one read per answer in the common case. This path
+//! carries every charged send, so it is kept lean; pingora's own upstream
+//! session spent about twice the CPU per request (benches/e2e/results.md).
 //!
 //! The outcome says precisely how far the request got, because settlement
-//! depends on it (SPEC 1.3 step 8): a failure to connect means the gateway
-//! never saw the request (void); anything after the first byte was written
-//! may have reached it (in doubt). This module never retries once a byte was
-//! written; it retries a failed *connect* once.
+//! depends on it (SPEC 1.3 step 8): a failure to connect, or a pooled
+//! connection found dead before any byte of the request went into it, means
+//! the gateway never saw the request (void); anything after the first byte
+//! was written may have reached it (in doubt). This module never retries
+//! once a byte was written.
 
+mod wire;
+
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use pingora::connectors::http::Connector;
+use parking_lot::Mutex;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
-use pingora::protocols::http::client::HttpSession;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 
 use crate::config::UpstreamConfig;
+
+pub use wire::HEAD_MAX_BYTES;
 
 /// Largest gateway answer kept in memory for settlement. Ozeki answers are a
 /// few hundred bytes per recipient; 20 000 recipients stay far below this.
 pub const ANSWER_CAPTURE_MAX_BYTES: usize = 16 * 1024 * 1024;
 
-/// Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus
-/// framing we recompute because the body is forwarded whole.
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
+/// Idle gateway connections kept for reuse.
+const POOL_MAX_IDLE: usize = 512;
 
 /// How far a forwarded request got.
 pub enum Forwarded {
@@ -56,11 +55,22 @@ pub enum Forwarded {
     Unknown(String),
 }
 
+/// An idle keep-alive connection and when it went idle.
+struct Idle {
+    stream: TcpStream,
+    since: Instant,
+}
+
 pub struct Upstream {
-    connector: Connector,
+    address: SocketAddr,
+    /// For pingora's own proxy path (requests tollgate does not own).
     peer: HttpPeer,
+    connect_timeout: Duration,
     read_timeout: Duration,
     idle_timeout: Duration,
+    /// Most recently used at the back (reused first: warm, least likely
+    /// closed by the gateway); oldest at the front.
+    idle: Mutex<VecDeque<Idle>>,
 }
 
 impl Upstream {
@@ -70,116 +80,183 @@ impl Upstream {
         peer.options.read_timeout = Some(config.read_timeout);
         peer.options.idle_timeout = Some(config.idle_timeout);
         Upstream {
-            connector: Connector::new(None),
+            address: config.address,
             peer,
+            connect_timeout: config.connect_timeout,
             read_timeout: config.read_timeout,
             idle_timeout: config.idle_timeout,
+            idle: Mutex::new(VecDeque::new()),
         }
     }
 
     pub fn address(&self) -> SocketAddr {
-        match self.peer._address {
-            pingora::protocols::l4::socket::SocketAddr::Inet(a) => a,
-            _ => unreachable!("tollgate only configures TCP upstreams"),
-        }
+        self.address
     }
 
     pub fn peer(&self) -> HttpPeer {
         self.peer.clone()
     }
 
-    /// Builds the upstream request header: the client's, minus hop-by-hop
-    /// headers, with an exact Content-Length and `X-Forwarded-For`.
-    pub fn upstream_header(
+    /// Sends the client's request — its method, raw path and query, its
+    /// headers minus hop-by-hop ones, an exact `Content-Length`, and
+    /// `X-Forwarded-For` extended by `client_ip` — with `body`, and reads
+    /// the whole answer.
+    pub async fn forward(
+        &self,
         client: &RequestHeader,
-        body_len: usize,
+        body: Bytes,
         client_ip: Option<std::net::IpAddr>,
-    ) -> pingora::Result<RequestHeader> {
-        let mut req = client.clone();
-        strip_hop_by_hop_request(&mut req);
-        if body_len > 0 || client.headers.contains_key("content-length") {
-            req.insert_header("Content-Length", body_len.to_string())?;
-        }
-        if let Some(ip) = client_ip {
-            append_forwarded_for(&mut req, ip)?;
-        }
-        Ok(req)
-    }
-
-    /// Sends `header` + `body` and reads the whole answer.
-    pub async fn forward(&self, header: RequestHeader, body: Bytes) -> Forwarded {
+    ) -> Forwarded {
         let started = Instant::now();
-        let mut session = match self.connect().await {
+        let request = wire::encode_request(client, &body, client_ip);
+        let mut stream = match self.send(&request).await {
             Ok(s) => s,
-            Err(e) => return Forwarded::NotSent(e),
+            Err(Unsent::Nothing(e)) => return Forwarded::NotSent(e),
+            Err(Unsent::Partly(e)) => return Forwarded::Unknown(e),
         };
-        session.set_read_timeout(Some(self.read_timeout));
-        session.set_write_timeout(Some(self.read_timeout));
-        // From here on a byte may have reached the gateway.
-        if let Err(e) = session.write_request_header(Box::new(header)).await {
-            return Forwarded::Unknown(format!("writing request header: {e}"));
-        }
-        if !body.is_empty() {
-            if let Err(e) = session.write_request_body(body, true).await {
-                return Forwarded::Unknown(format!("writing request body: {e}"));
-            }
-        }
-        if let Err(e) = session.finish_request_body().await {
-            return Forwarded::Unknown(format!("finishing request body: {e}"));
-        }
-        if let Err(e) = session.read_response_header().await {
-            return Forwarded::Unknown(format!("reading answer header: {e}"));
-        }
-        let header = match session.response_header() {
-            Some(h) => Box::new(h.clone()),
-            None => return Forwarded::Unknown("no answer header".into()),
-        };
+        // From here the whole request is with the gateway.
         let mut buf = BytesMut::new();
-        loop {
-            match session.read_response_body().await {
-                Ok(Some(chunk)) => {
-                    if buf.len() + chunk.len() > ANSWER_CAPTURE_MAX_BYTES {
-                        return Forwarded::Unknown("answer larger than the capture limit".into());
-                    }
-                    buf.extend_from_slice(&chunk);
-                }
-                Ok(None) => break,
-                Err(e) => return Forwarded::Unknown(format!("reading answer body: {e}")),
-            }
-        }
+        let answer = match wire::read_answer(
+            &mut stream,
+            &mut buf,
+            &client.method,
+            ANSWER_CAPTURE_MAX_BYTES,
+            self.read_timeout,
+        )
+        .await
+        {
+            Ok(a) => a,
+            Err(e) => return Forwarded::Unknown(e),
+        };
         let latency = started.elapsed();
-        self.connector
-            .release_http_session(session, &self.peer, Some(self.idle_timeout))
-            .await;
+        if answer.reusable {
+            self.check_in(stream);
+        }
         Forwarded::Answered {
-            header,
-            body: buf.freeze(),
+            header: answer.header,
+            body: answer.body,
             latency,
         }
     }
 
+    /// Writes the request on a pooled connection, or a new one. A pooled
+    /// connection that fails before taking a single byte was dead (the
+    /// gateway closed it while idle): the next one is tried.
+    async fn send(&self, request: &[u8]) -> Result<TcpStream, Unsent> {
+        while let Some(mut stream) = self.check_out() {
+            match self.write(&mut stream, request).await {
+                Ok(()) => return Ok(stream),
+                Err(Unsent::Nothing(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        let mut stream = self.connect().await.map_err(Unsent::Nothing)?;
+        self.write(&mut stream, request).await?;
+        Ok(stream)
+    }
+
+    async fn write(&self, stream: &mut TcpStream, request: &[u8]) -> Result<(), Unsent> {
+        let mut written = 0;
+        while written < request.len() {
+            let step = tokio::time::timeout(self.read_timeout, stream.write(&request[written..]));
+            let failed = match step.await {
+                Ok(Ok(0)) => "connection closed".to_string(),
+                Ok(Ok(n)) => {
+                    written += n;
+                    continue;
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("not writable within {} ms", self.read_timeout.as_millis()),
+            };
+            let reason = format!("writing the request: {failed}");
+            return Err(if written == 0 {
+                Unsent::Nothing(reason)
+            } else {
+                Unsent::Partly(reason)
+            });
+        }
+        Ok(())
+    }
+
     /// Connects, retrying one failed connect (nothing was sent, so this is
     /// always safe).
-    async fn connect(&self) -> Result<HttpSession, String> {
+    async fn connect(&self) -> Result<TcpStream, String> {
         let mut last = String::new();
         for _ in 0..2 {
-            match self.connector.get_http_session(&self.peer).await {
-                Ok((s, _reused)) => return Ok(s),
-                Err(e) => last = e.to_string(),
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.address)).await
+            {
+                Ok(Ok(stream)) => {
+                    let _ = stream.set_nodelay(true);
+                    return Ok(stream);
+                }
+                Ok(Err(e)) => last = format!("connecting to {}: {e}", self.address),
+                Err(_) => {
+                    last = format!(
+                        "connecting to {}: no answer within {} ms",
+                        self.address,
+                        self.connect_timeout.as_millis()
+                    )
+                }
             }
         }
         Err(last)
     }
-}
 
-pub fn strip_hop_by_hop_request(req: &mut RequestHeader) {
-    for h in HOP_BY_HOP {
-        req.remove_header(h);
+    /// The most recently used idle connection that is still open. Expired
+    /// ones, and ones the gateway closed or wrote to while idle, are dropped.
+    fn check_out(&self) -> Option<TcpStream> {
+        let mut idle = self.idle.lock();
+        while let Some(Idle { stream, since }) = idle.pop_back() {
+            if since.elapsed() >= self.idle_timeout {
+                // Everything older is expired too.
+                idle.clear();
+                return None;
+            }
+            // Non-blocking: a FIN or stray bytes show as readable. Usually no
+            // syscall at all (tokio knows the socket was drained).
+            let mut probe = [0u8; 1];
+            match stream.try_read(&mut probe) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(stream),
+                _ => continue,
+            }
+        }
+        None
+    }
+
+    fn check_in(&self, stream: TcpStream) {
+        let mut idle = self.idle.lock();
+        while idle
+            .front()
+            .is_some_and(|i| i.since.elapsed() >= self.idle_timeout)
+        {
+            idle.pop_front();
+        }
+        if idle.len() >= POOL_MAX_IDLE {
+            idle.pop_front();
+        }
+        idle.push_back(Idle {
+            stream,
+            since: Instant::now(),
+        });
     }
 }
 
+/// Why a request did not go out whole.
+enum Unsent {
+    /// Not one byte was written.
+    Nothing(String),
+    /// Some bytes were written: the gateway may act on them.
+    Partly(String),
+}
+
 pub fn strip_hop_by_hop_response(resp: &mut ResponseHeader) {
-    for h in HOP_BY_HOP {
+    // Usually there is none: one pass over the few names present is
+    // cheaper than nine map removals.
+    let is_hop = |name: &http::HeaderName| wire::HOP_BY_HOP.contains(&name.as_str());
+    if !resp.headers.keys().any(is_hop) {
+        return;
+    }
+    for h in wire::HOP_BY_HOP {
         resp.remove_header(h);
     }
 }
@@ -194,4 +271,152 @@ pub fn append_forwarded_for(req: &mut RequestHeader, ip: std::net::IpAddr) -> pi
         None => ip.to_string(),
     };
     req.insert_header("X-Forwarded-For", value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+
+    fn config(address: SocketAddr) -> UpstreamConfig {
+        UpstreamConfig {
+            address,
+            connect_timeout: Duration::from_millis(500),
+            read_timeout: Duration::from_millis(500),
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+
+    fn request() -> RequestHeader {
+        let mut req = RequestHeader::build("GET", b"/api?action=sendmessage", None).unwrap();
+        req.append_header("Host", "gw").unwrap();
+        req
+    }
+
+    /// A gateway that reads one request head per answer and, per
+    /// connection, answers `answers_per_conn` requests, then closes.
+    async fn gateway(
+        answers_per_conn: usize,
+        answer: &'static [u8],
+    ) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let counted = conns.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    for _ in 0..answers_per_conn {
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            let mut chunk = [0u8; 1024];
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buf.clear();
+                        if answer.is_empty() || s.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, conns)
+    }
+
+    #[tokio::test]
+    async fn keep_alive_connections_are_reused() {
+        let (addr, conns) = gateway(usize::MAX, OK).await;
+        let up = Upstream::new(&config(addr));
+        for _ in 0..5 {
+            match up.forward(&request(), Bytes::new(), None).await {
+                Forwarded::Answered { body, .. } => assert_eq!(&body[..], b"ok"),
+                _ => panic!("no answer"),
+            }
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_gateway_closed_while_idle_is_not_used() {
+        // One answer per connection, then the gateway closes it.
+        let (addr, conns) = gateway(1, OK).await;
+        let up = Upstream::new(&config(addr));
+        for _ in 0..3 {
+            assert!(matches!(
+                up.forward(&request(), Bytes::new(), None).await,
+                Forwarded::Answered { .. }
+            ));
+            // Let the FIN arrive and the reactor see it.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_not_sent() {
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let up = Upstream::new(&config(addr));
+        assert!(matches!(
+            up.forward(&request(), Bytes::new(), None).await,
+            Forwarded::NotSent(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_gateway_that_reads_and_hangs_up_leaves_the_request_in_doubt() {
+        let (addr, _) = gateway(1, b"").await;
+        let up = Upstream::new(&config(addr));
+        assert!(matches!(
+            up.forward(&request(), Bytes::new(), None).await,
+            Forwarded::Unknown(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_silent_gateway_times_out_in_doubt() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (_s, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let up = Upstream::new(&config(addr));
+        let started = Instant::now();
+        match up.forward(&request(), Bytes::new(), None).await {
+            Forwarded::Unknown(reason) => assert!(reason.contains("no answer byte"), "{reason}"),
+            _ => panic!("expected in doubt"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(4));
+    }
+
+    #[tokio::test]
+    async fn expired_idle_connections_are_not_reused() {
+        let (addr, conns) = gateway(usize::MAX, OK).await;
+        let mut cfg = config(addr);
+        cfg.idle_timeout = Duration::from_millis(20);
+        let up = Upstream::new(&cfg);
+        for _ in 0..2 {
+            assert!(matches!(
+                up.forward(&request(), Bytes::new(), None).await,
+                Forwarded::Answered { .. }
+            ));
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 2);
+    }
 }
