@@ -175,95 +175,197 @@ struct Capture {
 }
 
 fn parse_xml(body: &[u8]) -> Result<Vec<AcceptReport>, AnswerError> {
+    // Nearly every answer is plain: elements without attributes, text
+    // without entities. Those are read by a direct scan (several times
+    // cheaper than quick-xml); anything else, and anything the scan finds
+    // wrong, goes to quick-xml, whose verdict (and error) stands.
+    if let Some(reports) = parse_plain_xml(body) {
+        return Ok(reports);
+    }
     let mut reader = Reader::from_reader(body);
-    let mut reports = Vec::new();
-    let mut depth = 0usize;
-    let mut open: Option<OpenReport> = None;
-    let mut capture: Option<Capture> = None;
-
+    let mut builder = ReportBuilder::default();
     loop {
         let event = reader.read_event().map_err(malformed)?;
         match event {
-            Event::Start(e) => {
-                if capture.is_some() {
-                    return Err(malformed("element inside a report field"));
-                }
-                depth += 1;
-                if depth > MAX_DEPTH {
-                    return Err(malformed("nesting too deep"));
-                }
-                let name = e.local_name();
-                let name = name.as_ref();
-                if is_acceptreport(name) {
-                    if open.is_some() {
-                        return Err(malformed("nested acceptreport"));
-                    }
-                    open = Some(OpenReport {
-                        depth,
-                        ..Default::default()
-                    });
-                } else if open.is_some() {
-                    if let Some((field, index)) = field_of(name) {
-                        capture = Some(Capture {
-                            field,
-                            index,
-                            text: String::new(),
-                        });
-                    }
-                }
-            }
-            Event::Empty(e) => {
-                let name = e.local_name();
-                let name = name.as_ref();
-                if is_acceptreport(name) {
-                    return Err(malformed("empty acceptreport"));
-                }
-                if let (Some(report), Some((field, index))) = (open.as_mut(), field_of(name)) {
-                    store_field(
-                        report,
-                        Capture {
-                            field,
-                            index,
-                            text: String::new(),
-                        },
-                    )?;
-                }
-            }
+            Event::Start(e) => builder.start(e.local_name().as_ref())?,
+            Event::Empty(e) => builder.empty(e.local_name().as_ref())?,
             Event::Text(t) => {
-                if let Some(c) = capture.as_mut() {
-                    c.text.push_str(&t.unescape().map_err(malformed)?);
+                if builder.capturing() {
+                    builder.text(&t.unescape().map_err(malformed)?);
                 }
             }
             Event::CData(t) => {
-                if let Some(c) = capture.as_mut() {
-                    c.text.push_str(&t.decode().map_err(malformed)?);
+                if builder.capturing() {
+                    builder.text(&t.decode().map_err(malformed)?);
                 }
             }
-            Event::End(_) => {
-                if let Some(c) = capture.take() {
-                    let report = open
-                        .as_mut()
-                        .ok_or_else(|| malformed("field outside report"))?;
-                    store_field(report, c)?;
-                } else if open.as_ref().is_some_and(|r| r.depth == depth) {
-                    let report = open.take().unwrap_or_default();
-                    finish_report(report, &mut reports)?;
-                }
-                depth = depth.saturating_sub(1);
-            }
+            Event::End(_) => builder.end()?,
             Event::Eof => break,
             // The DOCTYPE is skipped, never interpreted; comments, PIs and
             // the declaration carry nothing we need.
             Event::DocType(_) | Event::Decl(_) | Event::PI(_) | Event::Comment(_) => {}
         }
     }
-    if depth != 0 || open.is_some() {
-        return Err(malformed("answer is truncated"));
+    builder.finish()
+}
+
+/// The direct scan of a plain answer: an optional declaration and DOCTYPE
+/// (without an internal subset), then only start, end and empty-element
+/// tags with plain names and no attributes, and text without `&`. `None`
+/// for anything else, or for any error: the full parser decides those.
+fn parse_plain_xml(body: &[u8]) -> Option<Vec<AcceptReport>> {
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    let mut rest = body.trim_ascii_start();
+    if rest.starts_with(b"<?xml") {
+        let close = memchr::memmem::find(rest, b"?>")?;
+        rest = rest[close + 2..].trim_ascii_start();
     }
-    if reports.is_empty() {
-        return Err(AnswerError::NoReports);
+    if rest.starts_with(b"<!DOCTYPE") {
+        let close = memchr::memchr(b'>', rest)?;
+        if memchr::memchr(b'[', &rest[..close]).is_some() {
+            return None;
+        }
+        rest = &rest[close + 1..];
     }
-    Ok(reports)
+    let plain_name = |n: &[u8]| {
+        !n.is_empty()
+            && n.iter()
+                .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    };
+    let mut builder = ReportBuilder::default();
+    let mut open: Vec<&[u8]> = Vec::new();
+    loop {
+        let lt = memchr::memchr(b'<', rest).unwrap_or(rest.len());
+        let (between, tail) = rest.split_at(lt);
+        if builder.capturing() {
+            if memchr::memchr(b'&', between).is_some() {
+                return None;
+            }
+            builder.text(std::str::from_utf8(between).ok()?);
+        } else if memchr::memchr(b'&', between).is_some() || !between.is_ascii() {
+            // Outside fields only the full parser judges text.
+            return None;
+        }
+        if tail.is_empty() {
+            break;
+        }
+        let gt = memchr::memchr(b'>', tail)?;
+        let tag = &tail[1..gt];
+        rest = &tail[gt + 1..];
+        if let Some(name) = tag.strip_prefix(b"/") {
+            if open.pop() != Some(name) {
+                return None;
+            }
+            builder.end().ok()?;
+        } else if let Some(name) = tag.strip_suffix(b"/") {
+            if !plain_name(name) {
+                return None;
+            }
+            builder.empty(name).ok()?;
+        } else {
+            if !plain_name(tag) {
+                return None;
+            }
+            open.push(tag);
+            builder.start(tag).ok()?;
+        }
+    }
+    if !open.is_empty() {
+        return None;
+    }
+    builder.finish().ok()
+}
+
+/// Turns a stream of XML events into accept reports; shared by both ways
+/// of reading an answer so they cannot disagree on what a report is.
+#[derive(Default)]
+struct ReportBuilder {
+    reports: Vec<AcceptReport>,
+    depth: usize,
+    open: Option<OpenReport>,
+    capture: Option<Capture>,
+}
+
+impl ReportBuilder {
+    fn capturing(&self) -> bool {
+        self.capture.is_some()
+    }
+
+    fn start(&mut self, name: &[u8]) -> Result<(), AnswerError> {
+        if self.capture.is_some() {
+            return Err(malformed("element inside a report field"));
+        }
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return Err(malformed("nesting too deep"));
+        }
+        if is_acceptreport(name) {
+            if self.open.is_some() {
+                return Err(malformed("nested acceptreport"));
+            }
+            self.open = Some(OpenReport {
+                depth: self.depth,
+                ..Default::default()
+            });
+        } else if self.open.is_some() {
+            if let Some((field, index)) = field_of(name) {
+                self.capture = Some(Capture {
+                    field,
+                    index,
+                    text: String::new(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn empty(&mut self, name: &[u8]) -> Result<(), AnswerError> {
+        if is_acceptreport(name) {
+            return Err(malformed("empty acceptreport"));
+        }
+        if let (Some(report), Some((field, index))) = (self.open.as_mut(), field_of(name)) {
+            store_field(
+                report,
+                Capture {
+                    field,
+                    index,
+                    text: String::new(),
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    fn text(&mut self, text: &str) {
+        if let Some(c) = self.capture.as_mut() {
+            c.text.push_str(text);
+        }
+    }
+
+    fn end(&mut self) -> Result<(), AnswerError> {
+        if let Some(c) = self.capture.take() {
+            let report = self
+                .open
+                .as_mut()
+                .ok_or_else(|| malformed("field outside report"))?;
+            store_field(report, c)?;
+        } else if self.open.as_ref().is_some_and(|r| r.depth == self.depth) {
+            let report = self.open.take().unwrap_or_default();
+            finish_report(report, &mut self.reports)?;
+        }
+        self.depth = self.depth.saturating_sub(1);
+        Ok(())
+    }
+
+    fn finish(self) -> Result<Vec<AcceptReport>, AnswerError> {
+        if self.depth != 0 || self.open.is_some() {
+            return Err(malformed("answer is truncated"));
+        }
+        if self.reports.is_empty() {
+            return Err(AnswerError::NoReports);
+        }
+        Ok(self.reports)
+    }
 }
 
 fn store_field(report: &mut OpenReport, capture: Capture) -> Result<(), AnswerError> {
@@ -752,6 +854,24 @@ mod tests {
         assert!(out.iter().enumerate().all(|(i, o)| *o == Some(i % 2 == 0)));
     }
 
+    /// quick-xml alone, bypassing the direct scan.
+    fn full_parse(body: &[u8]) -> Option<Vec<AcceptReport>> {
+        let mut reader = Reader::from_reader(body);
+        let mut builder = ReportBuilder::default();
+        loop {
+            match reader.read_event().ok()? {
+                Event::Start(e) => builder.start(e.local_name().as_ref()).ok()?,
+                Event::Empty(e) => builder.empty(e.local_name().as_ref()).ok()?,
+                Event::Text(t) => builder.text(&t.unescape().ok()?),
+                Event::CData(t) => builder.text(&t.decode().ok()?),
+                Event::End(_) => builder.end().ok()?,
+                Event::Eof => break,
+                _ => {}
+            }
+        }
+        builder.finish().ok()
+    }
+
     fn recipient_strategy() -> impl Strategy<Value = String> {
         prop_oneof!["\\+?[0-9]{3,15}", "[a-zA-Z0-9 <>&\"'+.-]{1,20}"]
             .prop_filter("not blank", |s: &String| !s.trim().is_empty())
@@ -796,6 +916,69 @@ mod tests {
         ) {
             let _ = parse_send_answer(body.as_bytes());
             let _ = parse_send_answer(format!("<?xml version=\"1.0\"?>{body}").as_bytes());
+        }
+
+        /// Whatever the direct scan reads, quick-xml reads the same.
+        #[test]
+        fn plain_scan_agrees_with_quick_xml(
+            body in "(<\\??/?(response|data|acceptreport[0-9]?|statuscode[0-9]?|recipient[0-9]?|messageid|!DOCTYPE smsapi)/?>|[0-9+ a-z\n]{0,6}|&amp;|<!\\[CDATA\\[x\\]\\]>|<a b=\"1\">){0,40}",
+            decl in any::<bool>(),
+        ) {
+            let body = if decl { format!("<?xml version=\"1.0\"?>\n{body}") } else { body };
+            if let Some(fast) = parse_plain_xml(body.as_bytes()) {
+                prop_assert_eq!(Some(fast), full_parse(body.as_bytes()));
+            }
+        }
+
+        /// Well-formed answers of varied shape: the scan reads them, and
+        /// reads them as quick-xml does.
+        #[test]
+        fn plain_scan_agrees_on_well_formed_answers(
+            reports in proptest::collection::vec(
+                (proptest::option::of(0usize..30), "[+0-9]{0,8}", -3i64..4, any::<bool>(), "[ \n\t]{0,2}"),
+                0..8),
+            extra in proptest::option::of("[a-z]{1,8}"),
+            doctype in any::<bool>(),
+        ) {
+            let mut body = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+            if doctype {
+                body.push_str("<!DOCTYPE smsapi PUBLIC \"-//OZEKI//DTD XML 1.0//EN\" \"x.xml\">\n");
+            }
+            body.push_str("<response><action>sendmessage</action><data>");
+            for (index, recipient, code, upper, ws) in &reports {
+                let suffix = index.map(|i| i.to_string()).unwrap_or_default();
+                let (sc, rc) = if *upper { ("StatusCode", "Recipient") } else { ("statuscode", "recipient") };
+                body.push_str(&format!(
+                    "<acceptreport>{ws}<{sc}{suffix}>{ws}{code}{ws}</{sc}{suffix}>{ws}<{rc}{suffix}>{recipient}</{rc}{suffix}>"
+                ));
+                if let Some(e) = &extra {
+                    body.push_str(&format!("<{e}>v</{e}><{e}/>"));
+                }
+                body.push_str("</acceptreport>");
+            }
+            body.push_str("</data></response>");
+            let fast = parse_plain_xml(body.as_bytes());
+            prop_assert_eq!(fast.clone(), full_parse(body.as_bytes()));
+            if !reports.is_empty() && extra.as_deref() != Some("acceptreport") {
+                prop_assert!(fast.is_some(), "{}", body);
+            }
+        }
+
+        /// Real answers (every refusal shape, batches) take the direct scan.
+        #[test]
+        fn rendered_answers_take_the_direct_scan(
+            recipients in proptest::collection::vec("\\+?[0-9]{3,15}", 1..20),
+            batch in any::<bool>(),
+        ) {
+            let messages: Vec<_> = recipients
+                .iter()
+                .map(|r| OutgoingMessage { recipient: r.clone(), message_type: "SMS:TEXT".into(), text: "hi".into() })
+                .collect();
+            let code = ErrorCode::InsufficientCredit;
+            let body = send_refusal(&messages, batch, ResponseFormat::Xml, code, code.message());
+            let fast = parse_plain_xml(body.as_bytes());
+            prop_assert!(fast.is_some());
+            prop_assert_eq!(fast, full_parse(body.as_bytes()));
         }
 
         #[test]
