@@ -91,6 +91,11 @@ const ACCOUNT_LOG_MAX_CHARS: usize = 64;
 impl ProxyHttp for TollgateProxy {
     type CTX = RequestCtx;
 
+    /// No downstream modules. pingora's default adds a response-compression
+    /// module that is disabled yet still built and consulted for every
+    /// request; the gateway's answers are relayed as they are.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             started: Instant::now(),
