@@ -137,7 +137,7 @@ pub async fn read_answer<R: AsyncRead + Unpin>(
     read_timeout: Duration,
 ) -> Result<Answer, String> {
     loop {
-        let (header, head_len) = loop {
+        let header = loop {
             if let Some(parsed) = parse_head(buf)? {
                 break parsed;
             }
@@ -152,7 +152,6 @@ pub async fn read_answer<R: AsyncRead + Unpin>(
                 });
             }
         };
-        let _ = buf.split_to(head_len);
         let status = header.status.as_u16();
         // Interim answers (100 Continue, 103 Early Hints) come before the
         // real one; 101 would switch protocols, which nothing here asks for.
@@ -213,8 +212,10 @@ async fn fill<R: AsyncRead + Unpin>(
     }
 }
 
-/// Parses an answer head at the start of `buf`: `None` until it is whole.
-fn parse_head(buf: &[u8]) -> Result<Option<(Box<ResponseHeader>, usize)>, String> {
+/// Parses an answer head at the start of `buf` and takes it off `buf`:
+/// `None` (and `buf` untouched) until it is whole. Names and values are
+/// slices of the head's one buffer, not copies.
+fn parse_head(buf: &mut BytesMut) -> Result<Option<Box<ResponseHeader>>, String> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
     let head_len = match resp.parse(buf) {
@@ -232,14 +233,23 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Box<ResponseHeader>, usize)>, String
     header
         .set_reason_phrase(resp.reason)
         .map_err(|_| "malformed reason phrase")?;
-    for h in resp.headers.iter() {
-        let name = Bytes::copy_from_slice(h.name.as_bytes());
-        let value = pingora::http::header_value_from_raw(Bytes::copy_from_slice(h.value));
+    let base = buf.as_ptr() as usize;
+    let span = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
+    let spans: Vec<_> = resp
+        .headers
+        .iter()
+        .map(|h| (span(h.name.as_bytes()), span(h.value)))
+        .collect();
+    let head = buf.split_to(head_len).freeze();
+    for ((name_at, name_len), (value_at, value_len)) in spans {
+        let name = head.slice(name_at..name_at + name_len);
+        let value =
+            pingora::http::header_value_from_raw(head.slice(value_at..value_at + value_len));
         header
             .append_header(name, value)
             .map_err(|_| "malformed answer header".to_string())?;
     }
-    Ok(Some((Box::new(header), head_len)))
+    Ok(Some(Box::new(header)))
 }
 
 fn framing(header: &ResponseHeader, method: &Method, status: u16) -> Result<Framing, String> {
