@@ -12,15 +12,18 @@
 //! - `accounts N`: builds, in process, a ledger with N accounts (names like
 //!   `user00001234`, an any-time balance, no parent or tariff class — the
 //!   common case) and a `CredentialStore` entry per account (a distinct
-//!   argon2id PHC string of the real length each), and reads `VmRSS` from
+//!   argon2id PHC string of the real length each), both maps sized for N
+//!   up front as start-up sizes them, and reads `VmRSS` from
 //!   `/proc/self/status` before, after the ledger and after the credentials.
 //! - `startup N`: the real start-up path (`server::open_store` +
-//!   `server::build_app_with_store`: SQLite `load()`, restore into the
-//!   ledger, writer start) over a store holding N accounts, timed, plus the
-//!   resident memory afterwards. The store is generated once through
-//!   `SqliteStore::commit` (one `add` entry per account) and cached under
-//!   `target/bench-memory/` so reruns are fast. Credentials are not part of
-//!   the store (they come from the seed file), so they are not in this time.
+//!   `server::build_app_with_store`: SQLite open, open reservations and last
+//!   seq, then the accounts read and restored by one thread per core, writer
+//!   start) over a store holding N accounts, timed (wall and CPU: the
+//!   machine is shared), plus the resident memory afterwards. The store is
+//!   generated once through `SqliteStore::commit` (one `add` entry per
+//!   account) and cached under `target/bench-memory/` so reruns are fast.
+//!   Credentials are not part of the store (they come from the seed file),
+//!   so they are not in this time.
 //!
 //! Run: `cargo bench --bench memory` (or `make bench-memory`).
 //! `MEMORY_BENCH_ACCOUNTS` (default `1000000,10000000`) sets the account
@@ -28,35 +31,51 @@
 //! `0` skips) the store size of the start-up case. Results are printed and
 //! written to `target/bench-memory/results.md`.
 //!
-//! Last result (`cargo bench --bench memory`, 2-core 23 GB VM; B = bytes
-//! of RSS per account; the start-up time varies ±20 % run to run with the
-//! other tenants of the machine, most of it is first-touch page faults):
+//! Results (`cargo bench --bench memory`, 2-core 23 GB VM shared with other
+//! benchmarks; B = bytes of RSS per account; the start-up time varies
+//! ±20 % run to run with the other tenants of the machine):
 //! ```text
 //!                          1 M accounts         10 M accounts        start-up, 10 M
 //!                          ledger + cred = B    ledger + cred = B    (load + restore)
 //! before (b004c06)         213 + 291 = 504      202 + 269 = 471      55.8 s (39.0 + 16.8)
-//! after                    183 + 151 = 334      170 + 138 = 308      16.2 s (5.6 + 10.5)
+//! d8901df, glibc malloc    183 + 151 = 334      170 + 138 = 308      16.2 s (5.6 + 10.5)
+//! 2f2bf0f + mimalloc 3     149 + 140 = 289      154 + 124 = 278      14.8 s (7.8 + 7.0)
+//! after (mimalloc 3)        99 + 117 = 216      111 + 113 = 224      3.5-4.4 s (CPU 6.5-8.4 s)
 //! target                                                   < 256     < 10 s
 //! ```
-//! Both targets are still missed. What the fixes were (found by sizing
-//! each allocation against the measured RSS deltas, and `perf record` /
-//! `perf stat` on the start-up case):
-//! - ledger: parent and tariff class interned as one optional pair, so an
-//!   account's state is 48 bytes (80 with its `Arc` and lock) instead of 72
-//!   (112): −32 B;
-//! - credentials: argon2id PHC strings kept decoded (48 bytes + an interned
-//!   parameter prefix) in one boxed 56-byte record, names as `Box<str>`:
-//!   −131 B (the 97-character PHC text, its `String`, the `Arc<Record>`);
-//! - start-up: SQLite read the accounts with `ORDER BY parent IS NOT NULL,
-//!   name`, i.e. sorted 10 M rows first; now two unsorted scans (−33 s); the
-//!   account map is sized once from the store's count (no rehashing).
+//! Both targets are met. The first round (d8901df) interned an account's
+//! parent and tariff class, kept argon2id hashes decoded (48 bytes) and
+//! replaced a sorted read of the accounts by unsorted scans. This round
+//! (found by sizing each allocation against the measured RSS deltas, and
+//! `perf record -e cpu-clock` on the start-up case):
+//! - one allocation per account and a one-pointer map slot: the account
+//!   (name inline up to 24 bytes via `compact_str`, lock, 40-byte state;
+//!   role interned with parent and class) is the map's key, hashed and
+//!   compared by name, instead of an `Arc<str>` key plus an
+//!   `Arc<Mutex<…>>` value: 88 bytes + ~15 B of slot at the map's 60 %
+//!   load, was 32 + 80 + ~42;
+//! - credentials the same way: name and record in one 80-byte box that is
+//!   the key (was a `Box<str>` key, a boxed record and a 24-byte slot);
+//! - start-up: no `Vec` of 10 M `AccountView`s (its growth and page faults
+//!   were most of the old "load"): each of one thread per core opens its
+//!   own connection, scans its own rowid range, builds accounts straight
+//!   from borrowed columns (`ReadyAccount`, no `String`s) and inserts them;
+//!   maps sized once from `MAX(rowid)`. What is left is cache misses in
+//!   the account map (~35 %), page zeroing of fresh heap (~25 %) and
+//!   SQLite (~30 %). A reader thread feeding restore threads was tried:
+//!   more CPU, from cross-core traffic.
+//! - the warm-up read of the store now streams through a small buffer: a
+//!   file-sized `Vec` freed just before the timed part left 1 GB of
+//!   faulted-in heap for start-up to reuse (RSS before 1071 MiB), which
+//!   flattered both its time and its RSS.
 //!
-//! What is left, per account at 10 M: two map slots (~40 + ~55 B at the
-//! maps' 60 % load), two copies of the name (32 B each), the account cell
-//! (80 B) and the credential record (64 B). Under 256 B needs the name and
-//! the slot shared — one map from name to {account, credential} — and a
-//! start-up under 10 s needs fewer allocations per account (restore is
-//! bound by page faults on fresh heap: 8 s of system time).
+//! Allocator note: mimalloc 3 (the `mimalloc` crate's default) serves an
+//! aligned request whose size is not a power of two from one size class up
+//! when it takes a fresh page, which for bulk allocations is nearly always:
+//! 80 bytes with 8-byte alignment costs 96, 96 costs 112 (measured: 10 M
+//! boxes). The account is sized to 88 bytes so it lands in 96 either way;
+//! the 80-byte credential costs 96 here and would cost 80 under mimalloc
+//! 2 (`features = ["v2"]`) or glibc, i.e. ~208 B/account in total.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -95,6 +114,19 @@ fn rss_bytes() -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map(|kb| kb * 1024)
         .expect("VmRSS in /proc/self/status")
+}
+
+/// CPU time (user + system) of this process so far, in seconds: the
+/// machine is shared, so wall time alone says little about a change.
+fn cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    // Fields after the parenthesised command name; utime and stime are the
+    // 12th and 13th of them, in clock ticks (100 a second on Linux).
+    let rest = stat.rsplit_once(')').expect("stat format").1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 =
+        fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0);
+    ticks as f64 / 100.0
 }
 
 fn counts(var: &str, default: &str) -> Vec<usize> {
@@ -201,10 +233,13 @@ fn case_accounts(n: usize) {
     let template = tollgate::config::accounts::hash_password("bench-password");
     let before = rss_bytes();
     let started = Instant::now();
-    let ledger = Arc::new(Ledger::new(
+    // Both maps sized up front, as start-up sizes them (from the store's
+    // account count and the seed file's length).
+    let ledger = Arc::new(Ledger::with_capacity(
         LedgerConfig::default(),
         Arc::new(NullSink),
         Arc::new(SystemClock),
+        n,
     ));
     for i in 0..n {
         ledger.restore_account(AccountView {
@@ -220,7 +255,7 @@ fn case_accounts(n: usize) {
         });
     }
     let after_ledger = rss_bytes();
-    let credentials = CredentialStore::new(100_000);
+    let credentials = CredentialStore::with_capacity(100_000, n);
     for i in 0..n {
         credentials.set(&account_name(i), &phc_for(&template, i));
     }
@@ -315,24 +350,28 @@ fn case_startup(n: usize) {
     )
     .unwrap();
     let config = Config::load(&config_path).expect("config");
-    // Read the file once so the time is not a cold-cache disk read.
-    let _ = std::fs::read(&db).map(|b| b.len());
+    // Read the file once so the time is not a cold-cache disk read;
+    // through a small buffer, so the heap does not keep a file-sized block
+    // for the start-up to reuse (it would hide page faults and RSS).
+    let _ = std::fs::File::open(&db).and_then(|mut f| std::io::copy(&mut f, &mut std::io::sink()));
     let before = rss_bytes();
+    let cpu_before = cpu_s();
     let started = Instant::now();
     let metrics = Arc::new(Metrics::new());
     let opened = tollgate::server::open_store(&config, &metrics).expect("open store");
     let loaded_at = started.elapsed();
     let app = tollgate::server::build_app_with_store(config, metrics, opened).expect("build");
     let elapsed = started.elapsed();
+    let cpu = cpu_s() - cpu_before;
     let after = rss_bytes();
     assert_eq!(app.ledger.len(), n);
     eprintln!(
-        "startup {n}: load {:.2} s, restore {:.2} s",
+        "startup {n}: open {:.2} s, read + restore {:.2} s, CPU {cpu:.1} s",
         loaded_at.as_secs_f64(),
         (elapsed - loaded_at).as_secs_f64()
     );
     println!(
-        "| startup (load {:.1} s + restore {:.1} s) | {n} | {} | {} | {} | – | {} | {:.1} s |",
+        "| startup (open {:.1} s + read/restore {:.1} s; CPU {cpu:.1} s) | {n} | {} | {} | {} | – | {} | {:.1} s |",
         loaded_at.as_secs_f64(),
         (elapsed - loaded_at).as_secs_f64(),
         mib(before),

@@ -10,20 +10,26 @@
 //!
 //! Memory (issue 8: 10 M accounts): the argon2id PHC strings `accounts add`
 //! makes (97 characters) are kept decoded, 48 bytes of salt and hash plus an
-//! interned parameter prefix, and rebuilt only for an argon2 run; a record
-//! is one 56-byte allocation (64 with malloc's header), the name another. For those records the generation is the
-//! first 8 bytes of the hash itself: every new password hash has a fresh
-//! salt, so it changes with the password (and setting the very same hash
-//! again keeps cached verifications, which still hold).
+//! interned parameter prefix, and rebuilt only for an argon2 run. An
+//! account's name (inline up to 24 bytes) and record are one 80-byte
+//! allocation, and that allocation is the map's key, so a map slot is one
+//! pointer. For decoded records the generation is the first 8 bytes of the
+//! hash itself: every new password hash has a fresh salt, so it changes
+//! with the password (and setting the very same hash again keeps cached
+//! verifications, which still hold).
 //!
 //! Never stored or logged: a plain password. The cache holds MACs only, and
 //! the key dies with the process.
 
+use std::borrow::Borrow;
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use argon2::password_hash::{Output, PasswordHash, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use compact_str::CompactString;
+use dashmap::mapref::entry::Entry as MapEntry;
 use dashmap::DashMap;
 use rand::RngCore;
 
@@ -72,14 +78,46 @@ impl Record {
     }
 }
 
+/// One account's credentials (see the module docs).
+struct Credential {
+    account: CompactString,
+    record: Record,
+}
+
+/// The credential map's key: the boxed credentials themselves, hashed and
+/// compared by account name so that the map is searched with a `&str`.
+struct CredentialKey(Box<Credential>);
+
+impl Borrow<str> for CredentialKey {
+    fn borrow(&self) -> &str {
+        &self.0.account
+    }
+}
+
+// Must hash exactly like the `str` it borrows as.
+impl Hash for CredentialKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.account.as_str().hash(state);
+    }
+}
+
+impl PartialEq for CredentialKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.account == other.0.account
+    }
+}
+
+impl Eq for CredentialKey {}
+
 /// Most distinct argon2 parameter prefixes kept compact; hashes with
 /// further ones are kept as text.
 const PREFIXES_MAX: usize = 64;
 
 pub struct CredentialStore {
-    /// Boxed: at the map's usual 45-85 % load a slot costs less as a
-    /// pointer to the 56-byte record than with the record inline.
-    records: DashMap<Box<str>, Box<Record>>,
+    /// Every account's credentials, found by name (see [`CredentialKey`]).
+    /// A slot is one pointer: at the map's usual 45-85 % load that costs
+    /// far less than a name and a record inline.
+    records: DashMap<CredentialKey, ()>,
     /// Interned `$argon2id$v=…$m=…,t=…,p=…$` prefixes of compact records.
     prefixes: parking_lot::Mutex<Vec<Box<str>>>,
     /// MAC(username, password) → generation of the record it was verified
@@ -99,10 +137,17 @@ pub struct CredentialStore {
 
 impl CredentialStore {
     pub fn new(cache_max_entries: usize) -> Self {
+        CredentialStore::with_capacity(cache_max_entries, 0)
+    }
+
+    /// A store whose account map is sized for `accounts` up front, so
+    /// loading millions of credentials never rehashes it (a grown map also
+    /// leaves its smaller predecessors' memory with the allocator).
+    pub fn with_capacity(cache_max_entries: usize, accounts: usize) -> Self {
         let mut mac_key = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut mac_key);
         CredentialStore {
-            records: DashMap::new(),
+            records: DashMap::with_capacity(accounts),
             prefixes: parking_lot::Mutex::new(Vec::new()),
             verified: DashMap::new(),
             mac_key,
@@ -138,7 +183,25 @@ impl CredentialStore {
                 expires,
             }))
         });
-        self.records.insert(account.into(), Box::new(record));
+        let key = CredentialKey(Box::new(Credential {
+            account: CompactString::from(account),
+            record,
+        }));
+        // Short guard: one shard write lock. A replaced entry's key is
+        // replaced too: the name and the record are one allocation.
+        match self.records.entry(key) {
+            MapEntry::Occupied(slot) => {
+                slot.replace_entry(());
+            }
+            MapEntry::Vacant(slot) => {
+                slot.insert(());
+            }
+        }
+    }
+
+    /// Runs `f` on an account's record under a short shard read guard.
+    fn with_record<R>(&self, account: &str, f: impl FnOnce(&Record) -> R) -> Option<R> {
+        self.records.get(account).map(|g| f(&g.key().0.record))
     }
 
     /// The compact form of `phc`, if it has one that rebuilds to exactly
@@ -196,7 +259,7 @@ impl CredentialStore {
     /// verified another way (the gateway, in drop-in mode) and hashed into
     /// that record.
     pub fn remember(&self, username: &str, password: &str) {
-        let Some(generation) = self.records.get(username).map(|r| r.generation()) else {
+        let Some(generation) = self.with_record(username, Record::generation) else {
             return;
         };
         if self.verified.len() >= self.cache_max_entries {
@@ -247,10 +310,8 @@ impl CredentialStore {
             (hit.0.clone(), hit.1)
         };
         let current = self
-            .records
-            .get(&*account)
-            .filter(|r| r.current())
-            .map(|r| r.generation());
+            .with_record(&account, |r| r.current().then(|| r.generation()))
+            .flatten();
         if current == Some(generation) && &*account == username {
             Some(AuthOutcome::Verified)
         } else {
@@ -266,10 +327,13 @@ impl CredentialStore {
         // Short guard: the text and generation are copied out before the
         // argon2 run (milliseconds).
         let record = self
-            .records
-            .get(username)
-            .filter(|r| r.current())
-            .and_then(|r| Some((self.phc_text(&r)?, r.generation())));
+            .with_record(username, |r| {
+                if !r.current() {
+                    return None;
+                }
+                Some((self.phc_text(r)?, r.generation()))
+            })
+            .flatten();
         let Some((phc, generation)) = record else {
             let _ = verify_phc(&self.dummy_phc, password);
             return AuthOutcome::UnknownAccount;
@@ -418,14 +482,17 @@ mod tests {
     fn argon2id_hashes_are_kept_compact_and_rebuilt_exactly() {
         use argon2::password_hash::PasswordHasher;
         assert_eq!(std::mem::size_of::<Record>(), 56);
+        assert_eq!(std::mem::size_of::<Credential>(), 80);
+        assert_eq!(std::mem::size_of::<CredentialKey>(), 8);
         let store = CredentialStore::new(100);
         let phc = hash_password("secret1");
         store.set("john", &phc);
-        {
-            let r = store.records.get("john").unwrap();
-            assert!(matches!(**r, Record::Argon2id { prefix: 0, .. }));
-            assert_eq!(store.phc_text(&r).as_deref(), Some(phc.as_str()));
-        }
+        store
+            .with_record("john", |r| {
+                assert!(matches!(r, Record::Argon2id { prefix: 0, .. }));
+                assert_eq!(store.phc_text(r).as_deref(), Some(phc.as_str()));
+            })
+            .unwrap();
         assert_eq!(store.verify_slow("john", "secret1"), AuthOutcome::Verified);
         // Other parameters get their own prefix.
         let params = argon2::Params::new(1024, 1, 1, None).unwrap();
@@ -434,23 +501,21 @@ mod tests {
             .unwrap()
             .to_string();
         store.set("cheap", &cheap);
-        assert!(matches!(
-            **store.records.get("cheap").unwrap(),
-            Record::Argon2id { prefix: 1, .. }
-        ));
+        assert!(store
+            .with_record("cheap", |r| matches!(r, Record::Argon2id { prefix: 1, .. }))
+            .unwrap());
         assert_eq!(store.verify_slow("cheap", "pw"), AuthOutcome::Verified);
         assert_eq!(store.verify_slow("cheap", "px"), AuthOutcome::WrongPassword);
         // Anything else is kept as given.
         store.set("odd", "not a phc string");
-        assert!(matches!(
-            **store.records.get("odd").unwrap(),
-            Record::Phc(_)
-        ));
+        assert!(store
+            .with_record("odd", |r| matches!(r, Record::Phc(_)))
+            .unwrap());
         assert_eq!(store.verify_slow("odd", "x"), AuthOutcome::WrongPassword);
         // A new hash of the same password is a new generation.
-        let before = store.records.get("john").unwrap().generation();
+        let before = store.with_record("john", Record::generation).unwrap();
         store.set("john", &hash_password("secret1"));
-        assert_ne!(store.records.get("john").unwrap().generation(), before);
+        assert_ne!(store.with_record("john", Record::generation), Some(before));
     }
 
     #[test]

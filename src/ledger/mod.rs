@@ -88,7 +88,7 @@ use std::fmt;
 use thiserror::Error;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use engine::Ledger;
+pub use engine::{Ledger, ReadyAccount};
 pub use entry::{
     replay, replay_open_reservations, Entry, EntryKind, EntrySink, MemorySink, NullSink,
 };

@@ -10,6 +10,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use super::engine::Holder;
 use super::{Ledger, LedgerError};
 
 /// Identifies a reservation: the seq of its first `reserve` entry, so it is
@@ -80,8 +81,7 @@ pub struct Settlement {
 /// or removed while its account's lock is held.
 #[derive(Debug)]
 pub(super) struct Reservation {
-    /// Shares the allocation of the account map's key.
-    pub(super) account: Arc<str>,
+    pub(super) account: Holder,
     pub(super) state: ReservationState,
     pub(super) anytime_milli: i64,
     pub(super) offpeak_milli: i64,
@@ -101,7 +101,7 @@ impl Reservation {
     pub(super) fn view(&self, id: u64) -> ReservationView {
         ReservationView {
             id: ReservationId(id),
-            account: self.account.to_string(),
+            account: self.account.name().to_string(),
             state: self.state,
             anytime_milli: self.anytime_milli,
             offpeak_milli: self.offpeak_milli,

@@ -1161,3 +1161,93 @@ fn restore_reservation_normalises_shares_and_keeps_ids_unique() {
         .unwrap();
     assert!(id.0 > 500);
 }
+
+#[test]
+fn restore_needs_no_parent_first_and_overwrites_an_existing_account() {
+    let f = fixture();
+    let view = |name: &str, parent: Option<&str>, role, class: Option<&str>, posted| AccountView {
+        name: name.into(),
+        parent: parent.map(Into::into),
+        role,
+        tariff_class: class.map(Into::into),
+        anytime: BucketBalance {
+            posted_milli: posted,
+            reserved_milli: C,
+        },
+        offpeak: BucketBalance {
+            posted_milli: posted / 2,
+            reserved_milli: 0,
+        },
+    };
+    // A child before its parent, in one batch of ready accounts.
+    let child = view("kid", Some("boss"), Role::User, Some("gold"), 10 * C);
+    let parent = view("boss", None, Role::Admin, None, 4 * C);
+    let plain = view("plain", None, Role::User, None, 2 * C);
+    f.ledger.restore_ready(
+        [child.clone(), parent.clone(), plain.clone()]
+            .into_iter()
+            .map(ReadyAccount::from),
+    );
+    assert_eq!(ReadyAccount::from(plain.clone()).name(), "plain");
+    for v in [&child, &parent, &plain] {
+        assert_eq!(f.ledger.account(&v.name).as_ref(), Some(v));
+    }
+    assert_eq!(f.ledger.total_posted_milli(), 24 * C);
+    assert!(f.sink.entries().is_empty(), "a restore records nothing");
+    // The restored relationship works.
+    f.ledger.transfer("boss", "kid", C, 0, None).unwrap();
+    assert_eq!(f.ledger.total_posted_milli(), 24 * C);
+    // Restoring an existing account replaces all of it, the running total
+    // follows.
+    let again = view("kid", None, Role::Admin, None, 2 * C);
+    f.ledger.restore_account(again.clone());
+    assert_eq!(f.ledger.account("kid"), Some(again));
+    assert_eq!(f.ledger.len(), 3);
+    // boss 3 + 2 (after the transfer), plain 2 + 1, kid 2 + 1.
+    assert_eq!(f.ledger.total_posted_milli(), 11 * C);
+}
+
+#[test]
+fn a_reservation_restored_before_its_account_resolves_once_the_account_exists() {
+    let f = fixture();
+    let restore = |id: u64, account: &str| {
+        f.ledger.restore_reservation(ReservationView {
+            id: ReservationId(id),
+            account: account.into(),
+            state: ReservationState::Open,
+            anytime_milli: C,
+            offpeak_milli: 0,
+            total_milli: C,
+            shares_milli: vec![C],
+            reference: None,
+            tariff_version: None,
+            created_unix_ms: 1,
+            in_doubt_since_unix_ms: None,
+        })
+    };
+    restore(10, "late");
+    restore(11, "never");
+    assert_eq!(
+        f.ledger.reservation(ReservationId(10)).unwrap().account,
+        "late"
+    );
+    assert_eq!(
+        f.ledger.void(ReservationId(11)),
+        Err(LedgerError::UnknownAccount("never".into()))
+    );
+    f.ledger.restore_account(AccountView {
+        name: "late".into(),
+        parent: None,
+        role: Role::User,
+        tariff_class: None,
+        anytime: BucketBalance {
+            posted_milli: 5 * C,
+            reserved_milli: C,
+        },
+        offpeak: BucketBalance::default(),
+    });
+    let s = f.ledger.settle(ReservationId(10), C, None).unwrap();
+    assert_eq!(s.posted_milli, C);
+    assert_eq!(f.avail("late", Bucket::Anytime), 4 * C);
+    assert!(f.ledger.reservation(ReservationId(11)).is_some());
+}

@@ -265,8 +265,7 @@ fn framing(header: &ResponseHeader, method: &Method, status: u16) -> Result<Fram
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)
-            .filter(|c| !c.is_empty())
-            .next_back();
+            .rfind(|c| !c.is_empty());
         return Ok(match last {
             Some(c) if c.eq_ignore_ascii_case("chunked") => Framing::Chunked,
             _ => Framing::UntilClose,
