@@ -662,6 +662,41 @@ mod tests {
     }
 
     #[test]
+    fn every_field_of_every_entry_survives_a_commit() {
+        // Batches of several sizes, every optional field both set and not.
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteStore::open(&dir.path().join("t.db"), Durability::Async).unwrap();
+        let mut seq = 0u64;
+        let mut expected = Vec::new();
+        for size in [1, 31, 32, 71] {
+            let batch: Vec<Entry> = (0..size)
+                .map(|i| {
+                    seq += 1;
+                    let mut e = entry(
+                        seq,
+                        EntryKind::Add,
+                        &format!("acct{}", i % 5),
+                        i as i64 + 1,
+                        None,
+                    );
+                    e.bucket = if i % 2 == 0 {
+                        Bucket::Anytime
+                    } else {
+                        Bucket::OffPeak
+                    };
+                    e.reference = (i % 3 != 0).then(|| format!("ref-{seq}"));
+                    e.tariff_version = (i % 4 == 0).then(|| format!("v{i}"));
+                    e
+                })
+                .collect();
+            let metas: Vec<_> = (0..5).map(|i| meta(&format!("acct{i}"))).collect();
+            s.commit(&batch, &metas).unwrap();
+            expected.extend(batch);
+        }
+        assert_eq!(all_entries(&mut s), expected);
+    }
+
+    #[test]
     fn creates_schema_and_reopens() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/dir/t.db");
