@@ -170,10 +170,14 @@ impl ProxyHttp for TollgateProxy {
             }
         }
 
-        let body = match self
-            .read_body_timed(session, ctx, self.app.config.ozeki.body_limit_bytes)
-            .await?
-        {
+        let read = if has_body {
+            self.read_body_timed(session, ctx, self.app.config.ozeki.body_limit_bytes)
+                .await?
+        } else {
+            // Nothing to read: no timer, no body reader.
+            Some(Bytes::new())
+        };
+        let body = match read {
             Some(b) => b,
             None => {
                 ctx.outcome = "body_too_large";

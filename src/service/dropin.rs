@@ -21,7 +21,7 @@
 //!
 //! Never logged or stored: a password (only MACs under a per-process key
 //! and argon2id hashes). The verification URL carries the password as the
-//! gateway requires; it is built here and handed to the connector, never
+//! gateway requires; it is built here and handed to `upstream`, never
 //! logged. Failure modes: the gateway unreachable or answering something
 //! unreadable → `Unavailable` (`upstream_unavailable` to the client),
 //! nothing cached, nothing adopted.
