@@ -422,17 +422,8 @@ mod tests {
     use crate::store::{AccountMeta, Store};
 
     fn entry(seq: u64, kind: EntryKind, account: &str, amount_milli: i64) -> Entry {
-        Entry {
-            seq,
-            kind,
-            account: account.into(),
-            bucket: Bucket::Anytime,
-            amount_milli,
-            reservation_id: (kind == EntryKind::Reserve).then_some(seq),
-            reference: None,
-            tariff_version: None,
-            at_unix_ms: 1_700_000_000_000,
-        }
+        let reservation = (kind == EntryKind::Reserve).then_some(seq);
+        Entry::for_test(seq, kind, account, amount_milli, reservation)
     }
 
     fn config(dir: &std::path::Path) -> Config {

@@ -105,6 +105,31 @@ pub struct Entry {
     pub at_unix_ms: i64,
 }
 
+#[cfg(test)]
+impl Entry {
+    /// A plain entry for tests: the any-time bucket, no reference, no
+    /// tariff version, a fixed time.
+    pub(crate) fn for_test(
+        seq: u64,
+        kind: EntryKind,
+        account: &str,
+        amount_milli: i64,
+        reservation_id: Option<u64>,
+    ) -> Entry {
+        Entry {
+            seq,
+            kind,
+            account: account.into(),
+            bucket: Bucket::Anytime,
+            amount_milli,
+            reservation_id,
+            reference: None,
+            tariff_version: None,
+            at_unix_ms: 1_700_000_000_000,
+        }
+    }
+}
+
 impl Entry {
     /// This entry's contribution to its bucket's `posted`.
     pub fn posted_delta_milli(&self) -> i64 {

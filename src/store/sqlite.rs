@@ -629,15 +629,9 @@ mod tests {
         rid: Option<u64>,
     ) -> Entry {
         Entry {
-            seq,
-            kind,
-            account: account.into(),
-            bucket: Bucket::Anytime,
-            amount_milli,
-            reservation_id: rid,
             reference: Some(format!("r{seq}")),
-            tariff_version: None,
             at_unix_ms: 1_700_000_000_000 + seq as i64,
+            ..Entry::for_test(seq, kind, account, amount_milli, rid)
         }
     }
 

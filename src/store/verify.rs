@@ -243,15 +243,8 @@ mod tests {
 
     fn e(seq: u64, kind: EntryKind, account: &str, amount_milli: i64, rid: Option<u64>) -> Entry {
         Entry {
-            seq,
-            kind,
-            account: account.into(),
-            bucket: Bucket::Anytime,
-            amount_milli,
-            reservation_id: rid,
-            reference: None,
-            tariff_version: None,
             at_unix_ms: 0,
+            ..Entry::for_test(seq, kind, account, amount_milli, rid)
         }
     }
 
