@@ -306,6 +306,8 @@ struct FileStore {
     batch_max_entries: usize,
     #[serde(default = "default_batch_age_max_ms")]
     batch_age_max_ms: u64,
+    #[serde(default = "default_commit_delay_us")]
+    commit_delay_us: u64,
     #[serde(default = "default_queue_max_entries")]
     queue_max_entries: usize,
     #[serde(default = "default_ack_timeout_ms")]
@@ -317,6 +319,7 @@ impl Default for FileStore {
             path: None,
             batch_max_entries: default_batch_max_entries(),
             batch_age_max_ms: default_batch_age_max_ms(),
+            commit_delay_us: default_commit_delay_us(),
             queue_max_entries: default_queue_max_entries(),
             ack_timeout_ms: default_ack_timeout_ms(),
         }
@@ -327,6 +330,9 @@ fn default_batch_max_entries() -> usize {
 }
 fn default_batch_age_max_ms() -> u64 {
     2
+}
+fn default_commit_delay_us() -> u64 {
+    200
 }
 fn default_queue_max_entries() -> usize {
     65_536
@@ -529,6 +535,9 @@ pub struct StoreConfig {
     pub path: Option<PathBuf>,
     pub batch_max_entries: usize,
     pub batch_age_max: Duration,
+    /// Under load (the last batch was shared by several waiting requests),
+    /// how long after a commit the next one waits to gather more entries.
+    pub commit_delay: Duration,
     pub queue_max_entries: usize,
     /// How long an acknowledging answer waits for its commit before failing
     /// with `store_unavailable`.
@@ -763,6 +772,7 @@ impl Config {
                 path: f.store.path.as_deref().map(|p| resolve_relative(path, p)),
                 batch_max_entries: f.store.batch_max_entries,
                 batch_age_max: Duration::from_millis(f.store.batch_age_max_ms),
+                commit_delay: Duration::from_micros(f.store.commit_delay_us),
                 queue_max_entries: f.store.queue_max_entries,
                 ack_timeout: Duration::from_millis(f.store.ack_timeout_ms),
             },

@@ -60,6 +60,8 @@ use crate::metrics::Metrics;
 pub struct WriterConfig {
     pub batch_max_entries: usize,
     pub batch_age_max: Duration,
+    /// See [`StoreConfig::commit_delay`].
+    pub commit_delay: Duration,
     /// Un-persisted entries above which `admit` makes callers wait.
     pub queue_max_entries: usize,
     /// How long `admit` and `wait_durable` wait before `store_unavailable`.
@@ -71,6 +73,7 @@ impl From<&StoreConfig> for WriterConfig {
         WriterConfig {
             batch_max_entries: c.batch_max_entries.max(1),
             batch_age_max: c.batch_age_max,
+            commit_delay: c.commit_delay,
             queue_max_entries: c.queue_max_entries,
             ack_timeout: c.ack_timeout,
         }
@@ -82,6 +85,7 @@ impl Default for WriterConfig {
         WriterConfig {
             batch_max_entries: 4096,
             batch_age_max: Duration::from_millis(2),
+            commit_delay: Duration::from_micros(200),
             queue_max_entries: 65_536,
             ack_timeout: Duration::from_secs(5),
         }
@@ -412,6 +416,10 @@ impl EntrySink for WriteBehind {
 
 /// The writer thread: take a batch, commit it (retrying), advance the
 /// watermark; exit once stopped and drained.
+/// Requests waiting on one batch from which the next batch may be delayed
+/// by `commit_delay` to gather more (see `writer_loop`).
+const COMMIT_DELAY_MIN_WAITERS: usize = 4;
+
 fn writer_loop(
     shared: &Shared,
     mut store: Box<dyn Store>,
@@ -419,6 +427,10 @@ fn writer_loop(
 ) -> Result<(), FlushError> {
     let config = &shared.config;
     let mut committed = shared.committed.load(Ordering::Acquire);
+    // Group commit under load: how many requests waited on the last batch,
+    // and when it was committed.
+    let mut last_waiters = 0usize;
+    let mut last_commit_end = Instant::now();
     loop {
         let (entries, stop_deadline) = {
             let mut q = shared.queue.lock();
@@ -433,17 +445,29 @@ fn writer_loop(
                     None => shared.wake.wait(&mut q),
                     Some(front) => {
                         let deadline = front.enqueued_at + config.batch_age_max;
+                        // A waiting request closes the batch at once, unless
+                        // the last batch was shared by several: then the load
+                        // is high, and waiting `commit_delay` after the last
+                        // commit lets the next carry more for one commit's
+                        // cost (PostgreSQL's commit_delay/commit_siblings).
+                        let close_at = if shared.waiters.load(Ordering::Acquire) == 0 {
+                            deadline
+                        } else if last_waiters >= COMMIT_DELAY_MIN_WAITERS {
+                            (last_commit_end + config.commit_delay).min(deadline)
+                        } else {
+                            last_commit_end
+                        };
                         if q.len >= config.batch_max_entries
                             || q.stop_deadline.is_some()
-                            || shared.waiters.load(Ordering::Acquire) > 0
-                            || Instant::now() >= deadline
+                            || Instant::now() >= close_at
                         {
                             break;
                         }
-                        shared.wake.wait_until(&mut q, deadline);
+                        shared.wake.wait_until(&mut q, close_at);
                     }
                 }
             }
+            last_waiters = shared.waiters.load(Ordering::Acquire);
             let mut entries: Vec<Entry> = Vec::with_capacity(q.len.min(config.batch_max_entries));
             let oldest = q.calls.front().map(|p| p.enqueued_at);
             while let Some(front) = q.calls.front() {
@@ -466,10 +490,11 @@ fn writer_loop(
             let started = Instant::now();
             match store.commit(&entries, &accounts) {
                 Ok(()) => {
+                    last_commit_end = Instant::now();
                     shared
                         .metrics
                         .store_commit_latency
-                        .observe(started.elapsed().as_secs_f64());
+                        .observe(last_commit_end.duration_since(started).as_secs_f64());
                     break;
                 }
                 Err(e) => {

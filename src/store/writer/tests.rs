@@ -97,6 +97,7 @@ fn config(batch_max_entries: usize, batch_age_max: Duration) -> WriterConfig {
     WriterConfig {
         batch_max_entries,
         batch_age_max,
+        commit_delay: Duration::from_micros(200),
         queue_max_entries: 1_000,
         ack_timeout: Duration::from_secs(10),
     }
@@ -220,6 +221,56 @@ fn a_waiter_closes_the_batch_without_waiting_for_its_age() {
 }
 
 #[test]
+fn under_load_the_next_commit_waits_commit_delay_to_gather_more() {
+    let mut cfg = config(4096, Duration::from_secs(3600));
+    cfg.commit_delay = Duration::from_millis(300);
+    let (w, state, _) = writer(cfg);
+    let rt = runtime();
+    let send = |seq: u64| {
+        let w = w.clone();
+        rt.spawn(async move {
+            w.record(&[entry(seq)]);
+            w.wait_durable().await
+        })
+    };
+    // One waiter: no load, committed at once.
+    let started = Instant::now();
+    rt.block_on(send(1)).unwrap().unwrap();
+    assert!(started.elapsed() < Duration::from_millis(250));
+    // Ten waiters held behind a commit: the last batch had one waiter, so
+    // theirs closes at once too.
+    state.close_gate();
+    let blocker = send(2);
+    eventually("commit blocked", || {
+        state.blocked.load(Ordering::SeqCst) == 1
+    });
+    let ten: Vec<_> = (3..=12).map(send).collect();
+    eventually("ten queued", || w.enqueued_position() == 12);
+    state.open_gate();
+    rt.block_on(blocker).unwrap().unwrap();
+    for t in ten {
+        rt.block_on(t).unwrap().unwrap();
+    }
+    assert_eq!(state.batch_sizes(), vec![1, 1, 10]);
+    // Now the load is high: the next batch waits `commit_delay` after the
+    // last commit and gathers what arrives meanwhile.
+    let started = Instant::now();
+    let more: Vec<_> = (13..=17).map(send).collect();
+    for t in more {
+        rt.block_on(t).unwrap().unwrap();
+    }
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    assert_eq!(state.batch_sizes(), vec![1, 1, 10, 5]);
+    // That batch had five waiters: one more delayed commit, then a lone
+    // waiter is committed at once again.
+    rt.block_on(send(18)).unwrap().unwrap();
+    let started = Instant::now();
+    rt.block_on(send(19)).unwrap().unwrap();
+    assert!(started.elapsed() < Duration::from_millis(250));
+    assert_eq!(state.batch_sizes(), vec![1, 1, 10, 5, 1, 1]);
+}
+
+#[test]
 fn group_commit_many_waiters_share_one_commit() {
     let (w, state, metrics) = writer(config(4096, Duration::from_secs(3600)));
     let rt = runtime();
@@ -259,6 +310,7 @@ fn back_pressure_waits_then_fails_and_recovers() {
     let cfg = WriterConfig {
         batch_max_entries: 4,
         batch_age_max: Duration::from_millis(1),
+        commit_delay: Duration::from_micros(200),
         queue_max_entries: 8,
         ack_timeout: Duration::from_millis(150),
     };
