@@ -521,6 +521,7 @@ impl TollgateProxy {
             (Some(body), CreditDoor::Boxis) => boxis::handle(
                 &self.app,
                 &boxis::BoxisHttpRequest {
+                    client_ip: client_ip(session),
                     method: &method,
                     content_type: content_type.as_deref(),
                     body,
@@ -529,6 +530,7 @@ impl TollgateProxy {
             ),
             (Some(body), CreditDoor::Soap) => {
                 let request = soap::SoapHttpRequest {
+                    client_ip: client_ip(session),
                     method: &method,
                     query: query.as_deref(),
                     host: host.as_deref(),

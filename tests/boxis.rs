@@ -639,3 +639,33 @@ fn python_requests_client_written_from_the_boxis_docs_works() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
 }
+
+#[test]
+fn authcode_guessing_is_locked_out_per_address_and_user() {
+    let (_sim, tg) = start("limits: { auth_lockout: { failures: 3, window_s: 60, lock_s: 300 } }");
+    let mut clock = Clock::new();
+    let fields: [(&str, &[u8]); 1] = [("action", b"getCreditLimit")];
+    let errors: Vec<String> = (0..5)
+        .map(|_| {
+            xml_error(&post(
+                &tg,
+                signed("john", "wrong-key-000000", clock.next(), &fields),
+            ))
+        })
+        .collect();
+    assert_eq!(
+        errors,
+        [
+            "error: auth_failed",
+            "error: auth_failed",
+            "error: auth_failed",
+            "error: rate_limited",
+            "error: rate_limited",
+        ]
+    );
+    // Locked: the right key is refused too; another user is not locked.
+    let right = post(&tg, signed("john", JOHN_KEY, clock.next(), &fields));
+    assert_eq!(xml_error(&right), "error: rate_limited");
+    let other = post(&tg, signed("frac", FRAC_KEY, clock.next(), &fields));
+    assert!(!xml_credit(&other).is_empty());
+}

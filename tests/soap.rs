@@ -732,3 +732,28 @@ fn many_threads_transferring_both_ways_conserve_credit() {
         assert_eq!(totals(&l), start);
     }
 }
+
+#[test]
+fn password_guessing_is_locked_out_per_address_and_user() {
+    let (_sim, tg) = start("limits: { auth_lockout: { failures: 3, window_s: 60, lock_s: 300 } }");
+    let codes: Vec<String> = (0..6)
+        .map(|i| balance(&tg, V::S11, "master", &format!("guess{i}")).field("Code"))
+        .collect();
+    assert_eq!(codes, ["1003", "1003", "1003", "1002", "1002", "1002"]);
+    // Locked: even the right password is refused, over either binding.
+    let a = balance(&tg, V::S12, "master", PW);
+    assert_eq!(a.field("GetBalanceResult"), "false");
+    assert_eq!(a.field("Code"), "1002");
+    let a = give(&tg, V::S11, "master", "sub1", "1", "0");
+    assert_eq!(a.field("Code"), "1002");
+    assert_eq!(
+        buckets(&tg, "other"),
+        s("10", "0"),
+        "another user is not locked"
+    );
+    let log = tg.log();
+    assert!(
+        !log.contains("guess0") && !log.contains(PW),
+        "no password in the log"
+    );
+}

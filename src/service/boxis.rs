@@ -39,7 +39,7 @@ use subtle::ConstantTimeEq;
 use crate::api::boxis::{
     classify, parse_form, render, return_type_of, Action, CalculateCredits, FormLimits, ReturnType,
 };
-use crate::config::BoxisConfig;
+use crate::config::{BoxisConfig, Mode};
 use crate::error::ErrorCode;
 use crate::service::ozeki::LocalAnswer;
 use crate::service::App;
@@ -265,6 +265,8 @@ impl BoxisState {
 /// The parts of an HTTP request the door looks at.
 #[derive(Debug, Clone, Copy)]
 pub struct BoxisHttpRequest<'a> {
+    /// For the per-(IP, user) authentication lockout (SPEC 7).
+    pub client_ip: Option<std::net::IpAddr>,
     pub method: &'a str,
     pub content_type: Option<&'a str>,
     pub body: &'a [u8],
@@ -338,6 +340,17 @@ pub fn handle(app: &App, req: &BoxisHttpRequest, now_s: i64) -> (&'static str, L
         );
     }
 
+    // SPEC 7: a locked (IP, user) pair is refused before any check.
+    let snapshot = app.snapshot.load();
+    let shadow = snapshot.mode == Mode::Shadow;
+    if app
+        .limiter
+        .check_lockout(&snapshot.limits, req.client_ip, &creds.username, shadow)
+        .is_err()
+    {
+        let code = ErrorCode::RateLimited;
+        return (label, refuse(rt, code, now_s, code.message()));
+    }
     // Unknown users are checked against a dummy key, so the work done does
     // not reveal which names exist.
     let resolved = app.boxis.keys.resolve(&creds.username);
@@ -349,8 +362,13 @@ pub fn handle(app: &App, req: &BoxisHttpRequest, now_s: i64) -> (&'static str, L
     let matches = authcode_matches(&expected, &creds.authcode);
     let account = match (account, matches) {
         (Some(a), true) => a,
-        _ => return (label, refuse(rt, ErrorCode::AuthFailed, now_s, "authcode")),
+        _ => {
+            app.limiter
+                .auth_failed(&snapshot.limits, req.client_ip, &creds.username);
+            return (label, refuse(rt, ErrorCode::AuthFailed, now_s, "authcode"));
+        }
     };
+    app.limiter.auth_succeeded(req.client_ip, &creds.username);
 
     let replay_key = ReplayCache::key(account, &creds.authcode);
     let expires_at_s = creds

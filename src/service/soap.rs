@@ -24,12 +24,15 @@
 //! `store_unavailable` (on a commit timeout the transfer stays made in
 //! memory and queued, but is not acknowledged).
 
+use std::net::IpAddr;
+
 use crate::api::soap::{
     balance_response, call_from_envelope, check_action, fault, give_credit_response,
     parse_envelope, wsdl, BalanceAnswer, Call, CallError, EnvelopeLimits, FaultKind,
     GiveCreditAnswer, OperationName, SoapCredentials, SoapVersion,
 };
 use crate::auth::AuthOutcome;
+use crate::config::Mode;
 use crate::error::ErrorCode;
 use crate::ledger::{AccountView, LedgerError};
 use crate::service::ozeki::LocalAnswer;
@@ -41,6 +44,8 @@ pub const FAULT_STATUS: u16 = 500;
 /// The parts of an HTTP request the door looks at.
 #[derive(Debug, Clone, Copy)]
 pub struct SoapHttpRequest<'a> {
+    /// For the per-(IP, user) authentication lockout (SPEC 7).
+    pub client_ip: Option<std::net::IpAddr>,
     pub method: &'a str,
     pub query: Option<&'a str>,
     /// `Host` header, for the WSDL's address.
@@ -232,17 +237,27 @@ pub async fn handle(
         );
     }
     let answer = match call {
-        Call::GetBalance { credentials } => get_balance(app, version, &credentials).await,
+        Call::GetBalance { credentials } => {
+            let caller = Caller {
+                credentials: &credentials,
+                ip: req.client_ip,
+            };
+            get_balance(app, version, caller).await
+        }
         Call::SubAccountGiveCredit {
             credentials,
             sub_account,
             anytime_milli,
             offpeak_milli,
         } => {
+            let caller = Caller {
+                credentials: &credentials,
+                ip: req.client_ip,
+            };
             give_credit(
                 app,
                 version,
-                &credentials,
+                caller,
                 &sub_account,
                 anytime_milli,
                 offpeak_milli,
@@ -311,28 +326,46 @@ fn failure_answer(
     }
 }
 
+/// Who calls: the credentials in the envelope and the address they came
+/// from (for the authentication lockout).
+#[derive(Clone, Copy)]
+struct Caller<'a> {
+    credentials: &'a SoapCredentials,
+    ip: Option<IpAddr>,
+}
+
 /// The caller's ledger account if the credentials verify; else the error
-/// to answer (the same for an unknown name and a wrong password).
-async fn authenticate(app: &App, credentials: &SoapCredentials) -> Result<AccountView, ErrorCode> {
-    let outcome = app
-        .credentials
-        .verify(&credentials.username, &credentials.password)
-        .await;
+/// to answer (the same for an unknown name and a wrong password). A locked
+/// (IP, user) pair is refused before any check (SPEC 7).
+async fn authenticate(app: &App, caller: Caller<'_>) -> Result<AccountView, ErrorCode> {
+    let Caller {
+        credentials,
+        ip: client_ip,
+    } = caller;
+    let snapshot = app.snapshot.load();
+    let user = credentials.username.as_str();
+    let shadow = snapshot.mode == Mode::Shadow;
+    if app
+        .limiter
+        .check_lockout(&snapshot.limits, client_ip, user, shadow)
+        .is_err()
+    {
+        return Err(ErrorCode::RateLimited);
+    }
+    let outcome = app.credentials.verify(user, &credentials.password).await;
     if outcome != AuthOutcome::Verified {
+        app.limiter.auth_failed(&snapshot.limits, client_ip, user);
         return Err(ErrorCode::AuthFailed);
     }
+    app.limiter.auth_succeeded(client_ip, user);
     app.ledger
         .account(&credentials.username)
         .ok_or(ErrorCode::UnknownAccount)
 }
 
-async fn get_balance(
-    app: &App,
-    version: SoapVersion,
-    credentials: &SoapCredentials,
-) -> LocalAnswer {
+async fn get_balance(app: &App, version: SoapVersion, caller: Caller<'_>) -> LocalAnswer {
     let op = OperationName::GetBalance;
-    let view = match authenticate(app, credentials).await {
+    let view = match authenticate(app, caller).await {
         Ok(v) => v,
         Err(code) => return failure_answer(version, op, code, code.message(), None, None),
     };
@@ -354,14 +387,14 @@ async fn get_balance(
 async fn give_credit(
     app: &App,
     version: SoapVersion,
-    credentials: &SoapCredentials,
+    caller: Caller<'_>,
     sub_account: &str,
     anytime_milli: i64,
     offpeak_milli: i64,
     request_id: &str,
 ) -> LocalAnswer {
     let op = OperationName::SubAccountGiveCredit;
-    let caller = match authenticate(app, credentials).await {
+    let caller = match authenticate(app, caller).await {
         Ok(v) => v,
         Err(code) => return failure_answer(version, op, code, code.message(), None, None),
     };
