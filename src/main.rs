@@ -146,6 +146,9 @@ fn main() -> ExitCode {
 fn execute(command: Command) -> Result<(), String> {
     match command {
         Command::Run { config } => {
+            // Before anything slow: a SIGHUP while starting must not kill.
+            tollgate::reload::catch_early_sighup();
+            tracing::info!(config = %config.display(), "starting");
             let config = Config::load(&config).map_err(|e| e.to_string())?;
             tollgate::server::run(config).map_err(|e| e.to_string())
         }

@@ -16,8 +16,11 @@
 //! action of `SIGHUP` ends the process. The reloader installs its tokio
 //! `SIGHUP` handler and only then reports ready, and `server.rs` makes the
 //! proxy and admin listeners depend on it: by the time a port accepts, a
-//! `SIGHUP` reloads instead of killing. (A `SIGHUP` during the few
-//! milliseconds of start-up before that still ends the process.)
+//! `SIGHUP` reloads instead of killing. Before that — loading the
+//! configuration and restoring the store can take seconds with millions of
+//! accounts — [`catch_early_sighup`], called first thing by `tollgate run`,
+//! turns a `SIGHUP` into a flag, and the reloader runs the reload it asked
+//! for as soon as it is up.
 //!
 //! # Watching
 //! The *directories* of the tariff file and of every prefixes file are
@@ -44,7 +47,8 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -70,6 +74,8 @@ const WATCH_REFRESH: Duration = Duration::from_secs(5);
 pub enum Trigger {
     FileChange,
     Sighup,
+    /// A `SIGHUP` that arrived while tollgate was starting.
+    SighupDuringStartup,
 }
 
 impl Trigger {
@@ -77,8 +83,28 @@ impl Trigger {
         match self {
             Trigger::FileChange => "file_change",
             Trigger::Sighup => "sighup",
+            Trigger::SighupDuringStartup => "sighup_during_startup",
         }
     }
+}
+
+/// Raised by a `SIGHUP` from [`catch_early_sighup`] on.
+static EARLY_SIGHUP: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+
+/// From now on a `SIGHUP` no longer ends the process: until the reloader
+/// is up it only raises a flag, and the reloader reloads once for it.
+pub fn catch_early_sighup() {
+    let flag = EARLY_SIGHUP.get_or_init(|| Arc::new(AtomicBool::new(false)));
+    if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGHUP, flag.clone()) {
+        tracing::warn!(error = %e, "cannot catch SIGHUP during start-up");
+    }
+}
+
+/// Whether a `SIGHUP` arrived since [`catch_early_sighup`]; clears it.
+fn take_early_sighup() -> bool {
+    EARLY_SIGHUP
+        .get()
+        .is_some_and(|flag| flag.swap(false, Ordering::SeqCst))
 }
 
 /// The background service that reloads on file changes and `SIGHUP`.
@@ -136,6 +162,11 @@ impl BackgroundService for Reloader {
         let mut watch = FileWatch::new(tx);
         watch.follow(self.wanted_files());
         ready.notify_ready();
+        // From here tokio's handler sees every SIGHUP; one that came while
+        // starting is served now.
+        if take_early_sighup() {
+            self.reload(Trigger::SighupDuringStartup).await;
+        }
 
         // A reload by `POST /admin/reload` may bring new prefixes files:
         // the watched set catches up within this period.
