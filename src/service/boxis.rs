@@ -340,12 +340,19 @@ pub fn handle(app: &App, req: &BoxisHttpRequest, now_s: i64) -> (&'static str, L
         );
     }
 
-    // SPEC 7: a locked (IP, user) pair is refused before any check.
+    let resolved = app.boxis.keys.resolve(&creds.username);
+    // SPEC 7: a locked (IP, user) pair is refused before any check. The
+    // user is the account, so an e-mail in another case is the same user;
+    // an unknown name counts lowercased.
+    let lockout_user = match &resolved {
+        Some((name, _)) => name.clone(),
+        None => creds.username.to_lowercase(),
+    };
     let snapshot = app.snapshot.load();
     let shadow = snapshot.mode == Mode::Shadow;
     if app
         .limiter
-        .check_lockout(&snapshot.limits, req.client_ip, &creds.username, shadow)
+        .check_lockout(&snapshot.limits, req.client_ip, &lockout_user, shadow)
         .is_err()
     {
         let code = ErrorCode::RateLimited;
@@ -353,7 +360,6 @@ pub fn handle(app: &App, req: &BoxisHttpRequest, now_s: i64) -> (&'static str, L
     }
     // Unknown users are checked against a dummy key, so the work done does
     // not reveal which names exist.
-    let resolved = app.boxis.keys.resolve(&creds.username);
     let (account, key) = match &resolved {
         Some((name, Some(key))) => (Some(name.as_str()), key.expose()),
         _ => (None, "tollgate-no-such-boxis-user-key"),
@@ -364,11 +370,11 @@ pub fn handle(app: &App, req: &BoxisHttpRequest, now_s: i64) -> (&'static str, L
         (Some(a), true) => a,
         _ => {
             app.limiter
-                .auth_failed(&snapshot.limits, req.client_ip, &creds.username);
+                .auth_failed(&snapshot.limits, req.client_ip, &lockout_user);
             return (label, refuse(rt, ErrorCode::AuthFailed, now_s, "authcode"));
         }
     };
-    app.limiter.auth_succeeded(req.client_ip, &creds.username);
+    app.limiter.auth_succeeded(req.client_ip, &lockout_user);
 
     let replay_key = ReplayCache::key(account, &creds.authcode);
     let expires_at_s = creds
