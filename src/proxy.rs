@@ -196,8 +196,9 @@ impl ProxyHttp for TollgateProxy {
         };
         let form_body = is_form(session).then_some(&body[..]);
         let parsed = match query_params {
-            Some(p) if body.is_empty() => Ok(p),
-            _ => parse_params(query.as_deref(), form_body, &self.param_limits),
+            // Only set for a request without a body.
+            Some(p) => Ok(p),
+            None => parse_params(query.as_deref(), form_body, &self.param_limits),
         };
         let params = match parsed {
             Ok(p) => p,
@@ -251,11 +252,7 @@ impl ProxyHttp for TollgateProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         ctx.upstream_started = Some(Instant::now());
-        if let Some(ip) = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip())
-        {
+        if let Some(ip) = client_ip(session) {
             upstream::append_forwarded_for(upstream_request, ip)?;
         }
         Ok(())
@@ -352,10 +349,7 @@ impl TollgateProxy {
         pending: Option<PendingSend>,
         receive: Option<PendingReceive>,
     ) -> Result<()> {
-        let client_ip = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
+        let client_ip = client_ip(session);
         let mut pending = pending;
         if let Some(guard) = pending.as_mut().and_then(|p| p.guard.as_mut()) {
             // From here a dropped context (client gone, shutdown) may belong
