@@ -39,7 +39,7 @@ use subtle::ConstantTimeEq;
 use crate::api::boxis::{
     classify, parse_form, render, return_type_of, Action, CalculateCredits, FormLimits, ReturnType,
 };
-use crate::config::{BoxisConfig, Mode};
+use crate::config::BoxisConfig;
 use crate::error::ErrorCode;
 use crate::service::ozeki::LocalAnswer;
 use crate::service::App;
@@ -349,10 +349,8 @@ pub fn handle(app: &App, req: &BoxisHttpRequest, now_s: i64) -> (&'static str, L
         None => creds.username.to_lowercase(),
     };
     let snapshot = app.snapshot.load();
-    let shadow = snapshot.mode == Mode::Shadow;
     if app
-        .limiter
-        .check_lockout(&snapshot.limits, req.client_ip, &lockout_user, shadow)
+        .check_auth_lockout(&snapshot, req.client_ip, &lockout_user)
         .is_err()
     {
         let code = ErrorCode::RateLimited;
@@ -366,15 +364,11 @@ pub fn handle(app: &App, req: &BoxisHttpRequest, now_s: i64) -> (&'static str, L
     };
     let expected = authcode(&creds.timestamp_text, key);
     let matches = authcode_matches(&expected, &creds.authcode);
-    let account = match (account, matches) {
-        (Some(a), true) => a,
-        _ => {
-            app.limiter
-                .auth_failed(&snapshot.limits, req.client_ip, &lockout_user);
-            return (label, refuse(rt, ErrorCode::AuthFailed, now_s, "authcode"));
-        }
+    let verified = account.filter(|_| matches);
+    app.record_auth(&snapshot, req.client_ip, &lockout_user, verified.is_some());
+    let Some(account) = verified else {
+        return (label, refuse(rt, ErrorCode::AuthFailed, now_s, "authcode"));
     };
-    app.limiter.auth_succeeded(req.client_ip, &lockout_user);
 
     let replay_key = ReplayCache::key(account, &creds.authcode);
     let expires_at_s = creds

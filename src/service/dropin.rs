@@ -36,7 +36,7 @@ use pingora::http::RequestHeader;
 use rand::RngCore;
 
 use crate::auth::AuthOutcome;
-use crate::config::{AuthConfig, Mode};
+use crate::config::AuthConfig;
 use crate::ledger::{Bucket, LedgerError, Role};
 use crate::limits::Refusal;
 use crate::service::{App, Snapshot};
@@ -145,11 +145,7 @@ pub async fn authenticate(
     username: &str,
     password: &str,
 ) -> Auth {
-    let shadow_all = snapshot.mode == Mode::Shadow;
-    if let Err(refusal) =
-        app.limiter
-            .check_lockout(&snapshot.limits, client_ip, username, shadow_all)
-    {
+    if let Err(refusal) = app.check_auth_lockout(snapshot, client_ip, username) {
         return Auth::Locked(refusal);
     }
     let auth = match app.credentials.verify(username, password).await {
@@ -163,13 +159,8 @@ pub async fn authenticate(
         }
         _ => Auth::Failed,
     };
-    match auth {
-        Auth::Verified => app.limiter.auth_succeeded(client_ip, username),
-        Auth::Failed => {
-            app.limiter
-                .auth_failed(&snapshot.limits, client_ip, username);
-        }
-        _ => {}
+    if let Auth::Verified | Auth::Failed = auth {
+        app.record_auth(snapshot, client_ip, username, auth == Auth::Verified);
     }
     auth
 }

@@ -11,6 +11,7 @@ pub mod dropin;
 pub mod ozeki;
 pub mod soap;
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -21,7 +22,7 @@ use crate::config::{Config, Durability, Mode};
 use crate::error::ErrorCode;
 use crate::idempotency::Idempotency;
 use crate::ledger::{Entry, EntrySink, Ledger};
-use crate::limits::{Limiter, LimitsConfig};
+use crate::limits::{Limiter, LimitsConfig, Refusal};
 use crate::metrics::Metrics;
 use crate::store::WriteBehind;
 use crate::tariff::{Tariff, TariffError};
@@ -226,6 +227,36 @@ impl App {
                 .await
                 .map_err(|_| ErrorCode::StoreUnavailable),
             _ => Ok(()),
+        }
+    }
+
+    /// SPEC 7's per-(IP, username) lockout, checked before any credential
+    /// check on every front door: `Err` while the pair is locked (in shadow
+    /// mode the limiter only logs).
+    pub fn check_auth_lockout(
+        &self,
+        snapshot: &Snapshot,
+        ip: Option<IpAddr>,
+        username: &str,
+    ) -> Result<(), Refusal> {
+        let shadow = snapshot.mode == Mode::Shadow;
+        self.limiter
+            .check_lockout(&snapshot.limits, ip, username, shadow)
+    }
+
+    /// Feeds a credential check's verdict to the lockout: a failure counts
+    /// towards it, a success resets it.
+    pub fn record_auth(
+        &self,
+        snapshot: &Snapshot,
+        ip: Option<IpAddr>,
+        username: &str,
+        verified: bool,
+    ) {
+        if verified {
+            self.limiter.auth_succeeded(ip, username);
+        } else {
+            self.limiter.auth_failed(&snapshot.limits, ip, username);
         }
     }
 

@@ -32,7 +32,6 @@ use crate::api::soap::{
     GiveCreditAnswer, OperationName, SoapCredentials, SoapVersion,
 };
 use crate::auth::AuthOutcome;
-use crate::config::Mode;
 use crate::error::ErrorCode;
 use crate::ledger::{AccountView, LedgerError};
 use crate::service::ozeki::LocalAnswer;
@@ -344,20 +343,15 @@ async fn authenticate(app: &App, caller: Caller<'_>) -> Result<AccountView, Erro
     } = caller;
     let snapshot = app.snapshot.load();
     let user = credentials.username.as_str();
-    let shadow = snapshot.mode == Mode::Shadow;
-    if app
-        .limiter
-        .check_lockout(&snapshot.limits, client_ip, user, shadow)
-        .is_err()
-    {
+    if app.check_auth_lockout(&snapshot, client_ip, user).is_err() {
         return Err(ErrorCode::RateLimited);
     }
-    let outcome = app.credentials.verify(user, &credentials.password).await;
-    if outcome != AuthOutcome::Verified {
-        app.limiter.auth_failed(&snapshot.limits, client_ip, user);
+    let verified =
+        app.credentials.verify(user, &credentials.password).await == AuthOutcome::Verified;
+    app.record_auth(&snapshot, client_ip, user, verified);
+    if !verified {
         return Err(ErrorCode::AuthFailed);
     }
-    app.limiter.auth_succeeded(client_ip, user);
     app.ledger
         .account(&credentials.username)
         .ok_or(ErrorCode::UnknownAccount)
