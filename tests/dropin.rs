@@ -17,16 +17,6 @@ fn verifications(sim: &Sim) -> usize {
         .count()
 }
 
-fn metric(tg: &Tollgate, series: &str) -> u64 {
-    let text = get(&tg.admin_url("/metrics")).1;
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .map(|v| v.trim().parse::<f64>().unwrap() as u64)
-        })
-        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
-}
-
 const DROPIN: &str = "auth: { verify_upstream: true, adopt_balance: true }\n";
 
 #[test]
@@ -72,11 +62,8 @@ fn unknown_credentials_are_verified_once_and_the_account_is_adopted_with_its_bal
     let account = tg.admin_get("/admin/accounts/carol");
     assert_eq!(account["role"], "user", "{account}");
     assert_eq!(
-        metric(
-            &tg,
-            "tollgate_upstream_verifications_total{result=\"verified\"}"
-        ),
-        1
+        tg.metric_value("tollgate_upstream_verifications_total{result=\"verified\"}"),
+        1.0
     );
 
     // After a restart the adopted account and its balance come from the
@@ -126,11 +113,8 @@ fn wrong_credentials_are_refused_from_a_negative_cache() {
         "the same wrong credentials asked once"
     );
     assert_eq!(
-        metric(
-            &tg,
-            "tollgate_upstream_verifications_total{result=\"cached_rejection\"}"
-        ),
-        9
+        tg.metric_value("tollgate_upstream_verifications_total{result=\"cached_rejection\"}"),
+        9.0
     );
     // The right password is still checked (a different MAC).
     assert_eq!(tg.balance("carol", "right"), "10");

@@ -40,21 +40,10 @@ fn send_url(tg: &Tollgate, user: &str, pw: &str, recipients: &str) -> String {
     ))
 }
 
-fn metric(tg: &Tollgate, series: &str) -> u64 {
-    let text = get(&tg.admin_url("/metrics")).1;
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .map(|v| v.trim().parse::<f64>().unwrap() as u64)
-        })
-        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
-}
-
 fn decisions(tg: &Tollgate, rule: &str, result: &str) -> u64 {
-    metric(
-        tg,
-        &format!("tollgate_rate_limit_decisions_total{{result=\"{result}\",rule=\"{rule}\"}}"),
-    )
+    let series =
+        format!("tollgate_rate_limit_decisions_total{{result=\"{result}\",rule=\"{rule}\"}}");
+    tg.metric_value(&series) as u64
 }
 
 #[test]

@@ -96,29 +96,10 @@ fn admin_reload(tg: &Tollgate) -> (u16, serde_json::Value) {
     (r.status().as_u16(), r.json().unwrap())
 }
 
-/// The value of one series in the `/metrics` text, e.g.
-/// `tollgate_tariff_reloads_total{result="ok"}`.
-fn metric(tg: &Tollgate, series: &str) -> Option<f64> {
-    let text = client()
-        .get(tg.admin_url("/metrics"))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
-    text.lines().find_map(|l| {
-        l.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
 fn reloads(tg: &Tollgate, result: &str) -> f64 {
-    metric(
-        tg,
-        &format!("tollgate_tariff_reloads_total{{result=\"{result}\"}}"),
-    )
+    tg.metric(&format!(
+        "tollgate_tariff_reloads_total{{result=\"{result}\"}}"
+    ))
     .unwrap_or(0.0)
 }
 
@@ -300,10 +281,9 @@ fn tariff_rewrites_under_load_fail_no_request() {
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(quote(&tg)["tariff_version"], expected_version.as_str());
     assert_eq!(
-        metric(
-            &tg,
-            &format!("tollgate_tariff_info{{version=\"{expected_version}\"}}")
-        ),
+        tg.metric(&format!(
+            "tollgate_tariff_info{{version=\"{expected_version}\"}}"
+        )),
         Some(1.0)
     );
 

@@ -282,19 +282,6 @@ fn account_json(tg: &Tollgate, name: &str) -> serde_json::Value {
     tg.admin_get(&format!("/admin/accounts/{name}"))
 }
 
-fn metric(tg: &Tollgate, series: &str) -> f64 {
-    let text = get(&tg.admin_url("/metrics")).1;
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("no series {series}"))
-}
-
 #[test]
 fn an_offpeak_send_through_the_proxy_draws_offpeak_first() {
     let sim = Sim::start(&["--user", "night:night1:0"]);
@@ -469,7 +456,7 @@ fn received_messages_are_charged_per_message() {
     assert_eq!(tg.balance("john", "secret1"), "741.5");
     assert_eq!(receive_requests(&sim), 3);
     assert_eq!(
-        metric(&tg, "tollgate_received_messages_total{result=\"charged\"}"),
+        tg.metric_value("tollgate_received_messages_total{result=\"charged\"}"),
         5.0
     );
 
@@ -505,14 +492,11 @@ fn received_messages_are_charged_per_message() {
     assert_eq!(cost.as_deref(), Some("1"));
     assert_eq!(tg.balance("poor", "poor1"), "0");
     assert_eq!(
-        metric(&tg, "tollgate_receive_shortfall_milli_total"),
+        tg.metric_value("tollgate_receive_shortfall_milli_total"),
         1500.0
     );
     assert_eq!(
-        metric(
-            &tg,
-            "tollgate_received_messages_total{result=\"shortfall\"}"
-        ),
+        tg.metric_value("tollgate_received_messages_total{result=\"shortfall\"}"),
         5.0
     );
     assert!(tg.log().contains("shortfall_milli=1500"), "{}", tg.log());
@@ -585,17 +569,11 @@ fn receive_pricing_modes_and_overdraft_policies() {
     assert_eq!(xml_all(&body, "message").len(), 4);
     assert_eq!(shadow.balance("poor", "poor1"), "1");
     assert_eq!(
-        metric(
-            &shadow,
-            "tollgate_received_messages_total{result=\"shadow\"}"
-        ),
+        shadow.metric_value("tollgate_received_messages_total{result=\"shadow\"}"),
         4.0
     );
     assert_eq!(
-        metric(
-            &shadow,
-            "tollgate_shadow_decisions_total{decision=\"would_refuse\"}"
-        ),
+        shadow.metric_value("tollgate_shadow_decisions_total{decision=\"would_refuse\"}"),
         1.0
     );
     drop(shadow);

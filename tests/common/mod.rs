@@ -300,6 +300,25 @@ impl Tollgate {
         format!("http://{}{}", self.admin, path)
     }
 
+    /// The value of one `/metrics` series, named with its whole label set,
+    /// e.g. `tollgate_tariff_reloads_total{result="ok"}`; `None` if absent.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let text = get(&self.admin_url("/metrics")).1;
+        text.lines().find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+    }
+
+    /// [`Self::metric`] for a series that must exist.
+    pub fn metric_value(&self, series: &str) -> f64 {
+        self.metric(series)
+            .unwrap_or_else(|| panic!("no series {series} in /metrics"))
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
