@@ -36,10 +36,15 @@ impl Reply {
 }
 
 fn post_keyed(url: &str, key: Option<&str>, body: &str) -> Reply {
-    let mut r = client()
+    let r = client()
         .post(url)
         .header("Content-Type", "application/x-www-form-urlencoded")
         .body(body.to_string());
+    send_keyed(r, key)
+}
+
+/// Sends `r` with `Idempotency-Key: key` when there is one.
+fn send_keyed(mut r: reqwest::blocking::RequestBuilder, key: Option<&str>) -> Reply {
     if let Some(k) = key {
         r = r.header("Idempotency-Key", k);
     }
@@ -275,7 +280,7 @@ fn soap_give(tg: &Tollgate, key: Option<&str>, amount: &str) -> Reply {
          <SubAccountGiveCredit xmlns=\"http://www.2sms.com/WebServices/2.2/Simple/\"><Username>master</Username><Password>masterpw1</Password>\
          <SubAccount>sub1</SubAccount><AnyTimeBalance>{amount}</AnyTimeBalance><OffPeakBalance>0</OffPeakBalance></SubAccountGiveCredit></soap:Body></soap:Envelope>"
     );
-    let mut r = client()
+    let r = client()
         .post(tg.url(SOAP_PATH))
         .header("Content-Type", "text/xml; charset=utf-8")
         .header(
@@ -283,19 +288,7 @@ fn soap_give(tg: &Tollgate, key: Option<&str>, amount: &str) -> Reply {
             "\"http://www.2sms.com/WebServices/2.2/Simple/SubAccountGiveCredit\"",
         )
         .body(body);
-    if let Some(k) = key {
-        r = r.header("Idempotency-Key", k);
-    }
-    let r = r.send().unwrap();
-    Reply {
-        status: r.status().as_u16(),
-        headers: r
-            .headers()
-            .iter()
-            .map(|(n, v)| (n.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
-            .collect(),
-        body: r.text().unwrap(),
-    }
+    send_keyed(r, key)
 }
 
 #[test]
