@@ -183,6 +183,22 @@ fn is_xml_whitespace(s: &str) -> bool {
     s.bytes().all(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
 }
 
+/// XML 1.0 allows no control characters but tab, line feed and carriage
+/// return, and neither U+FFFE nor U+FFFF (`Char`, XML 1.0 §2.2); quick-xml
+/// does not check, so this does (the envelope is refused with a fault).
+fn check_xml_chars(text: &str) -> Result<(), EnvelopeError> {
+    let bad = text.chars().find(|&c| {
+        (c < ' ' && !matches!(c, '\t' | '\n' | '\r')) || c == '\u{FFFE}' || c == '\u{FFFF}'
+    });
+    match bad {
+        Some(c) => Err(EnvelopeError::Malformed(format!(
+            "character U+{:04X} is not allowed in XML",
+            c as u32
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Parses a request body into an [`Envelope`].
 pub fn parse_envelope(body: &[u8], limits: &EnvelopeLimits) -> Result<Envelope, EnvelopeFailure> {
     let mut p = Parser {
@@ -204,6 +220,7 @@ impl Parser<'_> {
     fn run(&mut self, body: &[u8]) -> Result<Envelope, EnvelopeError> {
         let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
         let text = std::str::from_utf8(body).map_err(|_| EnvelopeError::NotUtf8)?;
+        check_xml_chars(text)?;
         let mut reader = NsReader::from_str(text);
         {
             let config = reader.config_mut();
@@ -360,6 +377,8 @@ impl Parser<'_> {
                 }
                 Event::Text(t) => {
                     let text = t.unescape().map_err(malformed)?;
+                    // `&#1;` is as illegal as the raw character.
+                    check_xml_chars(&text)?;
                     match (&mut param, stage) {
                         (Some(p), Stage::Param) => p.1.push_str(&text),
                         (_, Stage::Header) => {}
@@ -524,6 +543,24 @@ mod tests {
                 .error,
             EnvelopeError::NotUtf8
         );
+    }
+
+    #[test]
+    fn refuses_control_characters_raw_or_referenced() {
+        for bad in ["jo\u{1}hn", "x\u{0}", "&#1;", "&#x1F;", "\u{FFFF}"] {
+            let text = soap11(&format!(
+                "<GetBalance xmlns=\"{NS}\"><Username>{bad}</Username></GetBalance>"
+            ));
+            assert!(
+                matches!(error_of(&text), EnvelopeError::Malformed(ref m) if m.contains("not allowed")),
+                "{bad:?}: {:?}",
+                error_of(&text)
+            );
+        }
+        let fine = soap11(&format!(
+            "<GetBalance xmlns=\"{NS}\"><Username>a\tb\r\nc&#9;</Username></GetBalance>"
+        ));
+        assert!(parse(&fine).is_ok());
     }
 
     #[test]
