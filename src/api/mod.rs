@@ -2,5 +2,7 @@
 //! typed answers. Nothing here touches a balance directly.
 
 pub mod boxis;
+pub mod multipart;
+pub mod owned;
 pub mod ozeki;
 pub mod soap;

@@ -17,6 +17,7 @@ use std::fmt;
 use thiserror::Error;
 
 use super::params::Params;
+use crate::api::owned::{fold, read_action, ActionReading, OwnedAction};
 use crate::error::ErrorCode;
 use crate::money::parse_whole_credits;
 
@@ -109,65 +110,73 @@ pub struct RequestError {
     pub detail: String,
 }
 
-/// The `action` parameter, trimmed and lowercased.
+/// The `action` parameter, folded (trimmed, lower-cased).
 pub fn action_of(params: &Params) -> Option<String> {
-    params.get("action").map(normalise_action)
+    params.get("action").map(|a| fold(a.to_string()))
 }
 
-fn normalise_action(raw: &str) -> String {
-    raw.trim().to_ascii_lowercase()
+/// Whether any `action` of the request reads as an owned action or a
+/// lookalike of one: such a request must go through [`classify`], never
+/// straight to the gateway.
+pub fn names_owned_action(params: &Params) -> bool {
+    params
+        .iter()
+        .any(|(n, v)| n == "action" && read_action(v).is_owned_or_lookalike())
 }
 
-fn is_intercepted(action: &str) -> bool {
-    matches!(
-        action,
-        "getcredits" | "setcredits" | "addcredits" | "sendmessage"
-    )
-}
-
-/// Classifies a request. Actions other than the four tollgate owns are
-/// [`Command::Other`] without further checks.
+/// Classifies a request by the rules of [`crate::api::owned`]: actions
+/// other than the four tollgate owns are [`Command::Other`] without further
+/// checks; a lookalike of an owned action is refused.
 pub fn classify(params: &Params) -> Result<Command, RequestError> {
-    let Some(action) = action_of(params) else {
+    let Some(raw) = params.get("action") else {
         return Ok(Command::Other);
     };
+    let action = fold(raw.to_string());
+    let reading = read_action(raw);
     // Two different actions: refuse if either is one we would charge or
     // answer for, so `action=getversion&action=sendmessage` cannot slip a
     // send past the ledger.
     let conflicting = params
         .iter()
         .filter(|(n, _)| *n == "action")
-        .map(|(_, v)| normalise_action(v))
-        .find(|a| *a != action);
+        .map(|(_, v)| read_action(v))
+        .find(|other| *other != reading);
     if let Some(other) = conflicting {
-        if is_intercepted(&action) || is_intercepted(&other) {
+        if reading.is_owned_or_lookalike() || other.is_owned_or_lookalike() {
             return Err(invalid(&action, "conflicting values for parameter action"));
         }
     }
-    if !is_intercepted(&action) {
-        return Ok(Command::Other);
-    }
+    let owned = match reading {
+        ActionReading::Owned(owned) => owned,
+        ActionReading::Lookalike => {
+            return Err(invalid(
+                &action,
+                "action spells a credit or send action with extra characters",
+            ))
+        }
+        ActionReading::Other(_) => return Ok(Command::Other),
+    };
     let req = Request {
         params,
-        action: &action,
+        action: owned.as_str(),
     };
     let credentials = req.credentials()?;
-    match action.as_str() {
-        "getcredits" => Ok(Command::GetCredits {
+    match owned {
+        OwnedAction::GetCredits => Ok(Command::GetCredits {
             credentials,
             useraccount: req.useraccount()?,
         }),
-        "setcredits" => Ok(Command::SetCredits {
+        OwnedAction::SetCredits => Ok(Command::SetCredits {
             credentials,
             useraccount: req.useraccount()?,
             new_balance_milli: req.new_balance()?,
         }),
-        "addcredits" => Ok(Command::AddCredits {
+        OwnedAction::AddCredits => Ok(Command::AddCredits {
             credentials,
             useraccount: req.useraccount()?,
             add_milli: req.add()?,
         }),
-        _ => req.send_message(credentials).map(Command::SendMessage),
+        OwnedAction::SendMessage => req.send_message(credentials).map(Command::SendMessage),
     }
 }
 

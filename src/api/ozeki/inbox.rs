@@ -18,11 +18,12 @@ use thiserror::Error;
 
 use super::answer::ANSWER_MAX_BYTES;
 use super::params::Params;
+use crate::api::owned::fold;
 
 /// Deepest element nesting accepted (Ozeki's inbox answers are 4 deep).
 const MAX_DEPTH: usize = 32;
 /// The action whose answers are counted here.
-pub const RECEIVE_ACTION: &str = "receivemessage";
+pub use crate::api::owned::RECEIVE_ACTION;
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum InboxError {
@@ -45,7 +46,7 @@ fn malformed(detail: impl std::fmt::Display) -> InboxError {
 pub fn names_receive(params: &Params) -> bool {
     params
         .iter()
-        .any(|(n, v)| n == "action" && v.trim().eq_ignore_ascii_case(RECEIVE_ACTION))
+        .any(|(n, v)| n == "action" && fold(v.to_string()) == RECEIVE_ACTION)
 }
 
 /// Whether the request's `action` values disagree (a receive among them is
@@ -54,7 +55,7 @@ pub fn has_conflicting_actions(params: &Params) -> bool {
     let mut actions = params
         .iter()
         .filter(|(n, _)| *n == "action")
-        .map(|(_, v)| v.trim().to_ascii_lowercase());
+        .map(|(_, v)| fold(v.to_string()));
     match actions.next() {
         Some(first) => actions.any(|a| a != first),
         None => false,

@@ -17,6 +17,9 @@ use std::borrow::Cow;
 use encoding_rs::{Encoding, UTF_8};
 use thiserror::Error;
 
+use crate::api::multipart::Field;
+use crate::api::owned::fold;
+
 /// Bounds applied while parsing, before anything else looks at a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParamLimits {
@@ -55,10 +58,13 @@ pub enum ParamError {
     NotUtf8 { name: String },
     #[error("value of parameter {name:?} is not valid {charset}")]
     NotInCharset { name: String, charset: &'static str },
+    #[error(transparent)]
+    Multipart(#[from] crate::api::multipart::MultipartError),
 }
 
 /// Decoded request parameters in arrival order (query pairs, then body
-/// pairs). Names are ASCII-lowercased; `recepient…` is stored as
+/// pairs). Names are folded ([`fold`]: trimmed of white space and control
+/// characters, lower-cased, as the gateway compares them); `recepient…` is stored as
 /// `recipient…`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Params {
@@ -95,10 +101,7 @@ impl FromIterator<(String, String)> for Params {
     fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Self {
         let pairs = iter
             .into_iter()
-            .map(|(mut n, v)| {
-                n.make_ascii_lowercase();
-                (canonical_name(n), v)
-            })
+            .map(|(n, v)| (canonical_name(fold(n)), v))
             .collect();
         Params { pairs }
     }
@@ -145,14 +148,48 @@ pub fn parse_params(
                 return Err(ParamError::TooManyParams);
             }
             let (raw_name, raw_value) = split_pair(raw);
-            let mut name = decode_text(raw_name, encoding, NAME_MAX_LEN, &mut scratch)
+            let name = decode_text(raw_name, encoding, NAME_MAX_LEN, &mut scratch)
                 .map_err(|e| e.for_name(None))?;
-            name.make_ascii_lowercase();
-            let name = canonical_name(name);
+            let name = canonical_name(fold(name));
             let value = decode_text(raw_value, encoding, limits.max_value_len, &mut scratch)
                 .map_err(|e| e.for_name(Some(&name)))?;
             pairs.push((name, value));
         }
+    }
+    Ok(Params { pairs })
+}
+
+/// Like [`parse_params`] for a `multipart/form-data` body: the query's
+/// pairs, then the body's fields (their names and values are bytes, not
+/// percent-encoded). `_charset_` is looked for in the query, then among
+/// the fields.
+pub fn parse_params_and_fields(
+    query: Option<&[u8]>,
+    fields: &[Field<'_>],
+    limits: &ParamLimits,
+) -> Result<Params, ParamError> {
+    let query_params = parse_params(query, None, limits)?;
+    let mut encoding = find_charset(&[query.unwrap_or_default()])?;
+    if query_params.get("_charset_").is_none() {
+        if let Some(field) = fields
+            .iter()
+            .find(|f| f.name.trim_ascii().eq_ignore_ascii_case(CHARSET_PARAM))
+        {
+            encoding = charset_for_label(field.value.trim_ascii())?;
+        }
+    }
+    if query_params.len() + fields.len() > limits.max_params {
+        return Err(ParamError::TooManyParams);
+    }
+    let mut pairs = query_params.pairs;
+    pairs.reserve(fields.len());
+    for field in fields {
+        let name =
+            decode_bytes(&field.name, encoding, NAME_MAX_LEN).map_err(|e| e.for_name(None))?;
+        let name = canonical_name(fold(name));
+        let value = decode_bytes(field.value, encoding, limits.max_value_len)
+            .map_err(|e| e.for_name(Some(&name)))?;
+        pairs.push((name, value));
     }
     Ok(Params { pairs })
 }
@@ -212,22 +249,31 @@ fn find_charset(parts: &[&[u8]]) -> Result<&'static Encoding, ParamError> {
                 continue;
             }
             percent_decode_into(raw_value, &mut scratch)?;
-            let label = scratch.trim_ascii();
-            if label.is_empty() {
-                return Ok(UTF_8);
-            }
-            return Encoding::for_label(label).ok_or_else(|| {
-                ParamError::BadCharset(
-                    label
-                        .iter()
-                        .take(CHARSET_LABEL_ECHO_MAX)
-                        .map(|&b| if b.is_ascii_graphic() { b as char } else { '?' })
-                        .collect(),
-                )
-            });
+            return charset_for_label(scratch.trim_ascii());
         }
     }
     Ok(UTF_8)
+}
+
+/// The encoding a `_charset_` label names; an empty label means UTF-8.
+fn charset_for_label(label: &[u8]) -> Result<&'static Encoding, ParamError> {
+    if label.is_empty() {
+        return Ok(UTF_8);
+    }
+    // Only charsets that read ASCII as ASCII: under any other (UTF-16,
+    // ISO-2022-JP) the same bytes would spell a different `action` to a
+    // reader that ignores `_charset_`.
+    Encoding::for_label(label)
+        .filter(|e| e.is_ascii_compatible())
+        .ok_or_else(|| {
+            ParamError::BadCharset(
+                label
+                    .iter()
+                    .take(CHARSET_LABEL_ECHO_MAX)
+                    .map(|&b| if b.is_ascii_graphic() { b as char } else { '?' })
+                    .collect(),
+            )
+        })
 }
 
 /// A decoding failure before the parameter name is known.
@@ -292,6 +338,16 @@ fn decode_text(
     } else {
         raw
     };
+    decode_bytes(bytes, encoding, max_len)
+}
+
+/// Decodes already unescaped bytes with `encoding`, at most `max_len`
+/// bytes in and out.
+fn decode_bytes(
+    bytes: &[u8],
+    encoding: &'static Encoding,
+    max_len: usize,
+) -> Result<String, DecodeError> {
     if bytes.len() > max_len {
         return Err(DecodeError::TooLong);
     }
