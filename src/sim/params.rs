@@ -29,7 +29,21 @@ impl Params {
         if let Some(body) = body {
             raw.extend(split_pairs(body));
         }
-        // `_charset_` decides how every value is decoded, so find it first.
+        // `_charset_` decides how every value is decoded, so it is found
+        // first.
+        Params::decode(raw)
+    }
+
+    /// Like [`Params::parse`] for a `multipart/form-data` body: the query's
+    /// pairs, then the body's fields (names and values as sent, not
+    /// percent-encoded).
+    pub fn with_fields(query: &[u8], fields: Vec<(Vec<u8>, Vec<u8>)>) -> Params {
+        let mut raw: Vec<(Vec<u8>, Vec<u8>)> = split_pairs(query).collect();
+        raw.extend(fields);
+        Params::decode(raw)
+    }
+
+    fn decode(raw: Vec<(Vec<u8>, Vec<u8>)>) -> Params {
         let encoding = raw
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(b"_charset_"))
@@ -69,6 +83,62 @@ impl Params {
     pub fn pairs(&self) -> &[(String, String)] {
         &self.pairs
     }
+}
+
+/// The API paths the simulator serves, as the real gateway registers them.
+pub const API_PATHS: [&str; 3] = ["/api", "/httpapi", "/ozeki"];
+
+/// Whether a request path reaches the API. The real gateway runs on
+/// HTTP.sys (its `Server` header says `Microsoft-HTTPAPI`), which matches a
+/// request against its registered URL prefixes on the *converted* URL —
+/// escapes decoded, dot segments resolved, compared case-insensitively —
+/// and hands the prefix's handler everything below it. So do we, leniently
+/// (the simulator must never be stricter than the gateway): escapes are
+/// decoded twice, `\` is a `/`, repeated slashes collapse, trailing dots and
+/// spaces of a segment are dropped (Windows names), and `/api/anything` is
+/// the API.
+pub fn is_api_path(raw: &str) -> bool {
+    let once = percent_decode_path(raw.as_bytes());
+    let twice = percent_decode_path(&once);
+    let decoded = String::from_utf8_lossy(&twice).replace('\\', "/");
+    let mut stack: Vec<String> = Vec::new();
+    for segment in decoded.split('/') {
+        match segment {
+            ".." => {
+                stack.pop();
+            }
+            s => {
+                let s = s.trim_end_matches(['.', ' ']);
+                if !s.is_empty() {
+                    stack.push(s.to_lowercase());
+                }
+            }
+        }
+    }
+    stack
+        .first()
+        .is_some_and(|first| API_PATHS.iter().any(|p| p[1..] == **first))
+}
+
+/// Percent-decoding for a path: like [`percent_decode`] but `+` stays.
+fn percent_decode_path(input: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(input.len());
+    let mut i = 0;
+    while i < input.len() {
+        if input[i] == b'%' {
+            if let (Some(h), Some(l)) = (
+                input.get(i + 1).and_then(|&h| hex(h)),
+                input.get(i + 2).and_then(|&l| hex(l)),
+            ) {
+                out.push(h << 4 | l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(input[i]);
+        i += 1;
+    }
+    out
 }
 
 /// Splits a recipient list on `,` and `;`, trimming blanks and dropping
@@ -208,6 +278,28 @@ mod tests {
         // Unknown charsets fall back to UTF-8.
         let p = Params::parse(b"_charset_=klingon&m=%C3%A9", None);
         assert_eq!(p.get("m"), Some("é"));
+    }
+
+    #[test]
+    fn api_paths_are_matched_the_way_http_sys_matches_them() {
+        for p in [
+            "/api",
+            "/API/",
+            "//api",
+            "/./api",
+            "/x/../api",
+            "/%61pi",
+            "/api/send",
+            "/HttpApi",
+            "/ozeki.",
+            "/%2561pi",
+            "\\api",
+        ] {
+            assert!(is_api_path(p), "{p}");
+        }
+        for p in ["/", "/apix", "/x/api", "/api/../x", "/sim"] {
+            assert!(!is_api_path(p), "{p}");
+        }
     }
 
     #[test]

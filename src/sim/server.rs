@@ -25,8 +25,8 @@ use super::state::{FaultMode, RequestRecord, SimState};
 pub const SERVER_HEADER: &str = "OzekiNG/3.0.1 Microsoft-HTTPAPI/1.0";
 /// How long the `hang` fault holds a request.
 pub const HANG: Duration = Duration::from_secs(60);
-/// Paths on which the Ozeki API is served.
-pub const API_PATHS: [&str; 3] = ["/api", "/httpapi", "/ozeki"];
+/// Paths on which the Ozeki API is served (and everything below them).
+pub use super::params::API_PATHS;
 /// Upper bound on `messagecount` (Ozeki batches are at most 20 000).
 const MAX_BATCH: usize = 100_000;
 
@@ -102,16 +102,33 @@ pub async fn handle(
     resp
 }
 
-/// Whether the body should be read as a form (Ozeki clients often omit or
-/// mislabel the content type, so only clearly other types are skipped).
-fn body_is_form(headers: &http::HeaderMap) -> bool {
-    match headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
-        None => true,
-        Some(ct) => {
-            let ct = ct.to_ascii_lowercase();
-            !(ct.contains("json") || ct.contains("xml") || ct.contains("multipart"))
+/// The parameters of an API request: the query, then the body — as
+/// `multipart/form-data` fields when it says so (PHP's curl sends arrays of
+/// fields that way), and as a form whatever else its `Content-Type` claims.
+/// Ozeki's documentation shows plain GETs and HTML-form POSTs and says
+/// nothing of content types; clients omit or mislabel them, and nothing
+/// says the gateway checks, so the simulator reads every body (it must
+/// never be stricter than the gateway). A multipart body that cannot be
+/// split is read as a form.
+async fn api_params(headers: &http::HeaderMap, query: &str, body: &Bytes) -> Params {
+    let content_type = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    if let Some(boundary) = content_type.and_then(|ct| multer::parse_boundary(ct).ok()) {
+        if let Some(fields) = multipart_fields(body, boundary).await {
+            return Params::with_fields(query.as_bytes(), fields);
         }
     }
+    Params::parse(query.as_bytes(), Some(&body[..]))
+}
+
+async fn multipart_fields(body: &Bytes, boundary: String) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
+    let mut multipart = multer::Multipart::with_reader(&body[..], boundary);
+    let mut fields = Vec::new();
+    while let Some(field) = multipart.next_field().await.ok()? {
+        let name = field.name().unwrap_or("").as_bytes().to_vec();
+        let value = field.bytes().await.ok()?.to_vec();
+        fields.push((name, value));
+    }
+    Some(fields)
 }
 
 /// One message of a `sendmessage` request.
@@ -173,16 +190,17 @@ async fn api(
     state.counters.requests.fetch_add(1, Ordering::Relaxed);
     let path = parts.uri.path();
     let query = parts.uri.query().unwrap_or("");
-    let is_api = API_PATHS
-        .iter()
-        .any(|p| path == *p || path.strip_prefix(p) == Some("/"));
-    let params = if is_api {
-        let form = body_is_form(&parts.headers).then_some(&body[..]);
-        Params::parse(query.as_bytes(), form)
+    // The API paths read the query and the body; any other path still
+    // takes an `action` from its query (more lenient than the gateway is
+    // known to be, never less).
+    let api_path = super::params::is_api_path(path);
+    let params = if api_path {
+        api_params(&parts.headers, query, &body).await
     } else {
-        Params::default()
+        Params::parse(query.as_bytes(), None)
     };
-    let action = if is_api { params.action() } else { None };
+    let action = params.action();
+    let is_api = api_path || action.is_some();
     let messages = match action.as_deref() {
         Some("sendmessage") => collect_messages(&params),
         _ => Vec::new(),
@@ -521,16 +539,35 @@ mod tests {
         assert!(collect_messages(&Params::parse(b"recipient=,;", None)).is_empty());
     }
 
-    #[test]
-    fn form_body_detection() {
+    #[tokio::test]
+    async fn every_body_is_read_whatever_its_content_type() {
+        let body = Bytes::from_static(b"action=sendmessage&recipient=1");
+        for ct in [
+            None,
+            Some("application/x-www-form-urlencoded; charset=utf-8"),
+            Some("text/plain"),
+            Some("application/json"),
+            Some("multipart/form-data; boundary=not-there"),
+        ] {
+            let mut h = http::HeaderMap::new();
+            if let Some(ct) = ct {
+                h.insert(CONTENT_TYPE, HeaderValue::from_str(ct).unwrap());
+            }
+            let p = api_params(&h, "", &body).await;
+            assert_eq!(p.action().as_deref(), Some("sendmessage"), "{ct:?}");
+        }
         let mut h = http::HeaderMap::new();
-        assert!(body_is_form(&h));
         h.insert(
             CONTENT_TYPE,
-            HeaderValue::from_static("application/x-www-form-urlencoded; charset=utf-8"),
+            HeaderValue::from_static("multipart/form-data; boundary=XY"),
         );
-        assert!(body_is_form(&h));
-        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        assert!(!body_is_form(&h));
+        let body = Bytes::from_static(
+            b"--XY\r\nContent-Disposition: form-data; name=\"Action\"\r\n\r\nsendMessage\r\n\
+              --XY\r\nContent-Disposition: form-data; name=\"recipient\"\r\n\r\n+361\r\n--XY--\r\n",
+        );
+        let p = api_params(&h, "username=john", &body).await;
+        assert_eq!(p.action().as_deref(), Some("sendmessage"));
+        assert_eq!(p.get("recipient"), Some("+361"));
+        assert_eq!(p.get("username"), Some("john"));
     }
 }
