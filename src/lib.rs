@@ -11,6 +11,7 @@ pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod downstream;
 pub mod error;
 pub mod idempotency;
 pub mod ledger;

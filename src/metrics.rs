@@ -136,6 +136,14 @@ pub struct Metrics {
     pub store_ack_timeouts: IntCounterVec,
     /// Entries recorded after the writer stopped: lost; should stay 0.
     pub store_entries_after_stop: IntCounter,
+    /// Client connections open on the proxy listener.
+    pub downstream_connections: IntGauge,
+    /// Client connections refused at accept: their source address already
+    /// held `downstream.max_connections_per_ip`.
+    pub downstream_connections_refused: IntCounter,
+    /// Client connections closed because a request header did not arrive
+    /// within `downstream.header_timeout_ms` (slow clients).
+    pub downstream_header_timeouts: IntCounter,
 }
 
 /// The `wait` label of `tollgate_store_ack_timeouts_total`.
@@ -327,6 +335,20 @@ impl Metrics {
                 "tollgate_store_entries_after_stop_total",
                 "Ledger entries recorded after the store writer stopped (not persisted)",
             ),
+            downstream_connections: gauge(
+                "tollgate_downstream_connections",
+                "Client connections open on the proxy listener",
+            ),
+            downstream_connections_refused: counter(
+                "tollgate_downstream_connections_refused_total",
+                "Client connections refused at accept: their source address already held \
+                 downstream.max_connections_per_ip",
+            ),
+            downstream_header_timeouts: counter(
+                "tollgate_downstream_header_timeouts_total",
+                "Client connections closed because a request header did not arrive within \
+                 downstream.header_timeout_ms",
+            ),
         };
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(m.build_info.clone()),
@@ -359,6 +381,9 @@ impl Metrics {
             Box::new(m.store_committed_entries.clone()),
             Box::new(m.store_ack_timeouts.clone()),
             Box::new(m.store_entries_after_stop.clone()),
+            Box::new(m.downstream_connections.clone()),
+            Box::new(m.downstream_connections_refused.clone()),
+            Box::new(m.downstream_header_timeouts.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");
@@ -532,7 +557,7 @@ mod tests {
         m.requests.with_label_values(&["a", "b", "c"]);
         m.set_tariff_version("v", 0);
         let families = m.registry.gather();
-        assert_eq!(families.len(), 30);
+        assert_eq!(families.len(), 33);
         for f in families {
             assert!(f.get_name().starts_with("tollgate_"), "{}", f.get_name());
             assert!(!f.get_help().is_empty(), "{} has no help", f.get_name());

@@ -19,6 +19,7 @@ use pingora::services::listening::Service;
 use crate::admin::AdminApp;
 use crate::auth::CredentialStore;
 use crate::config::{accounts, Config, InDoubtPolicy};
+use crate::downstream::{ConnectionGate, GateConfig};
 use crate::ledger::{Bucket, Clock, EntrySink, Ledger, LedgerConfig, NullSink, SystemClock};
 use crate::metrics::Metrics;
 use crate::proxy::TollgateProxy;
@@ -345,11 +346,20 @@ pub fn run(config: Config) -> Result<(), StartError> {
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        TollgateProxy::new(app.clone()),
-        "tollgate proxy",
+    // The proxy's app behind the connection gate (per-address connection
+    // cap, header deadline: `downstream.rs`).
+    let gate = ConnectionGate::new(
+        Arc::new(pingora::proxy::http_proxy(
+            &server.configuration,
+            TollgateProxy::new(app.clone()),
+        )),
+        GateConfig {
+            header_timeout: cfg.downstream.header_timeout,
+            max_connections_per_ip: cfg.downstream.max_connections_per_ip,
+        },
+        app.metrics.clone(),
     );
+    let mut proxy = Service::new("tollgate proxy".to_string(), gate);
     proxy.add_tcp(&cfg.listen.to_string());
 
     let mut admin = Service::new("tollgate admin".to_string(), AdminApp::new(app.clone()));

@@ -376,6 +376,10 @@ pub struct FileDownstream {
     body_timeout_ms: u64,
     #[serde(default = "default_header_limit")]
     header_limit_bytes: usize,
+    #[serde(default = "default_header_timeout_ms")]
+    header_timeout_ms: u64,
+    #[serde(default = "default_max_connections_per_ip")]
+    max_connections_per_ip: u32,
 }
 
 impl Default for FileDownstream {
@@ -384,8 +388,17 @@ impl Default for FileDownstream {
             read_timeout_ms: default_read_timeout_ms(),
             body_timeout_ms: default_body_timeout_ms(),
             header_limit_bytes: default_header_limit(),
+            header_timeout_ms: default_header_timeout_ms(),
+            max_connections_per_ip: default_max_connections_per_ip(),
         }
     }
+}
+
+fn default_header_timeout_ms() -> u64 {
+    10_000
+}
+fn default_max_connections_per_ip() -> u32 {
+    256
 }
 
 fn default_read_timeout_ms() -> u64 {
@@ -410,6 +423,12 @@ pub struct DownstreamConfig {
     /// Largest request header (request line + headers) accepted; larger
     /// ones are answered 431. pingora itself stops reading at 1 MiB.
     pub header_limit_bytes: usize,
+    /// Longest time one request header may take to arrive, from the accept
+    /// (first request) or its first byte (later ones); then 408 and close.
+    pub header_timeout: Duration,
+    /// Most connections one source address may hold open (idle keep-alive
+    /// ones included); more are refused with 503 at accept.
+    pub max_connections_per_ip: u32,
 }
 
 impl DownstreamConfig {
@@ -417,6 +436,7 @@ impl DownstreamConfig {
         for (key, ms) in [
             ("downstream.read_timeout_ms", f.read_timeout_ms),
             ("downstream.body_timeout_ms", f.body_timeout_ms),
+            ("downstream.header_timeout_ms", f.header_timeout_ms),
         ] {
             if !(100..=3_600_000).contains(&ms) {
                 return Err(ConfigError::new(file, key, "must be 100 to 3600000 ms"));
@@ -429,10 +449,19 @@ impl DownstreamConfig {
                 "must be 1024 to 1048575 (pingora's own limit)",
             ));
         }
+        if f.max_connections_per_ip == 0 {
+            return Err(ConfigError::new(
+                file,
+                "downstream.max_connections_per_ip",
+                "must be at least 1",
+            ));
+        }
         Ok(DownstreamConfig {
             read_timeout: Duration::from_millis(f.read_timeout_ms),
             body_timeout: Duration::from_millis(f.body_timeout_ms),
             header_limit_bytes: f.header_limit_bytes,
+            header_timeout: Duration::from_millis(f.header_timeout_ms),
+            max_connections_per_ip: f.max_connections_per_ip,
         })
     }
 }
