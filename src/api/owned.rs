@@ -11,7 +11,7 @@
 //! against it by property tests):
 //!
 //! - **Paths** are compared after [`normalise_path`]: percent-escapes
-//!   decoded (twice, for servers that decode again), `\` read as `/`,
+//!   decoded (repeatedly, for servers that decode again), `\` read as `/`,
 //!   repeated slashes collapsed, `.` and `..` segments resolved, trailing
 //!   dots and spaces of a segment dropped (Windows names), case folded. The
 //!   gateway answers its API on a registered URL prefix (HTTP.sys), which
@@ -154,12 +154,18 @@ fn hex(b: u8) -> Option<u8> {
 /// docs): always starts with `/`, never ends with one (but for `/`
 /// itself), lower case.
 pub fn normalise_path(raw: &str) -> String {
-    // Twice: a server that unescapes once more would read `%2561` as `a`.
-    let mut once = Vec::with_capacity(raw.len());
-    lenient_unescape(raw.as_bytes(), false, &mut once);
-    let mut twice = Vec::with_capacity(once.len());
-    lenient_unescape(&once, false, &mut twice);
-    let decoded = String::from_utf8_lossy(&twice);
+    // Until nothing changes: a server that unescapes once more would read
+    // `%2561` as `a` (each pass shrinks the path, so this ends).
+    let mut decoded = raw.as_bytes().to_vec();
+    let mut next = Vec::with_capacity(decoded.len());
+    while decoded.contains(&b'%') {
+        lenient_unescape(&decoded, false, &mut next);
+        if next == decoded {
+            break;
+        }
+        std::mem::swap(&mut decoded, &mut next);
+    }
+    let decoded = String::from_utf8_lossy(&decoded);
     let mut segments: Vec<&str> = Vec::new();
     for segment in decoded.split(['/', '\\']) {
         if segment == ".." {
