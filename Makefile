@@ -76,7 +76,7 @@ bench-store: deps
 
 # Fuzzing (cargo-fuzz on the stable toolchain). The bundled SQLite trips a
 # false AddressSanitizer ODR report at start-up, hence the ASAN_OPTIONS.
-FUZZ_TARGETS := ozeki_params acceptreport boxis_form soap_envelope
+FUZZ_TARGETS := ozeki_params acceptreport boxis_form soap_envelope owned multipart
 FUZZ_SECONDS ?= 300
 .PHONY: fuzz
 fuzz:

@@ -16,11 +16,14 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
-use pingora::proxy::{ProxyHttp, Session};
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 
-use crate::api::ozeki::command::action_of;
-use crate::api::ozeki::params::Params;
-use crate::api::ozeki::params::{parse_params, sniff_action, ParamLimits};
+use crate::api::multipart;
+use crate::api::owned::Route;
+use crate::api::ozeki::command::{action_of, names_owned_action};
+use crate::api::ozeki::params::{
+    parse_params, parse_params_and_fields, sniff_action, ParamError, ParamLimits, Params,
+};
 use crate::config::Mode;
 use crate::error::ErrorCode;
 use crate::idempotency::{self, Begin, Claim, StoredAnswer};
@@ -32,9 +35,6 @@ use crate::upstream::{self, Forwarded};
 /// The `Server` header of the gateway we stand in for (SPEC 1.5); local
 /// answers carry it so a client cannot tell who answered.
 pub const SERVER_HEADER: &str = "OzekiNG/3.0.1 Microsoft-HTTPAPI/1.0";
-
-/// Actions tollgate must see the whole request for.
-const INTERCEPTED: [&str; 4] = ["getcredits", "setcredits", "addcredits", "sendmessage"];
 
 pub struct TollgateProxy {
     pub app: Arc<App>,
@@ -50,10 +50,6 @@ impl TollgateProxy {
             ..ParamLimits::default()
         };
         TollgateProxy { app, param_limits }
-    }
-
-    fn is_ozeki_path(&self, path: &str) -> bool {
-        self.app.config.ozeki.paths.iter().any(|p| p == path)
     }
 }
 
@@ -127,17 +123,23 @@ impl ProxyHttp for TollgateProxy {
             Admission::Limited(refusal) => Some(refusal),
         };
         let client_ip = client_ip(session);
-        let path = session.req_header().uri.path();
-        let credit_door = self.credit_door(path);
-        let ozeki_path = self.is_ozeki_path(path);
-        if let (Some(refusal), false) = (limited, ozeki_path) {
+        let route = {
+            let req = session.req_header();
+            self.app.router.route(req.uri.path(), req.uri.query())
+        };
+        if let (Some(refusal), false) = (limited, route == Route::Ozeki) {
             return self.answer_limited_plain(session, ctx, refusal).await;
         }
-        if let Some(door) = credit_door {
-            return self.serve_credit_door(session, ctx, door).await;
-        }
-        if !ozeki_path {
-            return Ok(false);
+        match route {
+            Route::Forward => return Ok(false),
+            Route::Blocked => return self.answer_blocked(session, ctx).await,
+            Route::Boxis => {
+                return self
+                    .serve_credit_door(session, ctx, CreditDoor::Boxis)
+                    .await
+            }
+            Route::Soap => return self.serve_credit_door(session, ctx, CreditDoor::Soap).await,
+            Route::Ozeki => {}
         }
         ctx.front_door = "ozeki";
         let query: Option<Bytes> = session
@@ -157,7 +159,7 @@ impl ProxyHttp for TollgateProxy {
                 let action = action_of(&params).unwrap_or_default();
                 let priced_receive = snapshot.tariff.receive_price_milli() > 0
                     && crate::api::ozeki::inbox::names_receive(&params);
-                if !INTERCEPTED.contains(&action.as_str()) && !priced_receive {
+                if !names_owned_action(&params) && !priced_receive {
                     ctx.action = action_label(&action);
                     if let Some(refusal) = limited {
                         let decision = ozeki::limited_answer(&params, refusal);
@@ -170,35 +172,20 @@ impl ProxyHttp for TollgateProxy {
             }
         }
 
-        let read = if has_body {
-            self.read_body_timed(session, ctx, self.app.config.ozeki.body_limit_bytes)
-                .await?
+        let body = if has_body {
+            let limit = self.app.config.ozeki.body_limit_bytes;
+            match self.read_body_timed(session, ctx, limit).await? {
+                Ok(body) => body,
+                Err(refused) => return self.answer_body_refused(session, ctx, refused).await,
+            }
         } else {
             // Nothing to read: no timer, no body reader.
-            Some(Bytes::new())
+            Bytes::new()
         };
-        let body = match read {
-            Some(b) => b,
-            None => {
-                ctx.outcome = "body_too_large";
-                session.set_keepalive(None);
-                write_answer(
-                    session,
-                    413,
-                    "text/plain",
-                    Bytes::from_static(b"Request body too large\n"),
-                    &[],
-                )
-                .await?;
-                linger(session).await;
-                return Ok(true);
-            }
-        };
-        let form_body = is_form(session).then_some(&body[..]);
         let parsed = match query_params {
             // Only set for a request without a body.
             Some(p) => Ok(p),
-            None => parse_params(query.as_deref(), form_body, &self.param_limits),
+            None => self.ozeki_params(session, query.as_deref(), &body),
         };
         let params = match parsed {
             Ok(p) => p,
@@ -206,7 +193,7 @@ impl ProxyHttp for TollgateProxy {
                 // Malformed encoding: refused, never forwarded — the gateway
                 // might read it differently than we did.
                 ctx.outcome = "invalid_request";
-                let action = sniff_action(query.as_deref(), form_body).unwrap_or_default();
+                let action = sniff_action(query.as_deref(), Some(&body)).unwrap_or_default();
                 ctx.action = action_label(&action);
                 let message = format!("{}: {e}", ErrorCode::InvalidRequest.message());
                 write_ozeki_error(session, 200, &action, ErrorCode::InvalidRequest, &message)
@@ -284,14 +271,55 @@ impl ProxyHttp for TollgateProxy {
         )
     }
 
+    /// An error on pingora's own proxy path (or one a filter returned): the
+    /// answer is tollgate's, with the gateway's `Server` header, and the
+    /// outcome says whose fault it was — a client that went away or sent
+    /// a malformed body is not an upstream error.
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &pingora::Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let failure = Failure::of(e);
+        if ctx.outcome == "forwarded" {
+            ctx.outcome = failure.outcome;
+        }
+        let answered = session
+            .response_written()
+            .is_some_and(|r| !r.status.is_informational());
+        if failure.status > 0 && !answered {
+            session.set_keepalive(None);
+            let body = Bytes::from_static(failure.text.as_bytes());
+            if let Err(e) = write_answer(session, failure.status, "text/plain", body, &[]).await {
+                tracing::debug!(error = %e, "the error answer could not be written");
+            }
+        }
+        FailToProxy {
+            error_code: failure.status,
+            can_reuse_downstream: false,
+        }
+    }
+
+    /// pingora logs every failed request at error level; a client that
+    /// hung up is not one an operator needs to see.
+    fn suppress_error_log(
+        &self,
+        _session: &Session,
+        ctx: &RequestCtx,
+        _e: &pingora::Error,
+    ) -> bool {
+        ctx.outcome == "client_closed"
+    }
+
     async fn logging(
         &self,
         session: &mut Session,
         e: Option<&pingora::Error>,
         ctx: &mut RequestCtx,
     ) {
-        if e.is_some() && ctx.outcome == "forwarded" {
-            ctx.outcome = "upstream_error";
+        if let (Some(e), "forwarded") = (e, ctx.outcome) {
+            ctx.outcome = Failure::of(e).outcome;
         }
         let action = if ctx.action.is_empty() {
             "-"
@@ -464,16 +492,6 @@ enum CreditDoor {
 }
 
 impl TollgateProxy {
-    fn credit_door(&self, path: &str) -> Option<CreditDoor> {
-        if path == self.app.config.boxis.path {
-            Some(CreditDoor::Boxis)
-        } else if crate::service::soap::is_soap_path(&self.app, path) {
-            Some(CreditDoor::Soap)
-        } else {
-            None
-        }
-    }
-
     /// Reads the body whole (bounded by the door's limit), lets the door's
     /// service answer, and writes the answer.
     async fn serve_credit_door(
@@ -503,7 +521,11 @@ impl TollgateProxy {
         let request_id = self.app.new_request_id();
         ctx.request_id = Some(request_id.clone());
         let now_s = crate::service::now_unix_ms().div_euclid(1000);
-        let body = self.read_body_timed(session, ctx, limit).await?;
+        let body = match self.read_body_timed(session, ctx, limit).await? {
+            Ok(body) => Some(body),
+            Err(BodyRefused::TooLarge) => None,
+            Err(refused) => return self.answer_body_refused(session, ctx, refused).await,
+        };
         if let (Some(body), CreditDoor::Soap) = (&body, door) {
             if self.soap_idempotency(session, ctx, body).await? {
                 return Ok(true);
@@ -540,14 +562,11 @@ impl TollgateProxy {
         if body.is_none() {
             session.set_keepalive(None);
         }
-        let mut h = ResponseHeader::build(answer.status, Some(3))?;
-        h.insert_header("Content-Type", answer.content_type)?;
-        h.insert_header("Content-Length", answer.body.len().to_string())?;
-        if answer.status == 405 {
-            h.insert_header("Allow", "GET, POST")?;
-        }
+        let allow = [("Allow", "GET, POST".to_string())];
+        let extra: &[(&'static str, String)] = if answer.status == 405 { &allow } else { &[] };
+        let h = local_header(answer.status, answer.content_type, answer.body.len(), extra)?;
         self.record_answer(ctx, &h, answer.body.as_bytes());
-        session.write_response_header(Box::new(h), false).await?;
+        session.write_response_header(h, false).await?;
         session
             .write_response_body(Some(Bytes::from(answer.body)), true)
             .await?;
@@ -710,33 +729,98 @@ impl TollgateProxy {
         Ok(())
     }
 
-    /// Reads the whole body within `downstream.body_timeout` (then HTTP
-    /// 408); `None` if it exceeds `limit` bytes.
+    /// Reads the whole body within `downstream.body_timeout`, up to `limit`
+    /// bytes. Sends `100 Continue` first when the client asked for it and
+    /// the declared length is acceptable (RFC 9110 §10.1.1). `Ok(Err(_))`
+    /// is a body tollgate refuses (the caller answers); `Err` is a broken
+    /// connection.
     async fn read_body_timed(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
         limit: usize,
-    ) -> Result<Option<Bytes>> {
+    ) -> Result<std::result::Result<Bytes, BodyRefused>> {
         let deadline = self.app.config.downstream.body_timeout;
-        match tokio::time::timeout(deadline, read_body(session, limit)).await {
+        let refused = match tokio::time::timeout(deadline, read_body(session, limit)).await {
+            Ok(Ok(Some(body))) => return Ok(Ok(body)),
+            Ok(Ok(None)) => BodyRefused::TooLarge,
             // A client that stalls longer than `downstream.read_timeout`
             // between two reads: a client error, not a server one.
             Ok(Err(e)) if matches!(e.etype(), pingora::ErrorType::ReadTimedout) => {
-                ctx.outcome = "body_timeout";
-                Err(pingora::Error::explain(
-                    pingora::ErrorType::HTTPStatus(408),
-                    "request body stalled",
-                ))
+                BodyRefused::Timeout
             }
-            Ok(read) => read,
-            Err(_) => {
-                ctx.outcome = "body_timeout";
-                Err(pingora::Error::explain(
-                    pingora::ErrorType::HTTPStatus(408),
-                    "request body not received in time",
-                ))
+            Ok(Err(e)) if is_bad_framing(&e) => BodyRefused::BadFraming,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => BodyRefused::Timeout,
+        };
+        ctx.outcome = refused.outcome();
+        Ok(Err(refused))
+    }
+
+    /// Answers a refused body and closes the connection after a lingering
+    /// read (the client may still be sending). (A body too large for a
+    /// credit door is answered by the door in its own shape instead.)
+    async fn answer_body_refused(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        refused: BodyRefused,
+    ) -> Result<bool> {
+        ctx.outcome = refused.outcome();
+        session.set_keepalive(None);
+        let (status, text): (u16, &'static [u8]) = match refused {
+            BodyRefused::TooLarge => (413, b"Request body too large\n"),
+            BodyRefused::Timeout => (408, b"Request body not received in time\n"),
+            BodyRefused::BadFraming => (400, b"Malformed request body framing\n"),
+        };
+        write_answer(session, status, "text/plain", Bytes::from_static(text), &[]).await?;
+        if refused != BodyRefused::Timeout {
+            linger(session).await;
+        }
+        Ok(true)
+    }
+
+    /// Refuses a request on one of `ozeki.blocked_paths` (never forwarded).
+    async fn answer_blocked(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        ctx.outcome = "blocked";
+        let has_body = request_has_body(session);
+        session.set_keepalive(None);
+        write_answer(
+            session,
+            403,
+            "text/plain",
+            Bytes::from_static(b"Forbidden\n"),
+            &[],
+        )
+        .await?;
+        if has_body {
+            linger(session).await;
+        }
+        Ok(true)
+    }
+
+    /// The Ozeki parameters of a request whose body was read: the query and
+    /// the body, whatever its `Content-Type` says (a `multipart/form-data`
+    /// body as its fields, anything else as a form), so that a send cannot
+    /// hide behind a content type.
+    fn ozeki_params(
+        &self,
+        session: &Session,
+        query: Option<&[u8]>,
+        body: &[u8],
+    ) -> std::result::Result<Params, ParamError> {
+        let content_type = session
+            .req_header()
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        match content_type {
+            Some(ct) if !body.is_empty() && multipart::is_multipart(ct) => {
+                let boundary = multipart::boundary(ct)?;
+                let fields = multipart::parse(body, &boundary, self.param_limits.max_params)?;
+                parse_params_and_fields(query, &fields, &self.param_limits)
             }
+            _ => parse_params(query, Some(body), &self.param_limits),
         }
     }
 
@@ -1095,17 +1179,87 @@ fn request_has_body(session: &Session) -> bool {
             .is_some_and(|n| n > 0)
 }
 
-fn is_form(session: &Session) -> bool {
-    match session.req_header().headers.get("content-type") {
-        None => true,
-        Some(v) => v
-            .to_str()
-            .map(|s| {
-                s.to_ascii_lowercase()
-                    .starts_with("application/x-www-form-urlencoded")
-            })
-            .unwrap_or(false),
+/// What an error on the proxy path means for the client: the status of
+/// tollgate's answer (0: the connection is gone, nothing can be sent), its
+/// text and the outcome label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Failure {
+    status: u16,
+    text: &'static str,
+    outcome: &'static str,
+}
+
+impl Failure {
+    fn of(e: &pingora::Error) -> Failure {
+        use pingora::{ErrorSource, ErrorType};
+        let failure = |status, text, outcome| Failure {
+            status,
+            text,
+            outcome,
+        };
+        match (e.esource(), e.etype()) {
+            (_, ErrorType::HTTPStatus(code)) => failure(*code, "Request failed\n", "client_error"),
+            (ErrorSource::Downstream, ErrorType::ReadTimedout) => {
+                failure(408, "Request Timeout\n", "client_timeout")
+            }
+            (
+                ErrorSource::Downstream,
+                ErrorType::ReadError
+                | ErrorType::WriteError
+                | ErrorType::ConnectionClosed
+                | ErrorType::WriteTimedout
+                | ErrorType::Custom("PrematureBodyEnd"),
+            ) => failure(0, "", "client_closed"),
+            (ErrorSource::Downstream, _) => failure(400, "Bad Request\n", "bad_request"),
+            (ErrorSource::Upstream, _) => failure(502, "Bad Gateway\n", "upstream_error"),
+            (ErrorSource::Internal | ErrorSource::Unset, _) => {
+                failure(500, "Internal Server Error\n", "internal_error")
+            }
+        }
     }
+}
+
+/// Why tollgate refused to take a request body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyRefused {
+    /// Over the door's body limit (413).
+    TooLarge,
+    /// Not received within `downstream.body_timeout`, or a read stalled
+    /// past `downstream.read_timeout` (408).
+    Timeout,
+    /// A malformed or overflowing chunk size, a bad trailer (400): the
+    /// client's error.
+    BadFraming,
+}
+
+impl BodyRefused {
+    fn outcome(self) -> &'static str {
+        match self {
+            BodyRefused::TooLarge => "body_too_large",
+            BodyRefused::Timeout => "body_timeout",
+            BodyRefused::BadFraming => "bad_request",
+        }
+    }
+}
+
+/// Whether a body read failed on the client's framing (pingora's chunked
+/// decoder) rather than on the connection.
+fn is_bad_framing(e: &pingora::Error) -> bool {
+    // pingora's body decoder names these error types (`pingora-core`
+    // `protocols/http/v1/body.rs`, not exported).
+    matches!(
+        e.etype(),
+        pingora::ErrorType::Custom("InvalidChunk" | "InvalidTrailerEnd")
+    )
+}
+
+/// `Expect: 100-continue` on an HTTP/1.1 request.
+fn expects_continue(req: &RequestHeader) -> bool {
+    req.version == http::Version::HTTP_11
+        && req
+            .headers
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 /// Reads the whole request body; `None` if it exceeds `limit` bytes.
@@ -1118,6 +1272,9 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<Option<Bytes>>
         .and_then(|v| v.trim().parse::<usize>().ok());
     if declared.is_some_and(|n| n > limit) {
         return Ok(None);
+    }
+    if expects_continue(session.req_header()) {
+        session.write_continue_response().await?;
     }
     let mut buf = BytesMut::with_capacity(declared.unwrap_or(0));
     while let Some(chunk) = session.read_request_body().await? {

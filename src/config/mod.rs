@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use thiserror::Error;
 
+use crate::api::owned::normalise_path;
 use crate::ledger::Overdraft;
 
 /// A configuration problem: which file, which key, what is wrong and how to
@@ -190,6 +191,8 @@ struct FileOzeki {
     addcredits_action_echo: ActionEcho,
     #[serde(default = "default_body_limit")]
     body_limit_bytes: usize,
+    #[serde(default)]
+    blocked_paths: Vec<String>,
 }
 impl Default for FileOzeki {
     fn default() -> Self {
@@ -197,6 +200,7 @@ impl Default for FileOzeki {
             paths: default_ozeki_paths(),
             addcredits_action_echo: default_addcredits_echo(),
             body_limit_bytes: default_body_limit(),
+            blocked_paths: Vec::new(),
         }
     }
 }
@@ -503,9 +507,14 @@ impl std::fmt::Debug for AdminConfig {
 
 #[derive(Debug, Clone)]
 pub struct OzekiConfig {
+    /// The gateway's API paths: these and every path below them are read
+    /// whole and decided by tollgate (`api::owned`).
     pub paths: Vec<String>,
     pub addcredits_action_echo: ActionEcho,
     pub body_limit_bytes: usize,
+    /// Paths (and everything below them) refused with 403, never forwarded:
+    /// the operator's switch for gateway endpoints clients must not reach.
+    pub blocked_paths: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -584,7 +593,12 @@ fn validate_doors(path: &Path, f: &FileConfig) -> Result<(), ConfigError> {
                 format!("{p:?} must start with '/' and hold no query"),
             ));
         }
-        if f.ozeki.paths.iter().any(|o| o.eq_ignore_ascii_case(p)) {
+        let normalised = normalise_path(p);
+        if f.ozeki
+            .paths
+            .iter()
+            .any(|o| normalise_path(o) == normalised)
+        {
             return Err(ConfigError::new(
                 path,
                 key,
@@ -592,7 +606,7 @@ fn validate_doors(path: &Path, f: &FileConfig) -> Result<(), ConfigError> {
             ));
         }
     }
-    if f.boxis.path.eq_ignore_ascii_case(&f.soap.path) {
+    if normalise_path(&f.boxis.path) == normalise_path(&f.soap.path) {
         return Err(ConfigError::new(
             path,
             "soap.path",
@@ -652,13 +666,18 @@ impl Config {
         if f.threads == Some(0) {
             return Err(ConfigError::new(path, "threads", "must be at least 1"));
         }
-        for (i, p) in f.ozeki.paths.iter().enumerate() {
-            if !p.starts_with('/') {
-                return Err(ConfigError::new(
-                    path,
-                    format!("ozeki.paths[{i}]"),
-                    format!("{p:?} must start with '/'"),
-                ));
+        for (key, paths) in [
+            ("ozeki.paths", &f.ozeki.paths),
+            ("ozeki.blocked_paths", &f.ozeki.blocked_paths),
+        ] {
+            for (i, p) in paths.iter().enumerate() {
+                if !p.starts_with('/') || p.contains('?') {
+                    return Err(ConfigError::new(
+                        path,
+                        format!("{key}[{i}]"),
+                        format!("{p:?} must start with '/' and hold no query"),
+                    ));
+                }
             }
         }
         if f.ozeki.body_limit_bytes < 1024 {
@@ -753,6 +772,7 @@ impl Config {
                 paths: f.ozeki.paths,
                 addcredits_action_echo: f.ozeki.addcredits_action_echo,
                 body_limit_bytes: f.ozeki.body_limit_bytes,
+                blocked_paths: f.ozeki.blocked_paths,
             },
             auth: AuthConfig {
                 unknown_accounts: f.auth.unknown_accounts,

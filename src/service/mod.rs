@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::api::owned::Router;
 use crate::auth::CredentialStore;
 use crate::config::{Config, Durability, Mode};
 use crate::error::ErrorCode;
@@ -47,6 +48,9 @@ pub struct Snapshot {
 
 pub struct App {
     pub config: Config,
+    /// Which door a request goes to (`api::owned`), from the configured
+    /// paths, normalised once.
+    pub router: Router,
     pub ledger: Arc<Ledger>,
     pub credentials: Arc<CredentialStore>,
     pub snapshot: ArcSwap<Snapshot>,
@@ -103,7 +107,14 @@ impl App {
             .expect("an in-memory key table always opens"),
         );
         let dropin = dropin::DropIn::new(&config.auth);
+        let router = Router::new(
+            &config.ozeki.paths,
+            &config.boxis.path,
+            &config.soap.path,
+            &config.ozeki.blocked_paths,
+        );
         App {
+            router,
             limiter,
             idempotency,
             dropin,

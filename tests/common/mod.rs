@@ -437,3 +437,102 @@ pub fn read_to_string(path: &Path) -> String {
         .unwrap();
     s
 }
+
+/// An answer read off a raw socket: status, header block (as text) and
+/// body bytes.
+#[derive(Debug)]
+pub struct RawAnswer {
+    pub status: u16,
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl RawAnswer {
+    /// The value of a header (case-insensitive name), if present.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Sends `request` as it is over a new connection to `addr` and reads one
+/// answer (the request should say `Connection: close`). Any bytes: the
+/// point is to send what a real client library would not.
+pub fn raw_exchange(addr: SocketAddr, request: &[u8]) -> RawAnswer {
+    use std::io::Write;
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(request).expect("write the request");
+    read_answer(&mut s)
+}
+
+/// Reads one answer off `s`: up to the end of its body (by
+/// `Content-Length`) or to the close. 1xx interim answers are skipped.
+pub fn read_answer(s: &mut TcpStream) -> RawAnswer {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n");
+        if let Some(end) = head_end {
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            let status: u16 = head
+                .split(' ')
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or_else(|| panic!("not an HTTP answer: {head:?}"));
+            if (100..200).contains(&status) {
+                buf.drain(..end + 4);
+                continue;
+            }
+            let answer = RawAnswer {
+                status,
+                head,
+                body: buf[end + 4..].to_vec(),
+            };
+            if let Some(len) = answer.header("content-length") {
+                let len: usize = len.parse().unwrap();
+                if answer.body.len() >= len {
+                    return RawAnswer {
+                        body: answer.body[..len].to_vec(),
+                        ..answer
+                    };
+                }
+            }
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => {
+                let end = buf
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .unwrap_or_else(|| panic!("connection closed before an answer: {buf:?}"));
+                let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap();
+                return RawAnswer {
+                    status,
+                    head,
+                    body: buf[end + 4..].to_vec(),
+                };
+            }
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Polls `done` every 20 ms for up to 10 s; panics naming `what` if it
+/// never holds (for effects that land just after an answer, such as the
+/// metrics and access line of a request).
+pub fn wait_until(mut done: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
