@@ -136,6 +136,14 @@ pub struct Metrics {
     pub store_ack_timeouts: IntCounterVec,
     /// Entries recorded after the writer stopped: lost; should stay 0.
     pub store_entries_after_stop: IntCounter,
+    /// 1 once this process found another one owns its store (fenced): it
+    /// commits nothing more and refuses credit.
+    pub store_fenced: IntGauge,
+    /// The fencing token this process owns its store under (0: no store).
+    pub store_owner_token: IntGauge,
+    /// Lease renewals that failed (busy or failing store); the lease
+    /// lapses if they go on.
+    pub store_lease_renewal_failures: IntCounter,
 }
 
 /// The `wait` label of `tollgate_store_ack_timeouts_total`.
@@ -327,6 +335,18 @@ impl Metrics {
                 "tollgate_store_entries_after_stop_total",
                 "Ledger entries recorded after the store writer stopped (not persisted)",
             ),
+            store_fenced: gauge(
+                "tollgate_store_fenced",
+                "1 when another process took the store over: this one commits nothing and refuses credit",
+            ),
+            store_owner_token: gauge(
+                "tollgate_store_owner_token",
+                "Fencing token this process owns the store under (0 without a store)",
+            ),
+            store_lease_renewal_failures: counter(
+                "tollgate_store_lease_renewal_failures_total",
+                "Store ownership lease renewals that failed",
+            ),
         };
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(m.build_info.clone()),
@@ -359,6 +379,9 @@ impl Metrics {
             Box::new(m.store_committed_entries.clone()),
             Box::new(m.store_ack_timeouts.clone()),
             Box::new(m.store_entries_after_stop.clone()),
+            Box::new(m.store_fenced.clone()),
+            Box::new(m.store_owner_token.clone()),
+            Box::new(m.store_lease_renewal_failures.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");
@@ -532,7 +555,7 @@ mod tests {
         m.requests.with_label_values(&["a", "b", "c"]);
         m.set_tariff_version("v", 0);
         let families = m.registry.gather();
-        assert_eq!(families.len(), 30);
+        assert_eq!(families.len(), 33);
         for f in families {
             assert!(f.get_name().starts_with("tollgate_"), "{}", f.get_name());
             assert!(!f.get_help().is_empty(), "{} has no help", f.get_name());

@@ -39,9 +39,12 @@
 //!   and everything recovers by itself when the store does.
 
 pub mod export;
+pub mod fence;
 pub mod sqlite;
 pub mod verify;
 pub mod writer;
+
+use std::time::Duration;
 
 use thiserror::Error;
 
@@ -113,6 +116,22 @@ pub enum StoreError {
     /// A backend that is down (fakes in tests, a network store).
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// Another live process owns the store: start-up refuses (see
+    /// [`fence`]).
+    #[error("{}", fence::owned_message(.owner, *.lease_age_ms, *.lease))]
+    Owned {
+        owner: Box<fence::OwnerRecord>,
+        /// How long ago the owner last renewed its lease.
+        lease_age_ms: i64,
+        lease: Duration,
+    },
+    /// This process's fencing token is no longer the owner's: another
+    /// process took the store over, and nothing was committed.
+    #[error("fenced: {}", fence::fenced_message(.owner.as_deref()))]
+    Fenced {
+        /// The new owner, when it could be read.
+        owner: Option<Box<fence::OwnerRecord>>,
+    },
 }
 
 /// A blocking persistence backend. Used only by the writer thread and at
