@@ -5,10 +5,19 @@
 //!
 //! Owns the schema and its version. One connection, used by one thread (the
 //! writer) or by an offline tool; readers such as `tollgate ledger export`
-//! may open their own connection while tollgate runs (WAL lets them read a
-//! consistent snapshot without blocking the writer), and so does start-up,
-//! one per restoring thread, before the writer starts. It must never be
-//! used from an async task.
+//! may open their own connection while tollgate runs
+//! ([`SqliteStore::open_snapshot`]: one read transaction, so WAL gives them
+//! one consistent snapshot without blocking the writer), and so does
+//! start-up, one per restoring thread, before the writer starts. Readers
+//! take no ownership. It must never be used from an async task.
+//!
+//! Ownership ([`super::fence`]): `tollgate run` opens the store with
+//! [`SqliteStore::open_owned`], which takes an OS lock on `<path>.lock`
+//! ([`SqliteOwner`]) and a new fencing token in `store_owner`; every commit
+//! of that store checks the token in its own `BEGIN IMMEDIATE` transaction
+//! (and renews the lease with the same `UPDATE`), so a commit by a process
+//! that lost the store writes nothing and fails with
+//! [`StoreError::Fenced`].
 //!
 //! Schema (version 2):
 //! - `schema_version(version)` — one row.
@@ -249,6 +258,24 @@ impl SqliteStore {
                 path.display()
             ))),
         }
+    }
+
+    /// [`Self::open_existing`] inside one read transaction, for `tollgate
+    /// ledger export|verify` beside a running owner: every read sees the
+    /// same snapshot (WAL), however many commits the owner makes meanwhile,
+    /// and the reader never blocks the writer. It takes no ownership and
+    /// never writes. While it reads, checkpoints cannot pass its snapshot,
+    /// so the `-wal` file grows until it is done.
+    pub fn open_snapshot(path: &Path) -> Result<SqliteStore, StoreError> {
+        let store = Self::open_existing(path)?;
+        // A deferred transaction takes its snapshot at its first read.
+        store.conn.execute_batch("BEGIN DEFERRED")?;
+        store
+            .conn
+            .query_row("SELECT COUNT(*) FROM schema_version", [], |r| {
+                r.get::<_, i64>(0)
+            })?;
+        Ok(store)
     }
 
     fn configure(conn: &Connection, synchronous: &str) -> Result<(), StoreError> {
@@ -1203,6 +1230,35 @@ mod tests {
         // The refused process let go of the lock again.
         let mut probe = SqliteOwner::open(&path, LEASE).unwrap();
         assert!(probe.try_lock().unwrap());
+    }
+
+    #[test]
+    fn a_snapshot_reader_sees_one_consistent_state_while_the_owner_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+        let (mut owner, _fence) = owned(&path, &clock).unwrap();
+        owner
+            .commit(&[entry(1, EntryKind::Add, "a", 1_000, None)], &[meta("a")])
+            .unwrap();
+        let mut reader = SqliteStore::open_snapshot(&path).unwrap();
+        // The owner commits between the reader's entry scan and its balance
+        // read: the reader still sees the state of its first read.
+        let entries = all_entries(&mut reader);
+        owner
+            .commit(&[entry(2, EntryKind::Add, "a", 2_000, None)], &[meta("a")])
+            .unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(
+            reader.stored_balances().unwrap()[0].anytime.posted_milli,
+            1_000
+        );
+        let report = crate::store::verify::verify(&mut reader).unwrap();
+        assert!(report.is_ok(crate::ledger::Overdraft::Strict), "{report}");
+        assert_eq!(report.entries, 1);
+        // A new snapshot sees the later commit.
+        let mut later = SqliteStore::open_snapshot(&path).unwrap();
+        assert_eq!(all_entries(&mut later).len(), 2);
     }
 
     #[test]
