@@ -8,8 +8,11 @@
 //!
 //! Readiness: the listener only opens once the application is built, i.e.
 //! the tariff, the accounts and (with a store) the persisted balances are
-//! loaded, so `/readyz` checks the remaining dependency, the gateway: a
-//! TCP connect to the upstream address with a short timeout. The probe's
+//! loaded, so `/readyz` checks what can change later: that this process
+//! still owns its store (`not ready: fenced: …` once another process took
+//! it over; `not ready: lease lapsed: …` while its lease cannot be
+//! renewed), and the gateway: a TCP connect to the upstream address with
+//! a short timeout. The probe's
 //! result is cached for [`PROBE_CACHE`] so a scrape storm cannot become a
 //! connect storm against the gateway; a probe in flight blocks only the
 //! admin request that started it, never the proxy.
@@ -162,8 +165,16 @@ impl AdminApp {
     }
 
     /// Ready when the application is built (it is, or this listener would
-    /// not be open) and the gateway accepts connections.
+    /// not be open), this process owns its store (not `fenced`, lease
+    /// renewed) and the gateway accepts connections.
     async fn ready(&self) -> Response<Vec<u8>> {
+        if let Err(reason) = self.app.ownership() {
+            return text_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {reason}\n"),
+            );
+        }
         let probe = self.probe.check().await;
         self.app.metrics.upstream_up.set(probe.is_ok() as i64);
         match probe {

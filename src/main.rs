@@ -215,7 +215,9 @@ fn ledger_command(config_path: &Path, action: LedgerAction) -> Result<(), String
             config_path.display()
         )
     })?;
-    let mut store = SqliteStore::open_existing(path).map_err(|e| e.to_string())?;
+    // One read transaction: a consistent snapshot beside a running owner,
+    // without taking the store's ownership.
+    let mut store = SqliteStore::open_snapshot(path).map_err(|e| e.to_string())?;
     match action {
         LedgerAction::Export { format, output } => {
             let format = match format {

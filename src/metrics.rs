@@ -144,6 +144,14 @@ pub struct Metrics {
     /// Client connections closed because a request header did not arrive
     /// within `downstream.header_timeout_ms` (slow clients).
     pub downstream_header_timeouts: IntCounter,
+    /// 1 once this process found another one owns its store (fenced): it
+    /// commits nothing more and refuses credit.
+    pub store_fenced: IntGauge,
+    /// The fencing token this process owns its store under (0: no store).
+    pub store_owner_token: IntGauge,
+    /// Lease renewals that failed (busy or failing store); the lease
+    /// lapses if they go on.
+    pub store_lease_renewal_failures: IntCounter,
 }
 
 /// The `wait` label of `tollgate_store_ack_timeouts_total`.
@@ -349,6 +357,18 @@ impl Metrics {
                 "Client connections closed because a request header did not arrive within \
                  downstream.header_timeout_ms",
             ),
+            store_fenced: gauge(
+                "tollgate_store_fenced",
+                "1 when another process took the store over: this one commits nothing and refuses credit",
+            ),
+            store_owner_token: gauge(
+                "tollgate_store_owner_token",
+                "Fencing token this process owns the store under (0 without a store)",
+            ),
+            store_lease_renewal_failures: counter(
+                "tollgate_store_lease_renewal_failures_total",
+                "Store ownership lease renewals that failed",
+            ),
         };
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(m.build_info.clone()),
@@ -384,6 +404,9 @@ impl Metrics {
             Box::new(m.downstream_connections.clone()),
             Box::new(m.downstream_connections_refused.clone()),
             Box::new(m.downstream_header_timeouts.clone()),
+            Box::new(m.store_fenced.clone()),
+            Box::new(m.store_owner_token.clone()),
+            Box::new(m.store_lease_renewal_failures.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");
@@ -557,7 +580,7 @@ mod tests {
         m.requests.with_label_values(&["a", "b", "c"]);
         m.set_tariff_version("v", 0);
         let families = m.registry.gather();
-        assert_eq!(families.len(), 33);
+        assert_eq!(families.len(), 36);
         for f in families {
             assert!(f.get_name().starts_with("tollgate_"), "{}", f.get_name());
             assert!(!f.get_help().is_empty(), "{} has no help", f.get_name());

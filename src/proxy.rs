@@ -899,8 +899,7 @@ impl TollgateProxy {
         ]);
         let (status, code, text, outcome) = match self
             .app
-            .idempotency
-            .begin(account, &key, fingerprint)
+            .begin_idempotent(account, &key, fingerprint)
             .await
         {
             Begin::Fresh(claim) => {
@@ -1013,8 +1012,7 @@ impl TollgateProxy {
             ]);
             let begin = self
                 .app
-                .idempotency
-                .begin(&credentials.username, &key, fingerprint)
+                .begin_idempotent(&credentials.username, &key, fingerprint)
                 .await;
             let (status, text, outcome) = match begin {
                 Begin::Fresh(claim) => {

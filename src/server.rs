@@ -2,9 +2,13 @@
 //! the pingora server with its services (proxy, admin, sweeper, tariff
 //! reloader).
 //!
-//! This module owns start-up order: tariffs and accounts are loaded and
-//! checked before any listener opens, so a bad file stops start-up with its
-//! error instead of serving with half a configuration.
+//! This module owns start-up order: the store's ownership is taken first
+//! (a second process on an owned store stops here, before it reads the
+//! ledger or opens the idempotency key file), then tariffs and accounts are
+//! loaded and checked before any listener opens, so a bad file stops
+//! start-up with its error instead of serving with half a configuration.
+//! Shutdown runs the other way: the store is flushed, then its ownership
+//! released.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Weak};
@@ -25,6 +29,7 @@ use crate::metrics::Metrics;
 use crate::proxy::TollgateProxy;
 use crate::reload::Reloader;
 use crate::service::{App, MetricsSink};
+use crate::store::fence::FenceKeeper;
 use crate::store::{AccountDirectory, Loaded, SqliteStore, StoreError, WriteBehind, WriterConfig};
 use crate::tariff::Tariff;
 
@@ -62,8 +67,11 @@ pub struct OpenedStore {
 /// (one update of the ledger's running total per batch).
 const RESTORE_BATCH: usize = 256;
 
-/// Opens the SQLite store named by `store.path` and loads its open
-/// reservations and last seq; `None` when no store is configured.
+/// Opens the SQLite store named by `store.path`, takes ownership of it
+/// (before anything is read: a store a live process owns stops start-up
+/// with a message naming that process) and loads its open reservations
+/// and last seq; `None` when no store is configured. The lease is renewed
+/// from here on, through the whole load.
 pub fn open_store(
     config: &Config,
     metrics: &Arc<Metrics>,
@@ -75,11 +83,16 @@ pub fn open_store(
         path: path.display().to_string(),
         problem: e.to_string(),
     };
-    let mut store = SqliteStore::open(path, config.durability).map_err(fail)?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let (mut store, fence) =
+        SqliteStore::open_owned(path, config.durability, config.store.lease, clock)
+            .map_err(fail)?;
+    let fence = FenceKeeper::start(fence, metrics.clone());
     let loaded = store.load_without_accounts().map_err(fail)?;
     let accounts_hint = store.account_count_hint().map_err(fail)?;
-    let writer = Arc::new(WriteBehind::new(
+    let writer = Arc::new(WriteBehind::owned(
         Box::new(store),
+        fence,
         WriterConfig::from(&config.store),
         metrics.clone(),
     ));
@@ -225,7 +238,8 @@ fn build(
     }
     let mut app = App::new(config, ledger, credentials, tariff, metrics);
     app.store = writer;
-    // Idempotency keys live next to the ledger store (SPEC 3.4).
+    // Idempotency keys live next to the ledger store (SPEC 3.4) and belong to
+    // its owner: opened only once this process owns the store.
     if let Some(path) = &app.config.idempotency.path {
         let keys =
             crate::idempotency::Idempotency::open(&app.config.idempotency).map_err(|problem| {

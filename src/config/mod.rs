@@ -316,6 +316,8 @@ struct FileStore {
     queue_max_entries: usize,
     #[serde(default = "default_ack_timeout_ms")]
     ack_timeout_ms: u64,
+    #[serde(default = "default_lease_s")]
+    lease_s: u64,
 }
 impl Default for FileStore {
     fn default() -> Self {
@@ -326,6 +328,7 @@ impl Default for FileStore {
             commit_delay_us: default_commit_delay_us(),
             queue_max_entries: default_queue_max_entries(),
             ack_timeout_ms: default_ack_timeout_ms(),
+            lease_s: default_lease_s(),
         }
     }
 }
@@ -344,6 +347,13 @@ fn default_queue_max_entries() -> usize {
 fn default_ack_timeout_ms() -> u64 {
     5_000
 }
+/// Short enough that a paused owner is replaced within seconds, long
+/// enough that an fsync stall or a busy store does not cost the lease.
+fn default_lease_s() -> u64 {
+    5
+}
+/// Longest `store.lease_s`: a hung owner keeps the store this long.
+pub const LEASE_S_MAX: u64 = 300;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -551,6 +561,10 @@ pub struct StoreConfig {
     /// How long an acknowledging answer waits for its commit before failing
     /// with `store_unavailable`.
     pub ack_timeout: Duration,
+    /// The store ownership lease (`store.lease_s`): renewed every third of
+    /// it; an owner that did not renew it for this long is taken over by
+    /// the next `tollgate run` (see `store::fence`).
+    pub lease: Duration,
 }
 
 /// Resolves `value` against the directory of `file` unless it is absolute.
@@ -701,6 +715,16 @@ impl Config {
                 "must be at least store.batch_max_entries, which must be at least 1",
             ));
         }
+        if !(1..=LEASE_S_MAX).contains(&f.store.lease_s) {
+            return Err(ConfigError::new(
+                path,
+                "store.lease_s",
+                format!(
+                    "{} is not valid; use 1 to {LEASE_S_MAX} seconds (default 5)",
+                    f.store.lease_s
+                ),
+            ));
+        }
         if f.metrics.balance_accounts.len() > BALANCE_ACCOUNTS_MAX {
             return Err(ConfigError::new(
                 path,
@@ -795,6 +819,7 @@ impl Config {
                 commit_delay: Duration::from_micros(f.store.commit_delay_us),
                 queue_max_entries: f.store.queue_max_entries,
                 ack_timeout: Duration::from_millis(f.store.ack_timeout_ms),
+                lease: Duration::from_secs(f.store.lease_s),
             },
             durability: f.durability,
             shutdown_grace: Duration::from_secs(f.shutdown_grace_s),
@@ -911,6 +936,22 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.problem.contains("window"), "{e}");
+    }
+
+    #[test]
+    fn the_store_lease_defaults_to_5_s_and_is_bounded() {
+        let c = Config::from_yaml(MINIMAL, Path::new("t.yaml")).unwrap();
+        assert_eq!(c.store.lease, Duration::from_secs(5));
+        let text = format!("{MINIMAL}store: {{ path: t.db, lease_s: 2 }}\n");
+        let c = Config::from_yaml(&text, Path::new("t.yaml")).unwrap();
+        assert_eq!(c.store.lease, Duration::from_secs(2));
+        for bad in [0, LEASE_S_MAX + 1] {
+            let text = format!("{MINIMAL}store: {{ lease_s: {bad} }}\n");
+            let e = Config::from_yaml(&text, Path::new("conf/tollgate.yaml")).unwrap_err();
+            assert_eq!(e.key, "store.lease_s");
+            assert_eq!(e.file, "conf/tollgate.yaml");
+            assert!(e.problem.contains("1 to 300 seconds"), "{e}");
+        }
     }
 
     #[test]

@@ -403,7 +403,11 @@ pub fn handle(app: &App, req: &BoxisHttpRequest, now_s: i64) -> (&'static str, L
         );
     };
     let credit_milli = match &request.action {
-        Action::GetCreditLimit => view.anytime.available_milli(),
+        // A balance only its store's owner may answer (pricing needs none).
+        Action::GetCreditLimit => match app.ensure_owner() {
+            Ok(()) => view.anytime.available_milli(),
+            Err(code) => return (label, refuse(rt, code, now_s, code.message())),
+        },
         Action::CalculateCredits(calc) => match price(app, calc, view.tariff_class.as_deref()) {
             Ok(c) => c,
             Err(reason) => return (label, refuse(rt, ErrorCode::InvalidRequest, now_s, &reason)),

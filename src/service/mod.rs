@@ -25,6 +25,7 @@ use crate::idempotency::Idempotency;
 use crate::ledger::{Entry, EntrySink, Ledger};
 use crate::limits::{Limiter, LimitsConfig, Refusal};
 use crate::metrics::Metrics;
+use crate::store::fence::NotOwner;
 use crate::store::WriteBehind;
 use crate::tariff::{Tariff, TariffError};
 use crate::upstream::Upstream;
@@ -213,11 +214,47 @@ impl App {
         self.idempotency.sweep();
     }
 
+    /// Whether this process owns its store now (SPEC 6, one owner per
+    /// store): `Err` once another process took the store over (fenced), or
+    /// while the ownership lease could not be renewed lately. Always `Ok`
+    /// without a store.
+    pub fn ownership(&self) -> Result<(), NotOwner> {
+        match &self.store {
+            Some(w) => w.ensure_owner(),
+            None => Ok(()),
+        }
+    }
+
+    /// Fail closed (SPEC 1.4a): every answer that reads or moves credit
+    /// calls this first (directly, or through [`Self::admit_change`]). A
+    /// process that does not own its store has a stale ledger and can
+    /// commit nothing, so it answers `store_unavailable`.
+    pub fn ensure_owner(&self) -> Result<(), ErrorCode> {
+        self.ownership().map_err(|_| ErrorCode::StoreUnavailable)
+    }
+
+    /// [`Idempotency::begin`] for a process that owns its store: the key
+    /// file belongs to the store's owner, so a process that does not own
+    /// the store never claims a key in it (it answers `Unavailable`).
+    pub async fn begin_idempotent(
+        &self,
+        account: &str,
+        key: &str,
+        fingerprint: crate::idempotency::Fingerprint,
+    ) -> crate::idempotency::Begin {
+        if self.ensure_owner().is_err() {
+            return crate::idempotency::Begin::Unavailable;
+        }
+        self.idempotency.begin(account, key, fingerprint).await
+    }
+
     /// Back-pressure (SPEC 6): call before a ledger change a client asked
-    /// for. Waits while the store's queue is over `store.queue_max_entries`;
-    /// past `store.ack_timeout` the change must be refused with
-    /// `store_unavailable` (nothing has changed yet).
+    /// for. Refuses at once when this process does not own its store
+    /// ([`Self::ensure_owner`]). Waits while the store's queue is over
+    /// `store.queue_max_entries`; past `store.ack_timeout` the change must
+    /// be refused with `store_unavailable` (nothing has changed yet).
     pub async fn admit_change(&self) -> Result<(), ErrorCode> {
+        self.ensure_owner()?;
         match &self.store {
             Some(w) => w.admit().await.map_err(|_| ErrorCode::StoreUnavailable),
             None => Ok(()),
@@ -231,13 +268,16 @@ impl App {
     /// without a store, it returns at once. `Err(StoreUnavailable)` after
     /// `store.ack_timeout`: the change is made in memory and stays queued
     /// (it is committed if the store recovers), but it is not acknowledged.
+    /// Also `Err` at once when this process was fenced (the change will
+    /// never be committed) or, with `async`, does not own its store now.
     pub async fn change_durable(&self) -> Result<(), ErrorCode> {
         match (&self.store, self.config.durability) {
             (Some(w), Durability::Sync) => w
                 .wait_durable()
                 .await
                 .map_err(|_| ErrorCode::StoreUnavailable),
-            _ => Ok(()),
+            (Some(_), Durability::Async) => self.ensure_owner(),
+            (None, _) => Ok(()),
         }
     }
 

@@ -246,6 +246,9 @@ async fn get_credits(
     useraccount: Option<String>,
 ) -> LocalAnswer {
     const ACTION: &str = "getcredits";
+    if let Err(code) = app.ensure_owner() {
+        return error_answer(ACTION, code, code.name());
+    }
     // The caller authenticated in `decide`.
     let Some(caller) = app.ledger.account(&credentials.username) else {
         return error_answer(ACTION, ErrorCode::UnknownAccount, "unknown_account");
@@ -319,12 +322,16 @@ async fn change_credits(
     }
     let target = useraccount.unwrap_or(caller.name);
     // Back-pressure before a change; `setcredits` without a new balance
-    // changes nothing and neither waits nor needs durability.
+    // changes nothing and neither waits nor needs durability (but it reads
+    // the balance, so only an owner answers it).
     let changes = !matches!(change, Change::Set(None));
-    if changes {
-        if let Err(code) = app.admit_change().await {
-            return error_answer(action, code, code.name());
-        }
+    let admitted = if changes {
+        app.admit_change().await
+    } else {
+        app.ensure_owner()
+    };
+    if let Err(code) = admitted {
+        return error_answer(action, code, code.name());
     }
     let result = match change {
         Change::Set(None) => match app.ledger.account(&target) {

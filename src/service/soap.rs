@@ -363,6 +363,9 @@ async fn get_balance(app: &App, version: SoapVersion, caller: Caller<'_>) -> Loc
         Ok(v) => v,
         Err(code) => return failure_answer(version, op, code, code.message(), None, None),
     };
+    if let Err(code) = app.ensure_owner() {
+        return failure_answer(version, op, code, code.message(), None, None);
+    }
     ok_answer(
         version,
         balance_response(

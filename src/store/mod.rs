@@ -37,11 +37,21 @@
 //! - Store errors: the writer keeps the batch and retries with backoff; the
 //!   queue fills, callers get `store_unavailable` after `store.ack_timeout`,
 //!   and everything recovers by itself when the store does.
+//! - A second process: a store has one owner at a time ([`fence`]). `tollgate
+//!   run` takes ownership before it loads anything and refuses to start,
+//!   naming the owner, while a live process owns the store; every commit
+//!   runs under the owner's fencing token, so a process that lost the
+//!   store (paused past its lease, then taken over) can never commit again:
+//!   its writer stops and it refuses credit. Offline readers (`tollgate
+//!   ledger export|verify`) take no ownership and read beside the owner.
 
 pub mod export;
+pub mod fence;
 pub mod sqlite;
 pub mod verify;
 pub mod writer;
+
+use std::time::Duration;
 
 use thiserror::Error;
 
@@ -113,6 +123,22 @@ pub enum StoreError {
     /// A backend that is down (fakes in tests, a network store).
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// Another live process owns the store: start-up refuses (see
+    /// [`fence`]).
+    #[error("{}", fence::owned_message(.owner, *.lease_age_ms, *.lease))]
+    Owned {
+        owner: Box<fence::OwnerRecord>,
+        /// How long ago the owner last renewed its lease.
+        lease_age_ms: i64,
+        lease: Duration,
+    },
+    /// This process's fencing token is no longer the owner's: another
+    /// process took the store over, and nothing was committed.
+    #[error("fenced: {}", fence::fenced_message(.owner.as_deref()))]
+    Fenced {
+        /// The new owner, when it could be read.
+        owner: Option<Box<fence::OwnerRecord>>,
+    },
 }
 
 /// A blocking persistence backend. Used only by the writer thread and at
@@ -127,6 +153,10 @@ pub enum StoreError {
 /// - After a failed `commit` the writer retries the *same* batch; an
 ///   implementation must make that retry a no-op if the failed attempt did
 ///   commit after all (e.g. an error reported after `COMMIT` reached disk).
+/// - A store opened under ownership checks the owner's fencing token inside
+///   the commit's transaction and fails with [`StoreError::Fenced`],
+///   writing nothing, when another process owns the store now; the writer
+///   never retries that.
 pub trait Store: Send {
     /// Balances, open reservations and the last seq, for start-up.
     fn load(&mut self) -> Result<Loaded, StoreError>;

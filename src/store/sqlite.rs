@@ -5,12 +5,21 @@
 //!
 //! Owns the schema and its version. One connection, used by one thread (the
 //! writer) or by an offline tool; readers such as `tollgate ledger export`
-//! may open their own connection while tollgate runs (WAL lets them read a
-//! consistent snapshot without blocking the writer), and so does start-up,
-//! one per restoring thread, before the writer starts. It must never be
-//! used from an async task.
+//! may open their own connection while tollgate runs
+//! ([`SqliteStore::open_snapshot`]: one read transaction, so WAL gives them
+//! one consistent snapshot without blocking the writer), and so does
+//! start-up, one per restoring thread, before the writer starts. Readers
+//! take no ownership. It must never be used from an async task.
 //!
-//! Schema (version 1):
+//! Ownership ([`super::fence`]): `tollgate run` opens the store with
+//! [`SqliteStore::open_owned`], which takes an OS lock on `<path>.lock`
+//! ([`SqliteOwner`]) and a new fencing token in `store_owner`; every commit
+//! of that store checks the token in its own `BEGIN IMMEDIATE` transaction
+//! (and renews the lease with the same `UPDATE`), so a commit by a process
+//! that lost the store writes nothing and fails with
+//! [`StoreError::Fenced`].
+//!
+//! Schema (version 2):
 //! - `schema_version(version)` — one row.
 //! - `entries(seq PK, kind, account, bucket, amount_milli, reservation_id,
 //!   reference, tariff_version, at_unix_ms)` — the journal.
@@ -19,23 +28,34 @@
 //!   entries (see the `store` module docs).
 //! - `open_reservations(id PK, account, anytime_milli, offpeak_milli,
 //!   reference, tariff_version, created_unix_ms)`.
+//! - `store_owner(id = 1, token, pid, host, started_unix_ms,
+//!   renewed_unix_ms, holds_lock, released)` — one row: who owns the store
+//!   and under which fencing token (see [`super::fence`]). Added by version
+//!   2; a version-1 store is migrated in place when `tollgate run` opens
+//!   it, and the offline readers ([`SqliteStore::open_existing`]) read both
+//!   versions without migrating.
 
 use std::collections::hash_map::Entry as MapEntry;
 use std::collections::HashMap;
-use std::path::Path;
-use std::time::Duration;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
 
+use super::fence::{
+    Claimant, Claimed, CommitGuard, Fence, FencingToken, OwnerBackend, OwnerRecord,
+};
 use super::{AccountMeta, Loaded, Store, StoreError};
 use crate::config::Durability;
 use crate::ledger::{
-    AccountView, Bucket, BucketBalance, Entry, EntryKind, ReadyAccount, ReservationId,
+    AccountView, Bucket, BucketBalance, Clock, Entry, EntryKind, ReadyAccount, ReservationId,
     ReservationState, ReservationView, Role,
 };
 
-/// The schema this build writes and reads.
-pub const SCHEMA_VERSION: i64 = 1;
+/// The schema this build writes (it reads every version from 1 up).
+pub const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE schema_version (version INTEGER NOT NULL);
@@ -69,6 +89,25 @@ CREATE TABLE open_reservations (
     tariff_version  TEXT,
     created_unix_ms INTEGER NOT NULL
 );
+";
+
+/// Version 1 → 2: the owner record. The row starts released with token 0
+/// ("never owned"), so the first owner's token is 1.
+const MIGRATE_V1_V2: &str = "
+CREATE TABLE store_owner (
+    id              INTEGER PRIMARY KEY CHECK (id = 1),
+    token           INTEGER NOT NULL,
+    pid             INTEGER NOT NULL,
+    host            TEXT    NOT NULL,
+    started_unix_ms INTEGER NOT NULL,
+    renewed_unix_ms INTEGER NOT NULL,
+    holds_lock      INTEGER NOT NULL,
+    released        INTEGER NOT NULL
+);
+INSERT INTO store_owner
+    (id, token, pid, host, started_unix_ms, renewed_unix_ms, holds_lock, released)
+    VALUES (1, 0, 0, '', 0, 0, 0, 1);
+UPDATE schema_version SET version = 2;
 ";
 
 const INSERT_ENTRY: &str = "INSERT INTO entries
@@ -127,6 +166,9 @@ pub struct SqliteStore {
     /// failed attempt reached disk anyway (its first seq is present), so a
     /// retry never applies a batch's deltas twice.
     last_commit_failed: bool,
+    /// The owner's token, checked inside every commit; `None` for a store
+    /// opened without ownership (offline tools, tests, benchmarks).
+    owner: Option<CommitGuard>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -160,9 +202,30 @@ impl SqliteStore {
         let mut store = SqliteStore {
             conn,
             last_commit_failed: false,
+            owner: None,
         };
         store.migrate()?;
         Ok(store)
+    }
+
+    /// Opens the store tollgate runs with (as [`Self::open`]) and takes
+    /// ownership of it before anything is read: the liveness lock on
+    /// `<path>.lock` and a new fencing token, which every commit of the
+    /// returned store checks. Fails with [`StoreError::Owned`] when a live
+    /// process owns it. Start the returned fence's keeper at once (it
+    /// renews the lease).
+    pub fn open_owned(
+        path: &Path,
+        durability: Durability,
+        lease: Duration,
+        clock: Arc<dyn Clock>,
+    ) -> Result<(SqliteStore, Fence), StoreError> {
+        let mut store = Self::open(path, durability)?;
+        let backend = SqliteOwner::open(path, lease)?;
+        let me = Claimant::this_process(clock.now_unix_ms());
+        let fence = Fence::acquire(Box::new(backend), &me, lease, clock)?;
+        store.owner = Some(fence.commit_guard());
+        Ok((store, fence))
     }
 
     /// Opens an existing store for the offline tools; never creates one.
@@ -178,9 +241,11 @@ impl SqliteStore {
         let store = SqliteStore {
             conn,
             last_commit_failed: false,
+            owner: None,
         };
-        match store.schema_version()? {
-            Some(SCHEMA_VERSION) => Ok(store),
+        match schema_version(&store.conn)? {
+            // Readers need no owner record: version 1 reads as well.
+            Some(1..=SCHEMA_VERSION) => Ok(store),
             Some(found) if found > SCHEMA_VERSION => Err(StoreError::SchemaTooNew {
                 found,
                 supported: SCHEMA_VERSION,
@@ -193,6 +258,24 @@ impl SqliteStore {
                 path.display()
             ))),
         }
+    }
+
+    /// [`Self::open_existing`] inside one read transaction, for `tollgate
+    /// ledger export|verify` beside a running owner: every read sees the
+    /// same snapshot (WAL), however many commits the owner makes meanwhile,
+    /// and the reader never blocks the writer. It takes no ownership and
+    /// never writes. While it reads, checkpoints cannot pass its snapshot,
+    /// so the `-wal` file grows until it is done.
+    pub fn open_snapshot(path: &Path) -> Result<SqliteStore, StoreError> {
+        let store = Self::open_existing(path)?;
+        // A deferred transaction takes its snapshot at its first read.
+        store.conn.execute_batch("BEGIN DEFERRED")?;
+        store
+            .conn
+            .query_row("SELECT COUNT(*) FROM schema_version", [], |r| {
+                r.get::<_, i64>(0)
+            })?;
+        Ok(store)
     }
 
     fn configure(conn: &Connection, synchronous: &str) -> Result<(), StoreError> {
@@ -209,45 +292,41 @@ impl SqliteStore {
         Ok(())
     }
 
-    fn schema_version(&self) -> Result<Option<i64>, StoreError> {
-        let has_table: bool = self.conn.query_row(
-            "SELECT EXISTS(SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_version')",
-            [],
-            |r| r.get(0),
-        )?;
-        if !has_table {
-            return Ok(None);
-        }
-        Ok(self
-            .conn
-            .query_row("SELECT MAX(version) FROM schema_version", [], |r| {
-                r.get::<_, Option<i64>>(0)
-            })?)
-    }
-
+    /// Creates the schema, or migrates an older one in place. The version
+    /// is read inside the migrating transaction (`BEGIN IMMEDIATE`), so two
+    /// processes opening a new store at once cannot both create it.
     fn migrate(&mut self) -> Result<(), StoreError> {
-        match self.schema_version()? {
-            None => {
-                let tx = self
-                    .conn
-                    .transaction_with_behavior(TransactionBehavior::Immediate)?;
-                tx.execute_batch(SCHEMA_V1)?;
-                tx.execute(
-                    "INSERT INTO schema_version (version) VALUES (?1)",
-                    [SCHEMA_VERSION],
-                )?;
-                tx.commit()?;
-                Ok(())
-            }
-            Some(SCHEMA_VERSION) => Ok(()),
-            Some(found) if found > SCHEMA_VERSION => Err(StoreError::SchemaTooNew {
-                found,
-                supported: SCHEMA_VERSION,
-            }),
-            Some(found) => Err(StoreError::Corrupt(format!(
-                "unknown schema version {found}"
-            ))),
+        if schema_version(&self.conn)? == Some(SCHEMA_VERSION) {
+            return Ok(());
         }
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        match schema_version(&tx)? {
+            None => {
+                tx.execute_batch(SCHEMA_V1)?;
+                tx.execute("INSERT INTO schema_version (version) VALUES (1)", [])?;
+                tx.execute_batch(MIGRATE_V1_V2)?;
+            }
+            Some(1) => {
+                tx.execute_batch(MIGRATE_V1_V2)?;
+                tracing::info!("store schema migrated from version 1 to 2 (owner record)");
+            }
+            Some(SCHEMA_VERSION) => {}
+            Some(found) if found > SCHEMA_VERSION => {
+                return Err(StoreError::SchemaTooNew {
+                    found,
+                    supported: SCHEMA_VERSION,
+                })
+            }
+            Some(found) => {
+                return Err(StoreError::Corrupt(format!(
+                    "unknown schema version {found}"
+                )))
+            }
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     /// The raw connection, for tests that tamper with a store.
@@ -255,11 +334,19 @@ impl SqliteStore {
         &self.conn
     }
 
+    /// The store's owner record (any schema-2 store).
+    pub fn owner_record(&self) -> Result<OwnerRecord, StoreError> {
+        read_owner(&self.conn)
+    }
+
     fn commit_inner(
         &mut self,
         entries: &[Entry],
         accounts: &[AccountMeta],
     ) -> Result<(), StoreError> {
+        if let Some(guard) = &self.owner {
+            guard.precheck()?;
+        }
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -272,11 +359,32 @@ impl SqliteStore {
                 )
                 .optional()?;
             if present.is_some() {
-                // The failed attempt committed after all; batches are atomic,
-                // so all of it is there.
+                // The failed attempt committed after all (under this
+                // owner's token: it was checked in that transaction);
+                // batches are atomic, so all of it is there.
                 return Ok(());
             }
         }
+        // Under the owner's token: this transaction holds the write lock, so
+        // no takeover can commit between the check and the COMMIT. The check
+        // renews the lease too.
+        let renewed = match &self.owner {
+            Some(guard) => {
+                let started = Instant::now();
+                let now = guard.now_unix_ms();
+                let changed = tx.execute(RENEW_OWNER, params![now, token_to_sql(guard.token)])?;
+                if changed != 1 {
+                    let owner = read_owner(&tx).ok();
+                    guard.fenced(owner.clone());
+                    // Dropping `tx` rolls back: nothing of the batch is written.
+                    return Err(StoreError::Fenced {
+                        owner: owner.map(Box::new),
+                    });
+                }
+                Some((guard, started, now))
+            }
+            None => None,
+        };
 
         // Fold the batch in memory first: per-account deltas and the net
         // effect on open reservations (a reservation opened and resolved in
@@ -370,6 +478,183 @@ impl SqliteStore {
             }
         }
         tx.commit()?;
+        if let Some((guard, started, now)) = renewed {
+            guard.renewed(started, now);
+        }
+        Ok(())
+    }
+}
+
+/// Renews the lease of the owner with token `?2` (0 rows: fenced).
+const RENEW_OWNER: &str = "UPDATE store_owner SET renewed_unix_ms = ?1 WHERE id = 1 AND token = ?2";
+
+fn token_to_sql(token: FencingToken) -> i64 {
+    token.0 as i64
+}
+
+fn read_owner(conn: &Connection) -> Result<OwnerRecord, StoreError> {
+    conn.query_row(
+        "SELECT token, pid, host, started_unix_ms, renewed_unix_ms, holds_lock, released
+         FROM store_owner WHERE id = 1",
+        [],
+        |r| {
+            Ok(OwnerRecord {
+                token: FencingToken(r.get::<_, i64>(0)?.max(0) as u64),
+                pid: r.get::<_, i64>(1)?.clamp(0, u32::MAX.into()) as u32,
+                host: r.get(2)?,
+                started_unix_ms: r.get(3)?,
+                renewed_unix_ms: r.get(4)?,
+                holds_lock: r.get(5)?,
+                released: r.get(6)?,
+            })
+        },
+    )
+    .optional()?
+    .ok_or_else(|| StoreError::Corrupt("the store_owner row is missing".into()))
+}
+
+/// The lock file beside a store: `<store.path>.lock`.
+pub fn lock_path(store_path: &Path) -> PathBuf {
+    let mut name = store_path.as_os_str().to_owned();
+    name.push(".lock");
+    PathBuf::from(name)
+}
+
+/// The SQLite side of store ownership ([`OwnerBackend`]): an exclusive OS
+/// lock on `<store.path>.lock` (`flock`; the kernel frees it when the
+/// process dies, however it dies) and a connection of its own for claims
+/// and renewals, used by the fence keeper's thread (the writer has its
+/// own). The lock file is never deleted: deleting it while a process holds
+/// it would let a second process lock a new file of the same name (the
+/// token check still stops the old owner's commits). The store must be on
+/// a local file system: OS locks over network file systems are unreliable.
+pub struct SqliteOwner {
+    conn: Connection,
+    lock: File,
+    lock_path: PathBuf,
+}
+
+impl std::fmt::Debug for SqliteOwner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteOwner")
+            .field("lock_path", &self.lock_path)
+            .finish()
+    }
+}
+
+impl SqliteOwner {
+    /// Opens the lock file (creating it) and a connection to the store
+    /// (which must exist, with schema 2). Claims are committed with
+    /// `synchronous=FULL`, so a token is never handed out twice.
+    pub fn open(store_path: &Path, lease: Duration) -> Result<SqliteOwner, StoreError> {
+        let lock_path = lock_path(store_path);
+        let lock = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("opening the store's lock file {}: {e}", lock_path.display()),
+                )
+            })?;
+        let conn = Connection::open_with_flags(
+            store_path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        // A renewal stuck behind another connection's write lock fails
+        // within half a lease and is retried, rather than waiting past it.
+        conn.busy_timeout((lease / 2).clamp(Duration::from_millis(10), BUSY_TIMEOUT))?;
+        conn.execute_batch("PRAGMA synchronous=FULL;")?;
+        Ok(SqliteOwner {
+            conn,
+            lock,
+            lock_path,
+        })
+    }
+}
+
+impl OwnerBackend for SqliteOwner {
+    fn try_lock(&mut self) -> Result<bool, StoreError> {
+        match self.lock.try_lock() {
+            Ok(()) => Ok(true),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+            Err(std::fs::TryLockError::Error(e)) => Err(std::io::Error::new(
+                e.kind(),
+                format!("locking {}: {e}", self.lock_path.display()),
+            )
+            .into()),
+        }
+    }
+
+    fn unlock(&mut self) {
+        if let Err(e) = self.lock.unlock() {
+            tracing::warn!(error = %e, path = %self.lock_path.display(), "unlocking the store's lock file");
+        }
+    }
+
+    fn claim(
+        &mut self,
+        choose: &mut dyn FnMut(&OwnerRecord) -> Option<OwnerRecord>,
+    ) -> Result<Claimed, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let previous = read_owner(&tx)?;
+        let Some(mut owner) = choose(&previous) else {
+            return Ok(Claimed {
+                previous,
+                owner: None,
+            });
+        };
+        owner.token = FencingToken(previous.token.0 + 1);
+        tx.execute(
+            "UPDATE store_owner SET token = ?1, pid = ?2, host = ?3, started_unix_ms = ?4,
+                renewed_unix_ms = ?5, holds_lock = ?6, released = 0
+             WHERE id = 1",
+            params![
+                token_to_sql(owner.token),
+                owner.pid,
+                owner.host,
+                owner.started_unix_ms,
+                owner.renewed_unix_ms,
+                owner.holds_lock,
+            ],
+        )?;
+        tx.commit()?;
+        Ok(Claimed {
+            previous,
+            owner: Some(owner),
+        })
+    }
+
+    fn renew(
+        &mut self,
+        token: FencingToken,
+        now_unix_ms: i64,
+        holds_lock: bool,
+    ) -> Result<(), StoreError> {
+        let changed = self.conn.execute(
+            "UPDATE store_owner SET renewed_unix_ms = ?1, holds_lock = ?2 WHERE id = 1 AND token = ?3",
+            params![now_unix_ms, holds_lock, token_to_sql(token)],
+        )?;
+        if changed == 1 {
+            return Ok(());
+        }
+        Err(StoreError::Fenced {
+            owner: read_owner(&self.conn).ok().map(Box::new),
+        })
+    }
+
+    fn release(&mut self, token: FencingToken, now_unix_ms: i64) -> Result<(), StoreError> {
+        // 0 rows: another process owns it already; nothing to give up.
+        self.conn.execute(
+            "UPDATE store_owner SET released = 1, holds_lock = 0, renewed_unix_ms = ?1
+             WHERE id = 1 AND token = ?2",
+            params![now_unix_ms, token_to_sql(token)],
+        )?;
         Ok(())
     }
 }
@@ -380,6 +665,24 @@ struct OpenedInBatch<'a> {
     entry: &'a Entry,
     anytime_milli: i64,
     offpeak_milli: i64,
+}
+
+/// The stored schema version; `None` when the file holds no tollgate
+/// schema (a new store).
+fn schema_version(conn: &Connection) -> Result<Option<i64>, StoreError> {
+    let has_table: bool = conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_version')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_table {
+        return Ok(None);
+    }
+    Ok(
+        conn.query_row("SELECT MAX(version) FROM schema_version", [], |r| {
+            r.get::<_, Option<i64>>(0)
+        })?,
+    )
 }
 
 /// Seqs and reservation ids are below 2^63 (the ledger counts from 1).
@@ -619,7 +922,8 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::replay;
+    use crate::ledger::{replay, ManualClock};
+    use crate::store::fence::OwnReason;
 
     fn entry(
         seq: u64,
@@ -695,7 +999,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/dir/t.db");
         let mut s = SqliteStore::open(&path, Durability::Sync).unwrap();
-        assert_eq!(s.schema_version().unwrap(), Some(SCHEMA_VERSION));
+        assert_eq!(schema_version(&s.conn).unwrap(), Some(SCHEMA_VERSION));
         let mode: String = s
             .conn
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
@@ -716,6 +1020,245 @@ mod tests {
         assert_eq!(sync, 1, "NORMAL in async mode");
         drop(s);
         SqliteStore::open_existing(&path).unwrap();
+    }
+
+    #[test]
+    fn a_version_1_store_is_read_as_is_and_migrated_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(SCHEMA_V1).unwrap();
+        conn.execute("INSERT INTO schema_version (version) VALUES (1)", [])
+            .unwrap();
+        drop(conn);
+        // Written the way a version-1 tollgate did: entries and balances.
+        let mut v1 = SqliteStore {
+            conn: Connection::open(&path).unwrap(),
+            last_commit_failed: false,
+            owner: None,
+        };
+        let batch = vec![
+            entry(1, EntryKind::Add, "a", 5_000, None),
+            entry(2, EntryKind::Reserve, "a", 1_000, Some(2)),
+        ];
+        v1.commit(&batch, &[meta("a")]).unwrap();
+        drop(v1);
+
+        // The offline readers read it without migrating it.
+        let mut reader = SqliteStore::open_existing(&path).unwrap();
+        assert_eq!(schema_version(&reader.conn).unwrap(), Some(1));
+        assert_eq!(all_entries(&mut reader), batch);
+        drop(reader);
+
+        // `tollgate run` migrates it in place, keeping every row.
+        let mut s = SqliteStore::open(&path, Durability::Sync).unwrap();
+        assert_eq!(schema_version(&s.conn).unwrap(), Some(2));
+        assert_eq!(all_entries(&mut s), batch);
+        let loaded = s.load().unwrap();
+        assert_eq!(loaded.last_seq, 2);
+        assert_eq!(loaded.open_reservations.len(), 1);
+        let report = crate::store::verify::verify(&mut s).unwrap();
+        assert!(report.is_ok(crate::ledger::Overdraft::Strict), "{report}");
+        let (token, released): (i64, bool) = s
+            .conn
+            .query_row(
+                "SELECT token, released FROM store_owner WHERE id = 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((token, released), (0, true), "never owned yet");
+        drop(s);
+        // Opening again is a no-op, and readers read version 2 too.
+        SqliteStore::open(&path, Durability::Sync).unwrap();
+        let mut reader = SqliteStore::open_existing(&path).unwrap();
+        assert_eq!(all_entries(&mut reader).len(), 2);
+    }
+
+    const LEASE: Duration = Duration::from_secs(5);
+
+    fn owned(path: &Path, clock: &Arc<ManualClock>) -> Result<(SqliteStore, Fence), StoreError> {
+        SqliteStore::open_owned(
+            path,
+            Durability::Sync,
+            LEASE,
+            clock.clone() as Arc<dyn Clock>,
+        )
+    }
+
+    #[test]
+    fn a_second_owner_is_refused_while_the_lease_is_fresh() {
+        // Each open holds its own lock file descriptor, so two owners in one
+        // process contend for the lock as two processes would.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+        let (_a, fence_a) = owned(&path, &clock).unwrap();
+        assert_eq!(fence_a.token(), FencingToken(1));
+        assert_eq!(fence_a.acquired().reason, OwnReason::Free);
+        assert!(fence_a.acquired().holds_lock);
+        assert!(lock_path(&path).exists());
+
+        clock.advance(5_000); // exactly the lease: not yet stale
+        match owned(&path, &clock) {
+            Err(StoreError::Owned {
+                owner,
+                lease_age_ms,
+                ..
+            }) => {
+                assert_eq!(owner.pid, std::process::id());
+                assert_eq!(owner.token, FencingToken(1));
+                assert_eq!(lease_age_ms, 5_000);
+                let text = StoreError::Owned {
+                    owner,
+                    lease_age_ms,
+                    lease: LEASE,
+                }
+                .to_string();
+                assert!(
+                    text.contains(&format!("pid {}", std::process::id())),
+                    "{text}"
+                );
+            }
+            other => panic!("expected Owned, got {other:?}"),
+        }
+        // The refused claim changed nothing.
+        let record = SqliteStore::open_existing(&path)
+            .unwrap()
+            .owner_record()
+            .unwrap();
+        assert_eq!(record.token, FencingToken(1));
+    }
+
+    #[test]
+    fn a_stale_lease_is_taken_over_and_the_old_owner_commits_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+        let (mut a, mut fence_a) = owned(&path, &clock).unwrap();
+        a.commit(&[entry(1, EntryKind::Add, "a", 1_000, None)], &[meta("a")])
+            .unwrap();
+
+        // A is paused: its lease is not renewed for longer than the lease.
+        clock.advance(5_001);
+        let (mut b, fence_b) = owned(&path, &clock).unwrap();
+        assert_eq!(fence_b.token(), FencingToken(2));
+        assert_eq!(fence_b.acquired().reason, OwnReason::LeaseExpired);
+        assert!(!fence_b.acquired().holds_lock, "A still holds the lock");
+        assert_eq!(fence_b.acquired().previous.token, FencingToken(1));
+
+        // A resumes: a commit under its stale token fails and writes nothing.
+        let stale = [
+            entry(2, EntryKind::Add, "a", 7_000, None),
+            entry(3, EntryKind::Reserve, "a", 500, Some(3)),
+        ];
+        match a.commit(&stale, &[meta("a")]) {
+            Err(StoreError::Fenced { owner: Some(owner) }) => {
+                assert_eq!(owner.token, FencingToken(2));
+            }
+            other => panic!("expected Fenced, got {other:?}"),
+        }
+        assert!(fence_a.watch().is_fenced());
+        let mut reader = SqliteStore::open_existing(&path).unwrap();
+        assert_eq!(all_entries(&mut reader).len(), 1);
+        assert_eq!(
+            reader.stored_balances().unwrap()[0].anytime.posted_milli,
+            1_000
+        );
+        assert!(reader.load().unwrap().open_reservations.is_empty());
+        // Every later attempt fails too, without touching the store.
+        assert!(matches!(
+            a.commit(&stale, &[meta("a")]),
+            Err(StoreError::Fenced { .. })
+        ));
+        assert!(matches!(fence_a.renew(), Err(StoreError::Fenced { .. })));
+
+        // B commits under its token; A lets go of the lock and B picks it up.
+        b.commit(&[entry(2, EntryKind::Add, "a", 2_000, None)], &[meta("a")])
+            .unwrap();
+        fence_a.fenced(None);
+        let mut fence_b = fence_b;
+        fence_b.renew().unwrap();
+        let record = reader.owner_record().unwrap();
+        assert_eq!((record.token, record.holds_lock), (FencingToken(2), true));
+        assert_eq!(all_entries(&mut reader).len(), 2);
+        let report = crate::store::verify::verify(&mut reader).unwrap();
+        assert!(report.is_ok(crate::ledger::Overdraft::Strict), "{report}");
+    }
+
+    #[test]
+    fn a_dead_holder_frees_the_store_at_once_and_a_release_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+        let (a, fence_a) = owned(&path, &clock).unwrap();
+        // Dropped without a release: as if killed (the lock is freed, the
+        // record still says "held").
+        drop((a, fence_a));
+        clock.advance(10); // the lease is fresh
+        let (b, fence_b) = owned(&path, &clock).unwrap();
+        assert_eq!(fence_b.acquired().reason, OwnReason::HolderDied);
+        assert_eq!(fence_b.token(), FencingToken(2));
+        drop(b);
+        // A clean release: the next owner finds the store free.
+        fence_b.release().unwrap();
+        let record = SqliteStore::open_existing(&path)
+            .unwrap()
+            .owner_record()
+            .unwrap();
+        assert!(record.released && !record.holds_lock);
+        let (_c, fence_c) = owned(&path, &clock).unwrap();
+        assert_eq!(fence_c.acquired().reason, OwnReason::Free);
+        assert_eq!(fence_c.token(), FencingToken(3));
+    }
+
+    #[test]
+    fn the_owner_that_took_over_keeps_the_store_from_a_process_with_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+        let (_a, fence_a) = owned(&path, &clock).unwrap();
+        clock.advance(6_000);
+        let (_b, _fence_b) = owned(&path, &clock).unwrap();
+        // A goes away; the lock is free before B picked it up.
+        drop(fence_a);
+        clock.advance(100);
+        assert!(matches!(
+            owned(&path, &clock),
+            Err(StoreError::Owned { .. })
+        ));
+        // The refused process let go of the lock again.
+        let mut probe = SqliteOwner::open(&path, LEASE).unwrap();
+        assert!(probe.try_lock().unwrap());
+    }
+
+    #[test]
+    fn a_snapshot_reader_sees_one_consistent_state_while_the_owner_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+        let (mut owner, _fence) = owned(&path, &clock).unwrap();
+        owner
+            .commit(&[entry(1, EntryKind::Add, "a", 1_000, None)], &[meta("a")])
+            .unwrap();
+        let mut reader = SqliteStore::open_snapshot(&path).unwrap();
+        // The owner commits between the reader's entry scan and its balance
+        // read: the reader still sees the state of its first read.
+        let entries = all_entries(&mut reader);
+        owner
+            .commit(&[entry(2, EntryKind::Add, "a", 2_000, None)], &[meta("a")])
+            .unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(
+            reader.stored_balances().unwrap()[0].anytime.posted_milli,
+            1_000
+        );
+        let report = crate::store::verify::verify(&mut reader).unwrap();
+        assert!(report.is_ok(crate::ledger::Overdraft::Strict), "{report}");
+        assert_eq!(report.entries, 1);
+        // A new snapshot sees the later commit.
+        let mut later = SqliteStore::open_snapshot(&path).unwrap();
+        assert_eq!(all_entries(&mut later).len(), 2);
     }
 
     #[test]

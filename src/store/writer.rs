@@ -35,10 +35,20 @@
 //!   by at most one operation per admitted caller plus those. Nothing is
 //!   dropped, and it all drains by itself once the store recovers.
 //! - Crash: the queue is lost; what was acknowledged is not (it waited).
-//! - Shutdown: [`WriteBehind::flush_and_stop`] commits everything queued and
-//!   joins the thread. Entries recorded after that are lost and counted in
+//! - Shutdown: [`WriteBehind::flush_and_stop`] commits everything queued,
+//!   joins the thread, and only then releases the store's ownership (see
+//!   [`super::fence`]). Entries recorded after that are lost and counted in
 //!   `tollgate_store_entries_after_stop_total`; the server only stops the
 //!   writer after pingora's runtimes (and so every request) have ended.
+//! - Fenced (another process took the store over while this one was paused
+//!   or could not renew its lease): a commit fails with
+//!   [`StoreError::Fenced`](super::StoreError::Fenced), or the lease keeper
+//!   finds the token changed. The writer never retries that: it stops,
+//!   drops what is queued (counted in
+//!   `tollgate_store_entries_after_stop_total`; the store's new owner has
+//!   the reservations those entries would have settled in doubt), and
+//!   fails every waiter and every later [`WriteBehind::admit`] with
+//!   [`StoreUnavailable`]. A fenced process commits nothing, ever again.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -50,7 +60,8 @@ use parking_lot::{Condvar, Mutex};
 use thiserror::Error;
 use tokio::sync::watch;
 
-use super::{AccountDirectory, AccountMeta, Store};
+use super::fence::{FenceKeeper, LeaseWatch, NotOwner};
+use super::{AccountDirectory, AccountMeta, Store, StoreError};
 use crate::config::StoreConfig;
 use crate::ledger::{Entry, EntrySink};
 use crate::metrics::Metrics;
@@ -97,11 +108,17 @@ impl Default for WriterConfig {
 #[error("the ledger store did not commit in time")]
 pub struct StoreUnavailable;
 
-/// `flush_and_stop` gave up: the store kept failing until the deadline.
+/// Why `flush_and_stop` could not persist everything.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[error("the ledger store kept failing; {unpersisted} entries were not persisted")]
-pub struct FlushError {
-    pub unpersisted: u64,
+pub enum FlushError {
+    /// The store kept failing until the deadline.
+    #[error("the ledger store kept failing; {unpersisted} entries were not persisted")]
+    StoreFailing { unpersisted: u64 },
+    /// Another process took the store over; the writer stopped committing.
+    #[error(
+        "this process lost ownership of the store (fenced); {unpersisted} entries were not persisted"
+    )]
+    Fenced { unpersisted: u64 },
 }
 
 /// Backoff between attempts to commit a failing batch.
@@ -143,9 +160,16 @@ struct Shared {
     waiters: AtomicUsize,
     config: WriterConfig,
     metrics: Arc<Metrics>,
+    /// Whether this process still owns the store; `None` for a store
+    /// without ownership (tests, benchmarks).
+    owner: Option<Arc<LeaseWatch>>,
 }
 
 impl Shared {
+    fn is_fenced(&self) -> bool {
+        self.owner.as_ref().is_some_and(|w| w.is_fenced())
+    }
+
     fn depth(&self, committed: u64) -> u64 {
         self.enqueued
             .load(Ordering::Acquire)
@@ -199,6 +223,8 @@ pub struct WriteBehind {
     /// The store until `start` moves it into the thread.
     store: Mutex<Option<Box<dyn Store>>>,
     thread: Mutex<Option<JoinHandle<Result<(), FlushError>>>>,
+    /// The store's ownership, released after the last commit.
+    fence: Mutex<Option<FenceKeeper>>,
 }
 
 impl std::fmt::Debug for WriteBehind {
@@ -215,8 +241,31 @@ impl WriteBehind {
     ///
     /// [`start`]: WriteBehind::start
     pub fn new(store: Box<dyn Store>, config: WriterConfig, metrics: Arc<Metrics>) -> WriteBehind {
+        Self::build(store, None, config, metrics)
+    }
+
+    /// A writer over a store this process owns under `fence` (whose token
+    /// the store's commits check): the writer stops for good when the
+    /// process is found fenced, and releases the ownership once it has
+    /// committed its last entry.
+    pub fn owned(
+        store: Box<dyn Store>,
+        fence: FenceKeeper,
+        config: WriterConfig,
+        metrics: Arc<Metrics>,
+    ) -> WriteBehind {
+        Self::build(store, Some(fence), config, metrics)
+    }
+
+    fn build(
+        store: Box<dyn Store>,
+        fence: Option<FenceKeeper>,
+        config: WriterConfig,
+        metrics: Arc<Metrics>,
+    ) -> WriteBehind {
         let (committed_tx, _) = watch::channel(0);
-        WriteBehind {
+        let owner = fence.as_ref().map(|f| f.watch().clone());
+        let writer = WriteBehind {
             shared: Arc::new(Shared {
                 queue: Mutex::new(Queue {
                     calls: VecDeque::new(),
@@ -232,9 +281,32 @@ impl WriteBehind {
                 waiters: AtomicUsize::new(0),
                 config,
                 metrics,
+                owner,
             }),
             store: Mutex::new(Some(store)),
             thread: Mutex::new(None),
+            fence: Mutex::new(fence),
+        };
+        if let Some(owner) = &writer.shared.owner {
+            // Found fenced (by the lease keeper or a commit): wake the
+            // thread so it stops, and every waiter so it fails now.
+            let shared = Arc::downgrade(&writer.shared);
+            owner.on_fenced(Box::new(move || {
+                if let Some(shared) = shared.upgrade() {
+                    shared.wake.notify_all();
+                    shared.committed_tx.send_modify(|_| {});
+                }
+            }));
+        }
+        writer
+    }
+
+    /// Whether this process may act as the store's owner (always, for a
+    /// store without ownership): not fenced, lease renewed lately.
+    pub fn ensure_owner(&self) -> Result<(), NotOwner> {
+        match &self.shared.owner {
+            Some(watch) => watch.check(),
+            None => Ok(()),
         }
     }
 
@@ -273,17 +345,23 @@ impl WriteBehind {
     /// `ack_timeout`.
     pub async fn admit(&self) -> Result<(), StoreUnavailable> {
         let shared = &self.shared;
+        if shared.is_fenced() {
+            return Err(StoreUnavailable);
+        }
         let max = shared.config.queue_max_entries as u64;
         if shared.depth(self.committed_position()) <= max {
             return Ok(());
         }
         let mut rx = shared.committed_tx.subscribe();
-        let wait = rx.wait_for(|committed| shared.depth(*committed) <= max);
+        let wait = rx.wait_for(|committed| shared.depth(*committed) <= max || shared.is_fenced());
         // (The watch guard must not outlive `rx`: reduce it to a bool.)
         let done = matches!(
             tokio::time::timeout(shared.config.ack_timeout, wait).await,
             Ok(Ok(_))
         );
+        if shared.is_fenced() {
+            return Err(StoreUnavailable);
+        }
         if done {
             return Ok(());
         }
@@ -298,7 +376,8 @@ impl WriteBehind {
     /// Waits until everything recorded before this call is committed (group
     /// commit: every waiter of a batch wakes on its one commit). Fails after
     /// `ack_timeout`; the entries stay queued and are committed when the
-    /// store recovers.
+    /// store recovers. Fails at once when this process is fenced (what it
+    /// recorded will never be committed).
     pub async fn wait_durable(&self) -> Result<(), StoreUnavailable> {
         let shared = &self.shared;
         let target = shared.enqueued.load(Ordering::Acquire);
@@ -307,12 +386,18 @@ impl WriteBehind {
         }
         let mut rx = shared.committed_tx.subscribe();
         let _waiting = WaiterGuard::new(shared);
-        let wait = rx.wait_for(|committed| *committed >= target);
+        let wait = rx.wait_for(|committed| *committed >= target || shared.is_fenced());
         // (The watch guard must not outlive `rx`: reduce it to a bool.)
         let done = matches!(
             tokio::time::timeout(shared.config.ack_timeout, wait).await,
             Ok(Ok(_))
         );
+        if shared.committed.load(Ordering::Acquire) >= target {
+            return Ok(());
+        }
+        if shared.is_fenced() {
+            return Err(StoreUnavailable);
+        }
         if done {
             return Ok(());
         }
@@ -330,10 +415,11 @@ impl WriteBehind {
         self.shared.refresh_gauges();
     }
 
-    /// Commits everything queued, then stops the thread. A failing store is
-    /// retried until `timeout`; past it, what is left is reported lost.
-    /// Idempotent; a writer that was never started is started without a
-    /// directory first, so its queue is not lost.
+    /// Commits everything queued, then stops the thread and releases the
+    /// store's ownership. A failing store is retried until `timeout`; past
+    /// it, what is left is reported lost. Idempotent; a writer that was
+    /// never started is started without a directory first, so its queue is
+    /// not lost.
     pub fn flush_and_stop(&self, timeout: Duration) -> Result<(), FlushError> {
         if self.store.lock().is_some() {
             let none: Weak<dyn AccountDirectory> = Weak::<NoDirectory>::new();
@@ -348,14 +434,21 @@ impl WriteBehind {
         }
         self.shared.wake.notify_all();
         let handle = self.thread.lock().take();
-        match handle {
+        let result = match handle {
             Some(h) => h.join().unwrap_or_else(|_| {
-                Err(FlushError {
+                Err(FlushError::StoreFailing {
                     unpersisted: self.depth(),
                 })
             }),
             None => Ok(()),
+        };
+        // After the last commit: the next owner may start at once.
+        if let Some(fence) = self.fence.lock().take() {
+            if let Err(e) = fence.release() {
+                tracing::error!(error = %e, "releasing the store's ownership");
+            }
         }
+        result
     }
 }
 
@@ -396,10 +489,19 @@ impl EntrySink for WriteBehind {
         if q.stopped {
             drop(q);
             shared.metrics.store_entries_after_stop.inc_by(n as u64);
-            tracing::error!(
-                entries = n,
-                "ledger entries recorded after the store writer stopped; they are not persisted"
-            );
+            if shared.is_fenced() {
+                // Logged once at the fencing; settlements of sends that were
+                // in flight end up here.
+                tracing::debug!(
+                    entries = n,
+                    "ledger entries of a fenced process are not persisted"
+                );
+            } else {
+                tracing::error!(
+                    entries = n,
+                    "ledger entries recorded after the store writer stopped; they are not persisted"
+                );
+            }
             return;
         }
         let was_empty = q.calls.is_empty();
@@ -435,6 +537,10 @@ fn writer_loop(
         let (entries, stop_deadline) = {
             let mut q = shared.queue.lock();
             loop {
+                if shared.is_fenced() {
+                    drop(q);
+                    return Err(stop_fenced(shared, 0));
+                }
                 // Critical section (between waits): decide whether the batch
                 // at the head of the queue closes now.
                 match q.calls.front() {
@@ -497,6 +603,11 @@ fn writer_loop(
                         .observe(last_commit_end.duration_since(started).as_secs_f64());
                     break;
                 }
+                Err(StoreError::Fenced { .. }) => {
+                    // Never retried: another process owns the store now.
+                    shared.metrics.store_commit_errors.inc();
+                    return Err(stop_fenced(shared, entries.len()));
+                }
                 Err(e) => {
                     failures += 1;
                     shared.metrics.store_commit_errors.inc();
@@ -521,7 +632,7 @@ fn writer_loop(
                                 unpersisted,
                                 "giving up on the store at shutdown; entries are lost"
                             );
-                            return Err(FlushError { unpersisted });
+                            return Err(FlushError::StoreFailing { unpersisted });
                         }
                         Some(d) => std::thread::sleep(
                             backoff.min(d.saturating_duration_since(Instant::now())),
@@ -553,6 +664,30 @@ fn writer_loop(
             .inc_by(entries.len() as u64);
         shared.refresh_gauges();
     }
+}
+
+/// The writer found this process fenced: drops the queue (it can never be
+/// committed), counts and logs it, and wakes every waiter so it fails.
+/// `in_flight`: entries of the batch whose commit was refused.
+fn stop_fenced(shared: &Shared, in_flight: usize) -> FlushError {
+    let unpersisted = {
+        let mut q = shared.queue.lock();
+        // Critical section: empty the queue, set the flags.
+        let unpersisted = (in_flight + q.len) as u64;
+        q.calls.clear();
+        q.len = 0;
+        q.in_flight_since = None;
+        q.stopped = true;
+        unpersisted
+    };
+    shared.metrics.store_entries_after_stop.inc_by(unpersisted);
+    tracing::warn!(
+        unpersisted,
+        "the store writer stopped: this process is fenced, and its queued entries are not persisted (the store's owner has the reservations they settle in doubt)"
+    );
+    shared.committed_tx.send_modify(|_| {});
+    shared.refresh_gauges();
+    FlushError::Fenced { unpersisted }
 }
 
 /// Identity of every account the batch touches, from the directory (or a

@@ -405,7 +405,7 @@ fn flush_gives_up_on_a_store_that_stays_down() {
     }
     let started = Instant::now();
     let e = w.flush_and_stop(Duration::from_millis(100)).unwrap_err();
-    assert_eq!(e.unpersisted, 5);
+    assert_eq!(e, FlushError::StoreFailing { unpersisted: 5 });
     assert!(started.elapsed() < Duration::from_secs(5));
     // Recording after the stop is counted, not silently accepted.
     w.record(&[entry(6)]);
@@ -516,4 +516,83 @@ fn a_ledger_restored_from_sqlite_matches_the_original() {
     assert_eq!(back.reference.as_deref(), Some("r2"));
     let report = crate::store::verify::verify(&mut store).unwrap();
     assert!(report.is_ok(crate::ledger::Overdraft::Strict), "{report}");
+}
+
+/// Over SQLite: once another process takes the store over, the writer's
+/// next commit is refused, its waiters fail at once, nothing more is
+/// committed, and shutdown reports what was lost.
+#[test]
+fn a_fenced_writer_stops_and_fails_its_waiters() {
+    use crate::ledger::ManualClock;
+    use crate::store::fence::{FenceKeeper, NotOwner};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    // A long lease: the keeper does not renew during the test, so the
+    // injected clock alone decides when the lease is stale.
+    let lease = Duration::from_secs(300);
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+    let wall = clock.clone() as Arc<dyn Clock>;
+    let metrics = Arc::new(Metrics::new());
+    let (store, fence) =
+        SqliteStore::open_owned(&path, Durability::Sync, lease, wall.clone()).unwrap();
+    let keeper = FenceKeeper::start(fence, metrics.clone());
+    assert_eq!(metrics.store_owner_token.get(), 1);
+    let w = WriteBehind::owned(
+        Box::new(store),
+        keeper,
+        config(64, Duration::from_millis(2)),
+        metrics.clone(),
+    );
+    w.start(Weak::<NoDirectory>::new());
+    let rt = runtime();
+    w.record(&[entry(1)]);
+    rt.block_on(w.wait_durable()).unwrap();
+    assert_eq!(w.ensure_owner(), Ok(()));
+
+    // Paused past its lease: its own view lapses first...
+    clock.advance(300_001);
+    assert!(matches!(
+        w.ensure_owner(),
+        Err(NotOwner::LeaseLapsed { .. })
+    ));
+    // ...then another process takes the store over.
+    let (_b, fence_b) = SqliteStore::open_owned(&path, Durability::Sync, lease, wall).unwrap();
+    assert_eq!(fence_b.token().0, 2);
+
+    w.record(&[entry(2), entry(3)]);
+    let started = Instant::now();
+    assert_eq!(rt.block_on(w.wait_durable()), Err(StoreUnavailable));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "failed at once, not at ack_timeout"
+    );
+    match w.ensure_owner() {
+        Err(NotOwner::Fenced { by: Some(owner) }) => assert_eq!(owner.token.0, 2),
+        other => panic!("expected fenced, got {other:?}"),
+    }
+    assert_eq!(metrics.store_fenced.get(), 1);
+    assert_eq!(rt.block_on(w.admit()), Err(StoreUnavailable));
+    w.record(&[entry(4)]);
+    assert_eq!(
+        w.flush_and_stop(Duration::from_secs(5)),
+        Err(FlushError::Fenced { unpersisted: 2 })
+    );
+    assert_eq!(metrics.store_entries_after_stop.get(), 3);
+
+    let mut reader = SqliteStore::open_existing(&path).unwrap();
+    let mut seqs = Vec::new();
+    reader
+        .for_each_entry(&mut |e| {
+            seqs.push(e.seq);
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(seqs, vec![1], "nothing committed after the takeover");
+    let record = reader.owner_record().unwrap();
+    assert_eq!(
+        (record.token.0, record.released),
+        (2, false),
+        "B still owns it"
+    );
 }
