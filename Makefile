@@ -5,7 +5,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 LISTEN ?= 127.0.0.1:9501
 UPSTREAM ?= 127.0.0.1:9502
 
-.PHONY: run test lint deps build fmt bench clean prometheus-deps prometheus test-dashboard
+.PHONY: run test lint deps build fmt bench clean prometheus-deps prometheus test-dashboard test-alerts
 
 # pingora-core builds zlib-ng from source and needs cmake.
 deps:
@@ -49,8 +49,8 @@ bench: deps
 clean:
 	$(CARGO) clean
 
-# Debian's prometheus package (prometheus + promtool) for the dashboard test
-# and `make prometheus`; tests/dashboard.rs installs it by itself too.
+# Debian's prometheus package (prometheus + promtool) for the dashboard and
+# alert tests and `make prometheus`; the tests install it by themselves too.
 prometheus-deps:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
 		{ $(SUDO) apt-get install -y -qq prometheus || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq prometheus; }; }
@@ -64,6 +64,14 @@ prometheus: prometheus-deps
 # Every PromQL query of dashboards/ against a real Prometheus.
 test-dashboard: deps prometheus-deps
 	$(CARGO) test --test dashboard
+
+# The alerting and recording rules: promtool's checks and unit tests, then
+# tests/alerts.rs (every alert tested firing and quiet, documented, and
+# reading only metrics tollgate exports). Both are part of `make test`.
+test-alerts: deps prometheus-deps
+	promtool check rules dashboards/tollgate-recording.yml dashboards/tollgate-alerts.yml
+	promtool test rules dashboards/tests/tollgate-alerts.test.yml
+	$(CARGO) test --test alerts
 
 # Persistence: the kill -9 crash test (CRASH_ITERATIONS=20 by default) and
 # the in-process durable-throughput benchmark (release build).

@@ -49,6 +49,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -480,6 +481,19 @@ impl Idempotency {
         self.inner.in_flight.len()
     }
 
+    /// Keys the table holds (pending or answered), what counts against
+    /// `idempotency.max_keys`; expired keys count until the next sweep
+    /// (at most [`SWEEP_EVERY_MS`] late). For the metrics sweeper: the
+    /// file-backed table reads a count its writer thread keeps anyway (a
+    /// committed batch later than the rows), the in-memory one takes its
+    /// lock for a `len`; a request never pays for it.
+    pub fn keys_held(&self) -> usize {
+        match &self.inner.backend {
+            Backend::Memory(m) => m.lock().rows.len(),
+            Backend::Sqlite(s) => s.rows.load(Ordering::Relaxed),
+        }
+    }
+
     /// [`Self::flush`] for a thread outside the async runtime (shutdown:
     /// the answers already sent are recorded before the process exits).
     pub fn flush_blocking(&self) {
@@ -664,6 +678,9 @@ enum Op {
 
 struct SqliteKeys {
     tx: Mutex<std_mpsc::Sender<Op>>,
+    /// The writer's row count as of its last committed batch, published
+    /// for [`Idempotency::keys_held`].
+    rows: Arc<AtomicUsize>,
 }
 
 const SCHEMA: &str = "
@@ -707,16 +724,22 @@ impl SqliteKeys {
             .query_row("SELECT COUNT(*) FROM idempotency_keys", [], |r| r.get(0))
             .map_err(|e| fail(&e))?;
         let (tx, rx) = std_mpsc::channel();
+        let rows = rows.max(0) as usize;
+        let published = Arc::new(AtomicUsize::new(rows));
         let mut writer = KeyWriter {
             conn,
-            rows: rows.max(0) as usize,
+            rows,
             max_keys,
+            published: published.clone(),
         };
         std::thread::Builder::new()
             .name("tollgate-idempotency".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| fail(&e))?;
-        Ok(SqliteKeys { tx: Mutex::new(tx) })
+        Ok(SqliteKeys {
+            tx: Mutex::new(tx),
+            rows: published,
+        })
     }
 
     /// Queues an operation; false if the writer thread is gone.
@@ -730,6 +753,8 @@ struct KeyWriter {
     /// Rows in the table (kept in step with inserts and deletes).
     rows: usize,
     max_keys: usize,
+    /// Where `rows` is published after each batch (metrics only).
+    published: Arc<AtomicUsize>,
 }
 
 impl KeyWriter {
@@ -822,6 +847,7 @@ impl KeyWriter {
                 }
             }
         }
+        self.published.store(self.rows, Ordering::Relaxed);
         for f in flushes {
             let _ = f.send(());
         }
@@ -1012,6 +1038,57 @@ mod tests {
     async fn keys_in_sqlite_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         scenario(Some(dir.path().join("keys.db"))).await;
+    }
+
+    /// `keys_held` counts what `max_keys` counts: claimed and answered
+    /// keys, not released ones, until the sweep drops expired ones.
+    async fn keys_held_follows_the_table(path: Option<PathBuf>) {
+        let clock = Arc::new(AtomicI64::new(1_000));
+        let t = open(path.clone(), clock.clone());
+        assert_eq!(t.keys_held(), 0);
+        let fp = fingerprint(&[b"x"]);
+        let Begin::Fresh(answered) = t.begin("a", "k1", fp).await else {
+            panic!()
+        };
+        let Begin::Fresh(pending) = t.begin("a", "k2", fp).await else {
+            panic!()
+        };
+        let Begin::Fresh(released) = t.begin("b", "k1", fp).await else {
+            panic!()
+        };
+        t.flush().await;
+        assert_eq!(t.keys_held(), 3, "claims count at once");
+        answered.complete(answer("a"));
+        released.release();
+        t.flush().await;
+        assert_eq!(t.keys_held(), 2, "the released key is gone");
+        // A pending key stays held while its request runs.
+        drop(pending);
+        if path.is_some() {
+            drop(t);
+            let t = open(path.clone(), clock.clone());
+            assert_eq!(t.keys_held(), 2, "counted from the file at start");
+            clock.fetch_add(DAY_MS, Ordering::Relaxed);
+            t.sweep();
+            t.flush().await;
+            assert_eq!(t.keys_held(), 0, "expired keys swept");
+        } else {
+            clock.fetch_add(DAY_MS, Ordering::Relaxed);
+            assert_eq!(t.keys_held(), 2, "expired keys count until the sweep");
+            t.sweep();
+            assert_eq!(t.keys_held(), 0, "expired keys swept");
+        }
+    }
+
+    #[tokio::test]
+    async fn keys_held_in_memory() {
+        keys_held_follows_the_table(None).await;
+    }
+
+    #[tokio::test]
+    async fn keys_held_in_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        keys_held_follows_the_table(Some(dir.path().join("keys.db"))).await;
     }
 
     #[tokio::test]

@@ -20,6 +20,14 @@
 //! balances) are computed at scrape time by [`Metrics::observe_ledger`]; a
 //! scrape walks the reservation map once, one shard lock at a time, so the
 //! numbers are consistent per reservation but not one global snapshot.
+//!
+//! The standard `process_*` families (resident memory, file descriptors,
+//! CPU seconds, start time; Linux only) come from the `prometheus` crate's
+//! process collector, read from `/proc/self` at scrape time: they are the
+//! only names without the prefix, so the usual dashboards and alerts for
+//! any Prometheus target work on tollgate too.
+
+use std::time::Duration;
 
 use prometheus::core::Collector;
 use prometheus::{
@@ -67,6 +75,18 @@ pub const SHADOW_DECISIONS: [&str; 2] = ["would_charge", "would_refuse"];
 /// `tollgate_receive_shortfall_milli_total`); counted but not charged
 /// (shadow mode).
 pub const RECEIVE_RESULTS: [&str; 3] = ["charged", "shortfall", "shadow"];
+
+/// The standard process families /metrics also serves (Linux only): the
+/// only names without the `tollgate_` prefix.
+pub const PROCESS_FAMILIES: [&str; 7] = [
+    "process_cpu_seconds_total",
+    "process_open_fds",
+    "process_max_fds",
+    "process_virtual_memory_bytes",
+    "process_resident_memory_bytes",
+    "process_start_time_seconds",
+    "process_threads",
+];
 
 /// Buckets of the latency histograms, in seconds: sub-millisecond local
 /// answers up to the gateway's slowest answers.
@@ -152,6 +172,12 @@ pub struct Metrics {
     /// Lease renewals that failed (busy or failing store); the lease
     /// lapses if they go on.
     pub store_lease_renewal_failures: IntCounter,
+    /// Idempotency keys held (pending or answered, not yet swept), set by
+    /// the 1 s sweeper from a count the key table keeps anyway.
+    pub idempotency_keys: IntGauge,
+    /// `idempotency.max_keys`: past it new keys are refused, so alerts
+    /// compare the gauge above with this one.
+    pub idempotency_max_keys: IntGauge,
 }
 
 /// The `wait` label of `tollgate_store_ack_timeouts_total`.
@@ -163,11 +189,28 @@ const BATCH_SIZE_BUCKETS: &[f64] = &[
 ];
 
 /// Store commit latency, in seconds: a page-cache commit up to a stalled
-/// disk.
+/// disk. [`commit_latency_buckets`] adds `store.ack_timeout` when it lies
+/// beyond the last one, so the histogram always tells commits that beat the
+/// acknowledgement timeout from those that did not.
 const COMMIT_LATENCY_BUCKETS: &[f64] = &[
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5,
+    2.5, 5.0, 10.0,
 ];
+
+/// The `store.ack_timeout_ms` default, for [`Metrics::new`].
+const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// [`COMMIT_LATENCY_BUCKETS`] with `ack_timeout` as a bucket boundary of
+/// its own (sorted, no duplicate), so `le` = the timeout always exists.
+fn commit_latency_buckets(ack_timeout: Duration) -> Vec<f64> {
+    let ack_s = ack_timeout.as_secs_f64();
+    let mut buckets = COMMIT_LATENCY_BUCKETS.to_vec();
+    if !buckets.contains(&ack_s) {
+        buckets.push(ack_s);
+        buckets.sort_by(f64::total_cmp);
+    }
+    buckets
+}
 
 fn counter(name: &str, help: &str) -> IntCounter {
     IntCounter::new(name, help).expect("valid metric definition")
@@ -199,7 +242,15 @@ fn latency_histogram(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
 }
 
 impl Metrics {
+    /// The metrics of a tollgate with the default `store.ack_timeout_ms`.
     pub fn new() -> Self {
+        Self::with_store_ack_timeout(DEFAULT_ACK_TIMEOUT)
+    }
+
+    /// The metrics of a tollgate whose store waits `ack_timeout` for a
+    /// commit: the commit-latency buckets reach it. Buckets are fixed at
+    /// start, as the writer's timeout is (a reload changes neither).
+    pub fn with_store_ack_timeout(ack_timeout: Duration) -> Self {
         let m = Metrics {
             registry: Registry::new(),
             build_info: gauge_vec(
@@ -319,7 +370,7 @@ impl Metrics {
             store_commit_latency: histogram(
                 "tollgate_store_commit_seconds",
                 "Time to commit one store batch, fsync included",
-                COMMIT_LATENCY_BUCKETS,
+                &commit_latency_buckets(ack_timeout),
             ),
             store_oldest_unpersisted_age: Gauge::new(
                 "tollgate_store_oldest_unpersisted_age_seconds",
@@ -369,6 +420,14 @@ impl Metrics {
                 "tollgate_store_lease_renewal_failures_total",
                 "Store ownership lease renewals that failed",
             ),
+            idempotency_keys: gauge(
+                "tollgate_idempotency_keys",
+                "Idempotency keys held (pending or answered, expired ones until the next sweep)",
+            ),
+            idempotency_max_keys: gauge(
+                "tollgate_idempotency_max_keys",
+                "idempotency.max_keys: past it new Idempotency-Keys are refused (store_unavailable)",
+            ),
         };
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(m.build_info.clone()),
@@ -407,10 +466,18 @@ impl Metrics {
             Box::new(m.store_fenced.clone()),
             Box::new(m.store_owner_token.clone()),
             Box::new(m.store_lease_renewal_failures.clone()),
+            Box::new(m.idempotency_keys.clone()),
+            Box::new(m.idempotency_max_keys.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");
         }
+        #[cfg(target_os = "linux")]
+        m.registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("process metric names are unique");
         m.initialise_series();
         m
     }
@@ -580,10 +647,77 @@ mod tests {
         m.requests.with_label_values(&["a", "b", "c"]);
         m.set_tariff_version("v", 0);
         let families = m.registry.gather();
-        assert_eq!(families.len(), 36);
+        let (ours, process): (Vec<_>, Vec<_>) = families
+            .iter()
+            .partition(|f| f.get_name().starts_with("tollgate_"));
+        assert_eq!(ours.len(), 38);
+        let mut process: Vec<&str> = process.iter().map(|f| f.get_name()).collect();
+        process.sort_unstable();
+        let mut expected = PROCESS_FAMILIES.to_vec();
+        expected.sort_unstable();
+        assert_eq!(
+            process, expected,
+            "only the process families lack the prefix"
+        );
         for f in families {
-            assert!(f.get_name().starts_with("tollgate_"), "{}", f.get_name());
             assert!(!f.get_help().is_empty(), "{} has no help", f.get_name());
+        }
+    }
+
+    #[test]
+    fn process_metrics_describe_this_process() {
+        let text = Metrics::new().render();
+        let value = |name: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+        };
+        assert!(value("process_resident_memory_bytes") > 1_000_000.0);
+        let fds = value("process_open_fds");
+        assert!(fds >= 3.0, "stdin, stdout, stderr at least: {fds}");
+        assert!(value("process_max_fds") >= fds);
+        let now_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let started = value("process_start_time_seconds");
+        assert!(
+            started <= now_s + 1.0 && started > now_s - 86_400.0,
+            "{started}"
+        );
+        assert!(value("process_cpu_seconds_total") >= 0.0);
+    }
+
+    /// The top finite `le` of the commit-latency histogram in `text`.
+    fn commit_buckets(text: &str) -> Vec<f64> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("tollgate_store_commit_seconds_bucket{le=\""))
+            .filter_map(|l| l.split('"').next())
+            .filter(|le| *le != "+Inf")
+            .map(|le| le.parse().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn commit_latency_buckets_reach_the_ack_timeout() {
+        // The default 5 s timeout is a boundary; the top bucket is past it.
+        let default = commit_buckets(&Metrics::new().render());
+        assert!(default.contains(&5.0), "{default:?}");
+        assert!(*default.last().unwrap() >= 5.0);
+        assert!(default.windows(2).all(|w| w[0] < w[1]), "{default:?}");
+        // A longer timeout becomes the top bucket; a shorter one is added
+        // in order, and a boundary already there is not repeated.
+        for (ack_ms, top) in [(30_000, 30.0), (12_500, 12.5), (750, 10.0), (2_500, 10.0)] {
+            let m = Metrics::with_store_ack_timeout(Duration::from_millis(ack_ms));
+            let b = commit_buckets(&m.render());
+            let ack_s = ack_ms as f64 / 1000.0;
+            assert!(b.contains(&ack_s), "{ack_ms} ms: {b:?}");
+            assert_eq!(*b.last().unwrap(), top, "{ack_ms} ms: {b:?}");
+            assert!(b.windows(2).all(|w| w[0] < w[1]), "{ack_ms} ms: {b:?}");
+            assert_eq!(
+                b.len(),
+                default.len() + usize::from(!default.contains(&ack_s))
+            );
         }
     }
 

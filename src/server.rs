@@ -298,7 +298,9 @@ fn seed_account(
 }
 
 /// Expires forgotten reservations and applies the in-doubt policy, once a
-/// second. Runs on its own pingora background runtime.
+/// second, and refreshes the gauges nothing on the request path keeps
+/// (store queue, idempotency keys). Runs on its own pingora background
+/// runtime.
 struct Sweeper {
     app: Arc<App>,
 }
@@ -316,6 +318,11 @@ impl BackgroundService for Sweeper {
                 store.refresh_gauges();
             }
             self.app.sweep_protection();
+            let m = &self.app.metrics;
+            m.idempotency_keys
+                .set(self.app.idempotency.keys_held() as i64);
+            m.idempotency_max_keys
+                .set(self.app.config.idempotency.max_keys as i64);
             let expired = self.app.ledger.expire_due();
             if !expired.is_empty() {
                 tracing::warn!(count = expired.len(), "expired forgotten reservations");
@@ -345,7 +352,7 @@ impl BackgroundService for Sweeper {
 pub fn run(config: Config) -> Result<(), StartError> {
     // The store first: a store that cannot open stops start-up before any
     // listener does.
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::with_store_ack_timeout(config.store.ack_timeout));
     let store = open_store(&config, &metrics)?;
     let app = Arc::new(build_app_with_store(config, metrics, store)?);
     let cfg = &app.config;

@@ -1,6 +1,9 @@
 //! The Grafana dashboard against a real Prometheus (SPEC 8): every PromQL
 //! expression in `dashboards/tollgate-overview.json` must evaluate without
 //! error and return data from a Prometheus that scraped a loaded tollgate.
+//! That Prometheus loads the shipped recording and alerting rules (the
+//! dashboard reads the recorded rates), and every rule must evaluate
+//! without error on tollgate's real series.
 //!
 //! The test runs Debian's `prometheus` binary itself (installing the
 //! package when it is missing) on a free loopback port with a temporary
@@ -12,101 +15,22 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::promtool::{ensure_prometheus, repo_path, run_bounded};
 use common::*;
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 
 const DASHBOARD: &str = "dashboards/tollgate-overview.json";
+/// The rule files a Prometheus for tollgate loads (see `prometheus.yml`).
+const RULE_FILES: [&str; 2] = [
+    "dashboards/tollgate-recording.yml",
+    "dashboards/tollgate-alerts.yml",
+];
 /// How long the test keeps traffic flowing once Prometheus scrapes, so that
 /// every rate window holds several samples of a changing counter.
 const LOADED_FOR: Duration = Duration::from_secs(6);
-
-fn repo_path(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
-}
-
-/// Runs `cmd` to completion within `limit`; (success, stdout + stderr).
-fn run_bounded(cmd: &mut Command, limit: Duration) -> (bool, String) {
-    let out_file = tempfile::NamedTempFile::new().unwrap();
-    let mut child = match cmd
-        .stdin(Stdio::null())
-        .stdout(out_file.reopen().unwrap())
-        .stderr(out_file.reopen().unwrap())
-        .spawn()
-    {
-        Ok(c) => c,
-        Err(e) => return (false, format!("cannot start {cmd:?}: {e}")),
-    };
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break Some(s);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let output = std::fs::read_to_string(out_file.path()).unwrap_or_default();
-    match status {
-        Some(s) => (s.success(), output),
-        None => (false, format!("{output}\n(killed after {limit:?})")),
-    }
-}
-
-fn have(binary: &str) -> bool {
-    Command::new(binary)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// Installs Debian's `prometheus` package (prometheus + promtool) when
-/// either binary is missing; panics with the reason if it cannot.
-fn ensure_prometheus() {
-    if have("prometheus") && have("promtool") {
-        return;
-    }
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false);
-    let apt = |args: &[&str]| {
-        let mut cmd = if root {
-            Command::new("apt-get")
-        } else {
-            let mut c = Command::new("sudo");
-            c.args(["-n", "apt-get"]);
-            c
-        };
-        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
-        run_bounded(&mut cmd, Duration::from_secs(600))
-    };
-    let install = ["install", "-y", "-q", "prometheus"];
-    let (mut ok, mut log) = apt(&install);
-    if !ok {
-        let (_, update_log) = apt(&["update", "-q"]);
-        let (ok2, log2) = apt(&install);
-        ok = ok2;
-        log = format!("{log}\n--- apt-get update ---\n{update_log}\n--- retry ---\n{log2}");
-    }
-    assert!(
-        ok && have("prometheus") && have("promtool"),
-        "the dashboard test needs Prometheus and could not install it \
-         (`apt-get install -y prometheus`{}). Install Debian's `prometheus` \
-         package, which provides `prometheus` and `promtool`, and run the test \
-         again. apt said:\n{log}",
-        if root { "" } else { " via sudo" }
-    );
-}
 
 /// A Prometheus server of our own, killed on drop.
 struct Prometheus {
@@ -127,10 +51,15 @@ impl Prometheus {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let config = dir.path().join("prometheus.yml");
+        let rule_files: String = RULE_FILES
+            .iter()
+            .map(|f| format!("  - \"{}\"\n", repo_path(f).display()))
+            .collect();
         std::fs::write(
             &config,
             format!(
                 "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
+                 rule_files:\n{rule_files}\
                  scrape_configs:\n  - job_name: tollgate\n    static_configs:\n      - targets: [\"{scrape_target}\"]\n"
             ),
         )
@@ -174,6 +103,25 @@ impl Prometheus {
 
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// `/api/v1/rules`: every rule Prometheus loaded, as (group, rule).
+    fn rules(&self) -> Vec<(String, serde_json::Value)> {
+        let v: serde_json::Value = client()
+            .get(self.url("/api/v1/rules"))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        assert_eq!(v["status"], "success", "{v}");
+        let mut out = Vec::new();
+        for g in v["data"]["groups"].as_array().expect("rule groups") {
+            let group = g["name"].as_str().unwrap().to_string();
+            for r in g["rules"].as_array().unwrap() {
+                out.push((group.clone(), r.clone()));
+            }
+        }
+        out
     }
 
     /// Evaluates `expr` now: Ok(result vector) or Err(what went wrong).
@@ -420,6 +368,46 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         queries.len(),
         failures.join("\n")
     );
+    // Every shipped rule is loaded and evaluates without error on
+    // tollgate's real series (an expression that type-checks can still
+    // fail at run time, e.g. on many-to-many matches).
+    let expected_rules: usize = RULE_FILES
+        .iter()
+        .map(|f| {
+            let v: serde_yaml::Value =
+                serde_yaml::from_str(&std::fs::read_to_string(repo_path(f)).unwrap()).unwrap();
+            v["groups"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .map(|g| g["rules"].as_sequence().unwrap().len())
+                .sum::<usize>()
+        })
+        .sum();
+    let rules = prometheus.rules();
+    assert_eq!(rules.len(), expected_rules, "rules loaded: {rules:?}");
+    let unhealthy: Vec<String> = rules
+        .iter()
+        .filter(|(_, r)| r["health"] != "ok")
+        .map(|(g, r)| {
+            format!(
+                "{g}/{}: health {} {}",
+                r["name"], r["health"], r["lastError"]
+            )
+        })
+        .collect();
+    assert!(unhealthy.is_empty(), "{}", unhealthy.join("\n"));
+    // The tollgate this test loaded is healthy: no critical alert fires
+    // (pending or firing). In-doubt and gateway-error warnings may, as
+    // the traffic holds both on purpose.
+    let critical: Vec<String> = rules
+        .iter()
+        .filter(|(_, r)| r["type"] == "alerting" && r["labels"]["severity"] == "critical")
+        .filter(|(_, r)| r["state"] != "inactive")
+        .map(|(_, r)| format!("{}: {} {}", r["name"], r["state"], r["alerts"]))
+        .collect();
+    assert!(critical.is_empty(), "{}", critical.join("\n"));
+
     // Spot-check that the data is tollgate's: the in-doubt send is there.
     let in_doubt = prometheus.query("tollgate_reservations_in_doubt").unwrap();
     assert_eq!(in_doubt[0]["value"][1], "1", "{in_doubt:?}");

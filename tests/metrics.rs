@@ -386,7 +386,9 @@ fn credit_counters_match_the_ledger_after_a_scripted_workload() {
             m.text.contains(&format!("# HELP {base} ")),
             "{family} has no help text"
         );
-        assert!(family.starts_with("tollgate_"), "{family}");
+        // The standard process families are the only unprefixed ones.
+        let process = tollgate::metrics::PROCESS_FAMILIES.contains(&base);
+        assert!(family.starts_with("tollgate_") || process, "{family}");
     }
 
     // ---- The access log: one line per request, secrets redacted. --------
@@ -428,6 +430,86 @@ fn credit_counters_match_the_ledger_after_a_scripted_workload() {
     assert!(
         access.iter().any(|l| l.contains("/elsewhere?password=***")),
         "{log}"
+    );
+}
+
+#[test]
+fn process_idempotency_and_commit_latency_families() {
+    let sim = Sim::start(&[]);
+    let tg = Tollgate::start(
+        sim.addr,
+        TollgateOptions {
+            extra_yaml: "store: { path: tollgate.db, ack_timeout_ms: 7000 }\n\
+                         idempotency: { max_keys: 5 }\n"
+                .into(),
+            ..Default::default()
+        },
+    );
+    // Two keyed sends (two keys held) and one retry of the first (no new
+    // key).
+    for key in ["k-1", "k-2", "k-1"] {
+        let r = client()
+            .get(tg.url(
+                "/api?action=sendmessage&username=john&password=secret1&recipient=%2B36301234567&messagedata=hi",
+            ))
+            .header("Idempotency-Key", key)
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200, "{key}");
+    }
+    // The sweeper refreshes the key gauges once a second.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let m = loop {
+        let m = Scrape::take(&tg);
+        if m.get("tollgate_idempotency_keys", &[]) == Some(2.0) || Instant::now() > deadline {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(m.value("tollgate_idempotency_keys", &[]), 2.0, "{}", m.text);
+    assert_eq!(m.value("tollgate_idempotency_max_keys", &[]), 5.0);
+
+    // The process families describe the tollgate process, not this test.
+    let started = m.value("process_start_time_seconds", &[]);
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        started > now_s - 120.0 && started <= now_s + 1.0,
+        "started {started}, now {now_s}"
+    );
+    assert!(m.value("process_resident_memory_bytes", &[]) > 1_000_000.0);
+    // Open descriptors are tollgate's: about what its /proc entry lists
+    // (connections come and go between the two reads).
+    let fds = m.value("process_open_fds", &[]);
+    let listed = std::fs::read_dir(format!("/proc/{}/fd", tg.pid()))
+        .unwrap()
+        .count() as f64;
+    assert!(fds >= 5.0, "listeners, store files, log: {fds}");
+    assert!(
+        (fds - listed).abs() <= 4.0,
+        "{fds} reported, {listed} listed"
+    );
+    assert!(m.value("process_max_fds", &[]) >= fds);
+    assert!(m.value("process_cpu_seconds_total", &[]) >= 0.0);
+
+    // Commit latency: the configured 7 s ack timeout is a bucket, and the
+    // top finite bucket reaches it.
+    let les: Vec<f64> = m.series["tollgate_store_commit_seconds_bucket"]
+        .iter()
+        .map(|(l, _)| l["le"].as_str())
+        .filter(|le| *le != "+Inf")
+        .map(|le| le.parse().unwrap())
+        .collect();
+    assert!(les.contains(&7.0), "{les:?}");
+    assert!(les.iter().cloned().fold(0.0, f64::max) >= 7.0, "{les:?}");
+    // Commits happened, and each of them beat the timeout.
+    let committed = m.value("tollgate_store_commit_seconds_count", &[]);
+    assert!(committed >= 1.0);
+    assert_eq!(
+        m.value("tollgate_store_commit_seconds_bucket", &[("le", "7")]),
+        committed
     );
 }
 

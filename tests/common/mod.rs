@@ -5,6 +5,8 @@
 //! nothing running.
 #![allow(dead_code)]
 
+pub mod promtool;
+
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
