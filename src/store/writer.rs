@@ -486,7 +486,9 @@ impl EntrySink for WriteBehind {
         let max = shared.config.batch_max_entries;
         let mut q = shared.queue.lock();
         // Critical section: one push and one counter; no I/O, no allocation.
-        if q.stopped {
+        // A fenced process queues nothing more, even before the writer
+        // thread has stopped: it could never be committed.
+        if q.stopped || shared.is_fenced() {
             drop(q);
             shared.metrics.store_entries_after_stop.inc_by(n as u64);
             if shared.is_fenced() {
