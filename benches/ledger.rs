@@ -58,7 +58,7 @@ fn ledger_with(names: &[String]) -> Arc<Ledger> {
     let ledger = Arc::new(Ledger::new(
         LedgerConfig::default(),
         Arc::new(NullSink),
-        Arc::new(SystemClock),
+        Arc::new(SystemClock::new()),
     ));
     for n in names {
         ledger.open_account(n, None, Role::User, None).unwrap();

@@ -238,7 +238,7 @@ fn case_accounts(n: usize) {
     let ledger = Arc::new(Ledger::with_capacity(
         LedgerConfig::default(),
         Arc::new(NullSink),
-        Arc::new(SystemClock),
+        Arc::new(SystemClock::new()),
         n,
     ));
     for i in 0..n {
@@ -290,7 +290,7 @@ fn generated_store(n: usize) -> PathBuf {
     eprintln!("generating {} (once; cached)", path.display());
     let started = Instant::now();
     let mut store = SqliteStore::open(&path, Durability::Async).expect("open store");
-    let now_ms = tollgate::service::now_unix_ms();
+    let now_ms = tollgate::clock::Clock::now_unix_ms(&tollgate::clock::SystemClock::new());
     let mut seq = 1u64;
     for chunk_start in (0..n).step_by(GENERATE_BATCH) {
         let end = (chunk_start + GENERATE_BATCH).min(n);
@@ -358,9 +358,12 @@ fn case_startup(n: usize) {
     let cpu_before = cpu_s();
     let started = Instant::now();
     let metrics = Arc::new(Metrics::new());
-    let opened = tollgate::server::open_store(&config, &metrics).expect("open store");
+    let clock: Arc<dyn tollgate::clock::Clock> = Arc::new(tollgate::clock::SystemClock::new());
+    let opened =
+        tollgate::server::open_store(&config, &metrics, clock.clone()).expect("open store");
     let loaded_at = started.elapsed();
-    let app = tollgate::server::build_app_with_store(config, metrics, opened).expect("build");
+    let app =
+        tollgate::server::build_app_with_store(config, metrics, opened, clock).expect("build");
     let elapsed = started.elapsed();
     let cpu = cpu_s() - cpu_before;
     let after = rss_bytes();

@@ -102,7 +102,7 @@ fn durable_throughput(writers: usize, duration: Duration) -> Run {
     let ledger = Arc::new(Ledger::new(
         LedgerConfig::default(),
         writer.clone() as Arc<dyn EntrySink>,
-        Arc::new(SystemClock) as Arc<dyn Clock>,
+        Arc::new(SystemClock::new()) as Arc<dyn Clock>,
     ));
     let directory: Weak<dyn AccountDirectory> = Arc::downgrade(&ledger) as _;
     writer.start(directory);

@@ -31,7 +31,7 @@ use subtle::ConstantTimeEq;
 
 use crate::ledger::{ReservationId, ReservationState, ReservationView};
 use crate::money::format_credits;
-use crate::service::{now_unix_ms, App};
+use crate::service::App;
 use crate::tariff::QuoteRequest;
 
 /// How long one upstream probe result is trusted.
@@ -337,7 +337,7 @@ impl AdminApp {
             text: &text,
             message_type: &message_type,
             class: class.as_deref(),
-            at_unix_ms: now_unix_ms(),
+            at_unix_ms: self.app.clock.now_unix_ms(),
         });
         match quote {
             Ok(q) => json_response(

@@ -60,6 +60,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::Deserialize;
 use tokio::sync::{oneshot, watch};
 
+use crate::clock::Clock;
 use crate::config::ConfigError;
 
 /// The request header (matched case-insensitively, as all HTTP names).
@@ -345,7 +346,7 @@ struct Inner {
     backend: Backend,
     ttl_ms: i64,
     wait: Duration,
-    clock: Arc<dyn Fn() -> i64 + Send + Sync>,
+    clock: Arc<dyn Clock>,
     last_sweep_ms: std::sync::atomic::AtomicI64,
 }
 
@@ -360,14 +361,8 @@ pub struct Idempotency {
 impl Idempotency {
     /// Opens the key file (or an in-memory table when `cfg.path` is
     /// `None`). Rows left `pending` by the last run answer `Interrupted`.
-    pub fn open(cfg: &IdempotencyConfig) -> Result<Idempotency, String> {
-        Self::open_with_clock(cfg, Arc::new(crate::service::now_unix_ms))
-    }
-
-    pub fn open_with_clock(
-        cfg: &IdempotencyConfig,
-        clock: Arc<dyn Fn() -> i64 + Send + Sync>,
-    ) -> Result<Idempotency, String> {
+    /// Keys expire by `clock`'s wall time.
+    pub fn open(cfg: &IdempotencyConfig, clock: Arc<dyn Clock>) -> Result<Idempotency, String> {
         let backend = match &cfg.path {
             Some(path) => Backend::Sqlite(SqliteKeys::open(path, cfg.max_keys)?),
             None => Backend::Memory(Mutex::new(MemoryKeys {
@@ -431,7 +426,7 @@ impl Idempotency {
     /// Holding the in-memory claim: looks the key up in the table and
     /// records it as pending if it is new.
     async fn claimed(&self, mut claim: Claim, fingerprint: Fingerprint) -> Begin {
-        let now = (self.inner.clock)();
+        let now = self.inner.clock.now_unix_ms();
         let found = self
             .inner
             .backend
@@ -462,7 +457,7 @@ impl Idempotency {
     /// Deletes expired keys; does nothing if the last sweep was less than
     /// [`SWEEP_EVERY_MS`] ago (the sweeper calls it every second).
     pub fn sweep(&self) {
-        let now = (self.inner.clock)();
+        let now = self.inner.clock.now_unix_ms();
         let last = self
             .inner
             .last_sweep_ms
@@ -940,7 +935,7 @@ fn begin_row(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicI64, Ordering};
+    use crate::clock::ManualClock;
 
     const DAY_MS: i64 = 86_400_000;
 
@@ -952,18 +947,18 @@ mod tests {
         }
     }
 
-    fn open(path: Option<PathBuf>, clock: Arc<AtomicI64>) -> Idempotency {
+    fn open(path: Option<PathBuf>, clock: Arc<ManualClock>) -> Idempotency {
         let cfg = IdempotencyConfig {
             path,
             max_keys: 3,
             wait: Duration::from_millis(300),
             ..IdempotencyConfig::default()
         };
-        Idempotency::open_with_clock(&cfg, Arc::new(move || clock.load(Ordering::Relaxed))).unwrap()
+        Idempotency::open(&cfg, clock).unwrap()
     }
 
     async fn scenario(path: Option<PathBuf>) {
-        let clock = Arc::new(AtomicI64::new(1_000));
+        let clock = Arc::new(ManualClock::new(1_000));
         let t = open(path.clone(), clock.clone());
         let fp = fingerprint(&[b"GET", b"/api", b"a=1"]);
         let other = fingerprint(&[b"GET", b"/api", b"a=2"]);
@@ -1010,7 +1005,7 @@ mod tests {
         c.complete(answer("x"));
         assert!(matches!(t.begin("y", "k", fp).await, Begin::Full));
         // After the TTL every key is gone.
-        clock.fetch_add(DAY_MS, Ordering::Relaxed);
+        clock.advance(DAY_MS);
         t.sweep();
         let Begin::Fresh(c) = t.begin("john", "k1", other).await else {
             panic!("expired key is free")
@@ -1043,7 +1038,7 @@ mod tests {
     /// `keys_held` counts what `max_keys` counts: claimed and answered
     /// keys, not released ones, until the sweep drops expired ones.
     async fn keys_held_follows_the_table(path: Option<PathBuf>) {
-        let clock = Arc::new(AtomicI64::new(1_000));
+        let clock = Arc::new(ManualClock::new(1_000));
         let t = open(path.clone(), clock.clone());
         assert_eq!(t.keys_held(), 0);
         let fp = fingerprint(&[b"x"]);
@@ -1068,12 +1063,12 @@ mod tests {
             drop(t);
             let t = open(path.clone(), clock.clone());
             assert_eq!(t.keys_held(), 2, "counted from the file at start");
-            clock.fetch_add(DAY_MS, Ordering::Relaxed);
+            clock.advance(DAY_MS);
             t.sweep();
             t.flush().await;
             assert_eq!(t.keys_held(), 0, "expired keys swept");
         } else {
-            clock.fetch_add(DAY_MS, Ordering::Relaxed);
+            clock.advance(DAY_MS);
             assert_eq!(t.keys_held(), 2, "expired keys count until the sweep");
             t.sweep();
             assert_eq!(t.keys_held(), 0, "expired keys swept");
@@ -1093,7 +1088,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiting_retry_gets_the_first_answer() {
-        let clock = Arc::new(AtomicI64::new(1_000));
+        let clock = Arc::new(ManualClock::new(1_000));
         let t = Arc::new(open(None, clock));
         let fp = fingerprint(&[b"x"]);
         let Begin::Fresh(claim) = t.begin("a", "k", fp).await else {

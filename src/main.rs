@@ -170,7 +170,9 @@ fn execute(command: Command) -> Result<(), String> {
                     text: &text,
                     message_type: &messagetype,
                     class: class.as_deref(),
-                    at_unix_ms: tollgate::service::now_unix_ms(),
+                    at_unix_ms: tollgate::clock::Clock::now_unix_ms(
+                        &tollgate::clock::SystemClock::new(),
+                    ),
                 })
                 .map_err(|e| e.to_string())?;
             println!("tariff version  {}", tariff.version());

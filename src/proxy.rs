@@ -520,7 +520,7 @@ impl TollgateProxy {
         ctx.front_door = front_door;
         let request_id = self.app.new_request_id();
         ctx.request_id = Some(request_id.clone());
-        let now_s = crate::service::now_unix_ms().div_euclid(1000);
+        let now_s = self.app.clock.now_unix_ms().div_euclid(1000);
         let body = match self.read_body_timed(session, ctx, limit).await? {
             Ok(body) => Some(body),
             Err(BodyRefused::TooLarge) => None,

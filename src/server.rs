@@ -75,6 +75,7 @@ const RESTORE_BATCH: usize = 256;
 pub fn open_store(
     config: &Config,
     metrics: &Arc<Metrics>,
+    clock: Arc<dyn Clock>,
 ) -> Result<Option<OpenedStore>, StartError> {
     let Some(path) = &config.store.path else {
         return Ok(None);
@@ -83,7 +84,6 @@ pub fn open_store(
         path: path.display().to_string(),
         problem: e.to_string(),
     };
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let (mut store, fence) =
         SqliteStore::open_owned(path, config.durability, config.store.lease, clock)
             .map_err(fail)?;
@@ -175,7 +175,18 @@ fn restore(ledger: &Ledger, opened: OpenedStore) -> Result<Arc<WriteBehind>, Sta
 /// Builds the shared state without a store: ledger, credentials, tariff,
 /// seeded accounts; entries go to `sink` (tests, benchmarks).
 pub fn build_app(config: Config, sink: Arc<dyn EntrySink>) -> Result<App, StartError> {
-    build(config, Arc::new(Metrics::new()), sink, None)
+    build_app_with_clock(config, sink, Arc::new(SystemClock::new()))
+}
+
+/// [`build_app`] on `clock`: every time-based rule of the app (entry
+/// timestamps, pricing windows, limits, key expiry, the in-doubt timer)
+/// reads it, so a test can drive them all.
+pub fn build_app_with_clock(
+    config: Config,
+    sink: Arc<dyn EntrySink>,
+    clock: Arc<dyn Clock>,
+) -> Result<App, StartError> {
+    build(config, Arc::new(Metrics::new()), sink, None, clock)
 }
 
 /// Builds the shared state over the store from [`open_store`] (if any):
@@ -186,12 +197,13 @@ pub fn build_app_with_store(
     config: Config,
     metrics: Arc<Metrics>,
     store: Option<OpenedStore>,
+    clock: Arc<dyn Clock>,
 ) -> Result<App, StartError> {
     let sink: Arc<dyn EntrySink> = match &store {
         Some(s) => s.writer.clone(),
         None => Arc::new(NullSink),
     };
-    build(config, metrics, sink, store)
+    build(config, metrics, sink, store, clock)
 }
 
 fn build(
@@ -199,6 +211,7 @@ fn build(
     metrics: Arc<Metrics>,
     sink: Arc<dyn EntrySink>,
     store: Option<OpenedStore>,
+    clock: Arc<dyn Clock>,
 ) -> Result<App, StartError> {
     let tariff =
         Tariff::load(&config.tariffs_path).map_err(|e| StartError::Tariff(e.to_string()))?;
@@ -213,7 +226,7 @@ fn build(
             metrics: metrics.clone(),
             next: sink,
         }),
-        Arc::new(SystemClock) as Arc<dyn Clock>,
+        clock.clone(),
         stored_accounts,
     ));
     let writer = match store {
@@ -236,18 +249,17 @@ fn build(
     for seed in &seeds {
         seed_account(&ledger, &credentials, seed)?;
     }
-    let mut app = App::new(config, ledger, credentials, tariff, metrics);
+    let mut app = App::new(config, ledger, credentials, tariff, metrics, clock);
     app.store = writer;
     // Idempotency keys live next to the ledger store (SPEC 3.4) and belong to
     // its owner: opened only once this process owns the store.
     if let Some(path) = &app.config.idempotency.path {
         let keys =
-            crate::idempotency::Idempotency::open(&app.config.idempotency).map_err(|problem| {
-                StartError::Store {
+            crate::idempotency::Idempotency::open(&app.config.idempotency, app.clock.clone())
+                .map_err(|problem| StartError::Store {
                     path: path.display().to_string(),
                     problem,
-                }
-            })?;
+                })?;
         app.idempotency = Arc::new(keys);
     }
     // Boxis identities (e-mail, user key) come from the seeds only.
@@ -353,8 +365,9 @@ pub fn run(config: Config) -> Result<(), StartError> {
     // The store first: a store that cannot open stops start-up before any
     // listener does.
     let metrics = Arc::new(Metrics::with_store_ack_timeout(config.store.ack_timeout));
-    let store = open_store(&config, &metrics)?;
-    let app = Arc::new(build_app_with_store(config, metrics, store)?);
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+    let store = open_store(&config, &metrics, clock.clone())?;
+    let app = Arc::new(build_app_with_store(config, metrics, store, clock)?);
     let cfg = &app.config;
 
     let mut conf = ServerConf::default();
@@ -508,8 +521,9 @@ mod tests {
         drop(store);
 
         let metrics = Arc::new(Metrics::new());
-        let opened = open_store(&config, &metrics).unwrap();
-        let app = build_app_with_store(config.clone(), metrics, opened).unwrap();
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+        let opened = open_store(&config, &metrics, clock.clone()).unwrap();
+        let app = build_app_with_store(config.clone(), metrics, opened, clock).unwrap();
         assert_eq!(app.ledger.len(), 1001);
         for a in &stored.accounts {
             assert_eq!(app.ledger.account(&a.name).as_ref(), Some(a));
@@ -541,8 +555,9 @@ mod tests {
             .unwrap();
         drop(store);
         let metrics = Arc::new(Metrics::new());
-        let opened = open_store(&config, &metrics).unwrap();
-        match build_app_with_store(config, metrics, opened) {
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+        let opened = open_store(&config, &metrics, clock.clone()).unwrap();
+        match build_app_with_store(config, metrics, opened, clock) {
             Err(StartError::Store { path, problem }) => {
                 assert!(path.ends_with("tollgate.db"), "{path}");
                 assert!(problem.contains("boss"), "{problem}");

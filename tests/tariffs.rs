@@ -218,7 +218,11 @@ fn an_offpeak_send_draws_offpeak_first_through_the_ledger() {
         "default_price: 1\noffpeak: { timezone: Europe/Budapest, windows: [ { days: [sat, sun], from: \"00:00\", to: \"24:00\" } ] }\n",
     );
     let sink = Arc::new(MemorySink::new());
-    let ledger = Ledger::new(LedgerConfig::default(), sink.clone(), Arc::new(SystemClock));
+    let ledger = Ledger::new(
+        LedgerConfig::default(),
+        sink.clone(),
+        Arc::new(SystemClock::new()),
+    );
     ledger.open_account("john", None, Role::User, None).unwrap();
     ledger.add("john", Bucket::Anytime, 10_000, None).unwrap();
     ledger.add("john", Bucket::OffPeak, 2_000, None).unwrap();

@@ -1191,7 +1191,7 @@ mod tests {
         let l = Ledger::new(
             LedgerConfig::default(),
             Arc::new(super::super::NullSink),
-            Arc::new(super::super::SystemClock),
+            Arc::new(super::super::SystemClock::new()),
         );
         assert!(matches!(
             l.open_account("", None, Role::User, None),
@@ -1215,7 +1215,7 @@ mod tests {
         let l = Ledger::new(
             LedgerConfig::default(),
             Arc::new(super::super::NullSink),
-            Arc::new(super::super::SystemClock),
+            Arc::new(super::super::SystemClock::new()),
         );
         l.open_account("p", None, Role::Admin, Some("gold"))
             .unwrap();

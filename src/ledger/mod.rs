@@ -73,7 +73,6 @@
 //!   operation's entries while the balances already moved; sinks must not
 //!   panic.
 
-mod clock;
 mod engine;
 mod entry;
 mod reservation;
@@ -87,7 +86,7 @@ use std::fmt;
 
 use thiserror::Error;
 
-pub use clock::{Clock, ManualClock, SystemClock};
+pub use crate::clock::{Clock, ManualClock, SystemClock};
 pub use engine::{Ledger, ReadyAccount};
 pub use entry::{
     replay, replay_open_reservations, Entry, EntryKind, EntrySink, MemorySink, NullSink,

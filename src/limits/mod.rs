@@ -38,9 +38,8 @@ pub mod lockout;
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::Instant;
 
 use dashmap::DashMap;
 
@@ -83,54 +82,7 @@ pub struct Refusal {
     pub retry_after_s: u64,
 }
 
-/// A monotonic nanosecond clock (injected so tests need no sleeps).
-pub trait NanoClock: Send + Sync {
-    fn now_ns(&self) -> u64;
-}
-
-/// The process's monotonic clock, counted from the limiter's creation.
-pub struct MonotonicClock(Instant);
-
-impl MonotonicClock {
-    pub fn new() -> Self {
-        MonotonicClock(Instant::now())
-    }
-}
-
-impl Default for MonotonicClock {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl NanoClock for MonotonicClock {
-    fn now_ns(&self) -> u64 {
-        // Starts at 1 s so that "0 = never seen" states are always idle.
-        self.0.elapsed().as_nanos() as u64 + gcra::NANOS_PER_S
-    }
-}
-
-/// A clock tests move by hand.
-#[derive(Default)]
-pub struct ManualClock(AtomicU64);
-
-impl ManualClock {
-    pub fn new(now_ns: u64) -> Self {
-        ManualClock(AtomicU64::new(now_ns))
-    }
-    pub fn advance_ns(&self, ns: u64) {
-        self.0.fetch_add(ns, Ordering::Relaxed);
-    }
-    pub fn set_ns(&self, ns: u64) {
-        self.0.store(ns, Ordering::Relaxed);
-    }
-}
-
-impl NanoClock for ManualClock {
-    fn now_ns(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
+pub use crate::clock::{Clock, ManualClock, SystemClock};
 
 /// A source address as a limiter key: IPv4 (also IPv4-mapped IPv6) by
 /// address, IPv6 by its /64 prefix. Two `u64`s rather than a `u128`, so a
@@ -249,7 +201,8 @@ pub struct Swept {
 /// The limiter state of the process. Rates come from the snapshot's
 /// [`LimitsConfig`] on every call.
 pub struct Limiter {
-    clock: Arc<dyn NanoClock>,
+    /// Reads `monotonic_ns` (the crate's one clock, see `crate::clock`).
+    clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     decisions: Decisions,
     source_ips: KeyedGcra<IpKey>,
@@ -321,7 +274,7 @@ fn limited_ns(v: Verdict) -> Option<u64> {
 
 impl Limiter {
     pub fn new(max_keys_per_rule: usize, metrics: Arc<Metrics>) -> Self {
-        Self::with_clock(max_keys_per_rule, metrics, Arc::new(MonotonicClock::new()))
+        Self::with_clock(max_keys_per_rule, metrics, Arc::new(SystemClock::new()))
     }
 
     /// Table sizes are fixed at start (`limits.max_keys_per_rule` of the
@@ -329,7 +282,7 @@ impl Limiter {
     pub fn with_clock(
         max_keys_per_rule: usize,
         metrics: Arc<Metrics>,
-        clock: Arc<dyn NanoClock>,
+        clock: Arc<dyn Clock>,
     ) -> Self {
         Limiter {
             clock,
@@ -345,7 +298,7 @@ impl Limiter {
     }
 
     pub fn now_ns(&self) -> u64 {
-        self.clock.now_ns()
+        self.clock.monotonic_ns()
     }
 
     /// `concurrent_per_ip`: a place for this request, held until the guard
@@ -564,7 +517,7 @@ mod tests {
     const S: u64 = gcra::NANOS_PER_S;
 
     fn limiter() -> (Limiter, Arc<ManualClock>, Arc<Metrics>) {
-        let clock = Arc::new(ManualClock::new(S));
+        let clock = Arc::new(ManualClock::new(0));
         let metrics = Arc::new(Metrics::new());
         (
             Limiter::with_clock(1000, metrics.clone(), clock.clone()),
@@ -795,7 +748,7 @@ mod tests {
     /// the table and gives its memory back.
     #[test]
     fn a_million_distinct_ips_stay_bounded_and_are_evicted() {
-        let clock = Arc::new(ManualClock::new(S));
+        let clock = Arc::new(ManualClock::new(0));
         let l = Limiter::with_clock(100_000, Arc::new(Metrics::new()), clock.clone());
         let c = LimitsConfig {
             source_ip: Some(RateRule {

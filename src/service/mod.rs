@@ -19,6 +19,7 @@ use arc_swap::ArcSwap;
 
 use crate::api::owned::Router;
 use crate::auth::CredentialStore;
+use crate::clock::Clock;
 use crate::config::{Config, Durability, Mode};
 use crate::error::ErrorCode;
 use crate::idempotency::Idempotency;
@@ -49,6 +50,9 @@ pub struct Snapshot {
 
 pub struct App {
     pub config: Config,
+    /// The crate's one clock (`crate::clock`): the ledger, the limiter, the
+    /// idempotency table, pricing and the sweeps all read it.
+    pub clock: Arc<dyn Clock>,
     /// Which door a request goes to (`api::owned`), from the configured
     /// paths, normalised once.
     pub router: Router,
@@ -87,8 +91,9 @@ impl App {
         credentials: Arc<CredentialStore>,
         tariff: Tariff,
         metrics: Arc<Metrics>,
+        clock: Arc<dyn Clock>,
     ) -> Self {
-        metrics.set_tariff_version(tariff.version(), now_unix_ms() / 1000);
+        metrics.set_tariff_version(tariff.version(), clock.now_unix_ms() / 1000);
         let upstream = Upstream::new(&config.upstream);
         let boxis = boxis::BoxisState::new(&config.boxis);
         let snapshot = ArcSwap::from_pointee(Snapshot {
@@ -96,15 +101,19 @@ impl App {
             tariff: Arc::new(tariff),
             limits: Arc::new(config.limits.clone()),
         });
-        let limiter = Arc::new(Limiter::new(
+        let limiter = Arc::new(Limiter::with_clock(
             config.limits.max_keys_per_rule,
             metrics.clone(),
+            clock.clone(),
         ));
         let idempotency = Arc::new(
-            Idempotency::open(&crate::idempotency::IdempotencyConfig {
-                path: None,
-                ..config.idempotency.clone()
-            })
+            Idempotency::open(
+                &crate::idempotency::IdempotencyConfig {
+                    path: None,
+                    ..config.idempotency.clone()
+                },
+                clock.clone(),
+            )
             .expect("an in-memory key table always opens"),
         );
         let dropin = dropin::DropIn::new(&config.auth);
@@ -126,7 +135,8 @@ impl App {
             upstream,
             metrics,
             boxis,
-            started_unix_ms: now_unix_ms(),
+            started_unix_ms: clock.now_unix_ms(),
+            clock,
             next_request: AtomicU64::new(1),
             reload_lock: parking_lot::Mutex::new(()),
             store: None,
@@ -172,7 +182,7 @@ impl App {
             limits,
         }));
         self.metrics
-            .set_tariff_version(&version, now_unix_ms() / 1000);
+            .set_tariff_version(&version, self.clock.now_unix_ms() / 1000);
         self.metrics.record_reload(true);
         tracing::info!(
             previous = previous.tariff.version(),
@@ -317,13 +327,6 @@ impl App {
         let n = self.next_request.fetch_add(1, Ordering::Relaxed);
         format!("{:x}-{n:x}", self.started_unix_ms)
     }
-}
-
-pub fn now_unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// Counts every ledger entry into the credit metrics, then hands the batch

@@ -24,7 +24,7 @@ use crate::error::ErrorCode;
 use crate::ledger::{Bucket, BucketPreference, LedgerError, Overdraft, ReservationGuard, Role};
 use crate::limits::Refusal;
 use crate::service::dropin::{self, Auth};
-use crate::service::{now_unix_ms, App, Snapshot};
+use crate::service::{App, Snapshot};
 use crate::tariff::QuoteRequest;
 use crate::upstream::Forwarded;
 
@@ -471,7 +471,7 @@ async fn send_message(
     };
 
     // Price every (recipient, message) pair with one tariff snapshot.
-    let now = now_unix_ms();
+    let now = app.clock.now_unix_ms();
     let tariff = &snapshot.tariff;
     let mut shares = Vec::with_capacity(send.messages.len());
     let mut parts: u64 = 0;
@@ -748,7 +748,7 @@ async fn receive_message(
     };
     let tariff = &snapshot.tariff;
     let price = tariff.receive_price_milli();
-    let preference = tariff.bucket_preference(now_unix_ms());
+    let preference = tariff.bucket_preference(app.clock.now_unix_ms());
     let shadow = snapshot.mode == Mode::Shadow;
     if !shadow {
         let payable = payable_milli(&view, preference);

@@ -1404,7 +1404,7 @@ mod tests {
         let ledger = crate::ledger::Ledger::new(
             Default::default(),
             std::sync::Arc::new(crate::ledger::NullSink),
-            std::sync::Arc::new(crate::ledger::SystemClock),
+            std::sync::Arc::new(crate::ledger::SystemClock::new()),
         );
         s.for_each_ready_account(0, 1, &mut |a| {
             ledger.restore_ready([a]);

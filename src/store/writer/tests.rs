@@ -441,7 +441,7 @@ fn a_ledger_restored_from_sqlite_matches_the_original() {
         config(64, Duration::from_millis(2)),
         metrics,
     ));
-    let clock = Arc::new(SystemClock) as Arc<dyn Clock>;
+    let clock = Arc::new(SystemClock::new()) as Arc<dyn Clock>;
     let ledger = Arc::new(Ledger::new(
         LedgerConfig::default(),
         w.clone(),
