@@ -63,6 +63,9 @@ quiet_check() {
         sleep 5; waited=$((waited + 5))
     done
     LOAD_AT_START="$(loadavg)"
+    # What else ran at the start, as top saw it over half a second.
+    BUSY_AT_START="$(top -bn2 -d0.5 2>/dev/null | awk '/^ *PID/ { n++; next }
+        n == 2 && $9 + 0 >= 10 { printf "%s%s %s %%", sep, $12, $9; sep = ", " }' | head -c 300 || true)"
     others="$(pgrep -c -x rustc || true)"
     RUSTC_AT_START="${others:-0}"
     if awk -v l="$LOAD_AT_START" 'BEGIN{exit !(l >= 0.5)}' || [ "${others:-0}" != 0 ]; then

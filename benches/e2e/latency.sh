@@ -280,7 +280,8 @@ sum() { awk '{for (i = 1; i <= NF; i++) if ($i != "–") n += $i} END{print n+0}
     echo "# tollgate open-loop latency benchmark"
     echo
     echo "$(date -u '+%Y-%m-%d %H:%M UTC'), tollgate $(revision), $(machine_line),"
-    echo "load average at start $LOAD_AT_START ($RUSTC_AT_START rustc processes running). $OHA_V (generator),"
+    echo "load average at start $LOAD_AT_START ($RUSTC_AT_START rustc processes running; busiest processes then: ${BUSY_AT_START:-none above 10 %})."
+    echo "$OHA_V (generator),"
     echo "$(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2) (nginx's peak), $("$NGINX" -v 2>&1 | cut -d' ' -f3)."
     echo
     echo "Command: \`$COMMAND\`, i.e. per run"
@@ -298,6 +299,8 @@ sum() { awk '{for (i = 1; i <= NF; i++) if ($i != "–") n += $i} END{print n+0}
     echo "(tollgate_requests_total other than forwarded/settled/ok), summed over the rounds; \"log\" = new lines in tollgate's"
     echo "stderr (RUST_LOG=warn) or nginx's error log during the measured runs, summed. CPU per answered request from"
     echo "/proc (proxy: utime+stime; nginx master+worker) and bash's time (oha, the generator: it shares the CPUs too)."
+    echo "**overloaded**: the median achieved rate is below 98 % of the offered one: the target cannot keep up, the due"
+    echo "requests queue and the latency grows for as long as the run lasts (seconds, not a property of the proxy hop)."
     for pct in "${PCTS[@]}"; do
         echo
         echo "## ${pct} % of nginx's peak: ${RATE[$pct]} req/s offered"
@@ -314,8 +317,12 @@ sum() { awk '{for (i = 1; i <= NF; i++) if ($i != "–") n += $i} END{print n+0}
             fi
             bad="${BAD_OUT[$key]:-}"
             is_tollgate "$s" || bad="n/a"
+            over=""
             # shellcheck disable=SC2086
-            echo "| $(label "$s") | $(spread %.0f ${A_ACH[$key]}) | $(spread %.3f ${A_P50[$key]}) | $(spread %.3f ${A_P99[$key]}) | $(spread %.3f ${A_P999[$key]}) | $added | $(spread %.1f ${A_CPU[$key]}) | $(spread %.1f ${A_GCPU[$key]}) | $(sum ${A_GEN[$key]}) | ${bad:-0} | $(sum ${A_LOG[$key]}) |"
+            awk -v a="$(median ${A_ACH[$key]})" -v r="${RATE[$pct]}" 'BEGIN{exit !(a < 0.98 * r)}' &&
+                over=" **overloaded**"
+            # shellcheck disable=SC2086
+            echo "| $(label "$s") | $(spread %.0f ${A_ACH[$key]})$over | $(spread %.3f ${A_P50[$key]}) | $(spread %.3f ${A_P99[$key]}) | $(spread %.3f ${A_P999[$key]}) | $added | $(spread %.1f ${A_CPU[$key]}) | $(spread %.1f ${A_GCPU[$key]}) | $(sum ${A_GEN[$key]}) | ${bad:-0} | $(sum ${A_LOG[$key]}) |"
         done
     done
     if [[ " ${SCN[*]} " == *" direct "* ]] && [[ " ${SCN[*]} " == *" nginx "* ]]; then
