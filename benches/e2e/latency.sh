@@ -14,7 +14,7 @@
 # when a connection got round to sending it: a stall shows up in every
 # request that was due during it.
 #
-# The generator is oha (crates.io), installed into target/tools when absent,
+# The generator is oha (the `oha` crate), installed into target/tools when absent,
 # run as `oha -z DURATION -q RATE --latency-correction -c CONNECTIONS -w`:
 # a ticker task emits one due time every 1/RATE s into an unbounded queue,
 # the CONNECTIONS keep-alive connections take them in turn, and with
