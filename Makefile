@@ -108,3 +108,12 @@ bench-e2e: deps
 .PHONY: bench-memory
 bench-memory: deps
 	$(CARGO) bench --bench memory
+
+# Open-loop latency (issue 17): p50/p99/p99.9 of direct, nginx, tollgate
+# passthrough and sendmessage (async, sync) at 25/50/75 % of nginx's peak,
+# oha with --latency-correction (installed into target/tools when absent),
+# interleaved rounds; results in benches/e2e/latency.md.
+.PHONY: bench-latency
+bench-latency: deps
+	$(CARGO) build --release --bins
+	BENCH_COMMAND="make bench-latency" bash benches/e2e/latency.sh

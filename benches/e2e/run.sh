@@ -43,160 +43,25 @@
 # < 0.5 before starting; 0 = just warn), SKIP_HALF=1 skips phase 2.
 set -euo pipefail
 
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-ROOT="$(cd "$HERE/../.." && pwd)"
+BENCH=bench-e2e
 DURATION="${DURATION:-10s}"
 WARMUP="${WARMUP:-2s}"
 CONNECTIONS="${CONNECTIONS:-64}"
 WRK_THREADS="${WRK_THREADS:-1}"
-# One worker thread: on the 2-core reference VM, where wrk and ozeki-sim
-# take a core's worth between them, threads: 1 beat threads: 2 in every
-# tollgate scenario (less cross-thread waking; see results.md).
-TOLLGATE_THREADS="${TOLLGATE_THREADS:-1}"
-SIM_THREADS="${SIM_THREADS:-2}"
 HALF_DURATION="${HALF_DURATION:-$DURATION}"
-BIN_DIR="${BIN_DIR:-$ROOT/target/release}"
-RESULTS="${RESULTS:-$HERE/results.md}"
-QUIET_WAIT="${QUIET_WAIT:-0}"
 SKIP_HALF="${SKIP_HALF:-0}"
 ONLY="${ONLY:-}"   # e.g. ONLY="direct async" to run a subset (ratios need all)
 ROUNDS="${ROUNDS:-3}"
-BATCH_AGE_MS="${BATCH_AGE_MS:-2}"   # store.batch_age_max_ms (the default)
-SUDO=""
-[ "$(id -u)" = 0 ] || SUDO=sudo
+# Installs, ports, processes and the scenarios' set-ups (TOLLGATE_THREADS,
+# SIM_THREADS, BATCH_AGE_MS, BIN_DIR, QUIET_WAIT are read there).
+# shellcheck source=benches/e2e/common.sh
+. "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/common.sh"
+RESULTS="${RESULTS:-$HERE/results.md}"
 
-log() { printf '%s\n' "$*" >&2; }
-die() { log "bench-e2e: $*"; exit 1; }
-
-# ---------------------------------------------------------------- installs
-need_pkgs=()
-command -v wrk >/dev/null || need_pkgs+=(wrk)
-NGINX="$(command -v nginx || true)"
-[ -n "$NGINX" ] || [ -x /usr/sbin/nginx ] || need_pkgs+=(nginx)
-if [ ${#need_pkgs[@]} -gt 0 ]; then
-    log "installing ${need_pkgs[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    $SUDO apt-get install -y -qq "${need_pkgs[@]}" >/dev/null 2>&1 ||
-        { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${need_pkgs[@]}" >/dev/null; }
-    # The package starts a system nginx on port 80; we run our own.
-    $SUDO systemctl stop nginx >/dev/null 2>&1 || $SUDO service nginx stop >/dev/null 2>&1 || true
-fi
-NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
-[ -x "$NGINX" ] || die "nginx not found after install"
-for b in tollgate ozeki-sim; do
-    [ -x "$BIN_DIR/$b" ] || die "$BIN_DIR/$b missing: run 'cargo build --release --bins' (or make bench-e2e)"
-done
-
-# ------------------------------------------------------------- quiet check
-loadavg() { cut -d' ' -f1 /proc/loadavg; }
-waited=0
-while awk -v l="$(loadavg)" 'BEGIN{exit !(l >= 0.5)}' && [ "$waited" -lt "$QUIET_WAIT" ]; do
-    sleep 5; waited=$((waited + 5))
-done
-LOAD_AT_START="$(loadavg)"
-OTHERS="$(pgrep -c -x rustc || true)"
-if awk -v l="$LOAD_AT_START" 'BEGIN{exit !(l >= 0.5)}' || [ "${OTHERS:-0}" != 0 ]; then
-    log "bench-e2e: WARNING: machine not quiet (load $LOAD_AT_START, $OTHERS rustc running); ratios are still side by side"
-fi
-
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/tollgate-e2e.XXXXXX")"
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]:-}"; do
-        [ -n "$p" ] && kill "$p" 2>/dev/null || true
-    done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT INT TERM
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null ||
-        echo $((20000 + RANDOM % 20000))
-}
-
-wait_port() { # host:port [seconds]
-    local deadline=$((SECONDS + ${2:-30}))
-    until (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null; do
-        [ $SECONDS -lt $deadline ] || die "nothing listens on $1"
-        sleep 0.05
-    done
-}
-
-# utime+stime of a pid and its direct children, in clock ticks.
-cpu_ticks() {
-    local total=0 p
-    for p in "$@" $(for q in "$@"; do pgrep -P "$q" 2>/dev/null || true; done); do
-        [ -r "/proc/$p/stat" ] || continue
-        # Fields after the ")" of the command name: utime is 14, stime 15.
-        total=$((total + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12 + $13}')))
-    done
-    echo "$total"
-}
-TICKS="$(getconf CLK_TCK)"
-
-# ---------------------------------------------------------------- upstream
-SIM_PORT="$(free_port)"
-SIM="127.0.0.1:$SIM_PORT"
-"$BIN_DIR/ozeki-sim" --listen "$SIM" --no-record --threads "$SIM_THREADS" \
-    --user bench:benchpw:1000000 >"$WORK/sim.out" 2>"$WORK/sim.err" &
-SIM_PID=$!
-PIDS+=("$SIM_PID")
-wait_port "$SIM"
-
-SEND_PATH="/api?action=sendmessage&username=bench&password=benchpw&recipient=RCPT&messagetype=SMS:TEXT&messagedata=Hello+from+the+tollgate+benchmark"
-CREDITS_PATH="/api?action=getcredits&username=bench&password=benchpw"
-
-# ------------------------------------------------------------- the proxies
-NGINX_PID=""
-start_nginx() {
-    local dir="$WORK/nginx" port
-    port="$(free_port)"
-    mkdir -p "$dir"
-    sed -e "s|@DIR@|$dir|g" -e "s|@UPSTREAM@|$SIM|g" -e "s|@LISTEN@|127.0.0.1:$port|g" \
-        "$HERE/nginx.conf.tmpl" >"$dir/nginx.conf"
-    "$NGINX" -p "$dir" -c "$dir/nginx.conf" -e "$dir/nginx-error.log" 2>"$dir/stderr" &
-    NGINX_PID=$!
-    PIDS+=("$NGINX_PID")
-    wait_port "127.0.0.1:$port"
-    TARGET="127.0.0.1:$port"
-    TARGET_PIDS=("$NGINX_PID")
-}
-
-TG_PID=""
-TG_ADMIN=""
-TG_RUNS=0
-start_tollgate() { # mode durability [nostore]
-    local dir port admin store_yaml
-    TG_RUNS=$((TG_RUNS + 1))
-    dir="$WORK/tollgate-$TG_RUNS-$1-$2"
-    port="$(free_port)"
-    admin="$(free_port)"
-    mkdir -p "$dir/conf" "$dir/var"
-    store_yaml="store: { path: ../var/tollgate.db, batch_age_max_ms: $BATCH_AGE_MS }"
-    [ "${3:-}" = nostore ] && store_yaml="# no store: the ledger lives in memory only"
-    cp "$HERE/tariffs.yaml" "$dir/conf/"
-    sed -e "s|@MODE@|$1|" -e "s|@DURABILITY@|$2|" -e "s|@THREADS@|$TOLLGATE_THREADS|" \
-        -e "s|@LISTEN@|127.0.0.1:$port|" -e "s|@ADMIN@|127.0.0.1:$admin|" \
-        -e "s|@UPSTREAM@|$SIM|" -e "s|@STORE_YAML@|$store_yaml|" \
-        "$HERE/tollgate.yaml.tmpl" >"$dir/conf/tollgate.yaml"
-    echo benchpw | RUST_LOG=warn "$BIN_DIR/tollgate" accounts -c "$dir/conf/tollgate.yaml" \
-        add bench --anytime 1000000000000 >/dev/null
-    RUST_LOG=warn "$BIN_DIR/tollgate" run -c "$dir/conf/tollgate.yaml" >"$dir/stdout" 2>"$dir/stderr" &
-    TG_PID=$!
-    PIDS+=("$TG_PID")
-    wait_port "127.0.0.1:$port"
-    wait_port "127.0.0.1:$admin"
-    TARGET="127.0.0.1:$port"
-    TARGET_PIDS=("$TG_PID")
-    TG_ADMIN="127.0.0.1:$admin"
-    TG_DIR="$dir"
-}
-
-stop_pid() {
-    kill "$1" 2>/dev/null || true
-    wait "$1" 2>/dev/null || true
-}
+bench_install
+quiet_check
+bench_init
+start_sim
 
 # ---------------------------------------------------------------- measuring
 to_ms() { # "1.23ms" / "456.78us" / "1.02s" → milliseconds
@@ -233,26 +98,11 @@ run_wrk() {
         "$name" "$RPS" "$P50" "$P99" "$PROXY_US" "$SIM_US" "$ERRS")"
 }
 
-# The tollgate scenario did what it claims: count answers by outcome.
-outcomes() {
-    curl -s "http://$TG_ADMIN/metrics" |
-        awk '/^tollgate_requests_total\{/ && $NF > 0 {
-            match($0, /outcome="[^"]*"/); o = substr($0, RSTART+9, RLENGTH-10)
-            match($0, /action="[^"]*"/); a = substr($0, RSTART+8, RLENGTH-9)
-            printf "%s%s:%s=%d", sep, a, o, $NF; sep=" " }'
-}
-
 declare -A R_RPS R_P50 R_P99 R_ERR R_CPU R_SIM R_NOTE
 # Every round's values, space-separated, per scenario.
 declare -A A_RPS A_P50 A_P99 A_ERR A_CPU A_SIM
 
 want() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; }
-
-median() { # values... → the median ("–" stays "–")
-    printf '%s\n' "$@" | { grep -v '^–$' || true; } | sort -g | awk '{v[NR]=$1} END{
-        if (NR == 0) { print "–"; exit }
-        if (NR % 2) print v[(NR+1)/2]; else print (v[NR/2] + v[NR/2+1]) / 2 }'
-}
 
 measure() { # name path [duration]
     run_wrk "$1" "$2" "${3:-$DURATION}"
@@ -267,36 +117,26 @@ measure() { # name path [duration]
 }
 
 scenario() { # name → start target, measure, stop
-    local name="$1" path="$SEND_PATH"
-    TARGET_PIDS=()
-    case "$name" in
-        direct) TARGET="$SIM" ;;
-        nginx) start_nginx ;;
-        passthrough) start_tollgate passthrough async ;;
-        async) start_tollgate enforce async ;;
-        sync) start_tollgate enforce sync ;;
-        nostore) start_tollgate enforce async nostore ;;
-        getcredits) start_tollgate enforce async; path="$CREDITS_PATH" ;;
-    esac
-    measure "$name" "$path" "${2:-$DURATION}"
-    case "$name" in
-        nginx) stop_pid "$NGINX_PID" ;;
-        passthrough|async|sync|nostore|getcredits)
-            R_NOTE[$name]="${R_NOTE[$name]:+${R_NOTE[$name]}; }$(outcomes)"
-            log "              outcomes: ${R_NOTE[$name]}"
-            stop_pid "$TG_PID"
-            # wrk closing its connections at the end logs "Downstream
-            # ConnectionClosed"; anything else is worth a look.
-            grep -iE "error|panic" "$TG_DIR/stderr" | grep -v ConnectionClosed | head -3 >&2 || true
-            ;;
-    esac
+    local name="$1"
+    start_scenario "$name"
+    measure "$name" "$SCENARIO_PATH" "${2:-$DURATION}"
+    if is_tollgate "$name"; then
+        R_NOTE[$name]="${R_NOTE[$name]:+${R_NOTE[$name]}; }$(outcomes)"
+        log "              outcomes: ${R_NOTE[$name]}"
+        stop_scenario "$name"
+        # wrk closing its connections at the end logs "Downstream
+        # ConnectionClosed"; anything else is worth a look.
+        grep -iE "error|panic" "$TG_DIR/stderr" | grep -v ConnectionClosed | head -3 >&2 || true
+    else
+        stop_scenario "$name"
+    fi
 }
 
 log "bench-e2e: wrk -t$WRK_THREADS -c$CONNECTIONS -d$DURATION (warm-up $WARMUP), tollgate threads $TOLLGATE_THREADS, ozeki-sim threads $SIM_THREADS; load $LOAD_AT_START"
 ALL=(direct nginx passthrough async sync getcredits)
 # EXTRA=nostore adds tollgate `sendmessage` without a store (the cost of
 # the credit logic without SQLite), for a breakdown.
-[ -n "${EXTRA:-}" ] && ALL+=($EXTRA)
+if [ -n "${EXTRA:-}" ]; then read -ra extra <<<"$EXTRA"; ALL+=("${extra[@]}"); fi
 for round in $(seq 1 "$ROUNDS"); do
     log "-- round $round of $ROUNDS"
     for s in "${ALL[@]}"; do
@@ -318,14 +158,7 @@ if [ "$SKIP_HALF" != 1 ] && [ -n "${R_RPS[async]:-}" ]; then
     for round in $(seq 1 "$ROUNDS"); do
         for s in direct nginx passthrough async sync; do
             want "$s" || continue
-            TARGET_PIDS=()
-            case "$s" in
-                direct) TARGET="$SIM" ;;
-                nginx) start_nginx ;;
-                passthrough) start_tollgate passthrough async ;;
-                async) start_tollgate enforce async ;;
-                sync) start_tollgate enforce sync ;;
-            esac
+            start_scenario "$s"
             run_wrk "half-$s" "$SEND_PATH" "$HALF_DURATION"
             HA_RPS[$s]+=" $RPS"; HA_P50[$s]+=" $P50"; HA_P99[$s]+=" $P99"
             # shellcheck disable=SC2086
@@ -333,11 +166,7 @@ if [ "$SKIP_HALF" != 1 ] && [ -n "${R_RPS[async]:-}" ]; then
                 H_RPS[$s]="$(median ${HA_RPS[$s]})"; H_P50[$s]="$(median ${HA_P50[$s]})"
                 H_P99[$s]="$(median ${HA_P99[$s]})"
             }
-            case "$s" in
-                nginx) stop_pid "$NGINX_PID" ;;
-                direct) ;;
-                *) stop_pid "$TG_PID" ;;
-            esac
+            stop_scenario "$s"
         done
     done
     unset WRK_DELAY_MS
@@ -351,24 +180,10 @@ ratio() { # a b → a/b with 2 decimals, or "–"
         echo "–"
     fi
 }
-label() {
-    case "$1" in
-        direct) echo "1 direct to ozeki-sim" ;;
-        nginx) echo "2 nginx proxy_pass (1 worker, keepalive)" ;;
-        passthrough) echo "3 tollgate mode: passthrough" ;;
-        async) echo "4a tollgate sendmessage, durability: async" ;;
-        sync) echo "4b tollgate sendmessage, durability: sync" ;;
-        getcredits) echo "5 tollgate getcredits (local)" ;;
-        nostore) echo "(extra) tollgate sendmessage, no store" ;;
-    esac
-}
-
-REV="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
-DIRTY="$(git -C "$ROOT" status --porcelain 2>/dev/null | grep -q . && echo "+changes" || true)"
 {
     echo "# tollgate end-to-end benchmark"
     echo
-    echo "$(date -u '+%Y-%m-%d %H:%M UTC'), tollgate $REV$DIRTY, $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)),"
+    echo "$(date -u '+%Y-%m-%d %H:%M UTC'), tollgate $(revision), $(machine_line),"
     echo "load average at start $LOAD_AT_START. $(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2), $("$NGINX" -v 2>&1 | cut -d' ' -f3)."
     echo
     echo "Command: \`make bench-e2e\` (= \`benches/e2e/run.sh\`): wrk -t$WRK_THREADS -c$CONNECTIONS -d$DURATION --latency after a $WARMUP warm-up,"
