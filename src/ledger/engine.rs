@@ -374,6 +374,66 @@ impl Ledger {
         }
     }
 
+    /// Creates an account that starts with `opening_milli` in `bucket`, as
+    /// one operation: the account becomes visible with its balance (its
+    /// lock is held from before it is inserted until the opening `add`
+    /// entry is recorded), so nobody sees it empty, and a retry finds it
+    /// open *with* the balance — the opening can never be skipped or
+    /// applied twice. `opening_milli` must not be negative; 0 records no
+    /// entry (like [`Self::open_account`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn open_account_with_balance(
+        &self,
+        name: &str,
+        parent: Option<&str>,
+        role: Role,
+        tariff_class: Option<&str>,
+        bucket: Bucket,
+        opening_milli: i64,
+        reference: Option<&str>,
+    ) -> Result<(), LedgerError> {
+        validate_account_name(name)?;
+        if opening_milli < 0 {
+            return Err(LedgerError::InvalidAmount(
+                "an opening balance cannot be negative".into(),
+            ));
+        }
+        if let Some(p) = parent {
+            self.cell(p)?;
+        }
+        let opened = BucketBalance::default().checked_apply(opening_milli, 0)?;
+        let balances = AccountState {
+            profile: self.intern_profile(parent, tariff_class, role),
+            anytime: BucketBalance::default(),
+            offpeak: BucketBalance::default(),
+        };
+        let account = Arc::new(Account {
+            name: CompactString::from(name),
+            state: Mutex::new(balances),
+        });
+        // The account's lock first, then the shard's (one insert): anyone
+        // who finds the account waits for its opening balance.
+        let mut st = account.state.lock();
+        match self.accounts.entry(AccountKey(account.clone())) {
+            MapEntry::Occupied(_) => return Err(LedgerError::AccountExists(name.to_string())),
+            MapEntry::Vacant(slot) => {
+                slot.insert(());
+            }
+        }
+        if opening_milli != 0 {
+            self.apply_posted(
+                &mut st,
+                &account.name,
+                bucket,
+                opened,
+                opening_milli,
+                EntryKind::Add,
+                reference,
+            );
+        }
+        Ok(())
+    }
+
     /// Startup load from the store: creates or overwrites the account with
     /// exactly `view`, records no entry. The parent need not exist (yet).
     pub fn restore_account(&self, view: AccountView) {

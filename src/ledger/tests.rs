@@ -1251,3 +1251,56 @@ fn a_reservation_restored_before_its_account_resolves_once_the_account_exists() 
     assert_eq!(f.avail("late", Bucket::Anytime), 4 * C);
     assert!(f.ledger.reservation(ReservationId(11)).is_some());
 }
+
+#[test]
+fn an_account_opens_with_its_balance_in_one_operation_exactly_once() {
+    let f = fixture();
+    f.ledger
+        .open_account_with_balance(
+            "new",
+            None,
+            Role::User,
+            None,
+            Bucket::Anytime,
+            12 * C,
+            Some("adopt"),
+        )
+        .unwrap();
+    assert_eq!(f.avail("new", Bucket::Anytime), 12 * C);
+    let entries = f.sink.entries();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(
+        (
+            entries[0].kind,
+            entries[0].amount_milli,
+            entries[0].reference.as_deref()
+        ),
+        (EntryKind::Add, 12 * C, Some("adopt"))
+    );
+    // A second opening (a retry) changes nothing.
+    assert!(matches!(
+        f.ledger.open_account_with_balance(
+            "new",
+            None,
+            Role::User,
+            None,
+            Bucket::Anytime,
+            12 * C,
+            None
+        ),
+        Err(LedgerError::AccountExists(_))
+    ));
+    assert_eq!(f.avail("new", Bucket::Anytime), 12 * C);
+    assert_eq!(f.sink.len(), 1);
+    // Zero records nothing; a negative opening is refused.
+    f.ledger
+        .open_account_with_balance("zero", None, Role::User, None, Bucket::OffPeak, 0, None)
+        .unwrap();
+    assert_eq!(f.sink.len(), 1);
+    assert!(f
+        .ledger
+        .open_account_with_balance("neg", None, Role::User, None, Bucket::Anytime, -1, None)
+        .is_err());
+    assert!(f.ledger.account("neg").is_none());
+    assert_eq!(f.ledger.total_posted_milli(), 12 * C);
+}
