@@ -15,7 +15,7 @@
 //!   made durable (a `pending` row, committed with `synchronous=FULL`)
 //!   **before** the request can change a balance or reach the gateway.
 //! - When it ends, its answer (status, headers, body) is stored (`done`),
-//!   unless nothing happened (see [`releases`]: refused before any change,
+//!   unless nothing happened (see `service::Outcome::changed_nothing`: refused before any change,
 //!   e.g. `auth_failed`, `rate_limited`, `insufficient_credit`), in which
 //!   case the key is released and a retry runs afresh.
 //! - A retry with the same fingerprint (a hash of method, path, query and
@@ -203,29 +203,6 @@ pub fn fingerprint(parts: &[&[u8]]) -> Fingerprint {
         h.update(p);
     }
     *h.finalize().as_bytes()
-}
-
-/// Whether a request that ended with `outcome` changed nothing (no balance
-/// moved, nothing reached the gateway), so its key is released rather than
-/// bound to the answer: a retry then runs afresh, and still cannot be
-/// charged twice. `store_unavailable` is such an outcome for a send (its
-/// reservation was refused or voided) but not for a credit change (the
-/// change may be made in memory and queued, only not yet acknowledged).
-pub fn releases(action: &str, outcome: &str) -> bool {
-    match outcome {
-        "auth_failed"
-        | "rate_limited"
-        | "invalid_request"
-        | "unknown_account"
-        | "forbidden"
-        | "insufficient_credit"
-        | "not_a_subaccount"
-        | "upstream_unavailable"
-        | "body_too_large"
-        | "fault" => true,
-        "store_unavailable" => action == "sendmessage",
-        _ => false,
-    }
 }
 
 /// An answer as first sent.
@@ -1108,16 +1085,12 @@ mod tests {
     }
 
     #[test]
-    fn keys_and_release_rules() {
+    fn keys_and_fingerprints() {
         assert!(valid_key(b"3f2a-uuid"));
         assert!(!valid_key(b""));
         assert!(!valid_key(b"has space"));
         assert!(!valid_key(&[b'a'; 256]));
         assert!(valid_key(&[b'a'; 255]));
-        assert!(releases("sendmessage", "store_unavailable"));
-        assert!(!releases("addcredits", "store_unavailable"));
-        assert!(!releases("sendmessage", "settled"));
-        assert!(releases("addcredits", "auth_failed"));
         assert_ne!(fingerprint(&[b"ab", b"c"]), fingerprint(&[b"a", b"bc"]));
         assert_eq!(
             sibling_path(Path::new("/var/lib/tollgate.db")),

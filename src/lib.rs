@@ -20,6 +20,7 @@ pub mod limits;
 pub mod metrics;
 pub mod money;
 pub mod proxy;
+pub mod redact;
 pub mod reload;
 pub mod server;
 pub mod service;

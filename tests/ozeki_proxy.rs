@@ -435,3 +435,31 @@ fn passthrough_mode_forwards_credit_actions_too() {
         "answered by the gateway, not tollgate"
     );
 }
+
+/// Issue 12: a send refused after pricing (credit, limits) logged no
+/// `cost_milli`; its access line says what it would have cost.
+#[test]
+fn a_refused_send_logs_what_it_would_have_cost() {
+    let (_sim, tg) = start_pair(&[], "");
+    let (status, body) = get(&tg.url(
+        "/api?action=sendmessage&username=poor&password=poor1&recipient=%2B36201111111&messagedata=hi",
+    ));
+    assert_eq!(status, 200);
+    assert!(body.contains("<statuscode>1001</statuscode>"), "{body}");
+    wait_until(
+        || {
+            tg.log()
+                .lines()
+                .any(|l| l.contains("outcome=\"insufficient_credit\""))
+        },
+        "the access line",
+    );
+    let line = tg
+        .log()
+        .lines()
+        .find(|l| l.contains("tollgate::access") && l.contains("insufficient_credit"))
+        .map(str::to_string)
+        .unwrap();
+    // "3620" costs 2 credits a part.
+    assert!(line.contains("cost_milli=2000"), "{line}");
+}

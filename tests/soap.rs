@@ -757,3 +757,58 @@ fn password_guessing_is_locked_out_per_address_and_user() {
         "no password in the log"
     );
 }
+
+/// Issue 12: the idempotent replay of a transfer checked the password
+/// without the per-(address, user) lockout, so while a pair was locked out
+/// the right password got the stored answer and a wrong one did not — a
+/// guesser learnt it had found the password. Every path consults the
+/// lockout first.
+#[test]
+fn a_locked_out_pair_learns_nothing_from_an_idempotency_key() {
+    let (_sim, tg) = start("limits: { auth_lockout: { failures: 3, window_s: 60, lock_s: 300 } }");
+    let action = format!("\"{NS}SubAccountGiveCredit\"");
+    let keyed = |password: &str| {
+        let body = envelope(
+            V::S11,
+            "SubAccountGiveCredit",
+            &[
+                ("Username", "master"),
+                ("Password", password),
+                ("SubAccount", "sub1"),
+                ("AnyTimeBalance", "1"),
+                ("OffPeakBalance", "0"),
+            ],
+        );
+        let r = client()
+            .post(tg.url(PATH))
+            .header("Content-Type", "text/xml; charset=utf-8")
+            .header("SOAPAction", action.as_str())
+            .header("Idempotency-Key", "transfer-1")
+            .body(body)
+            .send()
+            .unwrap();
+        (
+            r.status().as_u16(),
+            r.headers().contains_key("idempotent-replayed"),
+            r.text().unwrap(),
+        )
+    };
+    let (status, replayed, first) = keyed(PW);
+    assert_eq!((status, replayed), (200, false), "{first}");
+    assert_eq!(xml_field(&first, "Code").as_deref(), Some("0"));
+    for i in 0..3 {
+        balance(&tg, V::S11, "master", &format!("guess{i}"));
+    }
+    // Locked: the right and a wrong password get the same refusal.
+    let right = keyed(PW);
+    let wrong = keyed("guess9");
+    assert_eq!(right, wrong);
+    assert_eq!(
+        xml_field(&right.2, "Code").as_deref(),
+        Some("1002"),
+        "{}",
+        right.2
+    );
+    assert!(!right.1, "no replay for a locked pair");
+    assert_eq!(buckets(&tg, "sub1"), s("1", "0"), "moved once");
+}

@@ -41,8 +41,8 @@ use crate::api::boxis::{
 };
 use crate::config::BoxisConfig;
 use crate::error::ErrorCode;
-use crate::service::ozeki::LocalAnswer;
-use crate::service::App;
+use crate::service::respond::{self, Refusal, Reply, Shape};
+use crate::service::{App, Outcome};
 
 /// A Boxis user key: a secret that must be kept in clear. Never printed.
 #[derive(Clone)]
@@ -272,9 +272,14 @@ pub struct BoxisHttpRequest<'a> {
     pub body: &'a [u8],
 }
 
-/// The answer (HTTP 200 for every application error, as Boxis does) and
-/// the action label for metrics.
-pub fn handle(app: &App, req: &BoxisHttpRequest, now_s: i64) -> (&'static str, LocalAnswer) {
+/// The answer (HTTP 200 for every application error, as Boxis does),
+/// labelled with its action for metrics and the access line.
+pub fn handle(app: &App, req: &BoxisHttpRequest, now_s: i64) -> Reply {
+    let (label, reply) = answer(app, req, now_s);
+    reply.for_action(label)
+}
+
+fn answer(app: &App, req: &BoxisHttpRequest, now_s: i64) -> (&'static str, Reply) {
     let sniffed = sniff_return_type(req.body);
     if !req.method.eq_ignore_ascii_case("POST") {
         return (
@@ -415,12 +420,12 @@ pub fn handle(app: &App, req: &BoxisHttpRequest, now_s: i64) -> (&'static str, L
     };
     (
         label,
-        LocalAnswer {
-            status: 200,
-            content_type: render::content_type(rt),
-            body: render::success(rt, credit_milli, now_s),
-            outcome: "ok",
-        },
+        Reply::local(
+            200,
+            render::content_type(rt),
+            render::success(rt, credit_milli, now_s),
+            Outcome::Ok,
+        ),
     )
 }
 
@@ -447,22 +452,23 @@ fn price(app: &App, calc: &CalculateCredits, class: Option<&str>) -> Result<i64,
 }
 
 /// The answer to a body over `boxis.body_limit_bytes` (HTTP 413).
-pub fn too_large(body_prefix: &[u8], now_s: i64) -> LocalAnswer {
-    let rt = sniff_return_type(body_prefix);
-    LocalAnswer {
-        status: 413,
-        ..refuse(rt, ErrorCode::InvalidRequest, now_s, "body too large")
-    }
+pub fn too_large(body_prefix: &[u8], now_s: i64) -> Reply {
+    let shape = Shape::Boxis {
+        return_type: sniff_return_type(body_prefix),
+        now_s,
+    };
+    let refusal = Refusal::with_text(ErrorCode::InvalidRequest, "body too large")
+        .status(413)
+        .outcome(Outcome::BodyTooLarge);
+    respond::refuse(shape, refusal).for_action("other")
 }
 
-fn refuse(rt: ReturnType, code: ErrorCode, now_s: i64, reason: &str) -> LocalAnswer {
-    tracing::debug!(code = code.name(), reason, "boxis request refused");
-    LocalAnswer {
-        status: 200,
-        content_type: render::content_type(rt),
-        body: render::error(rt, code, now_s),
-        outcome: code.name(),
-    }
+fn refuse(rt: ReturnType, code: ErrorCode, now_s: i64, reason: &str) -> Reply {
+    let shape = Shape::Boxis {
+        return_type: rt,
+        now_s,
+    };
+    respond::refuse(shape, Refusal::with_text(code, reason))
 }
 
 /// The answer format of a body that could not be parsed: JSON only if it

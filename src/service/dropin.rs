@@ -243,9 +243,9 @@ async fn ask_gateway(app: &App, username: &str, password: &str) -> Result<Option
         Some(2),
     )
     .map_err(|e| format!("building the request: {:?}", e.etype()))?;
-    req.insert_header("Host", app.upstream.address().to_string())
+    req.insert_header("Host", app.config.upstream.address.to_string())
         .map_err(|e| format!("building the request: {:?}", e.etype()))?;
-    match app.upstream.forward(&req, Bytes::new(), None).await {
+    match app.gateway.forward(&req, Bytes::new(), None).await {
         Forwarded::Answered { header, body, .. } => {
             if !header.status.is_success() {
                 return Err(format!("gateway answered HTTP {}", header.status.as_u16()));
@@ -277,28 +277,45 @@ pub fn read_credits_answer(body: &[u8]) -> Result<Option<i64>, String> {
     Err("answer has neither a balance nor an error".into())
 }
 
-/// Opens the verified account (importing its balance if configured), then
-/// stores the verified credentials — in that order, so no request is
-/// authenticated before the balance is there.
+/// Opens the verified account with its imported balance (if configured)
+/// as one ledger operation, then stores the verified credentials — in that
+/// order, so no request is authenticated before the balance is there.
+///
+/// Back-pressure comes first, before anything changes; a refusal there
+/// leaves the account unopened, so the next request tries again. Once
+/// opened, the account holds its balance: an import whose commit did not
+/// come in time is made in memory and stays queued (it commits when the
+/// store recovers), and a retry finds the account with its balance — the
+/// gateway's balance is never lost nor imported twice.
 async fn adopt(app: &App, username: &str, password: &str, balance_milli: i64) -> Verification {
     if app.ledger.account(username).is_none() {
-        match app.ledger.open_account(username, None, Role::User, None) {
+        let imported_milli = if app.config.auth.adopt_balance {
+            balance_milli.max(0)
+        } else {
+            0
+        };
+        if imported_milli > 0 {
+            if let Err(code) = app.admit_change().await {
+                tracing::warn!(
+                    account = username,
+                    code = code.name(),
+                    "adopting: the store is behind; not adopted yet"
+                );
+                return Verification::Unavailable;
+            }
+        }
+        match app.ledger.open_account_with_balance(
+            username,
+            None,
+            Role::User,
+            None,
+            Bucket::Anytime,
+            imported_milli,
+            Some("adopt"),
+        ) {
             Ok(()) => {
-                if app.config.auth.adopt_balance && balance_milli > 0 {
-                    if let Err(code) = app.admit_change().await {
-                        tracing::warn!(
-                            account = username,
-                            code = code.name(),
-                            "adopting: balance not imported"
-                        );
-                        return Verification::Unavailable;
-                    }
-                    if let Err(e) =
-                        app.ledger
-                            .add(username, Bucket::Anytime, balance_milli, Some("adopt"))
-                    {
-                        tracing::warn!(account = username, error = %e, "adopting: balance not imported");
-                    } else if let Err(code) = app.change_durable().await {
+                if imported_milli > 0 {
+                    if let Err(code) = app.change_durable().await {
                         tracing::warn!(
                             account = username,
                             code = code.name(),
@@ -308,11 +325,7 @@ async fn adopt(app: &App, username: &str, password: &str, balance_milli: i64) ->
                 }
                 tracing::info!(
                     account = username,
-                    imported_milli = if app.config.auth.adopt_balance {
-                        balance_milli.max(0)
-                    } else {
-                        0
-                    },
+                    imported_milli,
                     "account adopted from the gateway"
                 );
             }

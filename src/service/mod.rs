@@ -1,15 +1,34 @@
-//! The application layer: the state every front door shares and the
-//! decisions that join a parsed request to the ledger.
+//! The application layer: the state every front door shares, and the one
+//! entry point that owns each request's whole decision.
 //!
-//! Front doors (`api/`) turn bytes into typed commands and typed answers
-//! into bytes; this layer decides what a command does to the ledger and what
-//! the answer is. It knows HTTP only as status codes; the pingora glue in
-//! `proxy.rs` moves the bytes.
+//! The proxy builds a [`Request`] (door, head, body, client address,
+//! request id) and calls [`handle`]; the service parses it with the front
+//! door's parser (`api/`), runs it through the idempotency wrapper, the
+//! lockout and authentication, pricing, limits, the reservation, the
+//! gateway ([`Gateway`](crate::upstream::Gateway)) and settlement, and
+//! returns the [`Reply`] to write — never the other way round: nothing
+//! here calls back into the proxy. Refusals are values rendered by
+//! [`respond`]; outcomes are the closed [`Outcome`] set.
+//!
+//! Module map: `ozeki` (the Ozeki door and its credit actions), `send`
+//! (`sendmessage`), `receive` (priced `receivemessage`), `forward` (the
+//! gateway round trip), `boxis`, `soap` (the other doors), `dropin`
+//! (authentication and drop-in adoption), `idempotent` (the key wrapper),
+//! `respond` (every answer's shape), `outcome`.
 
 pub mod boxis;
 pub mod dropin;
+pub mod forward;
+pub mod idempotent;
+pub mod outcome;
 pub mod ozeki;
+pub mod receive;
+pub mod respond;
+pub mod send;
 pub mod soap;
+
+pub use outcome::Outcome;
+pub use respond::{AccessLog, Refusal, Reply, Shape};
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,12 +43,12 @@ use crate::config::{Config, Durability, Mode};
 use crate::error::ErrorCode;
 use crate::idempotency::Idempotency;
 use crate::ledger::{Entry, EntrySink, Ledger};
-use crate::limits::{Limiter, LimitsConfig, Refusal};
+use crate::limits::{self, Limiter, LimitsConfig};
 use crate::metrics::Metrics;
 use crate::store::fence::NotOwner;
 use crate::store::WriteBehind;
 use crate::tariff::{Tariff, TariffError};
-use crate::upstream::Upstream;
+use crate::upstream::{Gateway, Upstream};
 
 /// What a request runs with from start to end, swapped whole on reload
 /// (SPEC 5.2): a request keeps the snapshot it started with.
@@ -59,7 +78,11 @@ pub struct App {
     pub ledger: Arc<Ledger>,
     pub credentials: Arc<CredentialStore>,
     pub snapshot: ArcSwap<Snapshot>,
-    pub upstream: Upstream,
+    /// The gateway as tollgate's own keep-alive pool (its `peer` is what
+    /// pingora's streamed path connects to).
+    pub upstream: Arc<Upstream>,
+    /// Where forwarded requests go: `upstream`, or a test's fake gateway.
+    pub gateway: Arc<dyn Gateway>,
     pub metrics: Arc<Metrics>,
     /// The Boxis door's user keys and replay cache (seeded at startup).
     pub boxis: boxis::BoxisState,
@@ -94,7 +117,8 @@ impl App {
         clock: Arc<dyn Clock>,
     ) -> Self {
         metrics.set_tariff_version(tariff.version(), clock.now_unix_ms() / 1000);
-        let upstream = Upstream::new(&config.upstream);
+        let upstream = Arc::new(Upstream::new(&config.upstream));
+        let gateway: Arc<dyn Gateway> = upstream.clone();
         let boxis = boxis::BoxisState::new(&config.boxis);
         let snapshot = ArcSwap::from_pointee(Snapshot {
             mode: config.mode,
@@ -133,6 +157,7 @@ impl App {
             credentials,
             snapshot,
             upstream,
+            gateway,
             metrics,
             boxis,
             started_unix_ms: clock.now_unix_ms(),
@@ -299,7 +324,7 @@ impl App {
         snapshot: &Snapshot,
         ip: Option<IpAddr>,
         username: &str,
-    ) -> Result<(), Refusal> {
+    ) -> Result<(), limits::Refusal> {
         let shadow = snapshot.mode == Mode::Shadow;
         self.limiter
             .check_lockout(&snapshot.limits, ip, username, shadow)
@@ -318,6 +343,16 @@ impl App {
             self.limiter.auth_succeeded(ip, username);
         } else {
             self.limiter.auth_failed(&snapshot.limits, ip, username);
+        }
+    }
+
+    /// Bounds on the Ozeki door's parameters. The body limit already bounds
+    /// memory; a tighter per-value limit would make tollgate visible by
+    /// refusing requests it does not own.
+    pub fn ozeki_param_limits(&self) -> crate::api::ozeki::ParamLimits {
+        crate::api::ozeki::ParamLimits {
+            max_value_len: self.config.ozeki.body_limit_bytes,
+            ..Default::default()
         }
     }
 
@@ -347,3 +382,236 @@ impl EntrySink for MetricsSink {
         self.next.record(entries);
     }
 }
+
+// ---------------------------------------------------------------------------
+// The request path
+// ---------------------------------------------------------------------------
+
+/// Which front door a request came to (`api::owned::Router` decides).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Door {
+    Ozeki,
+    Boxis,
+    Soap,
+}
+
+impl Door {
+    /// The `front_door` label of metrics and the access line.
+    pub fn label(self) -> &'static str {
+        match self {
+            Door::Ozeki => "ozeki",
+            Door::Boxis => "boxis",
+            Door::Soap => "soap",
+        }
+    }
+}
+
+/// One request, read whole, as the service sees it.
+pub struct Request<'a> {
+    pub door: Door,
+    /// Method, path, query and headers as the client sent them (forwarded
+    /// with their original case and order).
+    pub head: &'a pingora::http::RequestHeader,
+    pub body: bytes::Bytes,
+    pub client_ip: Option<IpAddr>,
+    /// Unique, short, free of client data: the reference of the ledger's
+    /// entries and of the access line.
+    pub request_id: String,
+    /// A per-address limit admission refused the request with (answered
+    /// in the door's shape).
+    pub limited: Option<limits::Refusal>,
+    /// Ozeki parameters already read from the query of a request without
+    /// a body (see [`intake`]).
+    pub params: Option<crate::api::ozeki::params::Params>,
+}
+
+/// Serves one request (see the module docs).
+pub async fn handle(app: &App, req: Request<'_>) -> Reply {
+    let snapshot = app.snapshot.load_full();
+    match req.door {
+        Door::Ozeki => {
+            let params = match req.params.clone() {
+                Some(p) => Ok(p),
+                None => ozeki_params(app, &req),
+            };
+            match params {
+                Ok(params) => ozeki::handle(app, &snapshot, &req, params).await,
+                Err(e) => {
+                    // Malformed encoding: refused, never forwarded — the
+                    // gateway might read it differently than we did.
+                    let query = req.head.uri.query().map(str::as_bytes);
+                    let action =
+                        crate::api::ozeki::sniff_action(query, Some(&req.body)).unwrap_or_default();
+                    respond::refuse(Shape::Ozeki { action: &action }, Refusal::invalid(e))
+                        .for_action(action_label(&action))
+                }
+            }
+        }
+        Door::Boxis => {
+            let header = |name| req.head.headers.get(name).and_then(|v| v.to_str().ok());
+            let boxis_req = boxis::BoxisHttpRequest {
+                client_ip: req.client_ip,
+                method: req.head.method.as_str(),
+                content_type: header(http::header::CONTENT_TYPE),
+                body: &req.body,
+            };
+            boxis::handle(app, &boxis_req, app.clock.now_unix_ms().div_euclid(1000))
+        }
+        Door::Soap => {
+            let header = |name: &str| req.head.headers.get(name).and_then(|v| v.to_str().ok());
+            let soap_req = soap::SoapHttpRequest {
+                request: &req,
+                client_ip: req.client_ip,
+                method: req.head.method.as_str(),
+                query: req.head.uri.query(),
+                host: header("host"),
+                content_type: header("content-type"),
+                soap_action: header("soapaction"),
+                body: &req.body,
+            };
+            soap::handle(app, &soap_req).await
+        }
+    }
+}
+
+/// The answer to a body over its door's limit, in the door's shape
+/// (Ozeki: plain text, as before any parameter is read).
+pub fn too_large(app: &App, door: Door, head: &pingora::http::RequestHeader) -> Reply {
+    let content_type = head
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let mut reply = match door {
+        Door::Boxis => boxis::too_large(&[], app.clock.now_unix_ms().div_euclid(1000)),
+        Door::Soap => soap::too_large(content_type),
+        Door::Ozeki => Reply::local(
+            413,
+            respond::CONTENT_TYPE_TEXT,
+            bytes::Bytes::from_static(b"Request body too large\n"),
+            Outcome::BodyTooLarge,
+        ),
+    };
+    reply.close = true;
+    reply
+}
+
+/// The Ozeki parameters of a request whose body was read: the query and
+/// the body, whatever its `Content-Type` says (a `multipart/form-data`
+/// body as its fields, anything else as a form), so that a send cannot
+/// hide behind a content type.
+fn ozeki_params(
+    app: &App,
+    req: &Request<'_>,
+) -> Result<crate::api::ozeki::params::Params, crate::api::ozeki::ParamError> {
+    use crate::api::multipart;
+    use crate::api::ozeki::params::{parse_params, parse_params_and_fields};
+    let limits = app.ozeki_param_limits();
+    let query = req.head.uri.query().map(str::as_bytes);
+    let content_type = req
+        .head
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    match content_type {
+        Some(ct) if !req.body.is_empty() && multipart::is_multipart(ct) => {
+            let boundary = multipart::boundary(ct)?;
+            let fields = multipart::parse(&req.body, &boundary, limits.max_params)?;
+            parse_params_and_fields(query, &fields, &limits)
+        }
+        _ => parse_params(query, Some(&req.body), &limits),
+    }
+}
+
+/// What to do with an Ozeki request before its body is read.
+pub enum Intake {
+    /// Not tollgate's: stream it to the gateway untouched (labelled with
+    /// its action).
+    Stream { action: &'static str },
+    /// Read the body and [`handle`] it.
+    Read,
+    /// No body; its query, already read, is tollgate's to [`handle`].
+    Parsed(crate::api::ozeki::params::Params),
+}
+
+/// Decides [`Intake`]: a request without a body whose query names no
+/// owned action (nor a priced `receivemessage`) streams, unless admission
+/// refused it; anything else is read and handled (a query that cannot be
+/// read is refused by [`handle`]).
+pub fn intake(
+    app: &App,
+    snapshot: &Snapshot,
+    query: Option<&str>,
+    has_body: bool,
+    limited: bool,
+) -> Intake {
+    use crate::api::ozeki::command::{action_of, names_owned_action};
+    if has_body {
+        return Intake::Read;
+    }
+    let Ok(params) = crate::api::ozeki::params::parse_params(
+        query.map(str::as_bytes),
+        None,
+        &app.ozeki_param_limits(),
+    ) else {
+        return Intake::Read;
+    };
+    let priced_receive = snapshot.tariff.receive_price_milli() > 0
+        && crate::api::ozeki::inbox::names_receive(&params);
+    if names_owned_action(&params) || priced_receive || limited {
+        return Intake::Parsed(params);
+    }
+    Intake::Stream {
+        action: action_label(&action_of(&params).unwrap_or_default()),
+    }
+}
+
+/// What admission (SPEC 7) decided for a request, before anything is
+/// parsed: the per-address place held while it runs, and a refusal by the
+/// per-address concurrency or rate limit.
+pub struct Admission {
+    /// Released when the request ends.
+    pub active: Option<crate::limits::ActiveGuard>,
+    pub limited: Option<limits::Refusal>,
+}
+
+/// Per-address concurrency, then rate, for every request outside
+/// `mode: passthrough` (in shadow mode the limiter only counts).
+pub fn admit(app: &App, snapshot: &Snapshot, ip: Option<IpAddr>) -> Admission {
+    let shadow = snapshot.mode == Mode::Shadow;
+    let active = match app.limiter.enter_request(&snapshot.limits, ip, shadow) {
+        Ok(guard) => guard,
+        Err(refusal) => {
+            return Admission {
+                active: None,
+                limited: Some(refusal),
+            }
+        }
+    };
+    let limited = app
+        .limiter
+        .check_source_ip(&snapshot.limits, ip, shadow)
+        .err();
+    Admission { active, limited }
+}
+
+/// Bounded label values: known Ozeki actions by name, anything else
+/// `other` (an empty action stays empty: the access line shows `-`).
+pub fn action_label(action: &str) -> &'static str {
+    const KNOWN: [&str; 7] = [
+        "getcredits",
+        "setcredits",
+        "addcredits",
+        "sendmessage",
+        "receivemessage",
+        "reporting",
+        "deletemessage",
+    ];
+    match KNOWN.iter().find(|k| **k == action) {
+        Some(k) => k,
+        None if action.is_empty() => "",
+        None => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -27,22 +27,26 @@
 use std::net::IpAddr;
 
 use crate::api::soap::{
-    balance_response, call_from_envelope, check_action, fault, give_credit_response,
-    parse_envelope, wsdl, BalanceAnswer, Call, CallError, EnvelopeLimits, FaultKind,
-    GiveCreditAnswer, OperationName, SoapCredentials, SoapVersion,
+    balance_response, call_from_envelope, check_action, give_credit_response, parse_envelope, wsdl,
+    BalanceAnswer, Call, CallError, EnvelopeLimits, FaultKind, GiveCreditAnswer, OperationName,
+    SoapCredentials, SoapVersion,
 };
 use crate::auth::AuthOutcome;
 use crate::error::ErrorCode;
+use crate::idempotency;
 use crate::ledger::{AccountView, LedgerError};
-use crate::service::ozeki::LocalAnswer;
-use crate::service::App;
+use crate::service::idempotent::{self, Keyed};
+use crate::service::respond::{self, Refusal, Reply, Shape, SOAP_FAULT_STATUS};
+use crate::service::{App, Outcome, Request};
 
 /// HTTP status of every SOAP Fault.
-pub const FAULT_STATUS: u16 = 500;
+pub const FAULT_STATUS: u16 = SOAP_FAULT_STATUS;
 
 /// The parts of an HTTP request the door looks at.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct SoapHttpRequest<'a> {
+    /// The whole request: its `Idempotency-Key`, its id for the ledger.
+    pub request: &'a Request<'a>,
     /// For the per-(IP, user) authentication lockout (SPEC 7).
     pub client_ip: Option<std::net::IpAddr>,
     pub method: &'a str,
@@ -53,12 +57,6 @@ pub struct SoapHttpRequest<'a> {
     /// SOAP 1.1 `SOAPAction` header.
     pub soap_action: Option<&'a str>,
     pub body: &'a [u8],
-}
-
-/// Whether a path is the SOAP endpoint (ASCII case-insensitive, as IIS
-/// paths are).
-pub fn is_soap_path(app: &App, path: &str) -> bool {
-    path.eq_ignore_ascii_case(&app.config.soap.path)
 }
 
 /// Whether the query string asks for the WSDL (`?WSDL`, `?wsdl`, …).
@@ -97,40 +95,50 @@ pub fn version_of_content_type(
     Some((version, action))
 }
 
-fn fault_answer(version: SoapVersion, kind: FaultKind, reason: &str, status: u16) -> LocalAnswer {
-    LocalAnswer {
-        status,
-        content_type: version.content_type(),
-        body: fault(version, kind, reason),
-        outcome: "fault",
-    }
+fn fault_answer(version: SoapVersion, kind: FaultKind, reason: &str, status: u16) -> Reply {
+    respond::refuse(
+        Shape::SoapFault { version, kind },
+        Refusal::with_text(ErrorCode::InvalidRequest, reason)
+            .status(status)
+            .outcome(Outcome::Fault),
+    )
 }
 
 /// The answer to a body over `soap.body_limit_bytes` (HTTP 413, a fault).
-pub fn too_large(content_type: Option<&str>) -> LocalAnswer {
+pub fn too_large(content_type: Option<&str>) -> Reply {
     let version = version_of_content_type(content_type)
         .map(|(v, _)| v)
         .unwrap_or(SoapVersion::V11);
-    fault_answer(version, FaultKind::Client, "request body too large", 413)
+    respond::refuse(
+        Shape::SoapFault {
+            version,
+            kind: FaultKind::Client,
+        },
+        Refusal::with_text(ErrorCode::InvalidRequest, "request body too large")
+            .status(413)
+            .outcome(Outcome::BodyTooLarge),
+    )
+    .for_action("other")
 }
 
-/// Serves one request on the SOAP path; returns the operation label for
-/// metrics and the answer.
-pub async fn handle(
-    app: &App,
-    req: &SoapHttpRequest<'_>,
-    request_id: &str,
-) -> (&'static str, LocalAnswer) {
+/// Serves one request on the SOAP path, labelled with its operation.
+pub async fn handle(app: &App, req: &SoapHttpRequest<'_>) -> Reply {
+    let (label, reply) = answer(app, req).await;
+    reply.for_action(label)
+}
+
+async fn answer(app: &App, req: &SoapHttpRequest<'_>) -> (&'static str, Reply) {
+    let request_id = req.request.request_id.as_str();
     if req.method.eq_ignore_ascii_case("GET") {
         return if wants_wsdl(req.query) {
             (
                 "wsdl",
-                LocalAnswer {
-                    status: 200,
-                    content_type: "text/xml; charset=utf-8",
-                    body: wsdl(&location(app, req.host)),
-                    outcome: "ok",
-                },
+                Reply::local(
+                    200,
+                    "text/xml; charset=utf-8",
+                    wsdl(&location(app, req.host)),
+                    Outcome::Ok,
+                ),
             )
         } else {
             ("help", help_page(app))
@@ -144,7 +152,8 @@ pub async fn handle(
                 FaultKind::Client,
                 "use POST (or GET ?WSDL)",
                 405,
-            ),
+            )
+            .with_header("Allow", "GET, POST"),
         );
     }
     let Some((version, action)) = version_of_content_type(req.content_type) else {
@@ -253,7 +262,24 @@ pub async fn handle(
                 credentials: &credentials,
                 ip: req.client_ip,
             };
-            give_credit(
+            // SPEC 3.4: the call's arguments are its fingerprint (the
+            // envelope's formatting and the password do not count).
+            let keyed = Keyed {
+                account: &credentials.username,
+                fingerprint: idempotency::fingerprint(&[
+                    b"soap:SubAccountGiveCredit",
+                    sub_account.as_bytes(),
+                    &anytime_milli.to_le_bytes(),
+                    &offpeak_milli.to_le_bytes(),
+                ]),
+                is_send: false,
+                shape: Shape::SoapFault {
+                    version,
+                    kind: FaultKind::Client,
+                },
+            };
+            let verify = async { authenticate(app, caller).await.is_ok() };
+            let transfer = give_credit(
                 app,
                 version,
                 caller,
@@ -261,20 +287,15 @@ pub async fn handle(
                 anytime_milli,
                 offpeak_milli,
                 request_id,
-            )
-            .await
+            );
+            idempotent::run(app, req.request.head, Some(keyed), verify, transfer).await
         }
     };
     (operation.label(), answer)
 }
 
-fn ok_answer(version: SoapVersion, body: String) -> LocalAnswer {
-    LocalAnswer {
-        status: 200,
-        content_type: version.content_type(),
-        body,
-        outcome: "ok",
-    }
+fn ok_answer(version: SoapVersion, body: String) -> Reply {
+    Reply::local(200, version.content_type(), body, Outcome::Ok)
 }
 
 /// An operation's response for a failure: `…Result` false, the code, and
@@ -286,43 +307,14 @@ fn failure_answer(
     text: &str,
     parent: Option<&AccountView>,
     sub: Option<&AccountView>,
-) -> LocalAnswer {
-    let available = |v: Option<&AccountView>| {
-        v.map(|v| (v.anytime.available_milli(), v.offpeak.available_milli()))
-            .unwrap_or((0, 0))
+) -> Reply {
+    let shape = Shape::SoapOperation {
+        version,
+        operation,
+        parent,
+        sub,
     };
-    let (pa, po) = available(parent);
-    let (sa, so) = available(sub);
-    let body = match operation {
-        OperationName::GetBalance => balance_response(
-            version,
-            &BalanceAnswer {
-                ok: false,
-                anytime_milli: pa,
-                offpeak_milli: po,
-                result_text: text.to_string(),
-                code: code.code(),
-            },
-        ),
-        OperationName::SubAccountGiveCredit => give_credit_response(
-            version,
-            &GiveCreditAnswer {
-                ok: false,
-                parent_anytime_milli: pa,
-                parent_offpeak_milli: po,
-                sub_anytime_milli: sa,
-                sub_offpeak_milli: so,
-                result_text: text.to_string(),
-                code: code.code(),
-            },
-        ),
-    };
-    LocalAnswer {
-        status: 200,
-        content_type: version.content_type(),
-        body,
-        outcome: code.name(),
-    }
+    respond::refuse(shape, Refusal::with_text(code, text))
 }
 
 /// Who calls: the credentials in the envelope and the address they came
@@ -357,7 +349,7 @@ async fn authenticate(app: &App, caller: Caller<'_>) -> Result<AccountView, Erro
         .ok_or(ErrorCode::UnknownAccount)
 }
 
-async fn get_balance(app: &App, version: SoapVersion, caller: Caller<'_>) -> LocalAnswer {
+async fn get_balance(app: &App, version: SoapVersion, caller: Caller<'_>) -> Reply {
     let op = OperationName::GetBalance;
     let view = match authenticate(app, caller).await {
         Ok(v) => v,
@@ -389,7 +381,7 @@ async fn give_credit(
     anytime_milli: i64,
     offpeak_milli: i64,
     request_id: &str,
-) -> LocalAnswer {
+) -> Reply {
     let op = OperationName::SubAccountGiveCredit;
     let caller = match authenticate(app, caller).await {
         Ok(v) => v,
@@ -476,7 +468,7 @@ fn location(app: &App, host: Option<&str>) -> String {
     format!("http://{host}{}", app.config.soap.path)
 }
 
-fn help_page(app: &App) -> LocalAnswer {
+fn help_page(app: &App) -> Reply {
     let path = &app.config.soap.path;
     let mut body = String::from(
         "<!DOCTYPE html>\n<html><head><title>Account</title></head><body>\n<h1>Account</h1>\n<ul>\n",
@@ -489,12 +481,7 @@ fn help_page(app: &App) -> LocalAnswer {
     body.push_str(&format!(
         "</ul>\n<p>Service description: <a href=\"{escaped}?WSDL\">{escaped}?WSDL</a></p>\n</body></html>\n"
     ));
-    LocalAnswer {
-        status: 200,
-        content_type: "text/html; charset=utf-8",
-        body,
-        outcome: "ok",
-    }
+    Reply::local(200, "text/html; charset=utf-8", body, Outcome::Ok)
 }
 
 #[cfg(test)]

@@ -37,6 +37,33 @@ pub use wire::HEAD_MAX_BYTES;
 /// few hundred bytes per recipient; 20 000 recipients stay far below this.
 pub const ANSWER_CAPTURE_MAX_BYTES: usize = 16 * 1024 * 1024;
 
+/// The SMS gateway as the service sees it: send a request, get what became
+/// of it. [`Upstream`] is the real one (tollgate's keep-alive pool); tests
+/// give the service a fake.
+#[async_trait::async_trait]
+pub trait Gateway: Send + Sync {
+    /// Sends the client's request with `body` (see [`Upstream::forward`])
+    /// and reads the whole answer; never retries once a byte was written.
+    async fn forward(
+        &self,
+        client: &RequestHeader,
+        body: Bytes,
+        client_ip: Option<std::net::IpAddr>,
+    ) -> Forwarded;
+}
+
+#[async_trait::async_trait]
+impl Gateway for Upstream {
+    async fn forward(
+        &self,
+        client: &RequestHeader,
+        body: Bytes,
+        client_ip: Option<std::net::IpAddr>,
+    ) -> Forwarded {
+        Upstream::forward(self, client, body, client_ip).await
+    }
+}
+
 /// Idle gateway connections kept for reuse.
 const POOL_MAX_IDLE: usize = 512;
 

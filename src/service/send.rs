@@ -1,0 +1,270 @@
+//! `sendmessage` (SPEC 1.3): authenticate, price every (recipient,
+//! message), apply the send limits, reserve all-or-nothing, make the
+//! reservation durable, forward the original bytes, settle from the
+//! gateway's answer, answer with the cost and balance headers.
+//!
+//! Failure modes:
+//! - refused before forwarding (credit, limits, the store, the gateway
+//!   down for drop-in authentication): nothing is reserved or forwarded,
+//!   and the access line still says what the send would have cost;
+//! - the connect failed (nothing written) → the reservation is voided;
+//! - the request may have been written but no usable answer came
+//!   (timeout, reset, unparseable 2xx, a report missing) → the
+//!   reservation stays reserved, *in doubt*, for an operator or the policy;
+//! - the request is dropped before it settles (client gone, panic, a
+//!   shutdown past its grace) → the [`ReservationGuard`] voids it before
+//!   forwarding began and puts it in doubt after.
+
+use crate::api::ozeki::answer::{match_reports, parse_send_answer, AnswerError};
+use crate::api::ozeki::command::SendMessage;
+use crate::config::{Mode, UnknownAccounts};
+use crate::error::ErrorCode;
+use crate::ledger::{BucketPreference, LedgerError, ReservationGuard};
+use crate::money::format_credits;
+use crate::service::dropin::Auth;
+use crate::service::forward::{forward, relay};
+use crate::service::ozeki::{authenticate, ledger_error_code};
+use crate::service::respond::{refuse, Refusal, Reply, Shape};
+use crate::service::{App, Outcome, Request, Snapshot};
+use crate::tariff::QuoteRequest;
+use crate::upstream::Forwarded;
+
+const ACTION: &str = "sendmessage";
+
+/// A priced send: what each message costs and what that adds up to.
+struct Priced {
+    shares: Vec<i64>,
+    parts: u64,
+    cost_milli: i64,
+    preference: BucketPreference,
+}
+
+/// Runs a send to its reply.
+pub async fn send(app: &App, snapshot: &Snapshot, req: &Request<'_>, send: SendMessage) -> Reply {
+    let shadow = snapshot.mode == Mode::Shadow;
+    let refused = |refusal: Refusal| refuse(Shape::OzekiSend(&send), refusal);
+    match authenticate(app, snapshot, req.client_ip, &send.credentials).await {
+        Auth::Verified => {}
+        Auth::Locked(limit) => return refused(Refusal::limited(limit)),
+        Auth::Unavailable => return refused(Refusal::new(ErrorCode::UpstreamUnavailable)),
+        Auth::Failed if app.config.auth.unknown_accounts == UnknownAccounts::Forward => {
+            return forward_unknown(app, snapshot, req, &send).await;
+        }
+        Auth::Failed => return refused(Refusal::new(ErrorCode::AuthFailed)),
+    }
+    let account = send.credentials.username.clone();
+    let Some(view) = app.ledger.account(&account) else {
+        return refused(Refusal::new(ErrorCode::UnknownAccount));
+    };
+    let priced = match price(app, snapshot, &send, view.tariff_class.as_deref()) {
+        Ok(p) => p,
+        Err(refusal) => return refused(refusal),
+    };
+    let cost = priced.cost_milli;
+    // From here every refusal is logged with what the send would have cost.
+    let refused = |refusal: Refusal| with_cost(refused(refusal), cost);
+
+    // SPEC 7: the account's parts rate, then the upstream cap, after
+    // pricing and before reserving (a refused send reserved nothing).
+    let mut permit =
+        match app
+            .limiter
+            .check_send(&snapshot.limits, Some(&account), priced.parts, shadow)
+        {
+            Ok(p) => p,
+            Err(limit) => return refused(Refusal::limited(limit)),
+        };
+    if shadow {
+        count_shadow(app, &view, &priced);
+        let forwarded = forward(app, req, ACTION).await;
+        return with_cost(relay(req, forwarded, Outcome::Forwarded, ACTION, &[]), cost);
+    }
+    if let Err(code) = app.admit_change().await {
+        permit.refund(&app.limiter);
+        return refused(Refusal::new(code));
+    }
+    let reserved = app.ledger.reserve(
+        &account,
+        &priced.shares,
+        priced.preference,
+        Some(&req.request_id),
+        Some(snapshot.tariff.version()),
+    );
+    let mut guard = match reserved {
+        Ok(id) => ReservationGuard::new(app.ledger.clone(), id),
+        Err(e) => {
+            // Nothing goes upstream: the parts are given back.
+            permit.refund(&app.limiter);
+            return refused(match e {
+                LedgerError::InsufficientCredit { .. } => Refusal::with_text(
+                    ErrorCode::InsufficientCredit,
+                    "Insufficient credit to send this message",
+                ),
+                e => Refusal::new(ledger_error_code(&e)),
+            });
+        }
+    };
+    let reservation_id = guard.id().0;
+    // SPEC 1.3 step 6: a reservation is durable before the request leaves;
+    // one the store did not commit in time is voided and the send refused
+    // locally, never forwarded.
+    if let Err(code) = app.change_durable().await {
+        if let Err(e) = guard.void() {
+            tracing::warn!(request_id = %req.request_id, error = %e, "voiding an unpersisted reservation");
+        }
+        permit.refund(&app.limiter);
+        return refused(Refusal::new(code));
+    }
+    // The parts are spent: the send goes upstream. From here a dropped
+    // request (client gone, shutdown) may belong to a sent message: in
+    // doubt, never void.
+    drop(permit);
+    guard.forwarding();
+    let forwarded = forward(app, req, ACTION).await;
+    let outcome = settle(guard, &send, &forwarded, &req.request_id);
+    let mut extra = vec![("X-Tollgate-Cost", format_credits(cost))];
+    if let Some(view) = app.ledger.account(&account) {
+        extra.push((
+            "X-Tollgate-Balance",
+            format_credits(view.anytime.available_milli()),
+        ));
+    }
+    let mut reply = with_cost(relay(req, forwarded, outcome, ACTION, &extra), cost);
+    reply.log.reservation_id = Some(reservation_id);
+    reply
+}
+
+fn with_cost(mut reply: Reply, cost_milli: i64) -> Reply {
+    reply.log.cost_milli = Some(cost_milli);
+    reply
+}
+
+/// Prices every (recipient, message) pair with one tariff snapshot, at the
+/// app's clock.
+fn price(
+    app: &App,
+    snapshot: &Snapshot,
+    send: &SendMessage,
+    class: Option<&str>,
+) -> Result<Priced, Refusal> {
+    let now = app.clock.now_unix_ms();
+    let tariff = &snapshot.tariff;
+    let mut shares = Vec::with_capacity(send.messages.len());
+    let mut parts: u64 = 0;
+    for m in &send.messages {
+        let quote = tariff
+            .quote(&QuoteRequest {
+                recipient: &m.recipient,
+                text: &m.text,
+                message_type: &m.message_type,
+                class,
+                at_unix_ms: now,
+            })
+            .map_err(Refusal::invalid)?;
+        parts = parts.saturating_add(u64::from(quote.parts));
+        shares.push(quote.total_milli);
+    }
+    Ok(Priced {
+        cost_milli: shares.iter().sum(),
+        shares,
+        parts,
+        preference: tariff.bucket_preference(now),
+    })
+}
+
+/// Shadow mode: what enforce mode would have done, counted.
+fn count_shadow(app: &App, view: &crate::ledger::AccountView, priced: &Priced) {
+    let payable = match priced.preference {
+        BucketPreference::AnytimeOnly => view.anytime.available_milli(),
+        BucketPreference::OffPeakFirst => {
+            view.anytime.available_milli() + view.offpeak.available_milli()
+        }
+    };
+    let decision = if payable >= priced.cost_milli {
+        "would_charge"
+    } else {
+        "would_refuse"
+    };
+    app.metrics
+        .shadow_decisions
+        .with_label_values(&[decision])
+        .inc();
+}
+
+/// `auth.unknown_accounts: forward`: uncharged, but it still loads the
+/// gateway's links, so the upstream cap counts one part per message.
+async fn forward_unknown(
+    app: &App,
+    snapshot: &Snapshot,
+    req: &Request<'_>,
+    send: &SendMessage,
+) -> Reply {
+    let parts = send.messages.len() as u64;
+    let shadow = snapshot.mode == Mode::Shadow;
+    if let Err(limit) = app
+        .limiter
+        .check_send(&snapshot.limits, None, parts, shadow)
+    {
+        return refuse(Shape::OzekiSend(send), Refusal::limited(limit));
+    }
+    app.metrics
+        .unknown_forwarded
+        .with_label_values(&[ACTION])
+        .inc();
+    let forwarded = forward(app, req, ACTION).await;
+    relay(req, forwarded, Outcome::Forwarded, ACTION, &[])
+}
+
+/// Settles a forwarded send from what the gateway did (SPEC 1.3 step 8).
+pub fn settle(
+    guard: ReservationGuard,
+    send: &SendMessage,
+    forwarded: &Forwarded,
+    request_id: &str,
+) -> Outcome {
+    let settled = match forwarded {
+        // Nothing reached the gateway: the outcome is the gateway's being
+        // unreachable (the reply says so), the reservation void.
+        Forwarded::NotSent(_) => guard
+            .void()
+            .map(|_| Outcome::Refused(ErrorCode::UpstreamUnavailable)),
+        Forwarded::Unknown(_) => guard.into_in_doubt().map(|_| Outcome::InDoubt),
+        Forwarded::Answered { header, body, .. } => {
+            let status = header.status.as_u16();
+            if (200..300).contains(&status) {
+                let per_message = parse_send_answer(body)
+                    .map(|reports| match_reports(&send.messages, send.batch, &reports));
+                match per_message {
+                    Ok(flags) if flags.iter().all(Option::is_some) => {
+                        let accepted: Vec<bool> = flags.into_iter().map(Option::unwrap).collect();
+                        guard
+                            .settle_shares(&accepted, Some(request_id))
+                            .map(|_| Outcome::Settled)
+                    }
+                    // An Ozeki error answer (no reports, an errorcode): the
+                    // gateway refused the request as a whole and sent nothing.
+                    Err(AnswerError::NoReports) if is_gateway_error(body) => {
+                        guard.void().map(|_| Outcome::Voided)
+                    }
+                    _ => guard.into_in_doubt().map(|_| Outcome::InDoubt),
+                }
+            } else if status >= 400 {
+                // The gateway refused the request as a whole: nothing was sent.
+                guard.void().map(|_| Outcome::Voided)
+            } else {
+                guard.into_in_doubt().map(|_| Outcome::InDoubt)
+            }
+        }
+    };
+    settled.unwrap_or_else(|e| {
+        // Only possible if an operator or the sweep resolved it first.
+        tracing::warn!(request_id, error = %e, "reservation already resolved");
+        Outcome::AlreadyResolved
+    })
+}
+
+/// Whether a 2xx body is Ozeki's whole-request error answer.
+fn is_gateway_error(body: &[u8]) -> bool {
+    let window = &body[..body.len().min(4096)];
+    window.windows(11).any(|w| w == b"<errorcode>")
+}
