@@ -7,6 +7,7 @@
 //! socket or touches a balance.
 
 pub mod accounts;
+pub mod limits;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -122,10 +123,10 @@ struct FileConfig {
     soap: FileSoap,
     /// Rate limits and lockout (SPEC 7); reloaded with the tariffs.
     #[serde(default)]
-    limits: crate::limits::config::FileLimits,
+    limits: limits::FileLimits,
     /// Client timeouts and header size.
     #[serde(default)]
-    downstream: crate::limits::config::FileDownstream,
+    downstream: limits::FileDownstream,
     /// `Idempotency-Key` handling (SPEC 3.4).
     #[serde(default)]
     idempotency: crate::idempotency::FileIdempotency,

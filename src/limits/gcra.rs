@@ -33,34 +33,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
 
-pub const NANOS_PER_S: u64 = 1_000_000_000;
+pub use crate::clock::NANOS_PER_S;
 
 /// Shortest time between two inline sweeps of a full table: a full table
 /// of active keys must not turn every new key into a full scan.
 pub const INLINE_SWEEP_EVERY_NS: u64 = 100_000_000;
 
-/// A rate in units per second with a burst, as GCRA intervals.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rate {
-    /// Nanoseconds one unit costs (`1 s / units_per_s`), at least 1.
-    pub interval_ns: u64,
-    /// How far the TAT may run ahead of now: `burst × interval_ns`.
-    pub tolerance_ns: u64,
-}
-
-impl Rate {
-    /// `units_per_s` must be positive and finite (config validation checks);
-    /// a burst of 0 counts as 1.
-    pub fn new(units_per_s: f64, burst: u32) -> Rate {
-        let interval = (NANOS_PER_S as f64 / units_per_s).round();
-        // At most ~146 years per unit; at least 1 ns.
-        let interval_ns = interval.clamp(1.0, (u64::MAX / 4) as f64) as u64;
-        Rate {
-            interval_ns,
-            tolerance_ns: interval_ns.saturating_mul(u64::from(burst.max(1))),
-        }
-    }
-}
+pub use crate::config::limits::Rate;
 
 /// What one check decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -20,13 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
 
-/// How many failures in which window lock a key, and for how long.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LockoutPolicy {
-    pub failures: u32,
-    pub window_ns: u64,
-    pub lock_ns: u64,
-}
+pub use crate::config::limits::LockoutPolicy;
 
 #[derive(Debug, Clone, Copy)]
 struct State {

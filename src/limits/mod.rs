@@ -31,7 +31,8 @@
 //! happens when a table is full. IPv6 clients are keyed by their /64 (one
 //! subscriber's allocation), IPv4 by address.
 
-pub mod config;
+/// The `limits:` and `downstream:` configuration (it lives in `config`).
+pub use crate::config::limits as config;
 pub mod gcra;
 pub mod lockout;
 

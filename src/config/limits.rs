@@ -27,9 +27,39 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::gcra::{Rate, NANOS_PER_S};
-use super::lockout::LockoutPolicy;
-use crate::config::ConfigError;
+use super::ConfigError;
+use crate::clock::NANOS_PER_S;
+
+/// A rate in units per second with a burst, as GCRA intervals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Nanoseconds one unit costs (`1 s / units_per_s`), at least 1.
+    pub interval_ns: u64,
+    /// How far the TAT may run ahead of now: `burst × interval_ns`.
+    pub tolerance_ns: u64,
+}
+
+impl Rate {
+    /// `units_per_s` must be positive and finite (config validation checks);
+    /// a burst of 0 counts as 1.
+    pub fn new(units_per_s: f64, burst: u32) -> Rate {
+        let interval = (NANOS_PER_S as f64 / units_per_s).round();
+        // At most ~146 years per unit; at least 1 ns.
+        let interval_ns = interval.clamp(1.0, (u64::MAX / 4) as f64) as u64;
+        Rate {
+            interval_ns,
+            tolerance_ns: interval_ns.saturating_mul(u64::from(burst.max(1))),
+        }
+    }
+}
+
+/// How many failures in which window lock a key, and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockoutPolicy {
+    pub failures: u32,
+    pub window_ns: u64,
+    pub lock_ns: u64,
+}
 
 /// Whether a rule refuses, only counts, or does nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
