@@ -113,6 +113,43 @@ impl Eq for CredentialKey {}
 /// further ones are kept as text.
 const PREFIXES_MAX: usize = 64;
 
+/// Coalesces concurrent work on one key (a MAC of credentials): one
+/// caller at a time runs for a key, the others wait their turn and then
+/// usually find its result cached. The gate of a key goes with its last
+/// caller, so the map holds only keys being worked on.
+#[derive(Default)]
+pub struct SingleFlight {
+    gates: DashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>,
+}
+
+impl SingleFlight {
+    /// Runs `work` when it is this caller's turn for `key`.
+    pub async fn run<T, F, W>(&self, key: [u8; 32], work: W) -> T
+    where
+        W: FnOnce() -> F,
+        F: std::future::Future<Output = T>,
+    {
+        let gate = self
+            .gates
+            .entry(key)
+            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
+            .clone();
+        let out = {
+            let _turn = gate.lock().await;
+            work().await
+        };
+        // The last one out removes the gate (the map holds one reference,
+        // this caller another).
+        self.gates.remove_if(&key, |_, g| Arc::strong_count(g) <= 2);
+        out
+    }
+
+    /// No work in progress.
+    pub fn is_empty(&self) -> bool {
+        self.gates.is_empty()
+    }
+}
+
 pub struct CredentialStore {
     /// Every account's credentials, found by name (see [`CredentialKey`]).
     /// A slot is one pointer: at the map's usual 45-85 % load that costs
@@ -125,7 +162,7 @@ pub struct CredentialStore {
     verified: DashMap<[u8; 32], (Arc<str>, u64)>,
     mac_key: [u8; 32],
     /// One gate per credentials being verified right now (single flight).
-    in_flight: DashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>,
+    in_flight: SingleFlight,
     cache_max_entries: usize,
     next_generation: AtomicU64,
     /// argon2 verifications run so far (exported as a metric).
@@ -151,7 +188,7 @@ impl CredentialStore {
             prefixes: parking_lot::Mutex::new(Vec::new()),
             verified: DashMap::new(),
             mac_key,
-            in_flight: DashMap::new(),
+            in_flight: SingleFlight::default(),
             cache_max_entries: cache_max_entries.max(1),
             next_generation: AtomicU64::new(1),
             argon2_runs: AtomicU64::new(0),
@@ -363,28 +400,21 @@ impl CredentialStore {
             return outcome;
         }
         let mac = self.mac(username, password);
-        let gate = self
-            .in_flight
-            .entry(mac)
-            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
-            .clone();
-        let outcome = {
-            let _turn = gate.lock().await;
-            match self.check_cached(username, password) {
-                Some(outcome) => outcome,
-                None => {
-                    let me = Arc::clone(self);
-                    let (u, p) = (username.to_string(), password.to_string());
-                    tokio::task::spawn_blocking(move || me.verify_slow(&u, &p))
-                        .await
-                        .unwrap_or(AuthOutcome::WrongPassword)
-                }
-            }
-        };
-        // The last one out removes the gate (the map holds one reference).
         self.in_flight
-            .remove_if(&mac, |_, g| Arc::strong_count(g) <= 2);
-        outcome
+            .run(mac, || async {
+                // Whoever held the gate before may have settled it.
+                match self.check_cached(username, password) {
+                    Some(outcome) => outcome,
+                    None => {
+                        let me = Arc::clone(self);
+                        let (u, p) = (username.to_string(), password.to_string());
+                        tokio::task::spawn_blocking(move || me.verify_slow(&u, &p))
+                            .await
+                            .unwrap_or(AuthOutcome::WrongPassword)
+                    }
+                }
+            })
+            .await
     }
 
     /// Keeps the cache bounded: drops about an eighth of it. Which entries go

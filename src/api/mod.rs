@@ -5,4 +5,5 @@ pub mod boxis;
 pub mod multipart;
 pub mod owned;
 pub mod ozeki;
+pub mod percent;
 pub mod soap;

@@ -34,6 +34,8 @@
 //! This module must stay pure (no I/O, no pingora types) and cheap: the
 //! router runs on every request.
 
+use crate::api::percent::decode_lenient;
+
 /// The Ozeki actions that read or move credit: answered or charged by
 /// tollgate, never forwarded uncharged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -122,34 +124,6 @@ pub fn read_action(raw: &str) -> ActionReading {
     ActionReading::Other(action)
 }
 
-/// Percent-decodes `raw` leniently (an escape that is not two hex digits
-/// stays as it is; `+` is a space when `plus_is_space`) into `out`.
-fn lenient_unescape(raw: &[u8], plus_is_space: bool, out: &mut Vec<u8>) {
-    out.clear();
-    let mut i = 0;
-    while i < raw.len() {
-        let b = raw[i];
-        if b == b'%' && i + 2 < raw.len() {
-            if let (Some(h), Some(l)) = (hex(raw[i + 1]), hex(raw[i + 2])) {
-                out.push(h << 4 | l);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(if b == b'+' && plus_is_space { b' ' } else { b });
-        i += 1;
-    }
-}
-
-fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
-}
-
 /// The canonical form of a request path for matching (see the module
 /// docs): always starts with `/`, never ends with one (but for `/`
 /// itself), lower case.
@@ -159,7 +133,7 @@ pub fn normalise_path(raw: &str) -> String {
     let mut decoded = raw.as_bytes().to_vec();
     let mut next = Vec::with_capacity(decoded.len());
     while decoded.contains(&b'%') {
-        lenient_unescape(&decoded, false, &mut next);
+        decode_lenient(&decoded, false, &mut next);
         if next == decoded {
             break;
         }
@@ -216,11 +190,11 @@ pub fn query_names_owned_action(query: &[u8]) -> bool {
         if !raw_name.iter().any(|&b| matches!(b, b'a' | b'A' | b'%')) {
             continue;
         }
-        lenient_unescape(raw_name, true, &mut name);
+        decode_lenient(raw_name, true, &mut name);
         if fold(String::from_utf8_lossy(&name).into_owned()) != "action" {
             continue;
         }
-        lenient_unescape(raw_value, true, &mut value);
+        decode_lenient(raw_value, true, &mut value);
         let reading = read_action(&String::from_utf8_lossy(&value));
         match reading {
             ActionReading::Other(a) if a != RECEIVE_ACTION => {}

@@ -27,7 +27,6 @@
 //! nothing cached, nothing adopted.
 
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -35,7 +34,7 @@ use dashmap::DashMap;
 use pingora::http::RequestHeader;
 use rand::RngCore;
 
-use crate::auth::AuthOutcome;
+use crate::auth::{AuthOutcome, SingleFlight};
 use crate::config::AuthConfig;
 use crate::ledger::{Bucket, LedgerError, Role};
 use crate::limits::Refusal;
@@ -70,7 +69,7 @@ pub struct DropIn {
     mac_key: [u8; 32],
     /// MAC(username, password) → when the refusal stops counting.
     refused: DashMap<[u8; 32], Instant>,
-    in_flight: DashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>,
+    in_flight: SingleFlight,
     verified_ttl: Duration,
     negative_ttl: Duration,
 }
@@ -82,7 +81,7 @@ impl DropIn {
         DropIn {
             mac_key,
             refused: DashMap::new(),
-            in_flight: DashMap::new(),
+            in_flight: SingleFlight::default(),
             verified_ttl: cfg.verified_ttl,
             negative_ttl: cfg.negative_ttl,
         }
@@ -175,20 +174,17 @@ pub async fn verify_upstream(app: &App, username: &str, password: &str) -> Verif
         metrics.with_label_values(&["cached_rejection"]).inc();
         return Verification::Rejected;
     }
-    let gate = dropin
+    dropin
         .in_flight
-        .entry(mac)
-        .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
-        .clone();
-    let verdict = {
-        let _turn = gate.lock().await;
-        // Whoever held the gate before may have settled it.
-        if app.credentials.check_cached(username, password) == Some(AuthOutcome::Verified) {
-            Verification::Verified
-        } else if dropin.refused_recently(&mac) {
-            metrics.with_label_values(&["cached_rejection"]).inc();
-            Verification::Rejected
-        } else {
+        .run(mac, || async {
+            // Whoever held the gate before may have settled it.
+            if app.credentials.check_cached(username, password) == Some(AuthOutcome::Verified) {
+                return Verification::Verified;
+            }
+            if dropin.refused_recently(&mac) {
+                metrics.with_label_values(&["cached_rejection"]).inc();
+                return Verification::Rejected;
+            }
             let verdict = match ask_gateway(app, username, password).await {
                 Ok(Some(balance_milli)) => adopt(app, username, password, balance_milli).await,
                 Ok(None) => {
@@ -207,13 +203,8 @@ pub async fn verify_upstream(app: &App, username: &str, password: &str) -> Verif
             };
             metrics.with_label_values(&[label]).inc();
             verdict
-        }
-    };
-    // The last one out removes the gate (the map holds one reference).
-    dropin
-        .in_flight
-        .remove_if(&mac, |_, g| Arc::strong_count(g) <= 2);
-    verdict
+        })
+        .await
 }
 
 /// The `getcredits` URL for the gateway, credentials percent-encoded.

@@ -257,11 +257,39 @@ pub fn refuse(shape: Shape<'_>, refusal: Refusal) -> Reply {
             operation,
             parent,
             sub,
-        } => (
-            200,
-            version.content_type(),
-            soap_failure(version, operation, code, text, parent, sub),
-        ),
+        } => {
+            let available = |v: Option<&AccountView>| {
+                v.map(|v| (v.anytime.available_milli(), v.offpeak.available_milli()))
+                    .unwrap_or((0, 0))
+            };
+            let (pa, po) = available(parent);
+            let (sa, so) = available(sub);
+            let body = match operation {
+                OperationName::GetBalance => balance_response(
+                    version,
+                    &BalanceAnswer {
+                        ok: false,
+                        anytime_milli: pa,
+                        offpeak_milli: po,
+                        result_text: text.to_string(),
+                        code: code.code(),
+                    },
+                ),
+                OperationName::SubAccountGiveCredit => give_credit_response(
+                    version,
+                    &GiveCreditAnswer {
+                        ok: false,
+                        parent_anytime_milli: pa,
+                        parent_offpeak_milli: po,
+                        sub_anytime_milli: sa,
+                        sub_offpeak_milli: so,
+                        result_text: text.to_string(),
+                        code: code.code(),
+                    },
+                ),
+            };
+            (200, version.content_type(), body)
+        }
         Shape::Plain => (code_status(code), CONTENT_TYPE_TEXT, format!("{text}\n")),
     };
     let outcome = refusal.outcome.unwrap_or(Outcome::Refused(code));
@@ -286,46 +314,6 @@ fn code_status(code: ErrorCode) -> u16 {
         ErrorCode::StoreUnavailable => 503,
         ErrorCode::UpstreamUnavailable => 502,
         _ => 400,
-    }
-}
-
-fn soap_failure(
-    version: SoapVersion,
-    operation: OperationName,
-    code: ErrorCode,
-    text: &str,
-    parent: Option<&AccountView>,
-    sub: Option<&AccountView>,
-) -> String {
-    let available = |v: Option<&AccountView>| {
-        v.map(|v| (v.anytime.available_milli(), v.offpeak.available_milli()))
-            .unwrap_or((0, 0))
-    };
-    let (pa, po) = available(parent);
-    let (sa, so) = available(sub);
-    match operation {
-        OperationName::GetBalance => balance_response(
-            version,
-            &BalanceAnswer {
-                ok: false,
-                anytime_milli: pa,
-                offpeak_milli: po,
-                result_text: text.to_string(),
-                code: code.code(),
-            },
-        ),
-        OperationName::SubAccountGiveCredit => give_credit_response(
-            version,
-            &GiveCreditAnswer {
-                ok: false,
-                parent_anytime_milli: pa,
-                parent_offpeak_milli: po,
-                sub_anytime_milli: sa,
-                sub_offpeak_milli: so,
-                result_text: text.to_string(),
-                code: code.code(),
-            },
-        ),
     }
 }
 

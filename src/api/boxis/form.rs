@@ -15,6 +15,8 @@
 
 use thiserror::Error;
 
+use crate::api::percent::decode_strict;
+
 /// Longest field name accepted, in bytes. Boxis' longest is
 /// `recipients_count`.
 pub const FIELD_NAME_MAX_LEN: usize = 64;
@@ -143,40 +145,12 @@ enum DecodeError {
 
 /// Percent-decodes `raw` (`+` is a space) into at most `max_len` bytes.
 fn percent_decode(raw: &[u8], max_len: usize) -> Result<Vec<u8>, DecodeError> {
-    let mut out = Vec::with_capacity(raw.len().min(max_len));
-    let mut i = 0;
-    while i < raw.len() {
-        let b = match raw[i] {
-            b'+' => b' ',
-            b'%' => {
-                let hi = raw.get(i + 1).and_then(|&c| hex_value(c));
-                let lo = raw.get(i + 2).and_then(|&c| hex_value(c));
-                match (hi, lo) {
-                    (Some(hi), Some(lo)) => {
-                        i += 2;
-                        hi << 4 | lo
-                    }
-                    _ => return Err(DecodeError::BadPercent),
-                }
-            }
-            b => b,
-        };
-        if out.len() == max_len {
-            return Err(DecodeError::TooLong);
-        }
-        out.push(b);
-        i += 1;
+    let mut out = Vec::new();
+    decode_strict(raw, &mut out).map_err(|_| DecodeError::BadPercent)?;
+    if out.len() > max_len {
+        return Err(DecodeError::TooLong);
     }
     Ok(out)
-}
-
-fn hex_value(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    }
 }
 
 #[cfg(test)]

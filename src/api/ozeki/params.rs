@@ -19,6 +19,7 @@ use thiserror::Error;
 
 use crate::api::multipart::Field;
 use crate::api::owned::fold;
+use crate::api::percent::{decode_strict, BadPercent};
 
 /// Bounds applied while parsing, before anything else looks at a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -243,12 +244,12 @@ fn find_charset(parts: &[&[u8]]) -> Result<&'static Encoding, ParamError> {
             let is_charset = raw_name.eq_ignore_ascii_case(CHARSET_PARAM)
                 || (raw_name.len() <= CHARSET_PARAM.len() * 3
                     && raw_name.contains(&b'%')
-                    && percent_decode_into(raw_name, &mut scratch).is_ok()
+                    && decode_strict(raw_name, &mut scratch).is_ok()
                     && scratch.eq_ignore_ascii_case(CHARSET_PARAM));
             if !is_charset {
                 continue;
             }
-            percent_decode_into(raw_value, &mut scratch)?;
+            decode_strict(raw_value, &mut scratch)?;
             return charset_for_label(scratch.trim_ascii());
         }
     }
@@ -308,9 +309,6 @@ impl DecodeError {
     }
 }
 
-/// A `%` not followed by two hex digits.
-struct BadPercent;
-
 impl From<BadPercent> for DecodeError {
     fn from(_: BadPercent) -> Self {
         DecodeError::BadPercent
@@ -333,7 +331,7 @@ fn decode_text(
 ) -> Result<String, DecodeError> {
     let needs_unescape = raw.iter().any(|&b| b == b'%' || b == b'+');
     let bytes: &[u8] = if needs_unescape {
-        percent_decode_into(raw, scratch)?;
+        decode_strict(raw, scratch)?;
         scratch
     } else {
         raw
@@ -367,45 +365,6 @@ fn decode_bytes(
         return Err(DecodeError::TooLong);
     }
     Ok(text)
-}
-
-/// Decodes `+` and `%XX` into `out` (cleared first). Strict: a `%` must be
-/// followed by two hex digits.
-fn percent_decode_into(raw: &[u8], out: &mut Vec<u8>) -> Result<(), BadPercent> {
-    out.clear();
-    out.reserve(raw.len());
-    let mut i = 0;
-    while i < raw.len() {
-        match raw[i] {
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b'%' => {
-                let hi = raw.get(i + 1).and_then(|&b| hex_value(b));
-                let lo = raw.get(i + 2).and_then(|&b| hex_value(b));
-                match (hi, lo) {
-                    (Some(h), Some(l)) => out.push(h << 4 | l),
-                    _ => return Err(BadPercent),
-                }
-                i += 3;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    Ok(())
-}
-
-fn hex_value(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
 }
 
 #[cfg(test)]
