@@ -298,7 +298,10 @@ fn calculate_credits_answers_in_xml_and_json() {
             &as_refs(&calc(huge.as_bytes(), None, "1")),
         ),
     );
-    assert_eq!(xml_error(&a), "error: invalid_request");
+    assert_eq!(
+        xml_error(&a),
+        "error: invalid_request: message needs 11 parts, more than the maximum of 10"
+    );
 
     // Nothing reached the gateway, nothing was charged.
     assert!(sim.requests().is_empty());
@@ -344,15 +347,18 @@ fn content_is_decoded_with_the_named_charset() {
     let e81 = "€".repeat(81);
     assert_eq!(credit(e81.as_bytes(), Some(b"UTF-8")), "2");
     // Bytes that are not UTF-8, and labels in the wrong case or unknown.
-    assert_eq!(credit(&[0x80], Some(b"UTF-8")), "error: invalid_request");
-    assert_eq!(credit(&[0xF5], None), "error: invalid_request");
-    assert_eq!(credit(b"x", Some(b"utf-8")), "error: invalid_request");
-    assert_eq!(credit(b"x", Some(b"iso-8859-2")), "error: invalid_request");
     assert_eq!(
-        credit(b"x", Some(b"windows-1252")),
-        "error: invalid_request"
+        credit(&[0x80], Some(b"UTF-8")),
+        "error: invalid_request: content is not valid UTF-8"
     );
-    assert_eq!(credit(b"x", Some(b"Latin-1")), "error: invalid_request");
+    assert_eq!(
+        credit(&[0xF5], None),
+        "error: invalid_request: content is not valid UTF-8"
+    );
+    let bad_label = "error: invalid_request: encoding must be one of UTF-8, ISO-8859-2, Windows-1252 (case-sensitive)";
+    for label in [&b"utf-8"[..], b"iso-8859-2", b"windows-1252", b"Latin-1"] {
+        assert_eq!(credit(b"x", Some(label)), bad_label);
+    }
 }
 
 #[test]
@@ -510,33 +516,68 @@ fn a_full_replay_cache_refuses_instead_of_forgetting() {
 fn bad_input_is_invalid_request_and_touches_nothing() {
     let (sim, tg) = start("");
     let mut clock = Clock::new();
-    let mut bodies: Vec<Vec<u8>> = Vec::new();
-    let mut push = |extra: &[(&str, &[u8])]| {
-        bodies.push(signed("john", JOHN_KEY, clock.next(), extra).into_bytes());
+    // Each bad body with the description its answer must carry: the
+    // field that is wrong, never its value.
+    let mut bodies: Vec<(Vec<u8>, &str)> = Vec::new();
+    let mut push = |extra: &[(&str, &[u8])], why: &'static str| {
+        bodies.push((
+            signed("john", JOHN_KEY, clock.next(), extra).into_bytes(),
+            why,
+        ));
     };
-    push(&[("action", b"sendSms")]);
-    push(&[]);
-    push(&[("action", b"calculateCredits")]);
-    push(&[("action", b"calculateCredits"), ("recipients_count", b"0")]);
-    push(&[
-        ("action", b"calculateCredits"),
-        ("recipients_count", b"two"),
-    ]);
-    push(&[
-        ("action", b"calculateCredits"),
-        ("recipients_count", b"99999999"),
-    ]);
-    push(&[
-        ("action", b"calculateCredits"),
-        ("recipients_count", b"1"),
-        ("fast", b"yes"),
-    ]);
-    push(&[("action", b"getCreditLimit"), ("returntype", b"csv")]);
-    push(&[
-        ("action", b"getCreditLimit"),
-        ("action", b"calculateCredits"),
-    ]);
-    bodies.push(
+    push(
+        &[("action", b"sendSms")],
+        "action must be calculateCredits or getCreditLimit",
+    );
+    push(&[], "action is missing");
+    push(
+        &[("action", b"calculateCredits")],
+        "recipients_count is missing",
+    );
+    let count_range = "recipients_count must be an integer from 1 to 1000000";
+    push(
+        &[("action", b"calculateCredits"), ("recipients_count", b"0")],
+        count_range,
+    );
+    push(
+        &[
+            ("action", b"calculateCredits"),
+            ("recipients_count", b"two"),
+        ],
+        count_range,
+    );
+    push(
+        &[
+            ("action", b"calculateCredits"),
+            ("recipients_count", b"99999999"),
+        ],
+        count_range,
+    );
+    push(
+        &[
+            ("action", b"calculateCredits"),
+            ("recipients_count", b"1"),
+            ("content", b"x"),
+            ("fast", b"yes"),
+        ],
+        "fast must be 0 or 1",
+    );
+    push(
+        &[("action", b"calculateCredits"), ("recipients_count", b"1")],
+        "content is missing",
+    );
+    push(
+        &[("action", b"getCreditLimit"), ("returntype", b"csv")],
+        "returntype must be xml or json",
+    );
+    push(
+        &[
+            ("action", b"getCreditLimit"),
+            ("action", b"calculateCredits"),
+        ],
+        "field \"action\" is given more than once",
+    );
+    bodies.push((
         signed(
             "john",
             JOHN_KEY,
@@ -545,8 +586,9 @@ fn bad_input_is_invalid_request_and_touches_nothing() {
         )
         .replace("section=sms", "section=mms")
         .into_bytes(),
-    );
-    bodies.push(
+        "section must be sms",
+    ));
+    bodies.push((
         signed(
             "john",
             JOHN_KEY,
@@ -555,39 +597,53 @@ fn bad_input_is_invalid_request_and_touches_nothing() {
         )
         .replace("version=1.0", "version=2.0")
         .into_bytes(),
-    );
-    bodies
-        .push(b"timestamp=abc&username=john&authcode=x&section=sms&action=getCreditLimit".to_vec());
-    bodies.push(b"section=sms&action=getCreditLimit&username=john&authcode=%zz".to_vec());
-    bodies.push(Vec::new());
-    for body in bodies {
+        "version must be 1.0",
+    ));
+    bodies.push((
+        b"timestamp=abc&username=john&authcode=x&section=sms&action=getCreditLimit".to_vec(),
+        "timestamp must be Unix seconds",
+    ));
+    bodies.push((
+        b"section=sms&action=getCreditLimit&username=john&authcode=%zz".to_vec(),
+        "malformed percent-encoding",
+    ));
+    bodies.push((Vec::new(), "section is missing"));
+    for (body, why) in bodies {
         let shown = String::from_utf8_lossy(&body).to_string();
         let a = post(&tg, body);
         assert_eq!(a.status, 200, "{shown}");
-        assert_eq!(xml_error(&a), "error: invalid_request", "{shown}");
+        assert_eq!(
+            xml_error(&a),
+            format!("error: invalid_request: {why}"),
+            "{shown}"
+        );
+        assert!(!a.body.contains(JOHN_KEY), "{shown}");
     }
 
     // Errors answer in JSON when asked, even when the body is unreadable.
     let a = post(&tg, "returntype=json&content=%G0");
-    assert_eq!(json(&a)["resulttxt"], "error: invalid_request");
+    assert_eq!(
+        json(&a)["resulttxt"],
+        "error: invalid_request: malformed percent-encoding"
+    );
 
     // Not a form POST.
     let r = client()
         .post(tg.url("/boxis"))
-        .header("Content-Type", "multipart/form-data; boundary=x")
-        .body("--x--")
+        .header("Content-Type", "application/json")
+        .body("{}")
         .send()
         .unwrap();
     let body = r.text().unwrap();
     assert_eq!(
         xml_field(&body, "resulttxt").as_deref(),
-        Some("error: invalid_request")
+        Some("error: invalid_request: Content-Type must be application/x-www-form-urlencoded or multipart/form-data")
     );
     let (status, body) = get(&tg.url("/boxis?action=getCreditLimit"));
     assert_eq!(status, 200);
     assert_eq!(
         xml_field(&body, "resulttxt").as_deref(),
-        Some("error: invalid_request")
+        Some("error: invalid_request: not a POST")
     );
 
     // Over the body limit: 413 with a Boxis error.
@@ -603,7 +659,7 @@ fn bad_input_is_invalid_request_and_touches_nothing() {
     );
     let a = post(&tg, big);
     assert_eq!(a.status, 413);
-    assert_eq!(xml_error(&a), "error: invalid_request");
+    assert_eq!(xml_error(&a), "error: invalid_request: body too large");
 
     // Bad input never reached the gateway nor moved a balance.
     assert!(sim.requests().is_empty());
@@ -677,4 +733,114 @@ fn authcode_guessing_is_locked_out_per_address_and_user() {
     assert_eq!(xml_error(&right), "error: rate_limited");
     let other = post(&tg, signed("frac", FRAC_KEY, clock.next(), &fields));
     assert!(!xml_credit(&other).is_empty());
+}
+
+/// Issue 16: the vendor's sample client resynchronises only when an answer
+/// says `timestamperror` (`$return['timestamperror']` in JSON,
+/// `$return->timestamperror` in XML), taking the answer's `timestamp`.
+#[test]
+fn a_stale_timestamp_says_timestamperror_and_the_client_can_resync() {
+    let (_sim, tg) = start("boxis: { timestamp_window_s: 60 }");
+    let skewed = now_s() - 3600;
+    let json_fields: [(&str, &[u8]); 2] = [("action", b"getCreditLimit"), ("returntype", b"json")];
+    let v = json(&post(&tg, signed("john", JOHN_KEY, skewed, &json_fields)));
+    assert_eq!(v["timestamperror"], serde_json::json!(1), "{v}");
+    // Resynchronised the way the sample does: the server's timestamp.
+    let server = v["timestamp"].as_i64().unwrap();
+    let v = json(&post(&tg, signed("john", JOHN_KEY, server, &json_fields)));
+    assert_eq!(v["result"], "1", "{v}");
+    assert!(v.get("timestamperror").is_none(), "{v}");
+
+    let a = post(
+        &tg,
+        signed(
+            "john",
+            JOHN_KEY,
+            skewed - 1,
+            &[("action", b"getCreditLimit")],
+        ),
+    );
+    assert_eq!(
+        xml_field(&a.body, "timestamperror").as_deref(),
+        Some("1"),
+        "{}",
+        a.body
+    );
+    let server: i64 = xml_field(&a.body, "timestamp").unwrap().parse().unwrap();
+    let a = post(
+        &tg,
+        signed(
+            "john",
+            JOHN_KEY,
+            server + 1,
+            &[("action", b"getCreditLimit")],
+        ),
+    );
+    assert_eq!(
+        xml_field(&a.body, "result").as_deref(),
+        Some("1"),
+        "{}",
+        a.body
+    );
+    // Other errors carry no such marker.
+    let a = post(
+        &tg,
+        signed(
+            "john",
+            "wrong-key-000000",
+            now_s(),
+            &[("action", b"getCreditLimit")],
+        ),
+    );
+    assert!(!a.body.contains("timestamperror"), "{}", a.body);
+}
+
+/// Issue 16: PHP's curl sends an array of fields as `multipart/form-data`.
+#[test]
+fn multipart_form_bodies_are_read_like_forms() {
+    let (_sim, tg) = start("");
+    let ts = now_s();
+    let authcode = md5_hex(&format!("{ts}{JOHN_KEY}"));
+    let ts_text = ts.to_string();
+    let fields: [(&str, &str); 10] = [
+        ("version", "1.0"),
+        ("returntype", "json"),
+        ("timestamp", &ts_text),
+        ("username", "john@example.com"),
+        ("authcode", &authcode),
+        ("section", "sms"),
+        ("action", "calculateCredits"),
+        ("recipients_count", "4"),
+        ("content", "test1"),
+        ("encoding", "UTF-8"),
+    ];
+    let mut body = String::new();
+    for (name, value) in fields {
+        body.push_str(&format!(
+            "--PhpCurl\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+        ));
+    }
+    body.push_str("--PhpCurl--\r\n");
+    let r = client()
+        .post(tg.url("/boxis"))
+        .header("Content-Type", "multipart/form-data; boundary=PhpCurl")
+        .body(body)
+        .send()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&r.text().unwrap()).unwrap();
+    assert_eq!(v["result"], "1", "{v}");
+    assert_eq!(v["params"]["credit"], serde_json::json!(4));
+    // A multipart body that cannot be split is refused, naming why.
+    let r = client()
+        .post(tg.url("/boxis"))
+        .header("Content-Type", "multipart/form-data; boundary=PhpCurl")
+        .body("--PhpCurl\r\nno headers")
+        .send()
+        .unwrap();
+    let text = r.text().unwrap();
+    assert!(
+        xml_field(&text, "resulttxt")
+            .is_some_and(|t| t.starts_with("error: invalid_request: a multipart part")),
+        "{text}"
+    );
 }

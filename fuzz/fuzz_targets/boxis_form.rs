@@ -30,7 +30,7 @@ fn check_answers(credit_milli: i64) {
     assert!(v["params"]["credit"].is_number());
     for code in ErrorCode::ALL {
         let v: serde_json::Value =
-            serde_json::from_str(&render::error(ReturnType::Json, code, 0)).unwrap();
+            serde_json::from_str(&render::error(ReturnType::Json, code, Some("a \"field\" <x>"), 0)).unwrap();
         assert_eq!(v["result"], "0");
     }
 }

@@ -36,6 +36,7 @@ use md5::{Digest, Md5};
 use parking_lot::{Mutex, RwLock};
 use subtle::ConstantTimeEq;
 
+use crate::api::boxis::form::{parse_multipart_form, Form};
 use crate::api::boxis::{
     classify, parse_form, render, return_type_of, Action, CalculateCredits, FormLimits, ReturnType,
 };
@@ -287,30 +288,16 @@ fn answer(app: &App, req: &BoxisHttpRequest, now_s: i64) -> (&'static str, Reply
             refuse(sniffed, ErrorCode::InvalidRequest, now_s, "not a POST"),
         );
     }
-    if let Some(ct) = req.content_type {
-        let media = ct.split(';').next().unwrap_or("").trim();
-        if !media.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
-            return (
-                "other",
-                refuse(
-                    sniffed,
-                    ErrorCode::InvalidRequest,
-                    now_s,
-                    "Content-Type must be application/x-www-form-urlencoded",
-                ),
-            );
-        }
-    }
     let limits = FormLimits {
         max_value_len: app.config.boxis.body_limit_bytes,
         ..FormLimits::default()
     };
-    let form = match parse_form(req.body, &limits) {
+    let form = match read_form(req.content_type, req.body, &limits) {
         Ok(f) => f,
-        Err(e) => {
+        Err(reason) => {
             return (
                 "other",
-                refuse(sniffed, ErrorCode::InvalidRequest, now_s, &e.to_string()),
+                refuse(sniffed, ErrorCode::InvalidRequest, now_s, &reason),
             )
         }
     };
@@ -449,6 +436,33 @@ fn price(app: &App, calc: &CalculateCredits, class: Option<&str>) -> Result<i64,
     per_message
         .checked_mul(i64::from(calc.recipients_count))
         .ok_or_else(|| "price out of range".to_string())
+}
+
+/// The form of a request: `application/x-www-form-urlencoded` (also when
+/// no `Content-Type` is given) or `multipart/form-data` (PHP's curl with
+/// an array of fields); anything else is refused, naming the header.
+fn read_form(content_type: Option<&str>, body: &[u8], limits: &FormLimits) -> Result<Form, String> {
+    use crate::api::multipart;
+    match content_type {
+        Some(ct) if multipart::is_multipart(ct) => {
+            let boundary = multipart::boundary(ct).map_err(|e| e.to_string())?;
+            parse_multipart_form(body, &boundary, limits).map_err(|e| e.to_string())
+        }
+        Some(ct)
+            if !ct
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded") =>
+        {
+            Err(
+                "Content-Type must be application/x-www-form-urlencoded or multipart/form-data"
+                    .into(),
+            )
+        }
+        _ => parse_form(body, limits).map_err(|e| e.to_string()),
+    }
 }
 
 /// The answer to a body over `boxis.body_limit_bytes` (HTTP 413).

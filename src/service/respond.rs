@@ -244,7 +244,7 @@ pub fn refuse(shape: Shape<'_>, refusal: Refusal) -> Reply {
             (
                 200,
                 boxis_render::content_type(return_type),
-                boxis_render::error(return_type, code, now_s),
+                boxis_render::error(return_type, code, Some(text), now_s),
             )
         }
         Shape::SoapFault { version, kind } => (

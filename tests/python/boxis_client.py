@@ -114,6 +114,19 @@ r = call("getCreditLimit", returntype="json", timestamp=int(time.time()) - 3600)
 check("stale timestamp is refused",
       r["result"] == "0" and r["resulttxt"] == "error: timestamp_out_of_window", r)
 check("stale answer carries the server time", abs(r["timestamp"] - time.time()) < 30, r)
+check("stale answer says timestamperror", r.get("timestamperror") == 1, r)
+
+# The documentation's PHP class resynchronises on timestamperror: it calls
+# again with the answer's timestamp (a clock an hour slow here).
+r = call("getCreditLimit", returntype="json", timestamp=int(time.time()) - 3600)
+if r.get("timestamperror"):
+    r = call("getCreditLimit", returntype="json", timestamp=r["timestamp"])
+check("resynchronised call succeeds", r["result"] == "1", r)
+
+# calculateCredits without content is an error that names the field.
+r = call("calculateCredits", returntype="json", recipients_count=1, encoding="UTF-8")
+check("missing content is refused",
+      r["result"] == "0" and r["resulttxt"] == "error: invalid_request: content is missing", r)
 
 failed = sum(1 for _, ok in checks if not ok)
 print(f"{len(checks) - failed} passed, {failed} failed")

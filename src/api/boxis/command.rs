@@ -246,8 +246,11 @@ fn calculate_credits(form: &Form) -> Result<CalculateCredits, String> {
         Some(label) => ContentEncoding::parse(label)
             .ok_or("encoding must be one of UTF-8, ISO-8859-2, Windows-1252 (case-sensitive)")?,
     };
+    // No content is no message: refused, never priced as an empty one (an
+    // empty `content` is a message, of one part).
+    let raw_content = form.get("content").ok_or("content is missing")?;
     let content = encoding
-        .decode(form.get("content").unwrap_or_default())
+        .decode(raw_content)
         .ok_or_else(|| format!("content is not valid {}", encoding.label()))?;
     let fast = match form.get("fast") {
         None | Some(b"") | Some(b"0") => false,

@@ -56,6 +56,8 @@ pub enum FormError {
     ValueTooLong { name: String },
     #[error("field {name:?} is given more than once")]
     DuplicateField { name: String },
+    #[error(transparent)]
+    Multipart(#[from] crate::api::multipart::MultipartError),
 }
 
 /// Decoded form fields in arrival order; names are case-sensitive, as PHP
@@ -125,6 +127,35 @@ pub fn parse_form(body: &[u8], limits: &FormLimits) -> Result<Form, FormError> {
             return Err(FormError::DuplicateField { name: echo(&name) });
         }
         fields.push((name, value));
+    }
+    Ok(Form { fields })
+}
+
+/// Parses a `multipart/form-data` body (what PHP's curl sends for an array
+/// of fields) by the same rules as [`parse_form`]: bounded, names UTF-8,
+/// a field given twice is an error.
+pub fn parse_multipart_form(
+    body: &[u8],
+    boundary: &str,
+    limits: &FormLimits,
+) -> Result<Form, FormError> {
+    let parts = crate::api::multipart::parse(body, boundary, limits.max_fields)?;
+    let mut fields: Vec<(String, Vec<u8>)> = Vec::with_capacity(parts.len());
+    for part in parts {
+        if part.name.is_empty() {
+            continue;
+        }
+        if part.name.len() > FIELD_NAME_MAX_LEN {
+            return Err(FormError::NameTooLong);
+        }
+        let name = String::from_utf8(part.name).map_err(|_| FormError::NameNotUtf8)?;
+        if part.value.len() > limits.max_value_len {
+            return Err(FormError::ValueTooLong { name: echo(&name) });
+        }
+        if fields.iter().any(|(n, _)| *n == name) {
+            return Err(FormError::DuplicateField { name: echo(&name) });
+        }
+        fields.push((name, part.value.to_vec()));
     }
     Ok(Form { fields })
 }

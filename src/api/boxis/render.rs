@@ -44,16 +44,48 @@ pub fn success(return_type: ReturnType, credit_milli: i64, now_s: i64) -> String
     }
 }
 
-/// An error answer: `resulttxt` is `error: ` and the symbolic code.
-pub fn error(return_type: ReturnType, code: ErrorCode, now_s: i64) -> String {
+/// An error answer: `resulttxt` is `error: ` and the symbolic code, then
+/// for `invalid_request` what is wrong (`detail`: it names the field, never
+/// a value). A timestamp out of the window also says `timestamperror`,
+/// which the vendor's sample client checks before it resynchronises to the
+/// `timestamp` of the answer.
+pub fn error(return_type: ReturnType, code: ErrorCode, detail: Option<&str>, now_s: i64) -> String {
     let name = code.name();
+    let text = match detail {
+        Some(d) if code == ErrorCode::InvalidRequest => format!("error: {name}: {d}"),
+        _ => format!("error: {name}"),
+    };
+    let timestamp_error = code == ErrorCode::TimestampOutOfWindow;
     match return_type {
-        ReturnType::Xml => format!(
-            "{XML_PROLOG}<return><result>0</result><resulttxt>error: {name}</resulttxt>\
-             <timestamp>{now_s}</timestamp></return>\n"
-        ),
+        ReturnType::Xml => {
+            let mut escaped = String::with_capacity(text.len());
+            for c in text.chars() {
+                match c {
+                    '<' => escaped.push_str("&lt;"),
+                    '>' => escaped.push_str("&gt;"),
+                    '&' => escaped.push_str("&amp;"),
+                    c if c.is_control() => escaped.push('?'),
+                    c => escaped.push(c),
+                }
+            }
+            let marker = if timestamp_error {
+                "<timestamperror>1</timestamperror>"
+            } else {
+                ""
+            };
+            format!(
+                "{XML_PROLOG}<return><result>0</result><resulttxt>{escaped}</resulttxt>\
+                 {marker}<timestamp>{now_s}</timestamp></return>\n"
+            )
+        }
         ReturnType::Json => {
-            format!("{{\"result\":\"0\",\"resulttxt\":\"error: {name}\",\"timestamp\":{now_s}}}")
+            let text = serde_json::Value::String(text);
+            let marker = if timestamp_error {
+                ",\"timestamperror\":1"
+            } else {
+                ""
+            };
+            format!("{{\"result\":\"0\",\"resulttxt\":{text}{marker},\"timestamp\":{now_s}}}")
         }
     }
 }
@@ -73,12 +105,35 @@ mod tests {
             "{\"result\":\"1\",\"resulttxt\":\"success\",\"params\":{\"credit\":4},\"timestamp\":1335777400}"
         );
         assert_eq!(
-            error(ReturnType::Xml, ErrorCode::Replayed, 7),
+            error(ReturnType::Xml, ErrorCode::Replayed, None, 7),
             "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<return><result>0</result><resulttxt>error: replayed</resulttxt><timestamp>7</timestamp></return>\n"
         );
         assert_eq!(
-            error(ReturnType::Json, ErrorCode::TimestampOutOfWindow, 7),
-            "{\"result\":\"0\",\"resulttxt\":\"error: timestamp_out_of_window\",\"timestamp\":7}"
+            error(ReturnType::Json, ErrorCode::TimestampOutOfWindow, None, 7),
+            "{\"result\":\"0\",\"resulttxt\":\"error: timestamp_out_of_window\",\"timestamperror\":1,\"timestamp\":7}"
+        );
+        assert_eq!(
+            error(ReturnType::Xml, ErrorCode::TimestampOutOfWindow, None, 7),
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<return><result>0</result><resulttxt>error: timestamp_out_of_window</resulttxt><timestamperror>1</timestamperror><timestamp>7</timestamp></return>\n"
+        );
+    }
+
+    #[test]
+    fn invalid_requests_say_which_field_is_wrong() {
+        let detail = Some("field \"a<b\" is given more than once");
+        let json = error(ReturnType::Json, ErrorCode::InvalidRequest, detail, 7);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            v["resulttxt"],
+            "error: invalid_request: field \"a<b\" is given more than once"
+        );
+        let xml = error(ReturnType::Xml, ErrorCode::InvalidRequest, detail, 7);
+        assert!(xml.contains("<resulttxt>error: invalid_request: field \"a&lt;b\" is given more than once</resulttxt>"), "{xml}");
+        // Other codes keep their bare name, which clients branch on.
+        let auth = error(ReturnType::Json, ErrorCode::AuthFailed, Some("authcode"), 7);
+        assert!(
+            auth.contains("\"resulttxt\":\"error: auth_failed\""),
+            "{auth}"
         );
     }
 
@@ -92,8 +147,13 @@ mod tests {
             assert_eq!(v["params"]["credit"].to_string(), expect);
         }
         for code in ErrorCode::ALL {
-            let v: serde_json::Value =
-                serde_json::from_str(&error(ReturnType::Json, code, 1)).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&error(
+                ReturnType::Json,
+                code,
+                Some("field \"x\" is wrong"),
+                1,
+            ))
+            .unwrap();
             assert_eq!(v["resulttxt"], format!("error: {}", code.name()));
         }
     }
