@@ -154,7 +154,13 @@ mod tests {
                 1,
             ))
             .unwrap();
-            assert_eq!(v["resulttxt"], format!("error: {}", code.name()));
+            let expected = match code {
+                ErrorCode::InvalidRequest => {
+                    "error: invalid_request: field \"x\" is wrong".to_string()
+                }
+                _ => format!("error: {}", code.name()),
+            };
+            assert_eq!(v["resulttxt"], expected);
         }
     }
 }
