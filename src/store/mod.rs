@@ -45,6 +45,7 @@
 //!   its writer stops and it refuses credit. Offline readers (`tollgate
 //!   ledger export|verify`) take no ownership and read beside the owner.
 
+pub mod batch;
 pub mod export;
 pub mod fence;
 pub mod sqlite;
