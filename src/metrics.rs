@@ -667,7 +667,7 @@ mod tests {
         let (ours, process): (Vec<_>, Vec<_>) = families
             .iter()
             .partition(|f| f.get_name().starts_with("tollgate_"));
-        assert_eq!(ours.len(), 38);
+        assert_eq!(ours.len(), 40);
         let mut process: Vec<&str> = process.iter().map(|f| f.get_name()).collect();
         process.sort_unstable();
         let mut expected = PROCESS_FAMILIES.to_vec();
