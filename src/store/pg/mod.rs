@@ -381,7 +381,11 @@ impl PgStore {
         let sync = synchronous_commit(self.durability);
         let client = self.client.as_mut().expect("a session to prepare");
         let prepared = client
-            .batch_execute(&format!("SET synchronous_commit = {sync}"))
+            // The commit's plan does not depend on its arrays' contents:
+            // plan it once per session, not per batch (measured ~10%).
+            .batch_execute(&format!(
+                "SET synchronous_commit = {sync}; SET plan_cache_mode = force_generic_plan"
+            ))
             .and_then(|()| client.prepare(COMMIT));
         match prepared {
             Ok(statement) => {

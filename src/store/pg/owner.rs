@@ -37,7 +37,8 @@ use super::{describe, session_broken, PgSettings};
 use crate::store::fence::{Claimed, FencingToken, OwnerBackend, OwnerRecord};
 use crate::store::StoreError;
 
-/// Key of the session advisory lock of a store's owner ("tollgate" + 0).
+/// Key of the session advisory lock of a store's owner (`tollgat` in
+/// ASCII, then 0).
 pub const OWNER_LOCK_KEY: i64 = 0x746f_6c6c_6761_7400;
 
 const SELECT_OWNER: &str =
