@@ -43,9 +43,11 @@
 //!   `store_unavailable` before anything runs.
 //!
 //! Storage: its own SQLite file (`idempotency.path`, default next to the
-//! ledger store: `<store stem>.idempotency.db`), written by one thread in
-//! group-committed batches, so the ledger's writer never waits for it.
-//! Without `store.path` the table lives in memory (tests, demos).
+//! ledger store: `<store stem>.idempotency.db`), or, with a PostgreSQL
+//! ledger store (`store.url`) and no `idempotency.path`, the table
+//! `idempotency_keys` in the store's database ([`pg`]). Either is written by
+//! one thread in group-committed batches, so the ledger's writer never
+//! waits for it. Without a store the table lives in memory (tests, demos).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -62,6 +64,8 @@ use tokio::sync::{oneshot, watch};
 
 use crate::clock::Clock;
 use crate::config::ConfigError;
+
+mod pg;
 
 /// The request header (matched case-insensitively, as all HTTP names).
 pub const HEADER: &str = "idempotency-key";
@@ -340,14 +344,28 @@ impl Idempotency {
     /// `None`). Rows left `pending` by the last run answer `Interrupted`.
     /// Keys expire by `clock`'s wall time.
     pub fn open(cfg: &IdempotencyConfig, clock: Arc<dyn Clock>) -> Result<Idempotency, String> {
-        let backend = match &cfg.path {
-            Some(path) => Backend::Sqlite(SqliteKeys::open(path, cfg.max_keys)?),
-            None => Backend::Memory(Mutex::new(MemoryKeys {
-                rows: HashMap::new(),
-                max_keys: cfg.max_keys,
-            })),
-        };
-        Ok(Idempotency {
+        Self::open_with_clock(cfg, clock)
+    }
+
+    /// The key table in the PostgreSQL store's database (a ledger store on
+    /// `store.url` without `idempotency.path`). Rows left `pending` by the
+    /// last run answer `Interrupted`. Keys expire by `clock`'s wall time.
+    pub fn open_postgres(
+        cfg: &IdempotencyConfig,
+        store: &crate::store::pg::PgSettings,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Idempotency, String> {
+        let table = pg::PgTable::open(store)?;
+        let backend = Backend::Durable(DurableKeys::start(Box::new(table), cfg.max_keys)?);
+        Ok(Self::with_backend(backend, cfg, clock))
+    }
+
+    fn with_backend(
+        backend: Backend,
+        cfg: &IdempotencyConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Idempotency {
+        Idempotency {
             inner: Arc::new(Inner {
                 in_flight: DashMap::new(),
                 backend,
@@ -356,7 +374,24 @@ impl Idempotency {
                 clock,
                 last_sweep_ms: std::sync::atomic::AtomicI64::new(0),
             }),
-        })
+        }
+    }
+
+    pub fn open_with_clock(
+        cfg: &IdempotencyConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Idempotency, String> {
+        let backend = match &cfg.path {
+            Some(path) => Backend::Durable(DurableKeys::start(
+                Box::new(SqliteTable::open(path)?),
+                cfg.max_keys,
+            )?),
+            None => Backend::Memory(Mutex::new(MemoryKeys {
+                rows: HashMap::new(),
+                max_keys: cfg.max_keys,
+            })),
+        };
+        Ok(Self::with_backend(backend, cfg, clock))
     }
 
     /// The first step for a request with `key` from `account` (see the
@@ -462,14 +497,14 @@ impl Idempotency {
     pub fn keys_held(&self) -> usize {
         match &self.inner.backend {
             Backend::Memory(m) => m.lock().rows.len(),
-            Backend::Sqlite(s) => s.rows.load(Ordering::Relaxed),
+            Backend::Durable(s) => s.rows.load(Ordering::Relaxed),
         }
     }
 
     /// [`Self::flush`] for a thread outside the async runtime (shutdown:
     /// the answers already sent are recorded before the process exits).
     pub fn flush_blocking(&self) {
-        if let Backend::Sqlite(s) = &self.inner.backend {
+        if let Backend::Durable(s) = &self.inner.backend {
             let (tx, rx) = oneshot::channel();
             if s.send(Op::Flush(tx)) {
                 let _ = rx.blocking_recv();
@@ -480,7 +515,7 @@ impl Idempotency {
     /// Waits until every change sent to the key file so far is committed
     /// (tests, shutdown).
     pub async fn flush(&self) {
-        if let Backend::Sqlite(s) = &self.inner.backend {
+        if let Backend::Durable(s) = &self.inner.backend {
             let (tx, rx) = oneshot::channel();
             if s.send(Op::Flush(tx)) {
                 let _ = rx.await;
@@ -504,7 +539,8 @@ enum Found {
 }
 
 enum Backend {
-    Sqlite(SqliteKeys),
+    /// SQLite or PostgreSQL, behind the key writer thread.
+    Durable(DurableKeys),
     Memory(Mutex<MemoryKeys>),
 }
 
@@ -518,7 +554,7 @@ impl Backend {
     ) -> Result<Found, String> {
         match self {
             Backend::Memory(m) => Ok(m.lock().begin(scope, fingerprint, now_ms, expires_ms)),
-            Backend::Sqlite(s) => {
+            Backend::Durable(s) => {
                 let (tx, rx) = oneshot::channel();
                 if !s.send(Op::Begin {
                     scope: scope.clone(),
@@ -542,7 +578,7 @@ impl Backend {
                     row.answer = Some(answer);
                 }
             }
-            Backend::Sqlite(s) => {
+            Backend::Durable(s) => {
                 s.send(Op::Complete {
                     scope: scope.clone(),
                     answer,
@@ -556,7 +592,7 @@ impl Backend {
             Backend::Memory(m) => {
                 m.lock().rows.remove(scope);
             }
-            Backend::Sqlite(s) => {
+            Backend::Durable(s) => {
                 s.send(Op::Release {
                     scope: scope.clone(),
                 });
@@ -567,7 +603,7 @@ impl Backend {
     fn sweep(&self, now_ms: i64) {
         match self {
             Backend::Memory(m) => m.lock().rows.retain(|_, r| r.expires_ms > now_ms),
-            Backend::Sqlite(s) => {
+            Backend::Durable(s) => {
                 s.send(Op::Sweep { now_ms });
             }
         }
@@ -624,7 +660,7 @@ impl MemoryKeys {
 }
 
 // ---------------------------------------------------------------------------
-// SQLite: one writer thread, group commit.
+// Durable key tables (SQLite, PostgreSQL): one writer thread, group commit.
 // ---------------------------------------------------------------------------
 
 enum Op {
@@ -648,11 +684,53 @@ enum Op {
     Flush(oneshot::Sender<()>),
 }
 
-struct SqliteKeys {
+/// The handle on a durable key table: its writer thread's queue.
+struct DurableKeys {
     tx: Mutex<std_mpsc::Sender<Op>>,
     /// The writer's row count as of its last committed batch, published
     /// for [`Idempotency::keys_held`].
     rows: Arc<AtomicUsize>,
+}
+
+/// A stored key row, as either table holds it.
+struct KeyRow {
+    fingerprint: Vec<u8>,
+    state: String,
+    status: Option<u16>,
+    /// JSON `[[name, value], ...]`.
+    headers: Option<String>,
+    body: Option<Vec<u8>>,
+    expires_unix_ms: i64,
+}
+
+/// The statements of one key transaction, on SQLite or PostgreSQL.
+trait KeyTx {
+    fn find(&mut self, scope: &Scope) -> Result<Option<KeyRow>, String>;
+    fn insert_pending(
+        &mut self,
+        scope: &Scope,
+        fingerprint: &Fingerprint,
+        now_ms: i64,
+        expires_ms: i64,
+    ) -> Result<(), String>;
+    fn complete(
+        &mut self,
+        scope: &Scope,
+        answer: &StoredAnswer,
+        headers: &str,
+    ) -> Result<(), String>;
+    fn delete(&mut self, scope: &Scope) -> Result<usize, String>;
+    fn delete_expired(&mut self, now_ms: i64) -> Result<usize, String>;
+}
+
+/// A durable key table: runs a batch of operations in one transaction,
+/// committed before it returns `Ok`. Used by the key writer thread only.
+trait KeyTable: Send {
+    fn count(&mut self) -> Result<usize, String>;
+    fn transaction(
+        &mut self,
+        ops: &mut dyn FnMut(&mut dyn KeyTx) -> Result<(), String>,
+    ) -> Result<(), String>;
 }
 
 const SCHEMA: &str = "
@@ -674,8 +752,41 @@ CREATE INDEX IF NOT EXISTS idempotency_keys_expiry ON idempotency_keys (expires_
 /// Most operations committed in one transaction.
 const BATCH_MAX_OPS: usize = 512;
 
-impl SqliteKeys {
-    fn open(path: &Path, max_keys: usize) -> Result<SqliteKeys, String> {
+impl DurableKeys {
+    /// Starts the writer thread over `table`.
+    fn start(mut table: Box<dyn KeyTable>, max_keys: usize) -> Result<DurableKeys, String> {
+        let rows = table.count()?;
+        let (tx, rx) = std_mpsc::channel();
+        let published = Arc::new(AtomicUsize::new(rows));
+        let mut writer = KeyWriter {
+            table,
+            rows,
+            max_keys,
+            published: published.clone(),
+        };
+        std::thread::Builder::new()
+            .name("tollgate-idempotency".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| format!("starting the key writer: {e}"))?;
+        Ok(DurableKeys {
+            tx: Mutex::new(tx),
+            rows: published,
+        })
+    }
+
+    /// Queues an operation; false if the writer thread is gone.
+    fn send(&self, op: Op) -> bool {
+        self.tx.lock().send(op).is_ok()
+    }
+}
+
+/// The SQLite key file.
+struct SqliteTable {
+    conn: Connection,
+}
+
+impl SqliteTable {
+    fn open(path: &Path) -> Result<SqliteTable, String> {
         let fail = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
@@ -692,36 +803,111 @@ impl SqliteKeys {
         conn.execute_batch("PRAGMA synchronous=FULL;")
             .and_then(|_| conn.execute_batch(SCHEMA))
             .map_err(|e| fail(&e))?;
-        let rows: i64 = conn
+        Ok(SqliteTable { conn })
+    }
+}
+
+impl KeyTable for SqliteTable {
+    fn count(&mut self) -> Result<usize, String> {
+        let rows: i64 = self
+            .conn
             .query_row("SELECT COUNT(*) FROM idempotency_keys", [], |r| r.get(0))
-            .map_err(|e| fail(&e))?;
-        let (tx, rx) = std_mpsc::channel();
-        let rows = rows.max(0) as usize;
-        let published = Arc::new(AtomicUsize::new(rows));
-        let mut writer = KeyWriter {
-            conn,
-            rows,
-            max_keys,
-            published: published.clone(),
-        };
-        std::thread::Builder::new()
-            .name("tollgate-idempotency".into())
-            .spawn(move || writer.run(rx))
-            .map_err(|e| fail(&e))?;
-        Ok(SqliteKeys {
-            tx: Mutex::new(tx),
-            rows: published,
-        })
+            .map_err(|e| e.to_string())?;
+        Ok(rows.max(0) as usize)
     }
 
-    /// Queues an operation; false if the writer thread is gone.
-    fn send(&self, op: Op) -> bool {
-        self.tx.lock().send(op).is_ok()
+    fn transaction(
+        &mut self,
+        ops: &mut dyn FnMut(&mut dyn KeyTx) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| e.to_string())?;
+        ops(&mut SqliteTx(&tx))?;
+        tx.commit().map_err(|e| e.to_string())
+    }
+}
+
+struct SqliteTx<'a>(&'a rusqlite::Transaction<'a>);
+
+impl KeyTx for SqliteTx<'_> {
+    fn find(&mut self, scope: &Scope) -> Result<Option<KeyRow>, String> {
+        self.0
+            .query_row(
+                "SELECT fingerprint, state, status, headers, body, expires_unix_ms
+                 FROM idempotency_keys WHERE account = ?1 AND key = ?2",
+                params![scope.0, scope.1],
+                |r| {
+                    Ok(KeyRow {
+                        fingerprint: r.get(0)?,
+                        state: r.get(1)?,
+                        status: r.get(2)?,
+                        headers: r.get(3)?,
+                        body: r.get(4)?,
+                        expires_unix_ms: r.get(5)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(|e| e.to_string())
+    }
+
+    fn insert_pending(
+        &mut self,
+        scope: &Scope,
+        fingerprint: &Fingerprint,
+        now_ms: i64,
+        expires_ms: i64,
+    ) -> Result<(), String> {
+        self.0
+            .execute(
+                "INSERT INTO idempotency_keys
+                 (account, key, fingerprint, state, created_unix_ms, expires_unix_ms)
+                 VALUES (?1, ?2, ?3, 'pending', ?4, ?5)",
+                params![scope.0, scope.1, &fingerprint[..], now_ms, expires_ms],
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    fn complete(
+        &mut self,
+        scope: &Scope,
+        answer: &StoredAnswer,
+        headers: &str,
+    ) -> Result<(), String> {
+        self.0
+            .execute(
+                "UPDATE idempotency_keys SET state = 'done', status = ?3, headers = ?4, body = ?5
+                 WHERE account = ?1 AND key = ?2",
+                params![scope.0, scope.1, answer.status, headers, answer.body],
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    fn delete(&mut self, scope: &Scope) -> Result<usize, String> {
+        self.0
+            .execute(
+                "DELETE FROM idempotency_keys WHERE account = ?1 AND key = ?2",
+                params![scope.0, scope.1],
+            )
+            .map_err(|e| e.to_string())
+    }
+
+    fn delete_expired(&mut self, now_ms: i64) -> Result<usize, String> {
+        self.0
+            .execute(
+                "DELETE FROM idempotency_keys WHERE expires_unix_ms <= ?1",
+                [now_ms],
+            )
+            .map_err(|e| e.to_string())
     }
 }
 
 struct KeyWriter {
-    conn: Connection,
+    table: Box<dyn KeyTable>,
     /// Rows in the table (kept in step with inserts and deletes).
     rows: usize,
     max_keys: usize,
@@ -745,15 +931,13 @@ impl KeyWriter {
 
     /// One transaction for the batch; replies after the commit, so a
     /// `Fresh` claim is durable before its request runs.
-    fn commit(&mut self, batch: Vec<Op>) {
+    fn commit(&mut self, mut batch: Vec<Op>) {
         let rows_before = self.rows;
         let mut replies: Vec<(oneshot::Sender<Result<Found, String>>, Found)> = Vec::new();
         let mut flushes = Vec::new();
-        let result = (|| -> rusqlite::Result<()> {
-            let tx = self
-                .conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)?;
-            for op in batch {
+        let (rows, max_keys) = (&mut self.rows, self.max_keys);
+        let result = self.table.transaction(&mut |tx| {
+            for op in batch.drain(..) {
                 match op {
                     Op::Begin {
                         scope,
@@ -762,45 +946,28 @@ impl KeyWriter {
                         expires_ms,
                         reply,
                     } => {
-                        let found = begin_row(
-                            &tx,
-                            &scope,
-                            fingerprint,
-                            now_ms,
-                            expires_ms,
-                            &mut self.rows,
-                            self.max_keys,
-                        )?;
+                        let found =
+                            begin_row(tx, &scope, fingerprint, now_ms, expires_ms, rows, max_keys)?;
                         replies.push((reply, found));
                     }
                     Op::Complete { scope, answer } => {
                         let headers =
                             serde_json::to_string(&answer.headers).unwrap_or_else(|_| "[]".into());
-                        tx.execute(
-                            "UPDATE idempotency_keys SET state = 'done', status = ?3, headers = ?4, body = ?5
-                             WHERE account = ?1 AND key = ?2",
-                            params![scope.0, scope.1, answer.status, headers, answer.body],
-                        )?;
+                        tx.complete(&scope, &answer, &headers)?;
                     }
                     Op::Release { scope } => {
-                        let n = tx.execute(
-                            "DELETE FROM idempotency_keys WHERE account = ?1 AND key = ?2",
-                            params![scope.0, scope.1],
-                        )?;
-                        self.rows = self.rows.saturating_sub(n);
+                        let n = tx.delete(&scope)?;
+                        *rows = rows.saturating_sub(n);
                     }
                     Op::Sweep { now_ms } => {
-                        let n = tx.execute(
-                            "DELETE FROM idempotency_keys WHERE expires_unix_ms <= ?1",
-                            [now_ms],
-                        )?;
-                        self.rows = self.rows.saturating_sub(n);
+                        let n = tx.delete_expired(now_ms)?;
+                        *rows = rows.saturating_sub(n);
                     }
                     Op::Flush(done) => flushes.push(done),
                 }
             }
-            tx.commit()
-        })();
+            Ok(())
+        });
         match result {
             Ok(()) => {
                 for (reply, found) in replies {
@@ -815,7 +982,18 @@ impl KeyWriter {
                 self.rows = rows_before;
                 tracing::error!(error = %e, "idempotency key batch failed");
                 for (reply, _) in replies {
-                    let _ = reply.send(Err(e.to_string()));
+                    let _ = reply.send(Err(e.clone()));
+                }
+                // Operations the failed transaction did not reach: claims
+                // are refused too; flushes are answered.
+                for op in batch {
+                    match op {
+                        Op::Begin { reply, .. } => {
+                            let _ = reply.send(Err(e.clone()));
+                        }
+                        Op::Flush(done) => flushes.push(done),
+                        _ => {}
+                    }
                 }
             }
         }
@@ -827,54 +1005,30 @@ impl KeyWriter {
 }
 
 fn begin_row(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &mut dyn KeyTx,
     scope: &Scope,
     fingerprint: Fingerprint,
     now_ms: i64,
     expires_ms: i64,
     rows: &mut usize,
     max_keys: usize,
-) -> rusqlite::Result<Found> {
-    type Row = (
-        Vec<u8>,
-        String,
-        Option<u16>,
-        Option<String>,
-        Option<Vec<u8>>,
-        i64,
-    );
-    let row: Option<Row> = tx
-        .query_row(
-            "SELECT fingerprint, state, status, headers, body, expires_unix_ms
-             FROM idempotency_keys WHERE account = ?1 AND key = ?2",
-            params![scope.0, scope.1],
-            |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                ))
-            },
-        )
-        .optional()?;
-    if let Some((fp, state, status, headers, body, expires)) = row {
-        if expires > now_ms {
+) -> Result<Found, String> {
+    if let Some(row) = tx.find(scope)? {
+        if row.expires_unix_ms > now_ms {
             let mut stored = [0u8; 32];
-            if fp.len() == 32 {
-                stored.copy_from_slice(&fp);
+            if row.fingerprint.len() == 32 {
+                stored.copy_from_slice(&row.fingerprint);
             }
-            return Ok(match (state.as_str(), status) {
+            return Ok(match (row.state.as_str(), row.status) {
                 ("done", Some(status)) => Found::Done {
                     fingerprint: stored,
                     answer: StoredAnswer {
                         status,
-                        headers: headers
+                        headers: row
+                            .headers
                             .and_then(|h| serde_json::from_str(&h).ok())
                             .unwrap_or_default(),
-                        body: body.unwrap_or_default(),
+                        body: row.body.unwrap_or_default(),
                     },
                 },
                 _ => Found::Pending {
@@ -883,28 +1037,17 @@ fn begin_row(
             });
         }
         // Expired but not swept yet: gone.
-        tx.execute(
-            "DELETE FROM idempotency_keys WHERE account = ?1 AND key = ?2",
-            params![scope.0, scope.1],
-        )?;
+        tx.delete(scope)?;
         *rows = rows.saturating_sub(1);
     }
     if *rows >= max_keys {
-        let n = tx.execute(
-            "DELETE FROM idempotency_keys WHERE expires_unix_ms <= ?1",
-            [now_ms],
-        )?;
+        let n = tx.delete_expired(now_ms)?;
         *rows = rows.saturating_sub(n);
         if *rows >= max_keys {
             return Ok(Found::Full);
         }
     }
-    tx.execute(
-        "INSERT INTO idempotency_keys
-         (account, key, fingerprint, state, created_unix_ms, expires_unix_ms)
-         VALUES (?1, ?2, ?3, 'pending', ?4, ?5)",
-        params![scope.0, scope.1, &fingerprint[..], now_ms, expires_ms],
-    )?;
+    tx.insert_pending(scope, &fingerprint, now_ms, expires_ms)?;
     *rows += 1;
     Ok(Found::Inserted)
 }
@@ -924,17 +1067,56 @@ mod tests {
         }
     }
 
-    fn open(path: Option<PathBuf>, clock: Arc<ManualClock>) -> Idempotency {
+    /// Where a test's key table lives.
+    #[derive(Clone)]
+    enum Table {
+        Memory,
+        Sqlite(PathBuf),
+        Postgres(Box<crate::store::pg::PgSettings>),
+    }
+
+    impl Table {
+        fn is_some(&self) -> bool {
+            !matches!(self, Table::Memory)
+        }
+    }
+
+    /// A PostgreSQL store's database, migrated (as `tollgate run` does).
+    fn postgres(db: &crate::store::pg::testing::TestDb) -> Table {
+        let settings =
+            crate::store::pg::PgSettings::new(crate::store::pg::PgUrl::parse(&db.url()).unwrap());
+        drop(
+            crate::store::PgStore::open(&settings, crate::config::Durability::Sync, "test", 0)
+                .unwrap(),
+        );
+        Table::Postgres(Box::new(settings))
+    }
+
+    fn open(table: Table, clock: Arc<ManualClock>) -> Idempotency {
         let cfg = IdempotencyConfig {
-            path,
+            path: match &table {
+                Table::Sqlite(p) => Some(p.clone()),
+                _ => None,
+            },
             max_keys: 3,
             wait: Duration::from_millis(300),
             ..IdempotencyConfig::default()
         };
-        Idempotency::open(&cfg, clock).unwrap()
+        let clock: Arc<dyn Clock> = clock;
+        match &table {
+            Table::Postgres(settings) => {
+                // The PostgreSQL client must not run on a tokio worker.
+                let (cfg, settings) = (cfg.clone(), (**settings).clone());
+                std::thread::spawn(move || Idempotency::open_postgres(&cfg, &settings, clock))
+                    .join()
+                    .unwrap()
+                    .unwrap()
+            }
+            _ => Idempotency::open_with_clock(&cfg, clock).unwrap(),
+        }
     }
 
-    async fn scenario(path: Option<PathBuf>) {
+    async fn scenario(path: Table) {
         let clock = Arc::new(ManualClock::new(1_000));
         let t = open(path.clone(), clock.clone());
         let fp = fingerprint(&[b"GET", b"/api", b"a=1"]);
@@ -1003,18 +1185,41 @@ mod tests {
 
     #[tokio::test]
     async fn keys_in_memory() {
-        scenario(None).await;
+        scenario(Table::Memory).await;
     }
 
     #[tokio::test]
     async fn keys_in_sqlite_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        scenario(Some(dir.path().join("keys.db"))).await;
+        scenario(Table::Sqlite(dir.path().join("keys.db"))).await;
+    }
+
+    /// `test` on a runtime of its own: the PostgreSQL database is created
+    /// and dropped outside it (the blocking client must not run on it).
+    fn on_runtime(test: impl std::future::Future<Output = ()>) {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(test);
+    }
+
+    #[test]
+    fn keys_in_postgres_survive_a_restart() {
+        let db = crate::store::pg::testing::TestDb::create("idem_scenario");
+        on_runtime(scenario(postgres(&db)));
+    }
+
+    #[test]
+    fn keys_held_in_postgres() {
+        let db = crate::store::pg::testing::TestDb::create("idem_held");
+        on_runtime(keys_held_follows_the_table(postgres(&db)));
     }
 
     /// `keys_held` counts what `max_keys` counts: claimed and answered
     /// keys, not released ones, until the sweep drops expired ones.
-    async fn keys_held_follows_the_table(path: Option<PathBuf>) {
+    async fn keys_held_follows_the_table(path: Table) {
         let clock = Arc::new(ManualClock::new(1_000));
         let t = open(path.clone(), clock.clone());
         assert_eq!(t.keys_held(), 0);
@@ -1054,19 +1259,19 @@ mod tests {
 
     #[tokio::test]
     async fn keys_held_in_memory() {
-        keys_held_follows_the_table(None).await;
+        keys_held_follows_the_table(Table::Memory).await;
     }
 
     #[tokio::test]
     async fn keys_held_in_sqlite() {
         let dir = tempfile::tempdir().unwrap();
-        keys_held_follows_the_table(Some(dir.path().join("keys.db"))).await;
+        keys_held_follows_the_table(Table::Sqlite(dir.path().join("keys.db"))).await;
     }
 
     #[tokio::test]
     async fn a_waiting_retry_gets_the_first_answer() {
         let clock = Arc::new(ManualClock::new(1_000));
-        let t = Arc::new(open(None, clock));
+        let t = Arc::new(open(Table::Memory, clock));
         let fp = fingerprint(&[b"x"]);
         let Begin::Fresh(claim) = t.begin("a", "k", fp).await else {
             panic!()

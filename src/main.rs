@@ -48,7 +48,7 @@ enum Command {
         #[command(subcommand)]
         action: AccountsAction,
     },
-    /// Read the persisted ledger (the store named by `store.path`).
+    /// Read the persisted ledger (the store named by `store.path` or `store.url`).
     Ledger {
         #[arg(short, long, global = true, default_value = "conf/tollgate.yaml")]
         config: PathBuf,
@@ -198,6 +198,12 @@ fn check(path: &Path) -> Result<(), String> {
         Some(p) => accounts::load(p).map_err(|e| e.to_string())?.len(),
         None => 0,
     };
+    // A PostgreSQL store: reachable, and what `tollgate run` would migrate
+    // (reported, never applied here).
+    let store = match &config.store.postgres {
+        Some(pg) => Some(check_postgres(path, pg)?),
+        None => None,
+    };
     println!(
         "ok: {} (tariff {} version {}, {} seed accounts)",
         path.display(),
@@ -205,21 +211,58 @@ fn check(path: &Path) -> Result<(), String> {
         tariff.version(),
         n_accounts
     );
+    if let Some(line) = store {
+        println!("{line}");
+    }
     Ok(())
 }
 
-fn ledger_command(config_path: &Path, action: LedgerAction) -> Result<(), String> {
-    use tollgate::store::{export, verify, SqliteStore};
-    let config = Config::load(config_path).map_err(|e| e.to_string())?;
-    let path = config.store.path.as_deref().ok_or_else(|| {
+/// `store.url`'s schema, as `tollgate check` reports it.
+fn check_postgres(config_path: &Path, pg: &tollgate::store::PgSettings) -> Result<String, String> {
+    use tollgate::store::pg::schema;
+    let fail = |e: tollgate::store::StoreError| {
         format!(
-            "{}: store.path: no store is configured, so there is no ledger to read",
-            config_path.display()
+            "{}: store.url: {}",
+            config_path.display(),
+            pg.url.redact(&e.to_string())
         )
-    })?;
-    // One read transaction: a consistent snapshot beside a running owner,
-    // without taking the store's ownership.
-    let mut store = SqliteStore::open_snapshot(path).map_err(|e| e.to_string())?;
+    };
+    let mut client = pg
+        .connect("check", Some(pg.statement_timeout))
+        .map_err(fail)?;
+    let report = schema::report(&mut client, pg).map_err(fail)?;
+    report.check_supported().map_err(fail)?;
+    Ok(format!("store: {}: {report}", pg.url))
+}
+
+fn ledger_command(config_path: &Path, action: LedgerAction) -> Result<(), String> {
+    use tollgate::store::{export, verify, PgStore, SqliteStore, Store};
+    let config = Config::load(config_path).map_err(|e| e.to_string())?;
+    // One read transaction (SQLite: WAL; PostgreSQL: REPEATABLE READ READ
+    // ONLY): a consistent snapshot beside a running owner, without taking
+    // the store's ownership.
+    let (mut store, name): (Box<dyn Store>, String) =
+        match (&config.store.path, &config.store.postgres) {
+            (Some(path), _) => (
+                Box::new(SqliteStore::open_snapshot(path).map_err(|e| e.to_string())?),
+                path.display().to_string(),
+            ),
+            (None, Some(pg)) => {
+                (
+                    Box::new(PgStore::open_snapshot(pg).map_err(|e| {
+                        format!("store {}: {}", pg.url, pg.url.redact(&e.to_string()))
+                    })?),
+                    pg.url.redacted().to_string(),
+                )
+            }
+            (None, None) => {
+                return Err(format!(
+                    "{}: store.path: no store is configured (store.path or store.url), so there \
+                     is no ledger to read",
+                    config_path.display()
+                ))
+            }
+        };
     match action {
         LedgerAction::Export { format, output } => {
             let format = match format {
@@ -232,14 +275,14 @@ fn ledger_command(config_path: &Path, action: LedgerAction) -> Result<(), String
                 )),
                 None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
             };
-            let n = export::export(&mut store, format, &mut out).map_err(|e| e.to_string())?;
+            let n = export::export(store.as_mut(), format, &mut out).map_err(|e| e.to_string())?;
             if let Some(p) = &output {
                 eprintln!("exported {n} entries to {}", p.display());
             }
             Ok(())
         }
         LedgerAction::Verify => {
-            let report = verify::verify(&mut store).map_err(|e| e.to_string())?;
+            let report = verify::verify(store.as_mut()).map_err(|e| e.to_string())?;
             print!("{report}");
             if report.is_ok(config.overdraft) {
                 println!(
@@ -249,8 +292,7 @@ fn ledger_command(config_path: &Path, action: LedgerAction) -> Result<(), String
                 Ok(())
             } else {
                 Err(format!(
-                    "verify failed: the entries in {} do not sum to the stored state",
-                    path.display()
+                    "verify failed: the entries in {name} do not sum to the stored state"
                 ))
             }
         }

@@ -172,6 +172,13 @@ pub struct Metrics {
     /// Lease renewals that failed (busy or failing store); the lease
     /// lapses if they go on.
     pub store_lease_renewal_failures: IntCounter,
+    /// SQL statements the PostgreSQL store's writer sent (one per batch
+    /// commit when all is well): statements per commit is this over the
+    /// `tollgate_store_batch_entries` count.
+    pub store_pg_statements: IntCounter,
+    /// PostgreSQL sessions of the store's writer re-established after the
+    /// previous one ended (server restarted, connection killed).
+    pub store_pg_reconnects: IntCounter,
     /// Idempotency keys held (pending or answered, not yet swept), set by
     /// the 1 s sweeper from a count the key table keeps anyway.
     pub idempotency_keys: IntGauge,
@@ -420,6 +427,14 @@ impl Metrics {
                 "tollgate_store_lease_renewal_failures_total",
                 "Store ownership lease renewals that failed",
             ),
+            store_pg_statements: counter(
+                "tollgate_store_pg_statements_total",
+                "SQL statements the PostgreSQL store writer sent (one per commit when all is well)",
+            ),
+            store_pg_reconnects: counter(
+                "tollgate_store_pg_reconnects_total",
+                "PostgreSQL sessions of the store writer re-established after one ended",
+            ),
             idempotency_keys: gauge(
                 "tollgate_idempotency_keys",
                 "Idempotency keys held (pending or answered, expired ones until the next sweep)",
@@ -466,6 +481,8 @@ impl Metrics {
             Box::new(m.store_fenced.clone()),
             Box::new(m.store_owner_token.clone()),
             Box::new(m.store_lease_renewal_failures.clone()),
+            Box::new(m.store_pg_statements.clone()),
+            Box::new(m.store_pg_reconnects.clone()),
             Box::new(m.idempotency_keys.clone()),
             Box::new(m.idempotency_max_keys.clone()),
         ];
@@ -650,7 +667,7 @@ mod tests {
         let (ours, process): (Vec<_>, Vec<_>) = families
             .iter()
             .partition(|f| f.get_name().starts_with("tollgate_"));
-        assert_eq!(ours.len(), 38);
+        assert_eq!(ours.len(), 40);
         let mut process: Vec<&str> = process.iter().map(|f| f.get_name()).collect();
         process.sort_unstable();
         let mut expected = PROCESS_FAMILIES.to_vec();

@@ -30,7 +30,10 @@ use crate::proxy::TollgateProxy;
 use crate::reload::Reloader;
 use crate::service::{App, MetricsSink};
 use crate::store::fence::FenceKeeper;
-use crate::store::{AccountDirectory, Loaded, SqliteStore, StoreError, WriteBehind, WriterConfig};
+use crate::store::{
+    AccountDirectory, Loaded, PgSettings, PgStore, SqliteStore, StoreError, WriteBehind,
+    WriterConfig,
+};
 use crate::tariff::Tariff;
 
 #[derive(Debug, thiserror::Error)]
@@ -57,26 +60,59 @@ pub struct OpenedStore {
     /// The reservations open at the last stop and the last seq;
     /// `loaded.accounts` is empty.
     pub loaded: Loaded,
-    /// The store's file, for the restore's own connections.
-    path: PathBuf,
+    /// Where the store is, for the restore's own connections.
+    location: StoreLocation,
     /// About how many accounts the store holds: sizes the ledger's map once.
     accounts_hint: usize,
+}
+
+/// Where the ledger store is: an SQLite file or a PostgreSQL database.
+#[derive(Clone, Debug)]
+enum StoreLocation {
+    Sqlite(PathBuf),
+    Postgres(Box<PgSettings>),
+}
+
+impl StoreLocation {
+    /// The store's name in messages (a URL's password redacted).
+    fn name(&self) -> String {
+        match self {
+            StoreLocation::Sqlite(path) => path.display().to_string(),
+            StoreLocation::Postgres(pg) => pg.url.redacted().to_string(),
+        }
+    }
+
+    /// A store error as start-up reports it.
+    fn fail(&self, problem: String) -> StartError {
+        let problem = match self {
+            StoreLocation::Sqlite(_) => problem,
+            StoreLocation::Postgres(pg) => pg.url.redact(&problem),
+        };
+        StartError::Store {
+            path: self.name(),
+            problem,
+        }
+    }
 }
 
 /// Accounts a restore thread collects before handing them to the ledger
 /// (one update of the ledger's running total per batch).
 const RESTORE_BATCH: usize = 256;
 
-/// Opens the SQLite store named by `store.path`, takes ownership of it
-/// (before anything is read: a store a live process owns stops start-up
-/// with a message naming that process) and loads its open reservations
-/// and last seq; `None` when no store is configured. The lease is renewed
-/// from here on, through the whole load.
+/// Opens the store named by `store.path` (SQLite) or `store.url`
+/// (PostgreSQL: its pending migrations are applied first), takes ownership
+/// of it (before anything is read: a store a live process owns stops
+/// start-up with a message naming that process) and loads its open
+/// reservations and last seq; `None` when no store is configured. The
+/// lease is renewed from here on, through the whole load.
 pub fn open_store(
     config: &Config,
     metrics: &Arc<Metrics>,
     clock: Arc<dyn Clock>,
 ) -> Result<Option<OpenedStore>, StartError> {
+    if let Some(pg) = &config.store.postgres {
+        return open_postgres(config, pg, metrics, clock).map(Some);
+    }
     let Some(path) = &config.store.path else {
         return Ok(None);
     };
@@ -99,9 +135,39 @@ pub fn open_store(
     Ok(Some(OpenedStore {
         writer,
         loaded,
-        path: path.clone(),
+        location: StoreLocation::Sqlite(path.clone()),
         accounts_hint,
     }))
+}
+
+/// [`open_store`] for `store.url`. Runs on the main thread, before any
+/// runtime (the PostgreSQL client blocks).
+fn open_postgres(
+    config: &Config,
+    pg: &PgSettings,
+    metrics: &Arc<Metrics>,
+    clock: Arc<dyn Clock>,
+) -> Result<OpenedStore, StartError> {
+    let location = StoreLocation::Postgres(Box::new(pg.clone()));
+    let fail = |e: StoreError| location.fail(e.to_string());
+    let (store, fence) =
+        PgStore::open_owned(pg, config.durability, config.store.lease, clock).map_err(fail)?;
+    let mut store = store.with_metrics(metrics.clone());
+    let fence = FenceKeeper::start(fence, metrics.clone());
+    let loaded = store.load_without_accounts().map_err(fail)?;
+    let accounts_hint = store.account_count_hint().map_err(fail)?;
+    let writer = Arc::new(WriteBehind::owned(
+        Box::new(store),
+        fence,
+        WriterConfig::from(&config.store),
+        metrics.clone(),
+    ));
+    Ok(OpenedStore {
+        writer,
+        loaded,
+        location,
+        accounts_hint,
+    })
 }
 
 /// Start-up load (SPEC 6): balances, the reservations open at the last stop
@@ -115,43 +181,15 @@ pub fn open_store(
 /// ones cost more in cross-core cache traffic than it saved. Order does not
 /// matter: names are unique and an account is restored without its parent.
 /// The writer is not started yet, so nothing writes to the store meanwhile.
+///
+/// A PostgreSQL store is read by one thread over one snapshot session,
+/// streamed (the server sends rows as fast as the ledger takes them).
 fn restore(ledger: &Ledger, opened: OpenedStore) -> Result<Arc<WriteBehind>, StartError> {
-    let fail = |problem: String| StartError::Store {
-        path: opened.path.display().to_string(),
-        problem,
-    };
-    let parts = std::thread::available_parallelism()
-        .map_or(1, usize::from)
-        .clamp(1, 8);
-    let restore_part = |part: usize| -> Result<usize, StoreError> {
-        let mut reader = SqliteStore::open_existing(&opened.path)?;
-        let mut batch = Vec::with_capacity(RESTORE_BATCH);
-        let mut restored = 0usize;
-        reader.for_each_ready_account(part, parts, &mut |account| {
-            batch.push(account);
-            if batch.len() == RESTORE_BATCH {
-                restored += batch.len();
-                ledger.restore_ready(batch.drain(..));
-            }
-            Ok(())
-        })?;
-        restored += batch.len();
-        ledger.restore_ready(batch);
-        Ok(restored)
-    };
-    let restored = std::thread::scope(|scope| {
-        let helpers: Vec<_> = (1..parts)
-            .map(|part| scope.spawn(move || restore_part(part)))
-            .collect();
-        let mut restored = restore_part(0)?;
-        for helper in helpers {
-            restored += helper
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
-        }
-        Ok(restored)
-    })
-    .map_err(|e: StoreError| fail(e.to_string()))?;
+    let restored = match &opened.location {
+        StoreLocation::Sqlite(path) => restore_sqlite(ledger, path),
+        StoreLocation::Postgres(pg) => restore_postgres(ledger, pg),
+    }
+    .map_err(|e| opened.location.fail(e.to_string()))?;
     let loaded = opened.loaded;
     let in_doubt = loaded.open_reservations.len();
     for reservation in loaded.open_reservations {
@@ -170,6 +208,54 @@ fn restore(ledger: &Ledger, opened: OpenedStore) -> Result<Arc<WriteBehind>, Sta
         "ledger restored from the store"
     );
     Ok(opened.writer)
+}
+
+fn restore_postgres(ledger: &Ledger, pg: &PgSettings) -> Result<usize, StoreError> {
+    let mut reader = PgStore::open_snapshot(pg)?;
+    let mut batch = Vec::with_capacity(RESTORE_BATCH);
+    let n = reader.for_each_ready_account(&mut |account| {
+        batch.push(account);
+        if batch.len() == RESTORE_BATCH {
+            ledger.restore_ready(batch.drain(..));
+        }
+        Ok(())
+    })?;
+    ledger.restore_ready(batch);
+    Ok(n as usize)
+}
+
+fn restore_sqlite(ledger: &Ledger, path: &std::path::Path) -> Result<usize, StoreError> {
+    let parts = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .clamp(1, 8);
+    let restore_part = |part: usize| -> Result<usize, StoreError> {
+        let mut reader = SqliteStore::open_existing(path)?;
+        let mut batch = Vec::with_capacity(RESTORE_BATCH);
+        let mut restored = 0usize;
+        reader.for_each_ready_account(part, parts, &mut |account| {
+            batch.push(account);
+            if batch.len() == RESTORE_BATCH {
+                restored += batch.len();
+                ledger.restore_ready(batch.drain(..));
+            }
+            Ok(())
+        })?;
+        restored += batch.len();
+        ledger.restore_ready(batch);
+        Ok(restored)
+    };
+    std::thread::scope(|scope| {
+        let helpers: Vec<_> = (1..parts)
+            .map(|part| scope.spawn(move || restore_part(part)))
+            .collect();
+        let mut restored = restore_part(0)?;
+        for helper in helpers {
+            restored += helper
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+        }
+        Ok(restored)
+    })
 }
 
 /// Builds the shared state without a store: ledger, credentials, tariff,
@@ -252,7 +338,8 @@ fn build(
     let mut app = App::new(config, ledger, credentials, tariff, metrics, clock);
     app.store = writer;
     // Idempotency keys live next to the ledger store (SPEC 3.4) and belong to
-    // its owner: opened only once this process owns the store.
+    // its owner: opened only once this process owns the store. With a
+    // PostgreSQL store and no key file, in the store's database.
     if let Some(path) = &app.config.idempotency.path {
         let keys =
             crate::idempotency::Idempotency::open(&app.config.idempotency, app.clock.clone())
@@ -260,6 +347,17 @@ fn build(
                     path: path.display().to_string(),
                     problem,
                 })?;
+        app.idempotency = Arc::new(keys);
+    } else if let Some(pg) = &app.config.store.postgres {
+        let keys = crate::idempotency::Idempotency::open_postgres(
+            &app.config.idempotency,
+            pg,
+            app.clock.clone(),
+        )
+        .map_err(|problem| StartError::Store {
+            path: pg.url.redacted().to_string(),
+            problem: pg.url.redact(&problem),
+        })?;
         app.idempotency = Arc::new(keys);
     }
     // Boxis identities (e-mail, user key) come from the seeds only.
@@ -446,13 +544,11 @@ fn flush_store(app: &App) -> Result<(), StartError> {
             Ok(())
         }
         Err(e) => Err(StartError::Store {
-            path: app
-                .config
-                .store
-                .path
-                .as_deref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
+            path: match (&app.config.store.path, &app.config.store.postgres) {
+                (Some(p), _) => p.display().to_string(),
+                (None, Some(pg)) => pg.url.redacted().to_string(),
+                (None, None) => String::new(),
+            },
             problem: e.to_string(),
         }),
     }

@@ -346,6 +346,9 @@ fn no_log_of_the_suite_holds_a_secret_it_used() {
         "erinpw",
         "davepw",
         "zedpw",
+        // tests/pg_store.rs: passwords in store.url
+        "Pg-Url-Pw-33",
+        "Pg-Secret-71x",
     ];
     let Ok(dir) = std::fs::read_dir(suite_log_dir()) else {
         return; // nothing ran yet

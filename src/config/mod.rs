@@ -307,6 +307,14 @@ fn default_in_doubt_policy() -> InDoubtPolicy {
 struct FileStore {
     #[serde(default)]
     path: Option<String>,
+    /// PostgreSQL instead of SQLite: `postgres://USER[:PASSWORD]@HOST[:PORT]/DB`.
+    #[serde(default)]
+    url: Option<String>,
+    /// PostgreSQL only (`None`: the default, or an error with `path`).
+    #[serde(default)]
+    connect_timeout_ms: Option<u64>,
+    #[serde(default)]
+    statement_timeout_ms: Option<u64>,
     #[serde(default = "default_batch_max_entries")]
     batch_max_entries: usize,
     #[serde(default = "default_batch_age_max_ms")]
@@ -324,6 +332,9 @@ impl Default for FileStore {
     fn default() -> Self {
         FileStore {
             path: None,
+            url: None,
+            connect_timeout_ms: None,
+            statement_timeout_ms: None,
             batch_max_entries: default_batch_max_entries(),
             batch_age_max_ms: default_batch_age_max_ms(),
             commit_delay_us: default_commit_delay_us(),
@@ -355,6 +366,12 @@ fn default_lease_s() -> u64 {
 }
 /// Longest `store.lease_s`: a hung owner keeps the store this long.
 pub const LEASE_S_MAX: u64 = 300;
+/// `store.connect_timeout_ms` (PostgreSQL): long enough for a server on
+/// another host, short enough that start-up fails quickly when it is down.
+pub const CONNECT_TIMEOUT_MS_DEFAULT: u64 = 5_000;
+/// `store.statement_timeout_ms` (PostgreSQL): a commit or renewal stuck
+/// behind a lock or a stalled server fails after this and is retried.
+pub const STATEMENT_TIMEOUT_MS_DEFAULT: u64 = 5_000;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -551,8 +568,11 @@ pub struct SettleConfig {
 
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
-    /// SQLite file; `None` keeps the ledger in memory only (tests, demos).
+    /// SQLite file; `None` (and no `postgres`) keeps the ledger in memory
+    /// only (tests, demos).
     pub path: Option<PathBuf>,
+    /// The PostgreSQL store (`store.url`); never set together with `path`.
+    pub postgres: Option<crate::store::pg::PgSettings>,
     pub batch_max_entries: usize,
     pub batch_age_max: Duration,
     /// Under load (the last batch was shared by several waiting requests),
@@ -586,6 +606,66 @@ fn parse_addr(file: &Path, key: &str, value: &str) -> Result<SocketAddr, ConfigE
             format!("{value:?} is not an address; write IP:PORT, e.g. 127.0.0.1:9501"),
         )
     })
+}
+
+/// `store.url` and its timeouts, checked: `store.path` and `store.url` are
+/// mutually exclusive, and the timeouts apply to `store.url` only.
+fn postgres_settings(
+    file: &Path,
+    f: &FileStore,
+) -> Result<Option<crate::store::pg::PgSettings>, ConfigError> {
+    let Some(url) = &f.url else {
+        for (key, value) in [
+            ("store.connect_timeout_ms", f.connect_timeout_ms),
+            ("store.statement_timeout_ms", f.statement_timeout_ms),
+        ] {
+            if value.is_some() {
+                return Err(ConfigError::new(
+                    file,
+                    key,
+                    "applies to a PostgreSQL store only; set store.url, or remove this key",
+                ));
+            }
+        }
+        return Ok(None);
+    };
+    if f.path.is_some() {
+        return Err(ConfigError::new(
+            file,
+            "store.url",
+            "store.path and store.url are mutually exclusive: keep store.path for the \
+             embedded SQLite store, or store.url for PostgreSQL",
+        ));
+    }
+    let url = crate::store::pg::PgUrl::parse(url)
+        .map_err(|problem| ConfigError::new(file, "store.url", problem))?;
+    let millis = |key: &str, value: Option<u64>, default: u64, max: u64| {
+        let value = value.unwrap_or(default);
+        if (100..=max).contains(&value) {
+            Ok(Duration::from_millis(value))
+        } else {
+            Err(ConfigError::new(
+                file,
+                key,
+                format!("{value} is not valid; use 100 to {max} ms (default {default})"),
+            ))
+        }
+    };
+    Ok(Some(crate::store::pg::PgSettings {
+        url,
+        connect_timeout: millis(
+            "store.connect_timeout_ms",
+            f.connect_timeout_ms,
+            CONNECT_TIMEOUT_MS_DEFAULT,
+            60_000,
+        )?,
+        statement_timeout: millis(
+            "store.statement_timeout_ms",
+            f.statement_timeout_ms,
+            STATEMENT_TIMEOUT_MS_DEFAULT,
+            600_000,
+        )?,
+    }))
 }
 
 /// Turns a serde_yaml error into a ConfigError naming the file and position.
@@ -726,6 +806,7 @@ impl Config {
                 ),
             ));
         }
+        let postgres = postgres_settings(path, &f.store)?;
         if f.metrics.balance_accounts.len() > BALANCE_ACCOUNTS_MAX {
             return Err(ConfigError::new(
                 path,
@@ -815,6 +896,7 @@ impl Config {
             },
             store: StoreConfig {
                 path: f.store.path.as_deref().map(|p| resolve_relative(path, p)),
+                postgres,
                 batch_max_entries: f.store.batch_max_entries,
                 batch_age_max: Duration::from_millis(f.store.batch_age_max_ms),
                 commit_delay: Duration::from_micros(f.store.commit_delay_us),
@@ -952,6 +1034,65 @@ mod tests {
             assert_eq!(e.key, "store.lease_s");
             assert_eq!(e.file, "conf/tollgate.yaml");
             assert!(e.problem.contains("1 to 300 seconds"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_postgres_store_is_a_url_exclusive_with_a_path() {
+        let text = format!(
+            "{MINIMAL}store: {{ url: 'postgres://tg:pw-Zq81@127.0.0.1:5432/ledger', statement_timeout_ms: 2000 }}\n"
+        );
+        let c = Config::from_yaml(&text, Path::new("t.yaml")).unwrap();
+        assert!(c.store.path.is_none());
+        let pg = c.store.postgres.as_ref().unwrap();
+        assert_eq!(pg.url.dbname(), "ledger");
+        assert_eq!(pg.statement_timeout, Duration::from_millis(2000));
+        assert_eq!(
+            pg.connect_timeout,
+            Duration::from_millis(CONNECT_TIMEOUT_MS_DEFAULT)
+        );
+        // Keys live in the same database unless idempotency.path says
+        // otherwise (no key file by default).
+        assert!(c.idempotency.path.is_none());
+        // The password is in no debug output.
+        assert!(!format!("{c:?}").contains("pw-Zq81"), "{c:?}");
+
+        for (store, key, problem) in [
+            (
+                "{ path: t.db, url: 'postgres://u@h/db' }",
+                "store.url",
+                "mutually exclusive",
+            ),
+            (
+                "{ url: 'mysql://u:pw-Zq81@h/db' }",
+                "store.url",
+                "not a PostgreSQL URL",
+            ),
+            (
+                "{ url: 'postgres://u:pw-Zq81@h' }",
+                "store.url",
+                "names no database",
+            ),
+            (
+                "{ path: t.db, statement_timeout_ms: 100 }",
+                "store.statement_timeout_ms",
+                "PostgreSQL store only",
+            ),
+            (
+                "{ url: 'postgres://u@h/db', connect_timeout_ms: 1 }",
+                "store.connect_timeout_ms",
+                "100 to 60000 ms",
+            ),
+        ] {
+            let text = format!("{MINIMAL}store: {store}\n");
+            let e = Config::from_yaml(&text, Path::new("conf/tollgate.yaml")).unwrap_err();
+            assert_eq!(
+                (e.file.as_str(), e.key.as_str()),
+                ("conf/tollgate.yaml", key),
+                "{e}"
+            );
+            assert!(e.problem.contains(problem), "{e}");
+            assert!(!e.to_string().contains("pw-Zq81"), "{e}");
         }
     }
 

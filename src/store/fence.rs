@@ -59,7 +59,10 @@
 //! dies); `claim` is `SELECT … FROM store_owner FOR UPDATE`, [`decide`],
 //! and `UPDATE … SET token = token + 1`; `renew` is `UPDATE store_owner SET
 //! renewed_unix_ms = $1 WHERE token = $2` (0 rows: fenced). Each commit
-//! runs the same token check in its own transaction.
+//! runs the same token check in its own transaction. A server-side lock
+//! can be lost while its holder lives (the server restarts, the session
+//! breaks): the backend reports it ([`OwnerBackend::lock_lost`]) and the
+//! owner takes the lock again at its next renewal.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -224,6 +227,14 @@ pub trait OwnerBackend: Send {
 
     /// Lets go of the liveness lock (fenced, or released).
     fn unlock(&mut self);
+
+    /// Whether the liveness lock was lost without [`Self::unlock`]: a lock
+    /// the database server holds for a session that ended (PostgreSQL
+    /// restarted, the connection broke). The fence then takes it again at
+    /// its next renewal. An OS lock lives as long as the process: never.
+    fn lock_lost(&mut self) -> bool {
+        false
+    }
 
     /// In one transaction: reads the owner record and hands it to
     /// `choose`. When `choose` returns a record, writes it with the token
@@ -612,6 +623,13 @@ impl Fence {
             return Err(StoreError::Fenced {
                 owner: self.watch.fenced_by().map(Box::new),
             });
+        }
+        if self.holds_lock && self.backend.lock_lost() {
+            self.holds_lock = false;
+            tracing::warn!(
+                "the store's lock was lost with its database session (server restarted or \
+                 connection broken); taking it again"
+            );
         }
         if !self.holds_lock {
             match self.backend.try_lock() {

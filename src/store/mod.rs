@@ -3,7 +3,8 @@
 //! The in-memory [`Ledger`] is authoritative for every decision; this module
 //! makes its journal durable without putting a store round trip on the
 //! request path. It owns the [`Store`] trait (the blocking persistence
-//! backend: SQLite today, PostgreSQL next, without touching the ledger), the
+//! backend: the embedded SQLite file ([`sqlite`]) or a PostgreSQL database
+//! ([`pg`]), interchangeable without touching the ledger), the
 //! [`WriteBehind`] writer (the ledger's [`EntrySink`](crate::ledger::EntrySink):
 //! an in-memory queue drained by one dedicated thread in group-committed
 //! batches) and the offline tools behind `tollgate ledger export|verify`.
@@ -45,8 +46,10 @@
 //!   its writer stops and it refuses credit. Offline readers (`tollgate
 //!   ledger export|verify`) take no ownership and read beside the owner.
 
+pub mod batch;
 pub mod export;
 pub mod fence;
+pub mod pg;
 pub mod sqlite;
 pub mod verify;
 pub mod writer;
@@ -57,6 +60,7 @@ use thiserror::Error;
 
 use crate::ledger::{AccountView, Entry, Ledger, ReservationView, Role};
 
+pub use pg::{PgSettings, PgStore};
 pub use sqlite::SqliteStore;
 pub use writer::{FlushError, StoreUnavailable, WriteBehind, WriterConfig};
 
@@ -120,6 +124,14 @@ pub enum StoreError {
     Missing(String),
     #[error("corrupt store: {0}")]
     Corrupt(String),
+    /// A PostgreSQL error, as text with the URL's password redacted.
+    #[error("postgres: {0}")]
+    Postgres(String),
+    /// The PostgreSQL database named by `store.url` holds no store yet.
+    #[error(
+        "{0} holds no tollgate store yet (`tollgate run` creates its tables); check store.url"
+    )]
+    NoSchema(String),
     /// A backend that is down (fakes in tests, a network store).
     #[error("store unavailable: {0}")]
     Unavailable(String),

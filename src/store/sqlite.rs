@@ -35,8 +35,6 @@
 //!   it, and the offline readers ([`SqliteStore::open_existing`]) read both
 //!   versions without migrating.
 
-use std::collections::hash_map::Entry as MapEntry;
-use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -44,6 +42,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
 
+use super::batch::Folded;
 use super::fence::{
     Claimant, Claimed, CommitGuard, Fence, FencingToken, OwnerBackend, OwnerRecord,
 };
@@ -387,43 +386,8 @@ impl SqliteStore {
         };
 
         // Fold the batch in memory first: per-account deltas and the net
-        // effect on open reservations (a reservation opened and resolved in
-        // the same batch never touches the table).
-        let mut deltas: HashMap<&str, [i64; 4]> = HashMap::new();
-        let mut opened: HashMap<u64, OpenedInBatch<'_>> = HashMap::new();
-        let mut resolved: Vec<u64> = Vec::new();
-        for e in entries {
-            let d = deltas.entry(e.account.as_str()).or_insert([0; 4]);
-            let (p, r) = match e.bucket {
-                Bucket::Anytime => (0, 1),
-                Bucket::OffPeak => (2, 3),
-            };
-            d[p] = d[p].wrapping_add(e.posted_delta_milli());
-            d[r] = d[r].wrapping_add(e.reserved_delta_milli());
-            let Some(id) = e.reservation_id else { continue };
-            if e.kind == EntryKind::Reserve {
-                let o = opened.entry(id).or_insert_with(|| OpenedInBatch {
-                    entry: e,
-                    anytime_milli: 0,
-                    offpeak_milli: 0,
-                });
-                match e.bucket {
-                    Bucket::Anytime => {
-                        o.anytime_milli = o.anytime_milli.wrapping_add(e.amount_milli)
-                    }
-                    Bucket::OffPeak => {
-                        o.offpeak_milli = o.offpeak_milli.wrapping_add(e.amount_milli)
-                    }
-                }
-            } else if let MapEntry::Occupied(o) = opened.entry(id) {
-                o.remove();
-            } else {
-                resolved.push(id);
-            }
-        }
-        let meta: HashMap<&str, &AccountMeta> =
-            accounts.iter().map(|m| (m.name.as_str(), m)).collect();
-
+        // effect on open reservations (see `batch`).
+        let folded = Folded::of(entries, accounts);
         {
             let mut insert = tx.prepare_cached(INSERT_ENTRY)?;
             for e in entries {
@@ -440,30 +404,22 @@ impl SqliteStore {
                 ])?;
             }
             let mut upsert = tx.prepare_cached(UPSERT_ACCOUNT)?;
-            for (name, d) in &deltas {
-                let fallback;
-                let m = match meta.get(name) {
-                    Some(m) => *m,
-                    None => {
-                        fallback = AccountMeta::unknown(name);
-                        &fallback
-                    }
-                };
+            for d in &folded.deltas {
                 upsert.execute(params![
-                    name,
-                    m.parent,
-                    m.role.as_str(),
-                    m.tariff_class,
-                    d[0],
-                    d[1],
-                    d[2],
-                    d[3]
+                    d.account,
+                    d.meta.parent,
+                    d.meta.role.as_str(),
+                    d.meta.tariff_class,
+                    d.anytime_posted_milli,
+                    d.anytime_reserved_milli,
+                    d.offpeak_posted_milli,
+                    d.offpeak_reserved_milli,
                 ])?;
             }
             let mut open = tx.prepare_cached(UPSERT_RESERVATION)?;
-            for (id, o) in &opened {
+            for o in &folded.opened {
                 open.execute(params![
-                    seq_to_sql(*id),
+                    seq_to_sql(o.id),
                     o.entry.account,
                     o.anytime_milli,
                     o.offpeak_milli,
@@ -473,7 +429,7 @@ impl SqliteStore {
                 ])?;
             }
             let mut delete = tx.prepare_cached(DELETE_RESERVATION)?;
-            for id in &resolved {
+            for id in &folded.resolved {
                 delete.execute([seq_to_sql(*id)])?;
             }
         }
@@ -657,14 +613,6 @@ impl OwnerBackend for SqliteOwner {
         )?;
         Ok(())
     }
-}
-
-/// A reservation whose `reserve` entries are in the batch being committed.
-struct OpenedInBatch<'a> {
-    /// Its first reserve entry (account, reference, tariff, time).
-    entry: &'a Entry,
-    anytime_milli: i64,
-    offpeak_milli: i64,
 }
 
 /// The stored schema version; `None` when the file holds no tollgate

@@ -7,7 +7,7 @@
 //!   gives each an **enqueue position** (1, 2, 3, … in queue order). It never
 //!   blocks on I/O and never drops: the queue limit is enforced *before* a
 //!   change, by [`WriteBehind::admit`].
-//! - One dedicated `std::thread` (SQLite is blocking) takes a batch from the
+//! - One dedicated `std::thread` (the stores are blocking) takes a batch from the
 //!   head of the queue, commits it in one transaction and advances the
 //!   `committed` watermark to the position of the batch's last entry. The
 //!   queue is FIFO and batches are committed in order, so "position ≤

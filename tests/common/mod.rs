@@ -5,6 +5,7 @@
 //! nothing running.
 #![allow(dead_code)]
 
+pub mod pg;
 pub mod promtool;
 
 use std::io::{BufRead, BufReader, Read};
