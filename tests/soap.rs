@@ -228,7 +228,13 @@ fn get_balance_over_both_versions() {
         assert_eq!(wrong.status, 200);
         assert_eq!(wrong.field("GetBalanceResult"), "false");
         assert_eq!(wrong.field("Code"), "1003");
-        assert_eq!(wrong.field("AnyTimeBalance"), "0");
+        // Issue 16: not zeros, which would be wrong; nothing.
+        assert_eq!(
+            xml_field(&wrong.body, "AnyTimeBalance"),
+            None,
+            "{}",
+            wrong.body
+        );
         assert_eq!(wrong.body, unknown.body);
 
         // Missing credentials: invalid_request in the operation's response.
@@ -322,12 +328,17 @@ fn failed_transfers_change_nothing_and_say_why() {
             a.body
         );
     }
-    // A failure reports the caller's balances, and a foreign account's as 0.
+    // A failure reports the caller's balances and its sub-account's real
+    // ones; a foreign account's are left out (issue 16: never as 0).
     let a = give(&tg, V::S11, "master", "othersub", "1", "0");
     assert_eq!(a.field("ParentAnyTimeBalance"), "100");
-    assert_eq!(a.field("SubAnyTimeBalance"), "0");
+    assert_eq!(xml_field(&a.body, "SubAnyTimeBalance"), None, "{}", a.body);
+    assert_eq!(xml_field(&a.body, "SubOffPeakBalance"), None, "{}", a.body);
     let a = give(&tg, V::S11, "master", "sub2", "-6", "0");
     assert_eq!(a.field("SubAnyTimeBalance"), "5");
+    assert_eq!(a.field("SubOffPeakBalance"), "0");
+    let a = give(&tg, V::S11, "master", "sub1", "100.001", "0");
+    assert_eq!(a.field("SubAnyTimeBalance"), "0", "sub1 really holds 0");
     // Wrong password: auth_failed, nothing revealed.
     let a = call(
         &tg,
@@ -342,7 +353,13 @@ fn failed_transfers_change_nothing_and_say_why() {
         ],
     );
     assert_eq!(a.field("Code"), "1003");
-    assert_eq!(a.field("ParentAnyTimeBalance"), "0");
+    assert_eq!(
+        xml_field(&a.body, "ParentAnyTimeBalance"),
+        None,
+        "{}",
+        a.body
+    );
+    assert_eq!(xml_field(&a.body, "SubAnyTimeBalance"), None, "{}", a.body);
 
     let after: Vec<_> = ["master", "sub1", "sub2", "other", "othersub"]
         .iter()

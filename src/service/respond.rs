@@ -20,8 +20,8 @@ use crate::api::boxis::{render as boxis_render, ReturnType};
 use crate::api::ozeki::command::{ResponseFormat, SendMessage};
 use crate::api::ozeki::render as ozeki_render;
 use crate::api::soap::{
-    balance_response, fault, give_credit_response, BalanceAnswer, FaultKind, GiveCreditAnswer,
-    OperationName, SoapVersion,
+    balance_response, fault, give_credit_response, BalanceAnswer, Balances, FaultKind,
+    GiveCreditAnswer, OperationName, SoapVersion,
 };
 use crate::error::ErrorCode;
 use crate::ledger::AccountView;
@@ -210,7 +210,7 @@ pub enum Shape<'a> {
         kind: FaultKind,
     },
     /// A SOAP operation that ran and failed: `…Result` false, the code, and
-    /// the balances the caller may see (zeros otherwise).
+    /// the balances the caller may see (left out otherwise, never zeros).
     SoapOperation {
         version: SoapVersion,
         operation: OperationName,
@@ -258,19 +258,18 @@ pub fn refuse(shape: Shape<'_>, refusal: Refusal) -> Reply {
             parent,
             sub,
         } => {
-            let available = |v: Option<&AccountView>| {
-                v.map(|v| (v.anytime.available_milli(), v.offpeak.available_milli()))
-                    .unwrap_or((0, 0))
+            let balances = |v: Option<&AccountView>| {
+                v.map(|v| Balances {
+                    anytime_milli: v.anytime.available_milli(),
+                    offpeak_milli: v.offpeak.available_milli(),
+                })
             };
-            let (pa, po) = available(parent);
-            let (sa, so) = available(sub);
             let body = match operation {
                 OperationName::GetBalance => balance_response(
                     version,
                     &BalanceAnswer {
                         ok: false,
-                        anytime_milli: pa,
-                        offpeak_milli: po,
+                        balances: balances(parent),
                         result_text: text.to_string(),
                         code: code.code(),
                     },
@@ -279,10 +278,8 @@ pub fn refuse(shape: Shape<'_>, refusal: Refusal) -> Reply {
                     version,
                     &GiveCreditAnswer {
                         ok: false,
-                        parent_anytime_milli: pa,
-                        parent_offpeak_milli: po,
-                        sub_anytime_milli: sa,
-                        sub_offpeak_milli: so,
+                        parent: balances(parent),
+                        sub: balances(sub),
                         result_text: text.to_string(),
                         code: code.code(),
                     },

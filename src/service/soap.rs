@@ -28,8 +28,8 @@ use std::net::IpAddr;
 
 use crate::api::soap::{
     balance_response, call_from_envelope, check_action, give_credit_response, parse_envelope, wsdl,
-    BalanceAnswer, Call, CallError, EnvelopeLimits, FaultKind, GiveCreditAnswer, OperationName,
-    SoapCredentials, SoapVersion,
+    BalanceAnswer, Balances, Call, CallError, EnvelopeLimits, FaultKind, GiveCreditAnswer,
+    OperationName, SoapCredentials, SoapVersion,
 };
 use crate::auth::AuthOutcome;
 use crate::error::ErrorCode;
@@ -317,6 +317,13 @@ fn failure_answer(
     respond::refuse(shape, Refusal::with_text(code, text))
 }
 
+fn balances_of(b: &crate::ledger::AccountBalances) -> Balances {
+    Balances {
+        anytime_milli: b.anytime.available_milli(),
+        offpeak_milli: b.offpeak.available_milli(),
+    }
+}
+
 /// Who calls: the credentials in the envelope and the address they came
 /// from (for the authentication lockout).
 #[derive(Clone, Copy)]
@@ -364,8 +371,7 @@ async fn get_balance(app: &App, version: SoapVersion, caller: Caller<'_>) -> Rep
             version,
             &BalanceAnswer {
                 ok: true,
-                anytime_milli: view.anytime.available_milli(),
-                offpeak_milli: view.offpeak.available_milli(),
+                balances: Some(balances_of(&view.balances())),
                 result_text: format!("Balance of {} retrieved successfully.", view.name),
                 code: 0,
             },
@@ -388,8 +394,26 @@ async fn give_credit(
         Err(code) => return failure_answer(version, op, code, code.message(), None, None),
     };
     // Back-pressure before the change (SPEC 6); nothing has moved yet.
+    // The balances a failure may show: the caller's own, and the
+    // sub-account's only if it is the caller's (never a stranger's, never 0).
+    let seen = |app: &App| {
+        let parent = app.ledger.account(&caller.name);
+        let sub = app
+            .ledger
+            .account(sub_account)
+            .filter(|s| s.parent.as_deref() == Some(caller.name.as_str()));
+        (parent, sub)
+    };
     if let Err(code) = app.admit_change().await {
-        return failure_answer(version, op, code, code.message(), Some(&caller), None);
+        let (parent, sub) = seen(app);
+        return failure_answer(
+            version,
+            op,
+            code,
+            code.message(),
+            parent.as_ref(),
+            sub.as_ref(),
+        );
     }
     match app.ledger.transfer(
         &caller.name,
@@ -404,17 +428,22 @@ async fn give_credit(
             // made in memory and stays queued (committed when the store
             // recovers), but the client is told it is not acknowledged.
             if let Err(code) = app.change_durable().await {
-                let parent = app.ledger.account(&caller.name);
-                return failure_answer(version, op, code, code.message(), parent.as_ref(), None);
+                let (parent, sub) = seen(app);
+                return failure_answer(
+                    version,
+                    op,
+                    code,
+                    code.message(),
+                    parent.as_ref(),
+                    sub.as_ref(),
+                );
             }
             let body = give_credit_response(
                 version,
                 &GiveCreditAnswer {
                     ok: true,
-                    parent_anytime_milli: outcome.parent.anytime.available_milli(),
-                    parent_offpeak_milli: outcome.parent.offpeak.available_milli(),
-                    sub_anytime_milli: outcome.child.anytime.available_milli(),
-                    sub_offpeak_milli: outcome.child.offpeak.available_milli(),
+                    parent: Some(balances_of(&outcome.parent)),
+                    sub: Some(balances_of(&outcome.child)),
                     result_text: format!(
                         "Credits successfully exchanged between {} (master account) and {} (sub account).",
                         caller.name, sub_account
@@ -440,13 +469,7 @@ async fn give_credit(
                 LedgerError::InvalidAmount(reason) => format!("{}: {reason}", code.message()),
                 _ => code.message().to_string(),
             };
-            // Current balances: the caller's own, and the sub-account's only
-            // if it is the caller's.
-            let parent = app.ledger.account(&caller.name);
-            let sub = app
-                .ledger
-                .account(sub_account)
-                .filter(|s| s.parent.as_deref() == Some(caller.name.as_str()));
+            let (parent, sub) = seen(app);
             failure_answer(version, op, code, &text, parent.as_ref(), sub.as_ref())
         }
     }

@@ -30,7 +30,8 @@ pub use envelope::{
     SOAP11_ENV_NS, SOAP12_ENV_NS,
 };
 pub use render::{
-    balance_response, fault, give_credit_response, BalanceAnswer, FaultKind, GiveCreditAnswer,
+    balance_response, fault, give_credit_response, BalanceAnswer, Balances, FaultKind,
+    GiveCreditAnswer,
 };
 pub use wsdl::wsdl;
 

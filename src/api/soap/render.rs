@@ -11,26 +11,34 @@ use super::call::{OperationName, SERVICE_NS};
 use super::envelope::{SoapVersion, SOAP12_ENV_NS};
 use crate::money::format_credits;
 
+/// An account's available balances, per bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Balances {
+    pub anytime_milli: i64,
+    pub offpeak_milli: i64,
+}
+
 /// The answer to `GetBalance`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BalanceAnswer {
     pub ok: bool,
-    pub anytime_milli: i64,
-    pub offpeak_milli: i64,
+    /// `None` when the caller may not see it (it did not authenticate):
+    /// the elements are left out, never filled with a wrong number.
+    pub balances: Option<Balances>,
     pub result_text: String,
     /// 0 on success, else the error code.
     pub code: u16,
 }
 
 /// The answer to `SubAccountGiveCredit`: both accounts' available balances
-/// after the transfer (or as they stand, when it failed).
+/// after the transfer (or as they stand, when it failed). A balance the
+/// caller may not see (no authentication, not its sub-account) is `None`
+/// and left out of the answer — never answered as 0.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GiveCreditAnswer {
     pub ok: bool,
-    pub parent_anytime_milli: i64,
-    pub parent_offpeak_milli: i64,
-    pub sub_anytime_milli: i64,
-    pub sub_offpeak_milli: i64,
+    pub parent: Option<Balances>,
+    pub sub: Option<Balances>,
     pub result_text: String,
     pub code: u16,
 }
@@ -71,7 +79,7 @@ fn open_envelope(out: &mut String, version: SoapVersion) {
     );
 }
 
-fn response(version: SoapVersion, op: OperationName, fields: &[(&str, String)]) -> String {
+fn response(version: SoapVersion, op: OperationName, fields: &[(String, String)]) -> String {
     let mut out = String::with_capacity(512);
     open_envelope(&mut out, version);
     out.push_str("<soap:Body><");
@@ -92,42 +100,38 @@ fn boolean(b: bool) -> String {
     if b { "true" } else { "false" }.to_string()
 }
 
+/// The elements `{prefix}AnyTimeBalance` and `{prefix}OffPeakBalance`, if
+/// the balances are known.
+fn balance_fields(fields: &mut Vec<(String, String)>, prefix: &str, b: Option<Balances>) {
+    if let Some(b) = b {
+        fields.push((
+            format!("{prefix}AnyTimeBalance"),
+            format_credits(b.anytime_milli),
+        ));
+        fields.push((
+            format!("{prefix}OffPeakBalance"),
+            format_credits(b.offpeak_milli),
+        ));
+    }
+}
+
 /// The `GetBalanceResponse` envelope.
 pub fn balance_response(version: SoapVersion, a: &BalanceAnswer) -> String {
-    response(
-        version,
-        OperationName::GetBalance,
-        &[
-            ("GetBalanceResult", boolean(a.ok)),
-            ("AnyTimeBalance", format_credits(a.anytime_milli)),
-            ("OffPeakBalance", format_credits(a.offpeak_milli)),
-            ("ResultText", a.result_text.clone()),
-            ("Code", a.code.to_string()),
-        ],
-    )
+    let mut fields = vec![("GetBalanceResult".to_string(), boolean(a.ok))];
+    balance_fields(&mut fields, "", a.balances);
+    fields.push(("ResultText".into(), a.result_text.clone()));
+    fields.push(("Code".into(), a.code.to_string()));
+    response(version, OperationName::GetBalance, &fields)
 }
 
 /// The `SubAccountGiveCreditResponse` envelope.
 pub fn give_credit_response(version: SoapVersion, a: &GiveCreditAnswer) -> String {
-    response(
-        version,
-        OperationName::SubAccountGiveCredit,
-        &[
-            ("SubAccountGiveCreditResult", boolean(a.ok)),
-            (
-                "ParentAnyTimeBalance",
-                format_credits(a.parent_anytime_milli),
-            ),
-            (
-                "ParentOffPeakBalance",
-                format_credits(a.parent_offpeak_milli),
-            ),
-            ("SubAnyTimeBalance", format_credits(a.sub_anytime_milli)),
-            ("SubOffPeakBalance", format_credits(a.sub_offpeak_milli)),
-            ("ResultText", a.result_text.clone()),
-            ("Code", a.code.to_string()),
-        ],
-    )
+    let mut fields = vec![("SubAccountGiveCreditResult".to_string(), boolean(a.ok))];
+    balance_fields(&mut fields, "Parent", a.parent);
+    balance_fields(&mut fields, "Sub", a.sub);
+    fields.push(("ResultText".into(), a.result_text.clone()));
+    fields.push(("Code".into(), a.code.to_string()));
+    response(version, OperationName::SubAccountGiveCredit, &fields)
 }
 
 /// A SOAP Fault in `version`: 1.1 `faultcode`/`faultstring`, 1.2
@@ -201,10 +205,14 @@ mod tests {
     fn responses_parse_back_with_their_values() {
         let a = GiveCreditAnswer {
             ok: true,
-            parent_anytime_milli: 7_500,
-            parent_offpeak_milli: 0,
-            sub_anytime_milli: 2_500,
-            sub_offpeak_milli: -125,
+            parent: Some(Balances {
+                anytime_milli: 7_500,
+                offpeak_milli: 0,
+            }),
+            sub: Some(Balances {
+                anytime_milli: 2_500,
+                offpeak_milli: -125,
+            }),
             result_text: "P & <S>\u{1}".into(),
             code: 0,
         };
@@ -224,14 +232,17 @@ mod tests {
             SoapVersion::V11,
             &BalanceAnswer {
                 ok: false,
-                anytime_milli: 0,
-                offpeak_milli: 0,
+                balances: None,
                 result_text: "Authentication failed".into(),
                 code: 1003,
             },
         );
         assert!(b.contains("<GetBalanceResult>false</GetBalanceResult>"));
         assert!(b.contains("<Code>1003</Code>"));
+        assert!(
+            !b.contains("Balance>0<"),
+            "an unknown balance is left out: {b}"
+        );
     }
 
     #[test]

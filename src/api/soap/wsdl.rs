@@ -39,8 +39,8 @@ pub fn wsdl(location: &str) -> String {
         <s:complexType>
           <s:sequence>
             <s:element minOccurs="1" maxOccurs="1" name="GetBalanceResult" type="s:boolean"/>
-            <s:element minOccurs="1" maxOccurs="1" name="AnyTimeBalance" type="s:decimal"/>
-            <s:element minOccurs="1" maxOccurs="1" name="OffPeakBalance" type="s:decimal"/>
+            <s:element minOccurs="0" maxOccurs="1" name="AnyTimeBalance" type="s:decimal"/>
+            <s:element minOccurs="0" maxOccurs="1" name="OffPeakBalance" type="s:decimal"/>
             <s:element minOccurs="0" maxOccurs="1" name="ResultText" type="s:string"/>
             <s:element minOccurs="1" maxOccurs="1" name="Code" type="s:int"/>
           </s:sequence>
@@ -52,8 +52,8 @@ pub fn wsdl(location: &str) -> String {
             <s:element minOccurs="0" maxOccurs="1" name="Username" type="s:string"/>
             <s:element minOccurs="0" maxOccurs="1" name="Password" type="s:string"/>
             <s:element minOccurs="0" maxOccurs="1" name="SubAccount" type="s:string"/>
-            <s:element minOccurs="1" maxOccurs="1" name="AnyTimeBalance" type="s:decimal"/>
-            <s:element minOccurs="1" maxOccurs="1" name="OffPeakBalance" type="s:decimal"/>
+            <s:element minOccurs="0" maxOccurs="1" name="AnyTimeBalance" type="s:decimal"/>
+            <s:element minOccurs="0" maxOccurs="1" name="OffPeakBalance" type="s:decimal"/>
             <s:element minOccurs="0" maxOccurs="1" name="ParentAnyTimeBalance" type="s:decimal"/>
             <s:element minOccurs="0" maxOccurs="1" name="ParentOffPeakBalance" type="s:decimal"/>
             <s:element minOccurs="0" maxOccurs="1" name="SubAnyTimeBalance" type="s:decimal"/>
@@ -67,10 +67,10 @@ pub fn wsdl(location: &str) -> String {
         <s:complexType>
           <s:sequence>
             <s:element minOccurs="1" maxOccurs="1" name="SubAccountGiveCreditResult" type="s:boolean"/>
-            <s:element minOccurs="1" maxOccurs="1" name="ParentAnyTimeBalance" type="s:decimal"/>
-            <s:element minOccurs="1" maxOccurs="1" name="ParentOffPeakBalance" type="s:decimal"/>
-            <s:element minOccurs="1" maxOccurs="1" name="SubAnyTimeBalance" type="s:decimal"/>
-            <s:element minOccurs="1" maxOccurs="1" name="SubOffPeakBalance" type="s:decimal"/>
+            <s:element minOccurs="0" maxOccurs="1" name="ParentAnyTimeBalance" type="s:decimal"/>
+            <s:element minOccurs="0" maxOccurs="1" name="ParentOffPeakBalance" type="s:decimal"/>
+            <s:element minOccurs="0" maxOccurs="1" name="SubAnyTimeBalance" type="s:decimal"/>
+            <s:element minOccurs="0" maxOccurs="1" name="SubOffPeakBalance" type="s:decimal"/>
             <s:element minOccurs="0" maxOccurs="1" name="ResultText" type="s:string"/>
             <s:element minOccurs="1" maxOccurs="1" name="Code" type="s:int"/>
           </s:sequence>
