@@ -88,6 +88,19 @@ pub const PROCESS_FAMILIES: [&str; 7] = [
     "process_threads",
 ];
 
+/// The `direction` label of `tollgate_credits_milli_total`: which way an
+/// entry moved money for its account. add, set and transfer entries are
+/// signed (a negative `addcredits`, a transfer's paying side are debits);
+/// the two-phase kinds (reserve, post, void, expire) always move one way,
+/// which their kind says.
+pub fn credit_direction(kind: EntryKind, amount_milli: i64) -> &'static str {
+    match kind {
+        EntryKind::Add | EntryKind::Set | EntryKind::Transfer if amount_milli < 0 => "debit",
+        EntryKind::Add | EntryKind::Set | EntryKind::Transfer => "credit",
+        _ => "none",
+    }
+}
+
 /// Buckets of the latency histograms, in seconds: sub-millisecond local
 /// answers up to the gateway's slowest answers.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -156,6 +169,8 @@ pub struct Metrics {
     pub store_ack_timeouts: IntCounterVec,
     /// Entries recorded after the writer stopped: lost; should stay 0.
     pub store_entries_after_stop: IntCounter,
+    /// Recipients of settled sends, by what the gateway said of each.
+    pub send_recipients: IntCounterVec,
     /// Client connections open on the proxy listener.
     pub downstream_connections: IntGauge,
     /// Client connections refused at accept: their source address already
@@ -273,8 +288,10 @@ impl Metrics {
             credits_milli: counter_vec(
                 "tollgate_credits_milli_total",
                 "Milli-credits (1 credit = 1000) moved by ledger entries, by entry kind \
-                 (reserve, post, void, expire, add, set, transfer) and bucket; absolute amounts",
-                &["kind", "bucket"],
+                 (reserve, post, void, expire, add, set, transfer), bucket and direction \
+                 (credit: into the account, debit: out of it; none for the two-phase kinds, \
+                 whose kind says it); absolute amounts, so a transfer counts once per side",
+                &["kind", "bucket", "direction"],
             ),
             reservations_open: gauge(
                 "tollgate_reservations_open",
@@ -401,6 +418,12 @@ impl Metrics {
                 "tollgate_store_entries_after_stop_total",
                 "Ledger entries recorded after the store writer stopped (not persisted)",
             ),
+            send_recipients: counter_vec(
+                "tollgate_send_recipients_total",
+                "Recipients of forwarded sends by the gateway's answer: accepted (charged), rejected \
+                 (not charged), unknown (the answer was lost or unreadable: held in doubt)",
+                &["result"],
+            ),
             downstream_connections: gauge(
                 "tollgate_downstream_connections",
                 "Client connections open on the proxy listener",
@@ -475,6 +498,7 @@ impl Metrics {
             Box::new(m.store_committed_entries.clone()),
             Box::new(m.store_ack_timeouts.clone()),
             Box::new(m.store_entries_after_stop.clone()),
+            Box::new(m.send_recipients.clone()),
             Box::new(m.downstream_connections.clone()),
             Box::new(m.downstream_connections_refused.clone()),
             Box::new(m.downstream_header_timeouts.clone()),
@@ -507,9 +531,18 @@ impl Metrics {
             .set(1);
         for kind in EntryKind::ALL {
             for bucket in [Bucket::Anytime, Bucket::OffPeak] {
-                self.credits_milli
-                    .with_label_values(&[kind.as_str(), bucket.as_str()]);
+                for amount in [1, -1] {
+                    let direction = credit_direction(kind, amount);
+                    self.credits_milli.with_label_values(&[
+                        kind.as_str(),
+                        bucket.as_str(),
+                        direction,
+                    ]);
+                }
             }
+        }
+        for result in ["accepted", "rejected", "unknown"] {
+            self.send_recipients.with_label_values(&[result]);
         }
         for state in [ReservationState::Open, ReservationState::InDoubt] {
             self.reservations_held_milli
@@ -627,6 +660,29 @@ impl Default for Metrics {
 }
 
 #[cfg(test)]
+mod direction_tests {
+    use super::*;
+
+    #[test]
+    fn credits_say_which_way_they_moved() {
+        assert_eq!(credit_direction(EntryKind::Add, -5), "debit");
+        assert_eq!(credit_direction(EntryKind::Add, 5), "credit");
+        assert_eq!(credit_direction(EntryKind::Transfer, -2500), "debit");
+        assert_eq!(credit_direction(EntryKind::Transfer, 2500), "credit");
+        assert_eq!(credit_direction(EntryKind::Set, -1), "debit");
+        for kind in [
+            EntryKind::Reserve,
+            EntryKind::Post,
+            EntryKind::Void,
+            EntryKind::Expire,
+        ] {
+            assert_eq!(credit_direction(kind, 1), "none");
+            assert_eq!(credit_direction(kind, -1), "none");
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use std::sync::Arc;
 
@@ -667,7 +723,7 @@ mod tests {
         let (ours, process): (Vec<_>, Vec<_>) = families
             .iter()
             .partition(|f| f.get_name().starts_with("tollgate_"));
-        assert_eq!(ours.len(), 40);
+        assert_eq!(ours.len(), 41);
         let mut process: Vec<&str> = process.iter().map(|f| f.get_name()).collect();
         process.sort_unstable();
         let mut expected = PROCESS_FAMILIES.to_vec();
@@ -742,7 +798,7 @@ mod tests {
     fn closed_label_sets_start_at_zero() {
         let text = Metrics::new().render();
         for line in [
-            "tollgate_credits_milli_total{bucket=\"offpeak\",kind=\"expire\"} 0",
+            "tollgate_credits_milli_total{bucket=\"offpeak\",direction=\"none\",kind=\"expire\"} 0",
             "tollgate_rate_limit_decisions_total{result=\"limited\",rule=\"account_parts\"} 0",
             "tollgate_tariff_reloads_total{result=\"error\"} 0",
             "tollgate_shadow_decisions_total{decision=\"would_refuse\"} 0",

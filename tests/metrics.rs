@@ -95,8 +95,9 @@ impl Scrape {
             .unwrap_or(0.0)
     }
 
+    /// Milli-credits moved by `kind` in `bucket`, both directions.
     fn credits(&self, kind: &str, bucket: &str) -> i64 {
-        self.value(
+        self.sum(
             "tollgate_credits_milli_total",
             &[("kind", kind), ("bucket", bucket)],
         ) as i64

@@ -119,7 +119,10 @@ fn every_recipient_and_part_is_priced_and_settled_per_acceptreport() {
     );
     let (status, headers, body) = post_form(&tg.url("/api"), form.clone());
     assert_eq!(status, 200);
-    assert_eq!(headers["x-tollgate-cost"], "8"); // 2×1 + 2×2 + 2×1
+    // Reserved 8 (2×1 + 2×2 + 2×1); the rejected recipient's 2 voided:
+    // the header says what was charged after settlement.
+    assert_eq!(headers["x-tollgate-cost"], "6");
+    assert!(!headers.contains_key("x-tollgate-held"));
     assert_eq!(xml_all(&body, "statuscode"), vec!["0", "0", "11"]);
     // Posted 6, the rejected recipient's 2 voided.
     assert_eq!(tg.balance("john", "secret1"), "738");
@@ -137,7 +140,7 @@ fn batch_posts_are_priced_per_message_and_settled_by_index() {
         &recipient2=%2B44201111111&messagetype2=SMS:TEXT&messagedata2=three";
     let (status, headers, body) = post_form(&tg.url("/api"), form);
     assert_eq!(status, 200);
-    assert_eq!(headers["x-tollgate-cost"], "5"); // 1 + 1 + 3
+    assert_eq!(headers["x-tollgate-cost"], "4"); // 1 + 3; the rejected 1 voided
     assert_eq!(
         xml_field(&body, "statuscode1").as_deref(),
         Some("11"),

@@ -376,7 +376,11 @@ impl EntrySink for MetricsSink {
         for e in entries {
             self.metrics
                 .credits_milli
-                .with_label_values(&[e.kind.as_str(), e.bucket.as_str()])
+                .with_label_values(&[
+                    e.kind.as_str(),
+                    e.bucket.as_str(),
+                    crate::metrics::credit_direction(e.kind, e.amount_milli),
+                ])
                 .inc_by(e.amount_milli.unsigned_abs());
         }
         self.next.record(entries);

@@ -121,17 +121,36 @@ pub async fn send(app: &App, snapshot: &Snapshot, req: &Request<'_>, send: SendM
     drop(permit);
     guard.forwarding();
     let forwarded = forward(app, req, ACTION).await;
-    let outcome = settle(guard, &send, &forwarded, &req.request_id);
-    let mut extra = vec![("X-Tollgate-Cost", format_credits(cost))];
+    let settled = settle(guard, &send, &forwarded, &req.request_id, cost);
+    count_recipients(app, &settled);
+    // What the send cost after settlement (rejected recipients are not
+    // charged), and what stays held while its outcome is unknown.
+    let mut extra = vec![("X-Tollgate-Cost", format_credits(settled.charged_milli))];
+    if settled.held_milli > 0 {
+        extra.push(("X-Tollgate-Held", format_credits(settled.held_milli)));
+    }
     if let Some(view) = app.ledger.account(&account) {
         extra.push((
             "X-Tollgate-Balance",
             format_credits(view.anytime.available_milli()),
         ));
     }
-    let mut reply = with_cost(relay(req, forwarded, outcome, ACTION, &extra), cost);
+    let mut reply = with_cost(relay(req, forwarded, settled.outcome, ACTION, &extra), cost);
     reply.log.reservation_id = Some(reservation_id);
     reply
+}
+
+fn count_recipients(app: &App, settled: &Settled) {
+    let m = &app.metrics.send_recipients;
+    for (result, n) in [
+        ("accepted", settled.accepted),
+        ("rejected", settled.rejected),
+        ("unknown", settled.unknown),
+    ] {
+        if n > 0 {
+            m.with_label_values(&[result]).inc_by(n);
+        }
+    }
 }
 
 fn with_cost(mut reply: Reply, cost_milli: i64) -> Reply {
@@ -215,20 +234,55 @@ async fn forward_unknown(
     relay(req, forwarded, Outcome::Forwarded, ACTION, &[])
 }
 
-/// Settles a forwarded send from what the gateway did (SPEC 1.3 step 8).
+/// What settling a send did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    pub outcome: Outcome,
+    /// Posted: what the client pays.
+    pub charged_milli: i64,
+    /// Still reserved, in doubt: neither charged nor given back yet.
+    pub held_milli: i64,
+    /// Recipients the gateway accepted, rejected, or whose fate is unknown.
+    pub accepted: u64,
+    pub rejected: u64,
+    pub unknown: u64,
+}
+
+/// Settles a forwarded send of `cost_milli` from what the gateway did
+/// (SPEC 1.3 step 8).
 pub fn settle(
     guard: ReservationGuard,
     send: &SendMessage,
     forwarded: &Forwarded,
     request_id: &str,
-) -> Outcome {
+    cost_milli: i64,
+) -> Settled {
+    let recipients = send.messages.len() as u64;
+    let nothing = |outcome| Settled {
+        outcome,
+        charged_milli: 0,
+        held_milli: 0,
+        accepted: 0,
+        rejected: 0,
+        unknown: 0,
+    };
+    let voided = |outcome| Settled {
+        rejected: recipients,
+        ..nothing(outcome)
+    };
+    let in_doubt = || Settled {
+        held_milli: cost_milli,
+        unknown: recipients,
+        ..nothing(Outcome::InDoubt)
+    };
     let settled = match forwarded {
         // Nothing reached the gateway: the outcome is the gateway's being
         // unreachable (the reply says so), the reservation void.
-        Forwarded::NotSent(_) => guard
-            .void()
-            .map(|_| Outcome::Refused(ErrorCode::UpstreamUnavailable)),
-        Forwarded::Unknown(_) => guard.into_in_doubt().map(|_| Outcome::InDoubt),
+        Forwarded::NotSent(_) => guard.void().map(|_| Settled {
+            unknown: 0,
+            ..nothing(Outcome::Refused(ErrorCode::UpstreamUnavailable))
+        }),
+        Forwarded::Unknown(_) => guard.into_in_doubt().map(|_| in_doubt()),
         Forwarded::Answered { header, body, .. } => {
             let status = header.status.as_u16();
             if (200..300).contains(&status) {
@@ -237,29 +291,35 @@ pub fn settle(
                 match per_message {
                     Ok(flags) if flags.iter().all(Option::is_some) => {
                         let accepted: Vec<bool> = flags.into_iter().map(Option::unwrap).collect();
+                        let n_accepted = accepted.iter().filter(|a| **a).count() as u64;
                         guard
                             .settle_shares(&accepted, Some(request_id))
-                            .map(|_| Outcome::Settled)
+                            .map(|s| Settled {
+                                charged_milli: s.posted_milli,
+                                accepted: n_accepted,
+                                rejected: recipients - n_accepted,
+                                ..nothing(Outcome::Settled)
+                            })
                     }
                     // An Ozeki error answer (no reports, an errorcode): the
                     // gateway refused the request as a whole and sent nothing.
                     Err(AnswerError::NoReports) if is_gateway_error(body) => {
-                        guard.void().map(|_| Outcome::Voided)
+                        guard.void().map(|_| voided(Outcome::Voided))
                     }
-                    _ => guard.into_in_doubt().map(|_| Outcome::InDoubt),
+                    _ => guard.into_in_doubt().map(|_| in_doubt()),
                 }
             } else if status >= 400 {
                 // The gateway refused the request as a whole: nothing was sent.
-                guard.void().map(|_| Outcome::Voided)
+                guard.void().map(|_| voided(Outcome::Voided))
             } else {
-                guard.into_in_doubt().map(|_| Outcome::InDoubt)
+                guard.into_in_doubt().map(|_| in_doubt())
             }
         }
     };
     settled.unwrap_or_else(|e| {
         // Only possible if an operator or the sweep resolved it first.
         tracing::warn!(request_id, error = %e, "reservation already resolved");
-        Outcome::AlreadyResolved
+        nothing(Outcome::AlreadyResolved)
     })
 }
 
