@@ -57,6 +57,11 @@ pub const RATE_LIMIT_RULES: [&str; 5] = [
 /// in shadow mode.
 pub const RATE_LIMIT_RESULTS: [&str; 3] = ["allowed", "limited", "shadow_limited"];
 
+/// The `reason` label of `tollgate_upstream_answers_lost_total`: the
+/// labels of `upstream::Lost` (a test there keeps the two the same).
+pub const LOST_ANSWER_REASONS: [&str; 5] =
+    ["reset", "timeout", "closed", "unparseable", "too_large"];
+
 /// The `result` label of `tollgate_upstream_verifications_total`: the
 /// gateway confirmed the credentials; refused them; could not be asked;
 /// or the same wrong credentials were refused from the negative cache
@@ -171,6 +176,9 @@ pub struct Metrics {
     pub store_entries_after_stop: IntCounter,
     /// Recipients of settled sends, by what the gateway said of each.
     pub send_recipients: IntCounterVec,
+    /// Gateway answers lost after the request was (or may have been)
+    /// written, by why.
+    pub upstream_answers_lost: IntCounterVec,
     /// Client connections open on the proxy listener.
     pub downstream_connections: IntGauge,
     /// Client connections refused at accept: their source address already
@@ -424,6 +432,12 @@ impl Metrics {
                  (not charged), unknown (the answer was lost or unreadable: held in doubt)",
                 &["result"],
             ),
+            upstream_answers_lost: counter_vec(
+                "tollgate_upstream_answers_lost_total",
+                "Gateway answers lost after the request was written, by reason (reset, timeout, \
+                 closed, unparseable, too_large); a send among them is held in doubt",
+                &["reason"],
+            ),
             downstream_connections: gauge(
                 "tollgate_downstream_connections",
                 "Client connections open on the proxy listener",
@@ -499,6 +513,7 @@ impl Metrics {
             Box::new(m.store_ack_timeouts.clone()),
             Box::new(m.store_entries_after_stop.clone()),
             Box::new(m.send_recipients.clone()),
+            Box::new(m.upstream_answers_lost.clone()),
             Box::new(m.downstream_connections.clone()),
             Box::new(m.downstream_connections_refused.clone()),
             Box::new(m.downstream_header_timeouts.clone()),
@@ -543,6 +558,9 @@ impl Metrics {
         }
         for result in ["accepted", "rejected", "unknown"] {
             self.send_recipients.with_label_values(&[result]);
+        }
+        for reason in LOST_ANSWER_REASONS {
+            self.upstream_answers_lost.with_label_values(&[reason]);
         }
         for state in [ReservationState::Open, ReservationState::InDoubt] {
             self.reservations_held_milli
@@ -723,7 +741,7 @@ mod tests {
         let (ours, process): (Vec<_>, Vec<_>) = families
             .iter()
             .partition(|f| f.get_name().starts_with("tollgate_"));
-        assert_eq!(ours.len(), 41);
+        assert_eq!(ours.len(), 42);
         let mut process: Vec<&str> = process.iter().map(|f| f.get_name()).collect();
         process.sort_unstable();
         let mut expected = PROCESS_FAMILIES.to_vec();

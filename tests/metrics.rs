@@ -322,6 +322,24 @@ fn credit_counters_match_the_ledger_after_a_scripted_workload() {
     assert_eq!(m.requests("sendmessage", "auth_failed"), 1);
     assert_eq!(m.requests("sendmessage", "voided"), 1);
     assert_eq!(m.requests("sendmessage", "in_doubt"), 2);
+    // Both lost answers say why: the simulator's "reset" fault drops the
+    // connection without an answer (a close, not an RST).
+    assert_eq!(
+        m.value(
+            "tollgate_upstream_answers_lost_total",
+            &[("reason", "closed")]
+        ),
+        2.0,
+        "{}",
+        m.text
+    );
+    assert_eq!(
+        m.value(
+            "tollgate_upstream_answers_lost_total",
+            &[("reason", "timeout")]
+        ),
+        0.0
+    );
     assert_eq!(m.requests("sendmessage", "already_resolved"), 1);
     assert_eq!(m.requests("addcredits", "ok"), 1);
     assert_eq!(m.requests("setcredits", "ok"), 1);

@@ -236,14 +236,17 @@ async fn ask_gateway(app: &App, username: &str, password: &str) -> Result<Option
     .map_err(|e| format!("building the request: {:?}", e.etype()))?;
     req.insert_header("Host", app.config.upstream.address.to_string())
         .map_err(|e| format!("building the request: {:?}", e.etype()))?;
-    match app.gateway.forward(&req, Bytes::new(), None).await {
+    let forwarded = app.gateway.forward(&req, Bytes::new(), None).await;
+    super::forward::observe(app, "getcredits", &forwarded);
+    match forwarded {
         Forwarded::Answered { header, body, .. } => {
             if !header.status.is_success() {
                 return Err(format!("gateway answered HTTP {}", header.status.as_u16()));
             }
             read_credits_answer(&body)
         }
-        Forwarded::NotSent(reason) | Forwarded::Unknown(reason) => Err(reason),
+        Forwarded::NotSent(reason) => Err(reason),
+        Forwarded::Unknown(lost) => Err(lost.detail),
     }
 }
 

@@ -16,20 +16,33 @@ use crate::service::respond::{refuse, Refusal, Reply, Shape, CONTENT_TYPE_TEXT};
 use crate::service::{App, Outcome, Request};
 use crate::upstream::{self, Forwarded};
 
-/// Sends the original request bytes to the gateway and observes its
-/// latency (by action label).
+/// Sends the original request bytes to the gateway and observes what
+/// became of it.
 pub async fn forward(app: &App, req: &Request<'_>, action: &'static str) -> Forwarded {
     let forwarded = app
         .gateway
         .forward(req.head, req.body.clone(), req.client_ip)
         .await;
-    if let Forwarded::Answered { latency, .. } = &forwarded {
-        app.metrics
+    observe(app, action, &forwarded);
+    forwarded
+}
+
+/// The metrics of one gateway round trip: its latency (by action label)
+/// when it answered, why when its answer was lost.
+pub fn observe(app: &App, action: &'static str, forwarded: &Forwarded) {
+    match forwarded {
+        Forwarded::Answered { latency, .. } => app
+            .metrics
             .upstream_latency
             .with_label_values(&[action])
-            .observe(latency.as_secs_f64());
+            .observe(latency.as_secs_f64()),
+        Forwarded::Unknown(lost) => app
+            .metrics
+            .upstream_answers_lost
+            .with_label_values(&[lost.why.label()])
+            .inc(),
+        Forwarded::NotSent(_) => {}
     }
-    forwarded
 }
 
 /// The reply for what became of a forwarded request. `outcome` is the
@@ -75,8 +88,13 @@ pub fn relay(
                 Refusal::new(ErrorCode::UpstreamUnavailable).status(502),
             )
         }
-        Forwarded::Unknown(reason) => {
-            tracing::warn!(request_id = %req.request_id, %reason, "gateway answer lost");
+        Forwarded::Unknown(lost) => {
+            tracing::warn!(
+                request_id = %req.request_id,
+                why = lost.why.label(),
+                reason = %lost,
+                "gateway answer lost"
+            );
             // The send may have gone out: a retry with the same key gets
             // this answer, never a second send.
             let lost = if outcome == Outcome::Forwarded {

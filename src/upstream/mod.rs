@@ -31,7 +31,7 @@ use tokio::net::TcpStream;
 
 use crate::config::UpstreamConfig;
 
-pub use wire::HEAD_MAX_BYTES;
+pub use wire::{Lost, LostAnswer, HEAD_MAX_BYTES};
 
 /// Largest gateway answer kept in memory for settlement. Ozeki answers are a
 /// few hundred bytes per recipient; 20 000 recipients stay far below this.
@@ -79,7 +79,7 @@ pub enum Forwarded {
     NotSent(String),
     /// The request was (or may have been) written but no usable answer came:
     /// timeout, reset, or an answer too large to keep.
-    Unknown(String),
+    Unknown(LostAnswer),
 }
 
 /// An idle keep-alive connection and when it went idle.
@@ -186,20 +186,23 @@ impl Upstream {
         let mut written = 0;
         while written < request.len() {
             let step = tokio::time::timeout(self.read_timeout, stream.write(&request[written..]));
-            let failed = match step.await {
-                Ok(Ok(0)) => "connection closed".to_string(),
+            let (why, failed) = match step.await {
+                Ok(Ok(0)) => (Lost::Closed, "connection closed".to_string()),
                 Ok(Ok(n)) => {
                     written += n;
                     continue;
                 }
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => format!("not writable within {} ms", self.read_timeout.as_millis()),
+                Ok(Err(e)) => (Lost::Reset, e.to_string()),
+                Err(_) => (
+                    Lost::Timeout,
+                    format!("not writable within {} ms", self.read_timeout.as_millis()),
+                ),
             };
             let reason = format!("writing the request: {failed}");
             return Err(if written == 0 {
                 Unsent::Nothing(reason)
             } else {
-                Unsent::Partly(reason)
+                Unsent::Partly(LostAnswer::new(why, reason))
             });
         }
         Ok(())
@@ -273,7 +276,7 @@ enum Unsent {
     /// Not one byte was written.
     Nothing(String),
     /// Some bytes were written: the gateway may act on them.
-    Partly(String),
+    Partly(LostAnswer),
 }
 
 pub fn strip_hop_by_hop_response(resp: &mut ResponseHeader) {
@@ -410,8 +413,31 @@ mod tests {
         let up = Upstream::new(&config(addr));
         assert!(matches!(
             up.forward(&request(), Bytes::new(), None).await,
-            Forwarded::Unknown(_)
+            Forwarded::Unknown(LostAnswer {
+                why: Lost::Closed,
+                ..
+            })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_reset_is_told_from_a_hang_up() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await;
+            // Linger 0: the close sends RST, not FIN.
+            socket2::SockRef::from(&s)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+        });
+        let up = Upstream::new(&config(addr));
+        match up.forward(&request(), Bytes::new(), None).await {
+            Forwarded::Unknown(lost) => assert_eq!(lost.why, Lost::Reset, "{lost}"),
+            _ => panic!("expected in doubt"),
+        }
     }
 
     #[tokio::test]
@@ -425,7 +451,10 @@ mod tests {
         let up = Upstream::new(&config(addr));
         let started = Instant::now();
         match up.forward(&request(), Bytes::new(), None).await {
-            Forwarded::Unknown(reason) => assert!(reason.contains("no answer byte"), "{reason}"),
+            Forwarded::Unknown(lost) => {
+                assert!(lost.detail.contains("no answer byte"), "{lost}");
+                assert_eq!(lost.why, Lost::Timeout);
+            }
             _ => panic!("expected in doubt"),
         }
         assert!(started.elapsed() < Duration::from_secs(4));

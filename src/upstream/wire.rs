@@ -20,6 +20,79 @@ const MAX_HEADERS: usize = 128;
 /// How much is asked of the socket per read.
 const READ_CHUNK: usize = 16 * 1024;
 
+/// Why an answer did not come back whole: the `reason` label of
+/// `tollgate_upstream_answers_lost_total`. A send whose answer was lost is
+/// left in doubt whatever the reason; the reason tells the operator where
+/// to look (the network, the gateway's speed, or the gateway's HTTP).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lost {
+    /// The connection failed under the request or the answer (reset,
+    /// broken pipe, any other I/O error).
+    Reset,
+    /// No byte came within the read timeout.
+    Timeout,
+    /// The gateway closed the connection before the answer was whole.
+    Closed,
+    /// The bytes that came are not an HTTP/1.1 answer tollgate can read.
+    Unparseable,
+    /// The answer is larger than tollgate keeps to settle from.
+    TooLarge,
+}
+
+impl Lost {
+    pub const ALL: [Lost; 5] = [
+        Lost::Reset,
+        Lost::Timeout,
+        Lost::Closed,
+        Lost::Unparseable,
+        Lost::TooLarge,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Lost::Reset => "reset",
+            Lost::Timeout => "timeout",
+            Lost::Closed => "closed",
+            Lost::Unparseable => "unparseable",
+            Lost::TooLarge => "too_large",
+        }
+    }
+}
+
+/// A lost answer: why, and what happened in words for the log line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LostAnswer {
+    pub why: Lost,
+    pub detail: String,
+}
+
+impl LostAnswer {
+    pub fn new(why: Lost, detail: impl Into<String>) -> Self {
+        LostAnswer {
+            why,
+            detail: detail.into(),
+        }
+    }
+
+    fn closed(detail: &str) -> Self {
+        LostAnswer::new(Lost::Closed, detail)
+    }
+
+    fn too_large() -> Self {
+        LostAnswer::new(Lost::TooLarge, "answer larger than the capture limit")
+    }
+
+    fn unparseable(detail: impl Into<String>) -> Self {
+        LostAnswer::new(Lost::Unparseable, detail)
+    }
+}
+
+impl std::fmt::Display for LostAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.detail)
+    }
+}
+
 /// One whole answer.
 #[derive(Debug)]
 pub struct Answer {
@@ -135,21 +208,24 @@ pub async fn read_answer<R: AsyncRead + Unpin>(
     method: &Method,
     body_max: usize,
     read_timeout: Duration,
-) -> Result<Answer, String> {
+) -> Result<Answer, LostAnswer> {
     loop {
         let header = loop {
             if let Some(parsed) = parse_head(buf)? {
                 break parsed;
             }
             if buf.len() >= HEAD_MAX_BYTES {
-                return Err("answer head larger than 64 KiB".into());
+                return Err(LostAnswer::new(
+                    Lost::TooLarge,
+                    "answer head larger than 64 KiB",
+                ));
             }
             if fill(io, buf, read_timeout).await? == 0 {
-                return Err(if buf.is_empty() {
-                    "connection closed before an answer".into()
+                return Err(LostAnswer::closed(if buf.is_empty() {
+                    "connection closed before an answer"
                 } else {
-                    "connection closed inside the answer head".into()
-                });
+                    "connection closed inside the answer head"
+                }));
             }
         };
         let status = header.status.as_u16();
@@ -157,21 +233,23 @@ pub async fn read_answer<R: AsyncRead + Unpin>(
         // real one; 101 would switch protocols, which nothing here asks for.
         if (100..200).contains(&status) {
             if status == 101 {
-                return Err("gateway switched protocols".into());
+                return Err(LostAnswer::unparseable("gateway switched protocols"));
             }
             continue;
         }
-        let framing = framing(&header, method, status)?;
+        let framing = framing(&header, method, status).map_err(LostAnswer::unparseable)?;
         let mut keep_alive = header.version == Version::HTTP_11 && !wants_close(&header);
         let body = match framing {
             Framing::Empty => Bytes::new(),
             Framing::Length(n) => {
                 if n > body_max {
-                    return Err("answer larger than the capture limit".into());
+                    return Err(LostAnswer::too_large());
                 }
                 while buf.len() < n {
                     if fill(io, buf, read_timeout).await? == 0 {
-                        return Err("connection closed inside the answer body".into());
+                        return Err(LostAnswer::closed(
+                            "connection closed inside the answer body",
+                        ));
                     }
                 }
                 buf.split_to(n).freeze()
@@ -181,7 +259,7 @@ pub async fn read_answer<R: AsyncRead + Unpin>(
                 keep_alive = false;
                 while fill(io, buf, read_timeout).await? != 0 {
                     if buf.len() > body_max {
-                        return Err("answer larger than the capture limit".into());
+                        return Err(LostAnswer::too_large());
                     }
                 }
                 std::mem::take(buf).freeze()
@@ -200,14 +278,17 @@ async fn fill<R: AsyncRead + Unpin>(
     io: &mut R,
     buf: &mut BytesMut,
     read_timeout: Duration,
-) -> Result<usize, String> {
+) -> Result<usize, LostAnswer> {
     buf.reserve(READ_CHUNK);
     match tokio::time::timeout(read_timeout, io.read_buf(buf)).await {
         Ok(Ok(n)) => Ok(n),
-        Ok(Err(e)) => Err(format!("reading the answer: {e}")),
-        Err(_) => Err(format!(
-            "no answer byte within {} ms",
-            read_timeout.as_millis()
+        Ok(Err(e)) => Err(LostAnswer::new(
+            Lost::Reset,
+            format!("reading the answer: {e}"),
+        )),
+        Err(_) => Err(LostAnswer::new(
+            Lost::Timeout,
+            format!("no answer byte within {} ms", read_timeout.as_millis()),
         )),
     }
 }
@@ -215,24 +296,37 @@ async fn fill<R: AsyncRead + Unpin>(
 /// Parses an answer head at the start of `buf` and takes it off `buf`:
 /// `None` (and `buf` untouched) until it is whole. Names and values are
 /// slices of the head's one buffer, not copies.
-fn parse_head(buf: &mut BytesMut) -> Result<Option<Box<ResponseHeader>>, String> {
+fn parse_head(buf: &mut BytesMut) -> Result<Option<Box<ResponseHeader>>, LostAnswer> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
     let head_len = match resp.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(e) => return Err(format!("malformed answer head: {e}")),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(LostAnswer::new(
+                Lost::TooLarge,
+                format!("answer head with more than {MAX_HEADERS} headers"),
+            ))
+        }
+        Err(e) => {
+            return Err(LostAnswer::unparseable(format!(
+                "malformed answer head: {e}"
+            )))
+        }
     };
-    let status = resp.code.ok_or("answer without a status")?;
+
+    let status = resp
+        .code
+        .ok_or_else(|| LostAnswer::unparseable("answer without a status"))?;
     let mut header = ResponseHeader::build(status, Some(resp.headers.len()))
-        .map_err(|_| format!("answer status {status} out of range"))?;
+        .map_err(|_| LostAnswer::unparseable(format!("answer status {status} out of range")))?;
     header.set_version(match resp.version {
         Some(1) => Version::HTTP_11,
         _ => Version::HTTP_10,
     });
     header
         .set_reason_phrase(resp.reason)
-        .map_err(|_| "malformed reason phrase")?;
+        .map_err(|_| LostAnswer::unparseable("malformed reason phrase"))?;
     let base = buf.as_ptr() as usize;
     let span = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
     let spans: Vec<_> = resp
@@ -247,7 +341,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Box<ResponseHeader>>, String>
             pingora::http::header_value_from_raw(head.slice(value_at..value_at + value_len));
         header
             .append_header(name, value)
-            .map_err(|_| "malformed answer header".to_string())?;
+            .map_err(|_| LostAnswer::unparseable("malformed answer header"))?;
     }
     Ok(Some(Box::new(header)))
 }
@@ -312,7 +406,7 @@ async fn read_chunked<R: AsyncRead + Unpin>(
     buf: &mut BytesMut,
     body_max: usize,
     read_timeout: Duration,
-) -> Result<Bytes, String> {
+) -> Result<Bytes, LostAnswer> {
     let mut body = BytesMut::new();
     loop {
         let (start, size) = loop {
@@ -320,13 +414,19 @@ async fn read_chunked<R: AsyncRead + Unpin>(
                 Ok(httparse::Status::Complete((start, size))) => break (start, size),
                 Ok(httparse::Status::Partial) => {
                     if buf.len() > HEAD_MAX_BYTES {
-                        return Err("chunk size line too long".into());
+                        return Err(LostAnswer::unparseable("chunk size line too long"));
                     }
                     if fill(io, buf, read_timeout).await? == 0 {
-                        return Err("connection closed inside a chunked answer".into());
+                        return Err(LostAnswer::closed(
+                            "connection closed inside a chunked answer",
+                        ));
                     }
                 }
-                Err(_) => return Err("malformed chunk size in the answer".into()),
+                Err(_) => {
+                    return Err(LostAnswer::unparseable(
+                        "malformed chunk size in the answer",
+                    ))
+                }
             }
         };
         if size == 0 {
@@ -338,15 +438,17 @@ async fn read_chunked<R: AsyncRead + Unpin>(
         let size = usize::try_from(size)
             .ok()
             .filter(|&s| body.len().saturating_add(s) <= body_max)
-            .ok_or("answer larger than the capture limit")?;
+            .ok_or_else(LostAnswer::too_large)?;
         // Chunk data and its CRLF.
         while buf.len() < start + size + 2 {
             if fill(io, buf, read_timeout).await? == 0 {
-                return Err("connection closed inside a chunked answer".into());
+                return Err(LostAnswer::closed(
+                    "connection closed inside a chunked answer",
+                ));
             }
         }
         if &buf[start + size..start + size + 2] != b"\r\n" {
-            return Err("chunk not followed by CRLF".into());
+            return Err(LostAnswer::unparseable("chunk not followed by CRLF"));
         }
         body.extend_from_slice(&buf[start..start + size]);
         let _ = buf.split_to(start + size + 2);
@@ -358,7 +460,7 @@ async fn read_trailers<R: AsyncRead + Unpin>(
     io: &mut R,
     buf: &mut BytesMut,
     read_timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), LostAnswer> {
     loop {
         if buf.starts_with(b"\r\n") {
             let _ = buf.split_to(2);
@@ -369,10 +471,13 @@ async fn read_trailers<R: AsyncRead + Unpin>(
             return Ok(());
         }
         if buf.len() > HEAD_MAX_BYTES {
-            return Err("trailers larger than 64 KiB".into());
+            return Err(LostAnswer::new(
+                Lost::TooLarge,
+                "trailers larger than 64 KiB",
+            ));
         }
         if fill(io, buf, read_timeout).await? == 0 {
-            return Err("connection closed inside the trailers".into());
+            return Err(LostAnswer::closed("connection closed inside the trailers"));
         }
     }
 }
@@ -414,7 +519,7 @@ mod tests {
         }
     }
 
-    fn read(data: &[u8], sizes: Vec<usize>) -> Result<(Answer, BytesMut), String> {
+    fn read(data: &[u8], sizes: Vec<usize>) -> Result<(Answer, BytesMut), LostAnswer> {
         read_as(data, sizes, Method::GET)
     }
 
@@ -422,7 +527,7 @@ mod tests {
         data: &[u8],
         sizes: Vec<usize>,
         method: Method,
-    ) -> Result<(Answer, BytesMut), String> {
+    ) -> Result<(Answer, BytesMut), LostAnswer> {
         let mut io = Pieces {
             data: data.to_vec(),
             at: 0,
@@ -525,51 +630,68 @@ mod tests {
     }
 
     #[test]
-    fn bad_answers_are_errors() {
-        for (raw, why) in [
-            (&b""[..], "closed before"),
-            (b"HTTP/1.1 200 OK\r\nContent-Le", "inside the answer head"),
+    fn bad_answers_are_errors_that_say_why() {
+        use Lost::{Closed, Unparseable};
+        for (raw, why, lost) in [
+            (&b""[..], "closed before", Closed),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Le",
+                "inside the answer head",
+                Closed,
+            ),
             (
                 b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc",
                 "inside the answer body",
+                Closed,
             ),
             (
                 b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
                 "malformed Content-Length",
+                Unparseable,
             ),
             (
                 b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
                 "conflicting",
+                Unparseable,
             ),
             (
                 b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
                 "chunk size",
+                Unparseable,
             ),
             (
                 b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabX\r\n",
                 "CRLF",
+                Unparseable,
             ),
-            (b"garbage\r\n\r\n", "malformed answer head"),
-            (b"HTTP/1.1 101 Switching\r\n\r\n", "switched"),
+            (b"garbage\r\n\r\n", "malformed answer head", Unparseable),
+            (b"HTTP/1.1 101 Switching\r\n\r\n", "switched", Unparseable),
         ] {
             let err = read(raw, vec![])
                 .err()
                 .unwrap_or_else(|| panic!("{raw:?} read"));
-            assert!(err.contains(why), "{raw:?}: {err}");
+            assert!(err.detail.contains(why), "{raw:?}: {err}");
+            assert_eq!(err.why, lost, "{raw:?}: {err}");
         }
+    }
+
+    #[test]
+    fn lost_labels_are_the_metric_labels() {
+        let labels: Vec<&str> = Lost::ALL.iter().map(|l| l.label()).collect();
+        assert_eq!(labels, crate::metrics::LOST_ANSWER_REASONS);
     }
 
     #[test]
     fn limits_hold() {
         let big = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", 2 << 20);
-        assert!(read(big.as_bytes(), vec![])
-            .unwrap_err()
-            .contains("capture limit"));
+        let err = read(big.as_bytes(), vec![]).unwrap_err();
+        assert!(err.detail.contains("capture limit"), "{err}");
+        assert_eq!(err.why, Lost::TooLarge);
         let mut head = b"HTTP/1.1 200 OK\r\n".to_vec();
         while head.len() <= HEAD_MAX_BYTES {
             head.extend_from_slice(b"X-Pad: 0123456789012345678901234567890123456789\r\n");
         }
-        assert!(read(&head, vec![]).is_err());
+        assert_eq!(read(&head, vec![]).unwrap_err().why, Lost::TooLarge);
     }
 
     #[test]
