@@ -31,8 +31,9 @@ use subtle::ConstantTimeEq;
 
 use crate::ledger::{ReservationId, ReservationState, ReservationView};
 use crate::money::format_credits;
+use crate::redact::redacted_url;
 use crate::service::App;
-use crate::tariff::QuoteRequest;
+use crate::tariff::{Quote, QuoteRequest};
 
 /// How long one upstream probe result is trusted.
 pub const PROBE_CACHE: Duration = Duration::from_secs(1);
@@ -342,26 +343,68 @@ impl AdminApp {
         match quote {
             Ok(q) => json_response(
                 StatusCode::OK,
-                json!({
-                    "encoding": q.encoding.as_str(),
-                    "parts": q.parts,
-                    "units": q.units,
-                    "normalised": q.normalised,
-                    "matched_prefix": q.matched_prefix,
-                    "price_per_part": format_credits(q.price_per_part_milli),
-                    "bucket": match q.bucket { crate::ledger::BucketPreference::AnytimeOnly => "anytime", crate::ledger::BucketPreference::OffPeakFirst => "offpeak_first" },
-                    "total": format_credits(q.total_milli),
-                    "tariff_version": snapshot.tariff.version(),
-                }),
+                serde_json::Value::Object(
+                    quote_fields(&q, snapshot.tariff.version())
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v))
+                        .collect(),
+                ),
             ),
             Err(e) => error(StatusCode::BAD_REQUEST, &e.to_string()),
         }
     }
 }
 
+/// A quote's fields, named and worded the same in the admin API's JSON and
+/// in `tollgate quote`'s lines: amounts in credits, the bucket preference
+/// as `anytime` or `offpeak_first`, `matched_prefix` null when the default
+/// price applied.
+pub fn quote_fields(q: &Quote, tariff_version: &str) -> Vec<(&'static str, serde_json::Value)> {
+    vec![
+        ("tariff_version", json!(tariff_version)),
+        ("normalised", json!(q.normalised)),
+        ("matched_prefix", json!(q.matched_prefix)),
+        ("encoding", json!(q.encoding.as_str())),
+        ("parts", json!(q.parts)),
+        ("units", json!(q.units)),
+        (
+            "price_per_part",
+            json!(format_credits(q.price_per_part_milli)),
+        ),
+        ("bucket", json!(q.bucket.as_str())),
+        ("total", json!(format_credits(q.total_milli))),
+    ]
+}
+
 #[async_trait]
 impl ServeHttp for AdminApp {
+    /// Every admin request gets an access line like the proxy's (target
+    /// `tollgate::access`, `front_door=admin`): who asked what, and what
+    /// came of it. The bearer token is a header and never logged; message
+    /// text in a quote's query shows only its length.
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let started = Instant::now();
+        let answer = self.route(session).await;
+        let req = session.req_header();
+        tracing::info!(
+            target: "tollgate::access",
+            front_door = "admin",
+            status = answer.status().as_u16(),
+            latency_us = started.elapsed().as_micros() as u64,
+            method = req.method.as_str(),
+            url = %redacted_url(
+                req.uri.path(),
+                req.uri.query(),
+                self.app.config.log.message_text
+            ),
+            client = session.client_addr().map(|a| a.to_string()).as_deref(),
+        );
+        answer
+    }
+}
+
+impl AdminApp {
+    async fn route(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_string();
         let query = session.req_header().uri.query().unwrap_or("").to_string();

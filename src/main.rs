@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tollgate::config::log::LogFormat;
 use tollgate::config::{accounts, Config};
 use tollgate::ledger::Role;
 use tollgate::money::{format_credits, parse_credits};
@@ -126,14 +127,6 @@ enum AccountsAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
     match execute(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
@@ -143,13 +136,37 @@ fn main() -> ExitCode {
     }
 }
 
+/// Log lines go to standard error, filtered by `RUST_LOG` (default
+/// `info`): text for a person, or one JSON object per line for a log
+/// shipper (`log.format: json`).
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+    }
+}
+
 fn execute(command: Command) -> Result<(), String> {
+    if !matches!(command, Command::Run { .. }) {
+        init_logging(LogFormat::Text);
+    }
     match command {
         Command::Run { config } => {
             // Before anything slow: a SIGHUP while starting must not kill.
             tollgate::reload::catch_early_sighup();
-            tracing::info!(config = %config.display(), "starting");
-            let config = Config::load(&config).map_err(|e| e.to_string())?;
+            let path = config;
+            let config = Config::load(&path).map_err(|e| e.to_string())?;
+            init_logging(config.log.format);
+            tracing::info!(config = %path.display(), "starting");
             tollgate::server::run(config).map_err(|e| e.to_string())
         }
         Command::Check { config } => check(&config),
@@ -175,17 +192,15 @@ fn execute(command: Command) -> Result<(), String> {
                     ),
                 })
                 .map_err(|e| e.to_string())?;
-            println!("tariff version  {}", tariff.version());
-            println!("recipient       {}", q.normalised);
-            println!(
-                "matched prefix  {}",
-                q.matched_prefix.as_deref().unwrap_or("(default)")
-            );
-            println!("encoding        {}", q.encoding.as_str());
-            println!("parts           {} ({} units)", q.parts, q.units);
-            println!("price per part  {}", format_credits(q.price_per_part_milli));
-            println!("bucket          {:?}", q.bucket);
-            println!("total           {}", format_credits(q.total_milli));
+            // The admin API's words, one per line.
+            for (name, value) in tollgate::admin::quote_fields(&q, tariff.version()) {
+                let value = match value {
+                    serde_json::Value::String(s) => s,
+                    serde_json::Value::Null => "none (default_price)".to_string(),
+                    other => other.to_string(),
+                };
+                println!("{name:<16}{value}");
+            }
             Ok(())
         }
     }

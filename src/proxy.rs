@@ -216,7 +216,11 @@ impl ProxyHttp for TollgateProxy {
         format!(
             "{} {}, Host: {host}",
             req.method,
-            redacted_url(req.uri.path(), req.uri.query())
+            redacted_url(
+                req.uri.path(),
+                req.uri.query(),
+                self.app.config.log.message_text
+            )
         )
     }
 
@@ -314,7 +318,7 @@ impl ProxyHttp for TollgateProxy {
             latency_us = latency.as_micros() as u64,
             status = session.response_written().map(|r| r.status.as_u16()),
             method = req.method.as_str(),
-            url = %redacted_url(req.uri.path(), req.uri.query()),
+            url = %redacted_url(req.uri.path(), req.uri.query(), self.app.config.log.message_text),
             client = session.client_addr().map(|a| a.to_string()).as_deref(),
             request_id = ctx.request_id.as_deref(),
         );

@@ -576,3 +576,57 @@ fn a_reload_switches_the_mode_without_a_restart() {
     assert_eq!(get(&tg.url(getcredits)).0, 200);
     assert!(sim.requests().is_empty(), "back to enforce");
 }
+
+/// Switching to the passthrough bypass by reload leaves a send that is in
+/// flight at the moment of the switch settled by its own answer: charged
+/// for what the gateway accepted, nothing in doubt.
+#[test]
+fn a_reload_to_passthrough_settles_the_sends_in_flight() {
+    let sim = Sim::start(&[]);
+    let tg = Tollgate::start(
+        sim.addr,
+        TollgateOptions {
+            extra_yaml: "mode: enforce".into(),
+            ..Default::default()
+        },
+    );
+    let before = tg.balance("john", "secret1");
+    let r = client()
+        .post(sim.url("/sim/fault?mode=delay&ms=1500&count=1"))
+        .send()
+        .unwrap();
+    assert!(r.status().is_success());
+    let url = tg.url(
+        "/api?action=sendmessage&username=john&password=secret1&recipient=%2B36301111111&messagedata=hi",
+    );
+    let in_flight = std::thread::spawn(move || get(&url));
+    // The send is with the gateway when the mode changes.
+    assert!(wait_until(Duration::from_secs(5), || sim
+        .sendmessage_count()
+        == 1));
+    let config = std::fs::read_to_string(tg.config_path()).unwrap();
+    std::fs::write(
+        tg.config_path(),
+        config.replace("mode: enforce", "mode: passthrough"),
+    )
+    .unwrap();
+    assert_eq!(admin_reload(&tg).0, 200);
+    let (status, body) = in_flight.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("<statuscode>0</statuscode>"), "{body}");
+    let in_doubt = tg.admin_get("/admin/reservations?state=in_doubt");
+    assert_eq!(
+        in_doubt["reservations"],
+        serde_json::json!([]),
+        "{in_doubt}"
+    );
+    // Back to enforce to read tollgate's own ledger: charged once (1 credit).
+    std::fs::write(tg.config_path(), config).unwrap();
+    assert_eq!(admin_reload(&tg).0, 200);
+    let after = tg.balance("john", "secret1");
+    assert_eq!(
+        before.parse::<f64>().unwrap() - after.parse::<f64>().unwrap(),
+        1.0,
+        "{before} -> {after}"
+    );
+}

@@ -362,17 +362,32 @@ fn quote_shows_the_breakdown_in_the_cli_and_the_admin_api() {
     );
     let stdout = String::from_utf8(out.stdout).unwrap();
     for line in [
-        format!("tariff version  {version}"),
-        "recipient       36301234567".to_string(),
-        "matched prefix  36".to_string(),
+        format!("tariff_version  {version}"),
+        "normalised      36301234567".to_string(),
+        "matched_prefix  36".to_string(),
         "encoding        gsm7".to_string(),
-        "parts           2 (161 units)".to_string(),
-        "price per part  1".to_string(),
+        "parts           2".to_string(),
+        "units           161".to_string(),
+        "price_per_part  1".to_string(),
         "total           2".to_string(),
     ] {
         assert!(stdout.contains(&line), "{line:?} missing from:\n{stdout}");
     }
-    assert!(stdout.contains("bucket"), "{stdout}");
+    // The same words as the admin API's JSON, field for field.
+    assert!(
+        stdout.contains(&format!(
+            "bucket          {}",
+            q["bucket"].as_str().unwrap()
+        )),
+        "{stdout}"
+    );
+    for line in stdout.lines() {
+        let name = line.split_whitespace().next().unwrap();
+        assert!(
+            q.get(name).is_some(),
+            "{name} is not an admin quote field: {q}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@
 
 pub mod accounts;
 pub mod limits;
+pub mod log;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -127,6 +128,9 @@ struct FileConfig {
     /// Client timeouts and header size.
     #[serde(default)]
     downstream: limits::FileDownstream,
+    /// Log format and what access lines may carry.
+    #[serde(default)]
+    log: log::FileLog,
     /// `Idempotency-Key` handling (SPEC 3.4).
     #[serde(default)]
     idempotency: crate::idempotency::FileIdempotency,
@@ -477,6 +481,7 @@ pub struct Config {
     pub limits: crate::limits::LimitsConfig,
     pub downstream: crate::limits::DownstreamConfig,
     pub idempotency: crate::idempotency::IdempotencyConfig,
+    pub log: log::LogConfig,
 }
 
 /// The Boxis-compatible door (SPEC 2.1).
@@ -924,6 +929,7 @@ impl Config {
             limits,
             downstream,
             idempotency,
+            log: f.log.into(),
         })
     }
 }

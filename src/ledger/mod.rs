@@ -121,6 +121,16 @@ pub enum BucketPreference {
     OffPeakFirst,
 }
 
+impl BucketPreference {
+    /// The name quotes use (the admin API and `tollgate quote` alike).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BucketPreference::AnytimeOnly => "anytime",
+            BucketPreference::OffPeakFirst => "offpeak_first",
+        }
+    }
+}
+
 impl Bucket {
     /// Both buckets, in the order the journal and exports list them.
     pub const ALL: [Bucket; 2] = [Bucket::Anytime, Bucket::OffPeak];
