@@ -19,6 +19,7 @@ pub mod ledger;
 pub mod limits;
 pub mod metrics;
 pub mod money;
+pub mod notify;
 pub mod proxy;
 pub mod redact;
 pub mod reload;

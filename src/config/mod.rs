@@ -9,6 +9,7 @@
 pub mod accounts;
 pub mod limits;
 pub mod log;
+pub mod notify;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -131,6 +132,9 @@ struct FileConfig {
     /// Log format and what access lines may carry.
     #[serde(default)]
     log: log::FileLog,
+    /// Low-balance webhooks.
+    #[serde(default)]
+    notify: notify::FileNotify,
     /// `Idempotency-Key` handling (SPEC 3.4).
     #[serde(default)]
     idempotency: crate::idempotency::FileIdempotency,
@@ -482,6 +486,7 @@ pub struct Config {
     pub downstream: crate::limits::DownstreamConfig,
     pub idempotency: crate::idempotency::IdempotencyConfig,
     pub log: log::LogConfig,
+    pub notify: notify::NotifyConfig,
 }
 
 /// The Boxis-compatible door (SPEC 2.1).
@@ -930,6 +935,7 @@ impl Config {
             downstream,
             idempotency,
             log: f.log.into(),
+            notify: notify::NotifyConfig::from_file(path, f.notify)?,
         })
     }
 }
