@@ -7,13 +7,13 @@
 //!     secret: "a long random string"   # HMAC key, at least 16 bytes
 //!     default_threshold: 10            # credits; omit: only listed accounts
 //!     accounts: { vip: 50, test: off } # per account; `off` = never
-//!     timeout_ms: 5000
-//!     give_up_after_s: 86400
 //! ```
+//!
+//! Retries, time-outs and giving up are the outbox's (`outbox.*`), as for
+//! every call tollgate owes someone.
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -37,10 +37,6 @@ struct FileLowBalance {
     default_threshold: Option<serde_yaml::Value>,
     #[serde(default)]
     accounts: HashMap<String, serde_yaml::Value>,
-    #[serde(default = "default_timeout_ms")]
-    timeout_ms: u64,
-    #[serde(default = "default_give_up_after_s")]
-    give_up_after_s: u64,
 }
 
 impl std::fmt::Debug for FileLowBalance {
@@ -50,14 +46,6 @@ impl std::fmt::Debug for FileLowBalance {
             .field("secret", &"***")
             .finish_non_exhaustive()
     }
-}
-
-fn default_timeout_ms() -> u64 {
-    5_000
-}
-
-fn default_give_up_after_s() -> u64 {
-    86_400
 }
 
 /// Thresholds in milli-credits of available balance (both buckets).
@@ -84,12 +72,10 @@ pub const SECRET_MIN_BYTES: usize = 16;
 /// Validated low-balance webhook settings.
 #[derive(Clone, PartialEq, Eq)]
 pub struct LowBalanceConfig {
-    /// `http://` or `https://` URL the notifications are POSTed to.
+    /// `http://` URL the notifications are POSTed to.
     pub url: http::Uri,
     pub secret: Vec<u8>,
     pub thresholds: Thresholds,
-    pub timeout: Duration,
-    pub give_up_after: Duration,
 }
 
 impl std::fmt::Debug for LowBalanceConfig {
@@ -98,8 +84,6 @@ impl std::fmt::Debug for LowBalanceConfig {
             .field("url", &self.url)
             .field("secret", &"***")
             .field("thresholds", &self.thresholds)
-            .field("timeout", &self.timeout)
-            .field("give_up_after", &self.give_up_after)
             .finish()
     }
 }
@@ -118,11 +102,20 @@ impl NotifyConfig {
         let url: http::Uri = lb.url.parse().map_err(|_| {
             ConfigError::new(path, key("url"), "must be an http:// or https:// URL")
         })?;
-        if !matches!(url.scheme_str(), Some("http" | "https")) || url.host().is_none() {
+        if url.scheme_str() == Some("https") {
+            // The outbox's client speaks plain HTTP only (for now): refuse
+            // rather than send signed balances somewhere they never arrive.
             return Err(ConfigError::new(
                 path,
                 key("url"),
-                "must be an http:// or https:// URL with a host",
+                "https:// is not supported yet: point it at an http:// receiver (e.g. a local relay)",
+            ));
+        }
+        if url.scheme_str() != Some("http") || url.host().is_none() {
+            return Err(ConfigError::new(
+                path,
+                key("url"),
+                "must be an http:// URL with a host",
             ));
         }
         if lb.secret.len() < SECRET_MIN_BYTES {
@@ -155,20 +148,6 @@ impl NotifyConfig {
                 threshold(key(&format!("accounts.{name}")), v)?,
             );
         }
-        if !(100..=60_000).contains(&lb.timeout_ms) {
-            return Err(ConfigError::new(
-                path,
-                key("timeout_ms"),
-                "must be 100 to 60000",
-            ));
-        }
-        if !(60..=30 * 86_400).contains(&lb.give_up_after_s) {
-            return Err(ConfigError::new(
-                path,
-                key("give_up_after_s"),
-                "must be 60 to 2592000 seconds",
-            ));
-        }
         Ok(NotifyConfig {
             low_balance: Some(LowBalanceConfig {
                 url,
@@ -177,8 +156,6 @@ impl NotifyConfig {
                     default_milli,
                     accounts,
                 },
-                timeout: Duration::from_millis(lb.timeout_ms),
-                give_up_after: Duration::from_secs(lb.give_up_after_s),
             }),
         })
     }
@@ -215,7 +192,7 @@ mod tests {
             ("low_balance: { url: 'http://x/', secret: short }", "secret"),
             ("low_balance: { url: 'http://x/', secret: 0123456789abcdef, default_threshold: 1.0001 }", "default_threshold"),
             ("low_balance: { url: 'http://x/', secret: 0123456789abcdef, accounts: { a: [1] } }", "accounts.a"),
-            ("low_balance: { url: 'http://x/', secret: 0123456789abcdef, timeout_ms: 1 }", "timeout_ms"),
+            ("low_balance: { url: 'https://x/', secret: 0123456789abcdef }", "url"),
         ] {
             let e = parse(yaml).unwrap_err();
             assert_eq!(e.key, format!("notify.low_balance.{key}"), "{yaml}: {e:?}");
