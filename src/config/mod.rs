@@ -7,6 +7,7 @@
 //! socket or touches a balance.
 
 pub mod accounts;
+pub mod idempotency;
 pub mod limits;
 pub mod log;
 pub mod notify;
@@ -137,7 +138,7 @@ struct FileConfig {
     notify: notify::FileNotify,
     /// `Idempotency-Key` handling (SPEC 3.4).
     #[serde(default)]
-    idempotency: crate::idempotency::FileIdempotency,
+    idempotency: idempotency::FileIdempotency,
 }
 
 fn default_mode() -> Mode {
@@ -482,9 +483,9 @@ pub struct Config {
     pub boxis: BoxisConfig,
     pub soap: SoapConfig,
     /// The limits the first snapshot starts with (reloads re-read them).
-    pub limits: crate::limits::LimitsConfig,
-    pub downstream: crate::limits::DownstreamConfig,
-    pub idempotency: crate::idempotency::IdempotencyConfig,
+    pub limits: limits::LimitsConfig,
+    pub downstream: limits::DownstreamConfig,
+    pub idempotency: idempotency::IdempotencyConfig,
     pub log: log::LogConfig,
     pub notify: notify::NotifyConfig,
 }
@@ -858,9 +859,9 @@ impl Config {
                 ));
             }
         }
-        let limits = crate::limits::LimitsConfig::from_file(path, f.limits)?;
-        let downstream = crate::limits::DownstreamConfig::from_file(path, f.downstream)?;
-        let idempotency = crate::idempotency::IdempotencyConfig::from_file(
+        let limits = limits::LimitsConfig::from_file(path, f.limits)?;
+        let downstream = limits::DownstreamConfig::from_file(path, f.downstream)?;
+        let idempotency = idempotency::IdempotencyConfig::from_file(
             path,
             f.idempotency,
             f.store

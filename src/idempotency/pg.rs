@@ -11,7 +11,8 @@
 
 use postgres::Client;
 
-use super::{Fingerprint, KeyRow, KeyTable, KeyTx, Scope, StoredAnswer};
+use super::table::{KeyRow, KeyTable, KeyTx};
+use super::{Fingerprint, Scope, StoredAnswer};
 use crate::store::pg::{describe, schema, session_broken, PgSettings};
 
 pub(super) struct PgTable {

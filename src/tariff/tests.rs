@@ -1,7 +1,9 @@
 //! Tests of `Tariff`: loading, validation errors, normalisation, pricing,
 //! classes, off-peak windows and big generated tables.
 
+use super::offpeak::{parse_clock, weekday_index};
 use super::*;
+use crate::money::{format_credits, parse_credits};
 use proptest::prelude::*;
 use std::collections::HashMap;
 
