@@ -35,6 +35,11 @@ enum Command {
     Run {
         #[arg(short, long, default_value = "conf/tollgate.yaml")]
         config: PathBuf,
+        /// Take the listening sockets and the store over from the running
+        /// tollgate, which is then told by SIGQUIT (zero-downtime upgrade;
+        /// see README "Restarts and upgrades").
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Validate the configuration, tariffs and accounts; non-zero exit on error.
     Check {
@@ -145,12 +150,13 @@ fn main() -> ExitCode {
 
 fn execute(command: Command) -> Result<(), String> {
     match command {
-        Command::Run { config } => {
+        Command::Run { config, upgrade } => {
             // Before anything slow: a SIGHUP while starting must not kill.
             tollgate::reload::catch_early_sighup();
             tracing::info!(config = %config.display(), "starting");
             let config = Config::load(&config).map_err(|e| e.to_string())?;
-            tollgate::server::run(config).map_err(|e| e.to_string())
+            tollgate::server::run_with(config, tollgate::server::RunOptions { upgrade })
+                .map_err(|e| e.to_string())
         }
         Command::Check { config } => check(&config),
         Command::Accounts { config, action } => accounts_command(&config, action),
