@@ -1020,11 +1020,11 @@ fn upgrade_config(
     f: &FileUpgrade,
     store_path: Option<&Path>,
 ) -> Result<UpgradeConfig, ConfigError> {
-    let dir = store_path
-        .and_then(Path::parent)
-        .filter(|d| !d.as_os_str().is_empty())
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    let dir = match store_path.and_then(Path::parent) {
+        Some(d) if d.as_os_str().is_empty() => PathBuf::from("."),
+        Some(d) => d.to_path_buf(),
+        None => PathBuf::from("/tmp"),
+    };
     let sock = match &f.sock {
         Some(s) => resolve_relative(path, s),
         None => dir.join("tollgate.upgrade.sock"),
