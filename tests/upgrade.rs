@@ -721,3 +721,102 @@ fn the_handover_pause_grows_with_sends_in_flight() {
     assert!(current.child.wait().unwrap().success());
     verify_clean(&fleet.t);
 }
+
+/// SIGQUIT with no successor (an operator error): the old process stops
+/// deciding credit, so credit requests wait `upgrade.wait_max_ms` and are
+/// refused `store_unavailable` in their door's shape, while forwarded
+/// traffic keeps flowing; readiness says `handing_over`; the process then
+/// exits 0 having released the store, and the next `tollgate run` starts
+/// at once.
+#[test]
+fn sigquit_without_a_successor_refuses_credit_in_shape_and_releases_the_store() {
+    let sim = Sim::start(&[]);
+    let fleet = Fleet::new(&sim, "upgrade: { wait_max_ms: 300 }\n");
+    let addr = fleet.t.addr;
+    let mut p = fleet.start();
+    assert_eq!(balance(addr, "john", "secret1"), JOHN_START.to_string());
+    let quit = Instant::now();
+    signal(p.child.id(), "QUIT");
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(readyz(fleet.t.admin), Some(503));
+
+    let started = Instant::now();
+    let body = get_text(
+        addr,
+        "/api?action=getcredits&username=john&password=secret1",
+    );
+    let waited = started.elapsed();
+    assert!(body.contains("<errorcode>1008</errorcode>"), "{body}");
+    assert!(
+        waited >= Duration::from_millis(250),
+        "answered after {waited:?}"
+    );
+    let send = get_text(
+        addr,
+        "/api?action=sendmessage&username=john&password=secret1&recipient=%2B36201234567,%2B36207654321&messagedata=x",
+    );
+    assert_eq!(xml_all(&send, "statuscode"), vec!["1008", "1008"], "{send}");
+    // Not tollgate's: flows.
+    let forwarded = get_text(addr, "/api?action=getreport&username=john&password=secret1");
+    assert!(forwarded.contains("getreport"), "{forwarded}");
+    assert_eq!(sim.sendmessage_count(), 0);
+
+    let status = p.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    eprintln!(
+        "SIGQUIT without a successor: exited after {:?}",
+        quit.elapsed()
+    );
+    let record = tollgate::store::SqliteStore::open_existing(&fleet.t.store_path())
+        .unwrap()
+        .owner_record()
+        .unwrap();
+    assert!(record.released, "{record:?}");
+    let mut again = fleet.start();
+    assert_eq!(balance(addr, "john", "secret1"), JOHN_START.to_string());
+    signal(again.child.id(), "TERM");
+    assert!(again.child.wait().unwrap().success());
+    verify_clean(&fleet.t);
+}
+
+/// A successor whose old process is never told (no SIGQUIT): it never
+/// owns the store, pingora gives up waiting for the sockets and it exits
+/// non-zero; the old process serves on throughout and a later upgrade
+/// works.
+#[test]
+fn a_successor_never_handed_over_exits_and_the_old_process_serves_on() {
+    let sim = Sim::start(&[]);
+    let fleet = Fleet::new(&sim, "");
+    let addr = fleet.t.addr;
+    let old = fleet.start();
+    let mut stray = fleet.spawn(true);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        assert!(
+            get_text(
+                addr,
+                "/api?action=addcredits&username=admin&password=abc123&useraccount=poor&add=1"
+            )
+            .contains("<balance>"),
+            "the old process stopped serving"
+        );
+        if let Some(status) = stray.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stray successor never exited"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success(), "a successor that got nothing exited 0");
+    assert_eq!(readyz(fleet.t.admin), Some(200));
+    let adds: i64 = balance(addr, "poor", "poor1").parse().unwrap();
+    assert!(adds > 0);
+    // The proper recipe still works after it.
+    let (mut next, _, _) = fleet.upgrade(old);
+    assert_eq!(balance(addr, "poor", "poor1"), adds.to_string());
+    signal(next.child.id(), "TERM");
+    assert!(next.child.wait().unwrap().success());
+    verify_clean(&fleet.t);
+}
