@@ -503,12 +503,14 @@ pub fn run_with(config: Config, options: RunOptions) -> Result<(), StartError> {
         // The store first: a store that cannot open (or that a live
         // process owns) stops start-up before any listener does.
         let store = open_store(&config, &metrics, clock.clone())?;
-        Slot::serving(Arc::new(build_app_with_store(
+        let slot = Slot::serving(Arc::new(build_app_with_store(
             config.clone(),
             metrics,
             store,
             clock,
-        )?))
+        )?));
+        crate::handover::start::write_pid_file(&config.upgrade.pid_file);
+        slot
     };
     let front = slot.current();
     let cfg = &front.config;
@@ -588,7 +590,9 @@ pub fn run_with(config: Config, options: RunOptions) -> Result<(), StartError> {
     });
     // SIGQUIT: the hand-over thread flushes and releases the store; wait
     // for it (the flush below then finds nothing left).
-    if let Some(Err(e)) = slot.join_handover() {
+    let handed_over = slot.join_handover();
+    crate::handover::start::remove_pid_file(&config.upgrade.pid_file);
+    if let Some(Err(e)) = handed_over {
         return Err(StartError::Upgrade(e));
     }
     match slot.bound() {

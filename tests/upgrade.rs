@@ -171,6 +171,13 @@ impl Fleet {
             "the successor died"
         );
         self.wait_ready(Duration::from_secs(10));
+        // The pid file names the process that serves now (the unit's
+        // reload signals it).
+        let pid_file = self.t.dir.path().join("tollgate.pid");
+        assert_eq!(
+            std::fs::read_to_string(&pid_file).unwrap().trim(),
+            new.child.id().to_string()
+        );
         (new, quit, exited)
     }
 }

@@ -136,6 +136,7 @@ fn take_over(
         }
         return Ok(());
     }
+    write_pid_file(&app.config.upgrade.pid_file);
     tracing::info!(
         fence_attempts = attempts,
         acquired_after_ms = acquired.as_millis() as u64,
@@ -144,4 +145,28 @@ fn take_over(
         "successor: store taken over and ledger restored; serving credit"
     );
     Ok(())
+}
+
+/// Writes this process's pid to `upgrade.pid_file` (atomically: a
+/// temporary file renamed over it) once it serves credit, so that
+/// `kill -HUP "$(cat PID_FILE)"` (the systemd unit's reload) and the
+/// upgrade recipe reach the process that serves now, also after an
+/// upgrade replaced the one systemd started.
+pub fn write_pid_file(path: &std::path::Path) {
+    let tmp = path.with_extension("pid.tmp");
+    let result = std::fs::write(&tmp, format!("{}\n", std::process::id()))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = result {
+        tracing::warn!(pid_file = %path.display(), error = %e, "cannot write the pid file");
+    }
+}
+
+/// Removes `upgrade.pid_file` at exit if it still names this process (a
+/// successor has written its own by then).
+pub fn remove_pid_file(path: &std::path::Path) {
+    let ours = std::fs::read_to_string(path)
+        .is_ok_and(|text| text.trim() == std::process::id().to_string());
+    if ours {
+        let _ = std::fs::remove_file(path);
+    }
 }
