@@ -210,12 +210,14 @@ impl AdminApp {
 
     async fn metrics(&self) -> Response<Vec<u8>> {
         let up = self.probe.check().await.is_ok();
-        let m = &self.app().metrics;
+        let app = self.app();
+        let m = &app.metrics;
         m.upstream_up.set(up as i64);
-        m.observe_ledger(
-            &self.app().ledger,
-            &self.app().config.metrics.balance_accounts,
-        );
+        // The stand-in of a successor has no ledger: the gauges keep what
+        // they last said until the real one is bound.
+        if !app.is_standby() {
+            m.observe_ledger(&app.ledger, &app.config.metrics.balance_accounts);
+        }
         text_response(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",

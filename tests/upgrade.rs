@@ -671,14 +671,14 @@ fn the_handover_pause_grows_with_sends_in_flight() {
         let probe = {
             let stop = stop.clone();
             std::thread::spawn(move || {
-                let mut out: Vec<(Instant, Duration, bool)> = Vec::new();
+                let mut out: Vec<(Instant, Duration, String)> = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
                     let t = Instant::now();
                     let body = get_text(
                         addr,
                         "/api?action=addcredits&username=admin&password=abc123&useraccount=poor&add=1",
                     );
-                    out.push((t, t.elapsed(), body.contains("<balance>")));
+                    out.push((t, t.elapsed(), body));
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 out
@@ -698,9 +698,16 @@ fn the_handover_pause_grows_with_sends_in_flight() {
             );
         }
         let probes = probe.join().unwrap();
+        let failed: Vec<&String> = probes
+            .iter()
+            .map(|p| &p.2)
+            .filter(|b| !b.contains("<balance>"))
+            .collect();
         assert!(
-            probes.iter().all(|p| p.2),
-            "latency {latency_ms}: a probe failed"
+            failed.is_empty(),
+            "latency {latency_ms}: {} probes failed, first: {:?}",
+            failed.len(),
+            failed[0]
         );
         let mut before: Vec<Duration> = probes.iter().filter(|p| p.0 < quit).map(|p| p.1).collect();
         let mut during: Vec<Duration> = probes
