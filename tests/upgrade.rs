@@ -834,3 +834,71 @@ fn a_successor_never_handed_over_exits_and_the_old_process_serves_on() {
     assert!(next.child.wait().unwrap().success());
     verify_clean(&fleet.t);
 }
+
+/// A send still at the gateway when the hand-over grace ends: its
+/// reservation, committed before it was forwarded, is in doubt at the
+/// successor (neither charged nor returned), its client still gets the
+/// gateway's answer, and nothing the old process does after the release
+/// reaches the store.
+#[test]
+fn a_send_in_flight_past_the_grace_is_in_doubt_at_the_successor() {
+    let sim = Sim::start(&[]);
+    let fleet = Fleet::new(&sim, "upgrade: { handover_grace_ms: 200 }\n");
+    let addr = fleet.t.addr;
+    let old = fleet.start();
+    client()
+        .post(sim.url("/sim/latency?ms=3000"))
+        .send()
+        .unwrap();
+    let in_flight = std::thread::spawn(move || {
+        get_text(
+            addr,
+            "/api?action=sendmessage&username=john&password=secret1&recipient=%2B36201234567&messagedata=slow",
+        )
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sim.sendmessage_count() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the send never reached the gateway"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    client().post(sim.url("/sim/latency?ms=0")).send().unwrap();
+    let (mut next, _, _) = fleet.upgrade(old);
+    let answer = in_flight.join().unwrap();
+    assert!(answer.contains("<statuscode>0</statuscode>"), "{answer}");
+    // In doubt at the successor: reserved, not posted, not voided.
+    let doubts: serde_json::Value = client()
+        .get(fleet.t.admin_url("/admin/reservations?state=in_doubt"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let doubts = doubts["reservations"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(doubts.len(), 1, "{doubts:?}");
+    assert_eq!(doubts[0]["total"], "2", "{doubts:?}");
+    // 2 credits held for it: the available balance shows them taken.
+    assert_eq!(
+        balance(addr, "john", "secret1"),
+        (JOHN_START - 2).to_string()
+    );
+    let log = fleet.t.log();
+    assert!(
+        log.contains("still in flight at the end of the hand-over grace"),
+        "{}",
+        tail(&log)
+    );
+    assert!(
+        log.contains("recorded after the store was handed over"),
+        "{}",
+        tail(&log)
+    );
+    signal(next.child.id(), "TERM");
+    assert!(next.child.wait().unwrap().success());
+    verify_clean(&fleet.t);
+}
