@@ -57,10 +57,14 @@ struct Fleet {
 
 impl Fleet {
     fn new(sim: &Sim, extra_yaml: &str) -> Fleet {
+        Fleet::with_store(sim, STORE_YAML, extra_yaml)
+    }
+
+    fn with_store(sim: &Sim, store_yaml: &str, extra_yaml: &str) -> Fleet {
         let mut t = Tollgate::start(
             sim.addr,
             TollgateOptions {
-                extra_yaml: format!("{STORE_YAML}{extra_yaml}"),
+                extra_yaml: format!("{store_yaml}{extra_yaml}"),
                 accounts: accounts_yaml(),
                 ..Default::default()
             },
@@ -770,6 +774,27 @@ fn sigquit_without_a_successor_refuses_credit_in_shape_and_releases_the_store() 
         "/api?action=sendmessage&username=john&password=secret1&recipient=%2B36201234567,%2B36207654321&messagedata=x",
     );
     assert_eq!(xml_all(&send, "statuscode"), vec!["1008", "1008"], "{send}");
+    // SOAP: the operation's own failure answer, no balances.
+    let soap = client()
+        .post(format!("http://{addr}/WebServices/2.2/Simple/Account.asmx"))
+        .header("Content-Type", "text/xml; charset=utf-8")
+        .header(
+            "SOAPAction",
+            "\"http://www.2sms.com/WebServices/2.2/Simple/GetBalance\"",
+        )
+        .body(
+            "<?xml version=\"1.0\"?><soap:Envelope xmlns:soap=\"http://schemas.xmlsoap.org/soap/envelope/\"><soap:Body>\
+             <GetBalance xmlns=\"http://www.2sms.com/WebServices/2.2/Simple/\"><Username>john</Username>\
+             <Password>secret1</Password></GetBalance></soap:Body></soap:Envelope>",
+        )
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        soap.contains("<GetBalanceResult>false</GetBalanceResult>") && soap.contains("1008"),
+        "{soap}"
+    );
     // Not tollgate's: flows.
     let forwarded = get_text(addr, "/api?action=getreport&username=john&password=secret1");
     assert!(forwarded.contains("getreport"), "{forwarded}");
@@ -900,5 +925,58 @@ fn a_send_in_flight_past_the_grace_is_in_doubt_at_the_successor() {
     );
     signal(next.child.id(), "TERM");
     assert!(next.child.wait().unwrap().success());
+    verify_clean(&fleet.t);
+}
+
+/// The same hand-over on a PostgreSQL store: the fence is the store's
+/// (an advisory lock and the owner row), the recipe and the guarantees are
+/// the same.
+#[test]
+fn upgrades_on_a_postgresql_store_fail_no_request() {
+    let db = common::pg::TestDb::create("upgrade_pg");
+    let sim = Sim::start(&["--user", "racer:racer1:0", "--threads", "4"]);
+    // No store.path: the sockets go beside the configuration.
+    let fleet = Fleet::with_store(
+        &sim,
+        &common::pg::store_yaml(&db.url(), ""),
+        "upgrade: { sock: tollgate.upgrade.sock, pid_file: tollgate.pid }\n",
+    );
+    let addr = fleet.t.addr;
+    let mut current = fleet.start();
+    let load = start_load(addr);
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..2 {
+        let (next, _, _) = fleet.upgrade(current);
+        current = next;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    load.stop.store(true, Ordering::Relaxed);
+    for t in load.threads {
+        t.join().unwrap();
+    }
+    let seen = load.seen.lock().unwrap();
+    eprintln!(
+        "postgresql: {} requests, {} failed, {} re-sent",
+        seen.latencies.len(),
+        seen.failures.len(),
+        seen.retried
+    );
+    assert!(
+        seen.failures.is_empty(),
+        "{:#?}",
+        &seen.failures[..seen.failures.len().min(5)]
+    );
+    assert_eq!(
+        balance(addr, "poor", "poor1"),
+        (seen.adds_milli / 1000).to_string()
+    );
+    assert_eq!(
+        balance(addr, "john", "secret1"),
+        (JOHN_START - 2 * seen.sends as i64).to_string()
+    );
+    assert_eq!(sim.sendmessage_count(), seen.sends);
+    drop(seen);
+    signal(current.child.id(), "TERM");
+    assert!(current.child.wait().unwrap().success());
     verify_clean(&fleet.t);
 }

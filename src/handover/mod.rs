@@ -395,3 +395,86 @@ impl ShutdownSignalWatch for UpgradeSignals {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::ledger::NullSink;
+
+    fn app(dir: &std::path::Path) -> Arc<App> {
+        std::fs::write(
+            dir.join("tariffs.yaml"),
+            "default_country_code: \"36\"\ndefault_price: 1\nprices:\n  \"36\": 1\n",
+        )
+        .unwrap();
+        let path = dir.join("tollgate.yaml");
+        std::fs::write(
+            &path,
+            "listen: 127.0.0.1:0\nupstream: { address: 127.0.0.1:9 }\ntariffs: tariffs.yaml\n",
+        )
+        .unwrap();
+        let config = Config::load(&path).unwrap();
+        Arc::new(crate::server::build_app(config, Arc::new(NullSink)).unwrap())
+    }
+
+    #[test]
+    fn the_slot_decides_nothing_before_the_bind_and_nothing_new_after_the_hand_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = app(dir.path());
+        let front = {
+            let c = real.config.clone();
+            let tariff = crate::tariff::Tariff::load(&c.tariffs_path).unwrap();
+            Arc::new(App::standby(
+                c,
+                tariff,
+                real.metrics.clone(),
+                real.clock.clone(),
+            ))
+        };
+        assert!(front.ownership().is_err(), "a stand-in never owns");
+        let slot = Slot::starting(front);
+        assert_eq!(slot.readiness(), Readiness::Starting);
+        assert!(matches!(slot.enter(), Entered::Starting));
+        assert!(slot.current().is_standby());
+
+        assert!(slot.bind(real.clone()));
+        assert!(!slot.bind(real.clone()), "bound once");
+        assert_eq!(slot.readiness(), Readiness::Serving);
+        let Entered::Local(app, in_flight) = slot.enter() else {
+            panic!("serving decides locally")
+        };
+        assert!(Arc::ptr_eq(&app, &real));
+
+        assert_eq!(slot.begin_handover(), Readiness::Serving);
+        assert!(matches!(slot.enter(), Entered::Relay), "no new decision");
+        // The one in flight holds the drain until the grace ends...
+        let started = Instant::now();
+        assert_eq!(slot.drain(Duration::from_millis(50)), 1);
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        // ...and releases it the moment it ends.
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            drop(in_flight);
+        });
+        assert_eq!(slot.drain(Duration::from_secs(10)), 0);
+        releaser.join().unwrap();
+
+        // Retired: every decision is refused from now on.
+        app.retire();
+        assert_eq!(
+            app.ownership(),
+            Err(crate::store::fence::NotOwner::HandedOver)
+        );
+    }
+
+    #[test]
+    fn a_successor_told_to_hand_over_before_its_bind_binds_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = app(dir.path());
+        let slot = Slot::starting(real.clone());
+        assert_eq!(slot.begin_handover(), Readiness::Starting);
+        assert!(!slot.bind(real));
+        assert!(slot.bound().is_none());
+    }
+}
