@@ -9,6 +9,13 @@
 //! start-up with its error instead of serving with half a configuration.
 //! Shutdown runs the other way: the store is flushed, then its ownership
 //! released.
+//!
+//! `tollgate run --upgrade` (a successor) is the exception: it listens
+//! before it owns the store, through a late-bound app slot, and takes the
+//! store over when the running process hands it over on SIGQUIT; that
+//! logic lives in `handover/` (this module only picks the path, passes
+//! `--upgrade` and the socket paths to pingora, and installs the signal
+//! handling that starts the hand-over).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Weak};
