@@ -6,9 +6,10 @@
 //! TOKEN`, compared in constant time. With no token configured the
 //! `/admin/` endpoints answer 403. Never echoes a token or a password.
 //!
-//! Readiness: the listener only opens once the application is built, i.e.
-//! the tariff, the accounts and (with a store) the persisted balances are
-//! loaded, so `/readyz` checks what can change later: that this process
+//! Readiness: `/readyz` answers 200 only while this process serves credit
+//! (`handover.rs`): `not ready: starting` while a successor waits for its
+//! store, `not ready: handing_over` once an old process got SIGQUIT.
+//! While serving it checks what can change later: that this process
 //! still owns its store (`not ready: fenced: …` once another process took
 //! it over; `not ready: lease lapsed: …` while its lease cannot be
 //! renewed), and the gateway: a TCP connect to the upstream address with
@@ -29,6 +30,7 @@ use pingora::protocols::http::ServerSession;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
+use crate::handover::{Readiness, Slot};
 use crate::ledger::{ReservationId, ReservationState, ReservationView};
 use crate::money::format_credits;
 use crate::redact::redacted_url;
@@ -42,7 +44,8 @@ pub const PROBE_CACHE: Duration = Duration::from_secs(1);
 pub const PROBE_TIMEOUT_MAX: Duration = Duration::from_millis(500);
 
 pub struct AdminApp {
-    pub app: Arc<App>,
+    /// The app, late-bound (`handover.rs`).
+    pub slot: Arc<Slot>,
     probe: UpstreamProbe,
 }
 
@@ -139,16 +142,26 @@ enum Denied {
 
 impl AdminApp {
     pub fn new(app: Arc<App>) -> Self {
+        Self::with_slot(Slot::serving(app))
+    }
+
+    pub fn with_slot(slot: Arc<Slot>) -> Self {
+        let app = slot.current();
         let probe = UpstreamProbe {
             address: app.config.upstream.address,
             timeout: app.config.upstream.connect_timeout.min(PROBE_TIMEOUT_MAX),
             last: Mutex::new(None),
         };
-        AdminApp { app, probe }
+        AdminApp { slot, probe }
+    }
+
+    /// The app now: the real one once bound.
+    fn app(&self) -> Arc<App> {
+        self.slot.current()
     }
 
     fn authorize(&self, session: &ServerSession) -> Result<(), Denied> {
-        let Some(token) = &self.app.config.admin.token else {
+        let Some(token) = &self.app().config.admin.token else {
             return Err(Denied::Disabled);
         };
         let presented = session
@@ -169,7 +182,15 @@ impl AdminApp {
     /// not be open), this process owns its store (not `fenced`, lease
     /// renewed) and the gateway accepts connections.
     async fn ready(&self) -> Response<Vec<u8>> {
-        if let Err(reason) = self.app.ownership() {
+        let readiness = self.slot.readiness();
+        if readiness != Readiness::Serving {
+            return text_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {}\n", readiness.as_str()),
+            );
+        }
+        if let Err(reason) = self.app().ownership() {
             return text_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "text/plain",
@@ -177,7 +198,7 @@ impl AdminApp {
             );
         }
         let probe = self.probe.check().await;
-        self.app.metrics.upstream_up.set(probe.is_ok() as i64);
+        self.app().metrics.upstream_up.set(probe.is_ok() as i64);
         match probe {
             Ok(()) => text_response(StatusCode::OK, "text/plain", "ready\n".into()),
             Err(reason) => text_response(
@@ -190,9 +211,14 @@ impl AdminApp {
 
     async fn metrics(&self) -> Response<Vec<u8>> {
         let up = self.probe.check().await.is_ok();
-        let m = &self.app.metrics;
+        let app = self.app();
+        let m = &app.metrics;
         m.upstream_up.set(up as i64);
-        m.observe_ledger(&self.app.ledger, &self.app.config.metrics.balance_accounts);
+        // The stand-in of a successor has no ledger: the gauges keep what
+        // they last said until the real one is bound.
+        if !app.is_standby() {
+            m.observe_ledger(&app.ledger, &app.config.metrics.balance_accounts);
+        }
         text_response(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
@@ -201,7 +227,7 @@ impl AdminApp {
     }
 
     fn account(&self, name: &str) -> Response<Vec<u8>> {
-        match self.app.ledger.account(name) {
+        match self.app().ledger.account(name) {
             Some(v) => json_response(
                 StatusCode::OK,
                 json!({
@@ -230,7 +256,7 @@ impl AdminApp {
             }
         };
         let list: Vec<_> = self
-            .app
+            .app()
             .ledger
             .reservations(state)
             .iter()
@@ -252,9 +278,9 @@ impl AdminApp {
         if how != "post" && how != "void" {
             return error(StatusCode::NOT_FOUND, "use /post or /void");
         }
-        let Some(r) = self.app.ledger.reservation(id) else {
+        let Some(r) = self.app().ledger.reservation(id) else {
             // Ids are entry sequence numbers: one below the next was issued.
-            return if id.0 < self.app.ledger.next_seq() {
+            return if id.0 < self.app().ledger.next_seq() {
                 error(
                     StatusCode::CONFLICT,
                     "the reservation is already resolved (a reservation resolves at most once)",
@@ -269,20 +295,20 @@ impl AdminApp {
                 "the reservation is open (its request is in flight); only in-doubt reservations can be resolved",
             );
         }
-        if self.app.admit_change().await.is_err() {
+        if self.app().admit_change().await.is_err() {
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store_unavailable: the store is behind; nothing was changed, try again",
             );
         }
         let result = if how == "post" {
-            self.app.ledger.settle(id, r.total_milli, Some("admin"))
+            self.app().ledger.settle(id, r.total_milli, Some("admin"))
         } else {
-            self.app.ledger.void(id)
+            self.app().ledger.void(id)
         };
         match result {
             Ok(s) => {
-                if self.app.change_durable().await.is_err() {
+                if self.app().change_durable().await.is_err() {
                     return error(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "store_unavailable: resolved in memory but not yet durable; it is committed when the store recovers",
@@ -307,7 +333,7 @@ impl AdminApp {
     }
 
     async fn reload(&self) -> Response<Vec<u8>> {
-        let app = self.app.clone();
+        let app = self.app();
         let before = app.snapshot.load().tariff.version().to_string();
         // File I/O and parsing (100 000+ prefixes) stay off the admin
         // runtime's only thread.
@@ -332,13 +358,13 @@ impl AdminApp {
         let text = query_param(query, "text").unwrap_or_default();
         let message_type = query_param(query, "messagetype").unwrap_or_else(|| "SMS:TEXT".into());
         let class = query_param(query, "class");
-        let snapshot = self.app.snapshot.load();
+        let snapshot = self.app().snapshot.load();
         let quote = snapshot.tariff.quote(&QuoteRequest {
             recipient: &recipient,
             text: &text,
             message_type: &message_type,
             class: class.as_deref(),
-            at_unix_ms: self.app.clock.now_unix_ms(),
+            at_unix_ms: self.app().clock.now_unix_ms(),
         });
         match quote {
             Ok(q) => json_response(
@@ -395,7 +421,7 @@ impl ServeHttp for AdminApp {
             url = %redacted_url(
                 req.uri.path(),
                 req.uri.query(),
-                self.app.config.log.message_text
+                self.app().config.log.message_text
             ),
             client = session.client_addr().map(|a| a.to_string()).as_deref(),
         );
@@ -430,6 +456,18 @@ impl AdminApp {
             Err(Denied::WrongToken) => {
                 return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token")
             }
+        }
+        let readiness = self.slot.readiness();
+        if readiness != Readiness::Serving {
+            // No ledger yet, or it is going to the successor: nothing to
+            // read or change here.
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!(
+                    "{}: the ledger is not served by this process now",
+                    readiness.as_str()
+                ),
+            );
         }
         let segments: Vec<&str> = path.trim_start_matches("/admin/").split('/').collect();
         match (method.as_str(), segments.as_slice()) {

@@ -138,11 +138,18 @@ where
             None => None,
         };
         self.metrics.downstream_connections.inc();
-        let stream: Stream = Box::new(ClientStream::new(
-            stream,
-            self.config.header_timeout,
-            self.metrics.clone(),
-        ));
+        let mut client =
+            ClientStream::new(stream, self.config.header_timeout, self.metrics.clone());
+        // The first bytes before pingora sees the connection: pingora drops
+        // a connection still waiting for its first request when the server
+        // stops listening (graceful shutdown, the end of an upgrade's
+        // accept window), even one accepted a moment before whose request
+        // is on its way; with the bytes already read, its request is served.
+        if !matches!(client.prefetch().await, Ok(n) if n > 0) {
+            self.metrics.downstream_connections.dec();
+            return None;
+        }
+        let stream: Stream = Box::new(client);
         let reused = self.inner.process_new(stream, shutdown).await;
         self.metrics.downstream_connections.dec();
         reused
@@ -176,6 +183,9 @@ pub struct ClientStream {
     /// A rewritten answer header not yet fully written (see
     /// [`rewrite_pingora_server`]); drained before anything else is.
     pending: Vec<u8>,
+    /// Bytes [`Self::prefetch`] read (already seen by the deadline),
+    /// returned before anything else is read.
+    prefetched: Vec<u8>,
     metrics: Arc<Metrics>,
 }
 
@@ -189,8 +199,28 @@ impl ClientStream {
             sleep: Box::pin(tokio::time::sleep(timeout)),
             tail: [0; 2],
             pending: Vec::new(),
+            prefetched: Vec::new(),
             metrics,
         }
+    }
+
+    /// Reads the first bytes of the connection (under the header
+    /// deadline) and keeps them for the next read; how many (0: closed).
+    pub async fn prefetch(&mut self) -> io::Result<usize> {
+        const PREFETCH: usize = 4096;
+        let mut buf = vec![0u8; PREFETCH];
+        let n = std::future::poll_fn(|cx| {
+            let mut rb = ReadBuf::new(&mut buf);
+            match Pin::new(&mut *self).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => Poll::Ready(Ok(rb.filled().len())),
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await?;
+        buf.truncate(n);
+        self.prefetched = buf;
+        Ok(n)
     }
 
     /// Writes what is left of `pending`; `Ready(Ok)` once it is empty.
@@ -267,6 +297,12 @@ impl AsyncRead for ClientStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if !this.prefetched.is_empty() {
+            let n = this.prefetched.len().min(buf.remaining());
+            buf.put_slice(&this.prefetched[..n]);
+            this.prefetched.drain(..n);
+            return Poll::Ready(Ok(()));
+        }
         if this.phase == Phase::Expired {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,

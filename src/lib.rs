@@ -14,6 +14,7 @@ pub mod clock;
 pub mod config;
 pub mod downstream;
 pub mod error;
+pub mod handover;
 pub mod idempotency;
 pub mod ledger;
 pub mod limits;

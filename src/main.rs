@@ -36,6 +36,11 @@ enum Command {
     Run {
         #[arg(short, long, default_value = "conf/tollgate.yaml")]
         config: PathBuf,
+        /// Take the listening sockets and the store over from the running
+        /// tollgate, which is then told by SIGQUIT (zero-downtime upgrade;
+        /// see README "Restarts and upgrades").
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Validate the configuration, tariffs and accounts; non-zero exit on error.
     Check {
@@ -160,14 +165,15 @@ fn execute(command: Command) -> Result<(), String> {
         init_logging(LogFormat::Text);
     }
     match command {
-        Command::Run { config } => {
+        Command::Run { config, upgrade } => {
             // Before anything slow: a SIGHUP while starting must not kill.
             tollgate::reload::catch_early_sighup();
             let path = config;
             let config = Config::load(&path).map_err(|e| e.to_string())?;
             init_logging(config.log.format);
             tracing::info!(config = %path.display(), "starting");
-            tollgate::server::run(config).map_err(|e| e.to_string())
+            tollgate::server::run_with(config, tollgate::server::RunOptions { upgrade })
+                .map_err(|e| e.to_string())
         }
         Command::Check { config } => check(&config),
         Command::Accounts { config, action } => accounts_command(&config, action),

@@ -23,6 +23,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::api::owned::Route;
 use crate::config::Mode;
+use crate::handover::{self, Readiness, Slot};
 use crate::limits::ActiveGuard;
 use crate::redact::redacted_url;
 use crate::service::{
@@ -33,12 +34,20 @@ use crate::upstream;
 pub use crate::service::respond::SERVER_HEADER;
 
 pub struct TollgateProxy {
-    pub app: Arc<App>,
+    /// The app, late-bound: a stand-in without the ledger while a
+    /// successor waits for its store (`handover.rs`).
+    pub slot: Arc<Slot>,
 }
 
 impl TollgateProxy {
     pub fn new(app: Arc<App>) -> Self {
-        TollgateProxy { app }
+        TollgateProxy {
+            slot: Slot::serving(app),
+        }
+    }
+
+    pub fn with_slot(slot: Arc<Slot>) -> Self {
+        TollgateProxy { slot }
     }
 }
 
@@ -79,7 +88,13 @@ impl ProxyHttp for TollgateProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        let app = &self.app;
+        if self.slot.readiness() == Readiness::HandingOver {
+            // Handing over: every answer closes its connection, so a
+            // keep-alive client's next request opens a new one (which the
+            // successor accepts once pingora stops this process listening).
+            session.set_keepalive(None);
+        }
+        let app = &self.slot.current();
         let snapshot = app.snapshot.load_full();
         if snapshot.mode == Mode::Passthrough {
             return Ok(false);
@@ -157,8 +172,8 @@ impl ProxyHttp for TollgateProxy {
         };
         let request_id = app.new_request_id();
         ctx.request_id = Some(request_id.clone());
-        let reply = service::handle(
-            app,
+        let reply = handover::serve(
+            &self.slot,
             Request {
                 door,
                 head: session.req_header(),
@@ -178,7 +193,7 @@ impl ProxyHttp for TollgateProxy {
         _session: &mut Session,
         _ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        Ok(Box::new(self.app.upstream.peer()))
+        Ok(Box::new(self.slot.current().upstream.peer()))
     }
 
     async fn upstream_request_filter(
@@ -219,7 +234,7 @@ impl ProxyHttp for TollgateProxy {
             redacted_url(
                 req.uri.path(),
                 req.uri.query(),
-                self.app.config.log.message_text
+                self.slot.current().config.log.message_text
             )
         )
     }
@@ -285,7 +300,8 @@ impl ProxyHttp for TollgateProxy {
             a => a,
         };
         let latency = ctx.started.elapsed();
-        let m = &self.app.metrics;
+        let app = self.slot.current();
+        let m = &app.metrics;
         if let (Some(t), None) = (ctx.upstream_started, ctx.log.upstream_latency) {
             // pingora's own proxy path: the gateway's answer was relayed
             // as it streamed, so its latency ends now.
@@ -318,7 +334,7 @@ impl ProxyHttp for TollgateProxy {
             latency_us = latency.as_micros() as u64,
             status = session.response_written().map(|r| r.status.as_u16()),
             method = req.method.as_str(),
-            url = %redacted_url(req.uri.path(), req.uri.query(), self.app.config.log.message_text),
+            url = %redacted_url(req.uri.path(), req.uri.query(), app.config.log.message_text),
             client = session.client_addr().map(|a| a.to_string()).as_deref(),
             request_id = ctx.request_id.as_deref(),
         );
@@ -375,7 +391,7 @@ impl TollgateProxy {
         session: &mut Session,
         limit: usize,
     ) -> Result<std::result::Result<Bytes, BodyRefused>> {
-        let deadline = self.app.config.downstream.body_timeout;
+        let deadline = self.slot.current().config.downstream.body_timeout;
         let refused = match tokio::time::timeout(deadline, read_body(session, limit)).await {
             Ok(Ok(Some(body))) => return Ok(Ok(body)),
             Ok(Ok(None)) => BodyRefused::TooLarge,

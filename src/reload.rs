@@ -59,6 +59,7 @@ use pingora::services::background::BackgroundService;
 use pingora::services::ServiceReadyNotifier;
 use tokio::sync::mpsc;
 
+use crate::handover::Slot;
 use crate::service::App;
 
 /// Quiet time after the last file event before a reload starts.
@@ -109,20 +110,27 @@ fn take_early_sighup() -> bool {
 
 /// The background service that reloads on file changes and `SIGHUP`.
 pub struct Reloader {
-    app: Arc<App>,
+    /// The app, late-bound (`handover.rs`): the stand-in's snapshot is
+    /// reloaded until the real app is bound, the real one's after.
+    slot: Arc<Slot>,
 }
 
 impl Reloader {
     pub fn new(app: Arc<App>) -> Self {
-        Reloader { app }
+        Self::with_slot(Slot::serving(app))
+    }
+
+    pub fn with_slot(slot: Arc<Slot>) -> Self {
+        Reloader { slot }
     }
 
     /// The files whose change means a reload, as absolute paths: the
     /// tariff file, the prefixes files of the tariff in force, and the
     /// configuration file (its `limits:` section reloads with the tariff).
     fn wanted_files(&self) -> HashSet<PathBuf> {
-        let snapshot = self.app.snapshot.load();
-        let config = &self.app.config;
+        let app = self.slot.current();
+        let snapshot = app.snapshot.load();
+        let config = &app.config;
         [config.tariffs_path.as_path(), config.source.as_path()]
             .into_iter()
             .chain(snapshot.tariff.prefix_files().iter().map(PathBuf::as_path))
@@ -135,7 +143,7 @@ impl Reloader {
     /// milliseconds) and logs what asked for it.
     async fn reload(&self, trigger: Trigger) {
         tracing::info!(trigger = trigger.as_str(), "tariff reload requested");
-        let app = self.app.clone();
+        let app = self.slot.current();
         // The outcome is logged and counted inside `reload_tariffs`.
         if let Err(e) = tokio::task::spawn_blocking(move || app.reload_tariffs()).await {
             tracing::error!(error = %e, "tariff reload task failed");

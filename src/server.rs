@@ -9,6 +9,13 @@
 //! start-up with its error instead of serving with half a configuration.
 //! Shutdown runs the other way: the store is flushed, then its ownership
 //! released.
+//!
+//! `tollgate run --upgrade` (a successor) is the exception: it listens
+//! before it owns the store, through a late-bound app slot, and takes the
+//! store over when the running process hands it over on SIGQUIT; that
+//! logic lives in `handover/` (this module only picks the path, passes
+//! `--upgrade` and the socket paths to pingora, and installs the signal
+//! handling that starts the hand-over).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Weak};
@@ -24,6 +31,7 @@ use crate::admin::AdminApp;
 use crate::auth::CredentialStore;
 use crate::config::{accounts, Config, InDoubtPolicy};
 use crate::downstream::{ConnectionGate, GateConfig};
+use crate::handover::{Readiness, Slot, UpgradeSignals};
 use crate::ledger::{Bucket, Clock, EntrySink, Ledger, LedgerConfig, NullSink, SystemClock};
 use crate::metrics::Metrics;
 use crate::proxy::TollgateProxy;
@@ -46,11 +54,16 @@ pub enum StartError {
     Account { account: String, problem: String },
     #[error("store {path}: {problem}")]
     Store { path: String, problem: String },
+    /// A live process owns the store (a successor polls this one).
+    #[error("store {path}: {problem}")]
+    StoreOwned { path: String, problem: String },
+    #[error("upgrade: {0}")]
+    Upgrade(String),
 }
 
 /// How long shutdown keeps retrying a failing store before it gives up on
 /// the entries still queued (and exits non-zero).
-const SHUTDOWN_FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
+pub const SHUTDOWN_FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The store opened at start-up: its writer (the ledger's sink, not yet
 /// started) and what it loaded. The accounts are not loaded here: the
@@ -116,9 +129,14 @@ pub fn open_store(
     let Some(path) = &config.store.path else {
         return Ok(None);
     };
-    let fail = |e: StoreError| StartError::Store {
-        path: path.display().to_string(),
-        problem: e.to_string(),
+    let fail = |e: StoreError| {
+        let owned = matches!(e, StoreError::Owned { .. });
+        let (path, problem) = (path.display().to_string(), e.to_string());
+        if owned {
+            StartError::StoreOwned { path, problem }
+        } else {
+            StartError::Store { path, problem }
+        }
     };
     let (mut store, fence) =
         SqliteStore::open_owned(path, config.durability, config.store.lease, clock)
@@ -149,7 +167,12 @@ fn open_postgres(
     clock: Arc<dyn Clock>,
 ) -> Result<OpenedStore, StartError> {
     let location = StoreLocation::Postgres(Box::new(pg.clone()));
-    let fail = |e: StoreError| location.fail(e.to_string());
+    let fail = |e: StoreError| match (location.fail(e.to_string()), &e) {
+        (StartError::Store { path, problem }, StoreError::Owned { .. }) => {
+            StartError::StoreOwned { path, problem }
+        }
+        (other, _) => other,
+    };
     let (store, fence) =
         PgStore::open_owned(pg, config.durability, config.store.lease, clock).map_err(fail)?;
     let mut store = store.with_metrics(metrics.clone());
@@ -411,8 +434,11 @@ fn seed_account(
 /// second, and refreshes the gauges nothing on the request path keeps
 /// (store queue, idempotency keys). Runs on its own pingora background
 /// runtime.
+///
+/// Only while this process serves credit (`handover.rs`): a successor has
+/// no ledger yet, and an old process handing over moves no money.
 struct Sweeper {
-    app: Arc<App>,
+    slot: Arc<Slot>,
 }
 
 #[async_trait]
@@ -424,27 +450,28 @@ impl BackgroundService for Sweeper {
                 _ = shutdown.changed() => return,
                 _ = tick.tick() => {}
             }
-            if let Some(store) = &self.app.store {
+            let (Some(app), Readiness::Serving) = (self.slot.bound(), self.slot.readiness()) else {
+                continue;
+            };
+            if let Some(store) = &app.store {
                 store.refresh_gauges();
             }
-            self.app.sweep_protection();
-            let m = &self.app.metrics;
-            m.idempotency_keys
-                .set(self.app.idempotency.keys_held() as i64);
+            app.sweep_protection();
+            let m = &app.metrics;
+            m.idempotency_keys.set(app.idempotency.keys_held() as i64);
             m.idempotency_max_keys
-                .set(self.app.config.idempotency.max_keys as i64);
-            let expired = self.app.ledger.expire_due();
+                .set(app.config.idempotency.max_keys as i64);
+            let expired = app.ledger.expire_due();
             if !expired.is_empty() {
                 tracing::warn!(count = expired.len(), "expired forgotten reservations");
             }
-            let settle = &self.app.config.settle;
+            let settle = &app.config.settle;
             let post = match settle.in_doubt_policy {
                 InDoubtPolicy::Manual => continue,
                 InDoubtPolicy::Post => true,
                 InDoubtPolicy::Void => false,
             };
-            let resolved = self
-                .app
+            let resolved = app
                 .ledger
                 .resolve_in_doubt_older_than(settle.in_doubt_after.as_millis() as i64, post);
             if !resolved.is_empty() {
@@ -458,15 +485,42 @@ impl BackgroundService for Sweeper {
     }
 }
 
+/// How `tollgate run` starts.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunOptions {
+    /// `--upgrade`: take the listening sockets and the store over from the
+    /// running process (told by SIGQUIT), see `handover.rs`.
+    pub upgrade: bool,
+}
+
 /// Runs tollgate until a signal stops it.
 pub fn run(config: Config) -> Result<(), StartError> {
-    // The store first: a store that cannot open stops start-up before any
-    // listener does.
+    run_with(config, RunOptions::default())
+}
+
+/// [`run`] with `options`.
+pub fn run_with(config: Config, options: RunOptions) -> Result<(), StartError> {
     let metrics = Arc::new(Metrics::with_store_ack_timeout(config.store.ack_timeout));
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
-    let store = open_store(&config, &metrics, clock.clone())?;
-    let app = Arc::new(build_app_with_store(config, metrics, store, clock)?);
-    let cfg = &app.config;
+    let slot = if options.upgrade {
+        // The successor listens before it owns the store; the ledger is
+        // bound into the slot once the old process released it.
+        crate::handover::start::successor(&config, &metrics, &clock)?
+    } else {
+        // The store first: a store that cannot open (or that a live
+        // process owns) stops start-up before any listener does.
+        let store = open_store(&config, &metrics, clock.clone())?;
+        let slot = Slot::serving(Arc::new(build_app_with_store(
+            config.clone(),
+            metrics,
+            store,
+            clock,
+        )?));
+        crate::handover::start::write_pid_file(&config.upgrade.pid_file);
+        slot
+    };
+    let front = slot.current();
+    let cfg = &front.config;
 
     let mut conf = ServerConf::default();
     if let Some(t) = cfg.threads {
@@ -474,8 +528,17 @@ pub fn run(config: Config) -> Result<(), StartError> {
     }
     conf.grace_period_seconds = Some(cfg.shutdown_grace.as_secs());
     conf.graceful_shutdown_timeout_seconds = Some(10);
-    let opt = Opt::default();
+    // pingora's graceful upgrade (docs/user_guide/graceful.md): the old
+    // process sends its listening sockets to `upgrade_sock` on SIGQUIT.
+    conf.upgrade_sock = cfg.upgrade.sock.display().to_string();
+    conf.pid_file = cfg.upgrade.pid_file.display().to_string();
+    let opt = Opt {
+        upgrade: options.upgrade,
+        ..Opt::default()
+    };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
+    // With `--upgrade` this waits (pingora: about 6 s at most) for the old
+    // process's sockets; it exits the process if none come.
     server.bootstrap();
 
     // The proxy's app behind the connection gate (per-address connection
@@ -483,30 +546,34 @@ pub fn run(config: Config) -> Result<(), StartError> {
     let gate = ConnectionGate::new(
         Arc::new(pingora::proxy::http_proxy(
             &server.configuration,
-            TollgateProxy::new(app.clone()),
+            TollgateProxy::with_slot(slot.clone()),
         )),
         GateConfig {
             header_timeout: cfg.downstream.header_timeout,
             max_connections_per_ip: cfg.downstream.max_connections_per_ip,
         },
-        app.metrics.clone(),
+        front.metrics.clone(),
     );
     let mut proxy = Service::new("tollgate proxy".to_string(), gate);
     proxy.add_tcp(&cfg.listen.to_string());
 
-    let mut admin = Service::new("tollgate admin".to_string(), AdminApp::new(app.clone()));
+    let mut admin = Service::new(
+        "tollgate admin".to_string(),
+        AdminApp::with_slot(slot.clone()),
+    );
     admin.add_tcp(&cfg.admin.listen.to_string());
     admin.threads = Some(1);
 
-    let sweeper = background_service("sweeper", Sweeper { app: app.clone() });
+    let sweeper = background_service("sweeper", Sweeper { slot: slot.clone() });
 
     tracing::info!(
         listen = %cfg.listen,
         upstream = %cfg.upstream.address,
         admin = %cfg.admin.listen,
         mode = ?cfg.mode,
-        tariff_version = app.snapshot.load().tariff.version(),
-        accounts = app.ledger.len(),
+        tariff_version = front.snapshot.load().tariff.version(),
+        accounts = front.ledger.len(),
+        readiness = slot.readiness().as_str(),
         "tollgate starting"
     );
     // The reloader first, and the listeners after it is ready: its SIGHUP
@@ -514,18 +581,35 @@ pub fn run(config: Config) -> Result<(), StartError> {
     // and an unhandled SIGHUP ends the process). See `reload.rs`.
     let reloader = server.add_service(background_service(
         "tariff reloader",
-        Reloader::new(app.clone()),
+        Reloader::with_slot(slot.clone()),
     ));
     server.add_service(proxy).add_dependency(&reloader);
     server.add_service(admin).add_dependency(&reloader);
     server.add_service(sweeper);
+    drop(front);
     // Not `run_forever`: it exits the process. `run` returns once a signal
-    // (SIGTERM: graceful, SIGINT: fast) has stopped every service runtime —
-    // so no request is left to record entries — and the store is flushed
+    // (SIGTERM: graceful, SIGINT: fast, SIGQUIT: upgrade, which starts the
+    // hand-over of the store first) has stopped every service runtime — so
+    // no request is left to record entries — and the store is flushed
     // before the process exits 0.
-    server.run(RunArgs::default());
-    app.idempotency.flush_blocking();
-    flush_store(&app)
+    server.run(RunArgs {
+        shutdown_signal: Box::new(UpgradeSignals { slot: slot.clone() }),
+    });
+    // SIGQUIT: the hand-over thread flushes and releases the store; wait
+    // for it (the flush below then finds nothing left).
+    let handed_over = slot.join_handover();
+    crate::handover::start::remove_pid_file(&config.upgrade.pid_file);
+    if let Some(Err(e)) = handed_over {
+        return Err(StartError::Upgrade(e));
+    }
+    match slot.bound() {
+        Some(app) => {
+            app.idempotency.flush_blocking();
+            flush_store(&app)
+        }
+        // A successor stopped before it got the store: nothing to flush.
+        None => Ok(()),
+    }
 }
 
 /// Commits everything the writer still holds and stops it.

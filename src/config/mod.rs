@@ -139,6 +139,80 @@ struct FileConfig {
     /// `Idempotency-Key` handling (SPEC 3.4).
     #[serde(default)]
     idempotency: idempotency::FileIdempotency,
+    /// Zero-downtime upgrade (`tollgate run --upgrade` and SIGQUIT).
+    #[serde(default)]
+    upgrade: FileUpgrade,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileUpgrade {
+    /// The unix socket pingora hands the listening sockets over on.
+    #[serde(default)]
+    sock: Option<String>,
+    /// pingora's pid file.
+    #[serde(default)]
+    pid_file: Option<String>,
+    #[serde(default = "default_upgrade_wait_max_ms")]
+    wait_max_ms: u64,
+    #[serde(default = "default_handover_grace_ms")]
+    handover_grace_ms: u64,
+    #[serde(default = "default_takeover_max_ms")]
+    takeover_max_ms: u64,
+}
+
+impl Default for FileUpgrade {
+    fn default() -> Self {
+        FileUpgrade {
+            sock: None,
+            pid_file: None,
+            wait_max_ms: default_upgrade_wait_max_ms(),
+            handover_grace_ms: default_handover_grace_ms(),
+            takeover_max_ms: default_takeover_max_ms(),
+        }
+    }
+}
+
+fn default_upgrade_wait_max_ms() -> u64 {
+    10_000
+}
+fn default_handover_grace_ms() -> u64 {
+    2_000
+}
+fn default_takeover_max_ms() -> u64 {
+    30_000
+}
+/// Longest unix socket path (`sun_path` holds 108 bytes with its NUL; the
+/// relay socket adds `.relay`).
+pub const UPGRADE_SOCK_MAX_BYTES: usize = 100;
+
+/// Zero-downtime upgrade (`upgrade:`); see `handover.rs`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpgradeConfig {
+    /// pingora's `upgrade_sock`: the old process sends its listening
+    /// sockets here on SIGQUIT. The successor's relay socket is this path
+    /// plus `.relay`.
+    pub sock: PathBuf,
+    /// pingora's `pid_file`.
+    pub pid_file: PathBuf,
+    /// How long a credit request waits for a process that does not serve
+    /// credit yet (starting, or handing over) before `store_unavailable`.
+    pub wait_max: Duration,
+    /// How long the old process lets its credit requests in flight finish
+    /// before it flushes and releases the store.
+    pub handover_grace: Duration,
+    /// How long a successor polls for the store's ownership before it
+    /// gives up and exits non-zero.
+    pub takeover_max: Duration,
+}
+
+impl UpgradeConfig {
+    /// The successor's relay socket: `<sock>.relay`.
+    pub fn relay_sock(&self) -> PathBuf {
+        let mut s = self.sock.clone().into_os_string();
+        s.push(".relay");
+        PathBuf::from(s)
+    }
 }
 
 fn default_mode() -> Mode {
@@ -488,6 +562,7 @@ pub struct Config {
     pub idempotency: idempotency::IdempotencyConfig,
     pub log: log::LogConfig,
     pub notify: notify::NotifyConfig,
+    pub upgrade: UpgradeConfig,
 }
 
 /// The Boxis-compatible door (SPEC 2.1).
@@ -870,6 +945,15 @@ impl Config {
                 .map(|p| resolve_relative(path, p))
                 .as_deref(),
         )?;
+        let upgrade = upgrade_config(
+            path,
+            &f.upgrade,
+            f.store
+                .path
+                .as_deref()
+                .map(|p| resolve_relative(path, p))
+                .as_deref(),
+        )?;
         Ok(Config {
             source: path.to_path_buf(),
             mode: f.mode,
@@ -937,8 +1021,61 @@ impl Config {
             idempotency,
             log: f.log.into(),
             notify: notify::NotifyConfig::from_file(path, f.notify)?,
+            upgrade,
         })
     }
+}
+
+/// `upgrade:`: the sockets default to the store's directory (or `/tmp`
+/// without a file store), the waits are bounded.
+fn upgrade_config(
+    path: &Path,
+    f: &FileUpgrade,
+    store_path: Option<&Path>,
+) -> Result<UpgradeConfig, ConfigError> {
+    let dir = match store_path.and_then(Path::parent) {
+        Some(d) if d.as_os_str().is_empty() => PathBuf::from("."),
+        Some(d) => d.to_path_buf(),
+        None => PathBuf::from("/tmp"),
+    };
+    let sock = match &f.sock {
+        Some(s) => resolve_relative(path, s),
+        None => dir.join("tollgate.upgrade.sock"),
+    };
+    if sock.as_os_str().len() > UPGRADE_SOCK_MAX_BYTES {
+        return Err(ConfigError::new(
+            path,
+            "upgrade.sock",
+            format!(
+                "{} is longer than {UPGRADE_SOCK_MAX_BYTES} bytes (a unix socket path); set a shorter one",
+                sock.display()
+            ),
+        ));
+    }
+    let pid_file = match &f.pid_file {
+        Some(p) => resolve_relative(path, p),
+        None => dir.join("tollgate.pid"),
+    };
+    for (key, ms, max) in [
+        ("upgrade.wait_max_ms", f.wait_max_ms, 120_000),
+        ("upgrade.handover_grace_ms", f.handover_grace_ms, 120_000),
+        ("upgrade.takeover_max_ms", f.takeover_max_ms, 600_000),
+    ] {
+        if !(1..=max).contains(&ms) {
+            return Err(ConfigError::new(
+                path,
+                key,
+                format!("{ms} is not between 1 and {max}"),
+            ));
+        }
+    }
+    Ok(UpgradeConfig {
+        sock,
+        pid_file,
+        wait_max: Duration::from_millis(f.wait_max_ms),
+        handover_grace: Duration::from_millis(f.handover_grace_ms),
+        takeover_max: Duration::from_millis(f.takeover_max_ms),
+    })
 }
 
 #[cfg(test)]
@@ -957,6 +1094,32 @@ mod tests {
         assert_eq!(c.ozeki.paths, vec!["/api", "/httpapi", "/ozeki"]);
         assert_eq!(c.tariffs_path, Path::new("/etc/tollgate/tariffs.yaml"));
         assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9601");
+    }
+
+    #[test]
+    fn upgrade_sockets_default_beside_the_store_and_waits_are_bounded() {
+        let c = Config::from_yaml(MINIMAL, Path::new("/etc/tollgate/tollgate.yaml")).unwrap();
+        assert_eq!(c.upgrade.sock, Path::new("/tmp/tollgate.upgrade.sock"));
+        assert_eq!(c.upgrade.pid_file, Path::new("/tmp/tollgate.pid"));
+        assert_eq!(c.upgrade.wait_max, Duration::from_secs(10));
+        assert_eq!(c.upgrade.handover_grace, Duration::from_secs(2));
+        let text = format!("{MINIMAL}store: {{ path: /var/lib/tollgate/t.db }}\n");
+        let c = Config::from_yaml(&text, Path::new("/etc/tollgate/tollgate.yaml")).unwrap();
+        assert_eq!(
+            c.upgrade.sock,
+            Path::new("/var/lib/tollgate/tollgate.upgrade.sock")
+        );
+        assert_eq!(
+            c.upgrade.relay_sock(),
+            Path::new("/var/lib/tollgate/tollgate.upgrade.sock.relay")
+        );
+        let text = format!("{MINIMAL}upgrade: {{ wait_max_ms: 0 }}\n");
+        let e = Config::from_yaml(&text, Path::new("t.yaml")).unwrap_err();
+        assert_eq!(e.key, "upgrade.wait_max_ms");
+        let long = "x".repeat(120);
+        let text = format!("{MINIMAL}upgrade: {{ sock: /{long} }}\n");
+        let e = Config::from_yaml(&text, Path::new("t.yaml")).unwrap_err();
+        assert_eq!(e.key, "upgrade.sock");
     }
 
     #[test]

@@ -276,11 +276,25 @@ pub struct BoxisHttpRequest<'a> {
 /// The answer (HTTP 200 for every application error, as Boxis does),
 /// labelled with its action for metrics and the access line.
 pub fn handle(app: &App, req: &BoxisHttpRequest, now_s: i64) -> Reply {
-    let (label, reply) = answer(app, req, now_s);
+    let (label, reply) = answer(app, req, now_s, false);
     reply.for_action(label)
 }
 
-fn answer(app: &App, req: &BoxisHttpRequest, now_s: i64) -> (&'static str, Reply) {
+/// The answer of a process that cannot decide credit now (a successor
+/// whose store is not loaded in time, `handover.rs`): the request is read
+/// as [`handle`] reads it, and a valid one is refused `store_unavailable`
+/// before anything is checked or moved.
+pub fn unavailable(app: &App, req: &BoxisHttpRequest, now_s: i64) -> Reply {
+    let (label, reply) = answer(app, req, now_s, true);
+    reply.for_action(label)
+}
+
+fn answer(
+    app: &App,
+    req: &BoxisHttpRequest,
+    now_s: i64,
+    unavailable: bool,
+) -> (&'static str, Reply) {
     let sniffed = sniff_return_type(req.body);
     if !req.method.eq_ignore_ascii_case("POST") {
         return (
@@ -318,6 +332,10 @@ fn answer(app: &App, req: &BoxisHttpRequest, now_s: i64) -> (&'static str, Reply
     let label = request.action.label();
     let rt = request.return_type;
     let creds = &request.credentials;
+    if unavailable {
+        let code = ErrorCode::StoreUnavailable;
+        return (label, refuse(rt, code, now_s, code.message()));
+    }
 
     let window_s = app.config.boxis.timestamp_window_s;
     if now_s.abs_diff(creds.timestamp_s) > window_s {

@@ -105,6 +105,12 @@ pub struct App {
     /// Serialises reloads, so two at once cannot swap in the older file
     /// last or interleave their metrics.
     reload_lock: parking_lot::Mutex<()>,
+    /// A stand-in without the ledger (`handover.rs`): routes, streams and
+    /// forwards what is not tollgate's while the store is not loaded, and
+    /// fails closed on everything that is ([`Self::ownership`]).
+    standby: bool,
+    /// Set by the hand-over: this process decides no credit any more.
+    retired: std::sync::atomic::AtomicBool,
 }
 
 impl App {
@@ -165,6 +171,46 @@ impl App {
             next_request: AtomicU64::new(1),
             reload_lock: parking_lot::Mutex::new(()),
             store: None,
+            standby: false,
+            retired: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The stand-in of a process that does not hold the ledger yet: the
+    /// configuration, tariff, routing, limiter and gateway of `config`, an
+    /// empty ledger that no store backs, and no credential. It never
+    /// decides credit: [`Self::ownership`] is `Err(Starting)` for good.
+    pub fn standby(
+        config: Config,
+        tariff: Tariff,
+        metrics: Arc<Metrics>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        let ledger = Arc::new(Ledger::new(
+            crate::ledger::LedgerConfig {
+                overdraft: config.overdraft,
+                reservation_ttl_ms: config.settle.reservation_ttl.as_millis() as i64,
+            },
+            Arc::new(crate::ledger::NullSink),
+            clock.clone(),
+        ));
+        let credentials = Arc::new(CredentialStore::with_capacity(1, 0));
+        let mut app = App::new(config, ledger, credentials, tariff, metrics, clock);
+        app.standby = true;
+        app
+    }
+
+    /// Whether this is a stand-in without the ledger ([`Self::standby`]).
+    pub fn is_standby(&self) -> bool {
+        self.standby
+    }
+
+    /// The hand-over to a successor (`handover.rs`): from now on this
+    /// process decides no credit ([`Self::ownership`] is `HandedOver`).
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        if let Some(w) = &self.store {
+            w.retire();
         }
     }
 
@@ -254,6 +300,12 @@ impl App {
     /// while the ownership lease could not be renewed lately. Always `Ok`
     /// without a store.
     pub fn ownership(&self) -> Result<(), NotOwner> {
+        if self.standby {
+            return Err(NotOwner::Starting);
+        }
+        if self.retired.load(Ordering::Acquire) {
+            return Err(NotOwner::HandedOver);
+        }
         match &self.store {
             Some(w) => w.ensure_owner(),
             None => Ok(()),
@@ -431,6 +483,43 @@ pub struct Request<'a> {
 
 /// Serves one request (see the module docs).
 pub async fn handle(app: &App, req: Request<'_>) -> Reply {
+    serve(app, req, false).await
+}
+
+/// The answer of a process that cannot decide credit now: a successor
+/// whose store did not load within `upgrade.wait_max_ms`, or an old
+/// process that could not reach its successor (`handover.rs`). Each door
+/// reads the request as [`handle`] does and refuses it `store_unavailable`
+/// in its own shape before any credential is checked; nothing moves.
+pub async fn unavailable(app: &App, req: Request<'_>) -> Reply {
+    serve(app, req, true).await
+}
+
+/// Whether answering `req` needs the ledger: every Boxis and SOAP
+/// operation (a SOAP `GET` is the WSDL or the help page: no), and an Ozeki
+/// credit action, send or priced `receivemessage`. A request that is only
+/// forwarded, answered for its form (malformed, unknown action) or refused
+/// by a per-address limit does not: a process without the ledger answers
+/// it (`handover.rs`), so traffic that is not tollgate's never waits.
+pub fn needs_ledger(app: &App, req: &Request<'_>) -> bool {
+    match req.door {
+        Door::Boxis => true,
+        Door::Soap => !req.head.method.as_str().eq_ignore_ascii_case("GET"),
+        Door::Ozeki if req.limited.is_some() => false,
+        Door::Ozeki => {
+            let params = match &req.params {
+                Some(p) => p.clone(),
+                None => match ozeki_params(app, req) {
+                    Ok(p) => p,
+                    Err(_) => return false,
+                },
+            };
+            ozeki::needs_ledger(&app.snapshot.load(), &params)
+        }
+    }
+}
+
+async fn serve(app: &App, req: Request<'_>, unavailable: bool) -> Reply {
     let snapshot = app.snapshot.load_full();
     match req.door {
         Door::Ozeki => {
@@ -439,6 +528,7 @@ pub async fn handle(app: &App, req: Request<'_>) -> Reply {
                 None => ozeki_params(app, &req),
             };
             match params {
+                Ok(params) if unavailable => ozeki::unavailable(&req, &params),
                 Ok(params) => ozeki::handle(app, &snapshot, &req, params).await,
                 Err(e) => {
                     // Malformed encoding: refused, never forwarded — the
@@ -459,7 +549,12 @@ pub async fn handle(app: &App, req: Request<'_>) -> Reply {
                 content_type: header(http::header::CONTENT_TYPE),
                 body: &req.body,
             };
-            boxis::handle(app, &boxis_req, app.clock.now_unix_ms().div_euclid(1000))
+            let now_s = app.clock.now_unix_ms().div_euclid(1000);
+            if unavailable {
+                boxis::unavailable(app, &boxis_req, now_s)
+            } else {
+                boxis::handle(app, &boxis_req, now_s)
+            }
         }
         Door::Soap => {
             let header = |name: &str| req.head.headers.get(name).and_then(|v| v.to_str().ok());
@@ -473,7 +568,11 @@ pub async fn handle(app: &App, req: Request<'_>) -> Reply {
                 soap_action: header("soapaction"),
                 body: &req.body,
             };
-            soap::handle(app, &soap_req).await
+            if unavailable {
+                soap::unavailable(app, &soap_req).await
+            } else {
+                soap::handle(app, &soap_req).await
+            }
         }
     }
 }

@@ -94,6 +94,41 @@ impl Outcome {
         }
     }
 
+    /// The outcome whose [`Self::label`] is `label` (the relay carries
+    /// outcomes by label, `handover/frame.rs`).
+    pub fn from_label(label: &str) -> Option<Outcome> {
+        const UNITS: [Outcome; 24] = [
+            Outcome::Ok,
+            Outcome::Forwarded,
+            Outcome::Settled,
+            Outcome::Voided,
+            Outcome::InDoubt,
+            Outcome::AlreadyResolved,
+            Outcome::Shadow,
+            Outcome::ReceiveCharged,
+            Outcome::ReceiveShortfall,
+            Outcome::Uncounted,
+            Outcome::IdempotentReplay,
+            Outcome::IdempotencyMismatch,
+            Outcome::IdempotencyConflict,
+            Outcome::Fault,
+            Outcome::Blocked,
+            Outcome::HeaderTooLarge,
+            Outcome::BodyTooLarge,
+            Outcome::BodyTimeout,
+            Outcome::BadRequest,
+            Outcome::ClientClosed,
+            Outcome::ClientTimeout,
+            Outcome::ClientError,
+            Outcome::UpstreamError,
+            Outcome::InternalError,
+        ];
+        UNITS
+            .into_iter()
+            .chain(ErrorCode::ALL.into_iter().map(Outcome::Refused))
+            .find(|o| o.label() == label)
+    }
+
     /// Whether nothing happened that a retry must not repeat: the request
     /// was refused before any change (so an `Idempotency-Key` is released
     /// and a retry runs afresh). `store_unavailable` releases a send (its
@@ -172,6 +207,14 @@ mod tests {
     fn only_refusals_before_any_change_release_a_key() {
         assert!(Outcome::Refused(ErrorCode::InsufficientCredit).changed_nothing(true));
         assert!(Outcome::Refused(ErrorCode::StoreUnavailable).changed_nothing(true));
+        for o in [
+            Outcome::Settled,
+            Outcome::InternalError,
+            Outcome::Refused(ErrorCode::StoreUnavailable),
+        ] {
+            assert_eq!(Outcome::from_label(o.label()), Some(o));
+        }
+        assert_eq!(Outcome::from_label("nonsense"), None);
         assert!(!Outcome::Refused(ErrorCode::StoreUnavailable).changed_nothing(false));
         for o in [
             Outcome::Settled,

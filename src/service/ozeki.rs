@@ -64,6 +64,42 @@ pub async fn handle(app: &App, snapshot: &Snapshot, req: &Request<'_>, params: P
     reply
 }
 
+/// The answer of a process that cannot decide credit now (a successor
+/// whose store is not loaded in time, `handover.rs`): the command is read
+/// as [`handle`] reads it and refused `store_unavailable` in its shape
+/// (one refusing report per message of a send) before anything is checked.
+pub fn unavailable(req: &Request<'_>, params: &Params) -> Reply {
+    let action = action_of(params).unwrap_or_default();
+    let mut reply = match (req.limited, classify(params)) {
+        (Some(limit), _) => limited(params, &action, limit),
+        (None, Err(e)) => refuse(Shape::Ozeki { action: &e.action }, Refusal::new(e.code)),
+        (None, Ok(Command::SendMessage(send))) => refuse(
+            Shape::OzekiSend(&send),
+            Refusal::new(ErrorCode::StoreUnavailable),
+        ),
+        (None, Ok(_)) => refuse(
+            Shape::Ozeki { action: &action },
+            Refusal::new(ErrorCode::StoreUnavailable),
+        ),
+    };
+    reply.log.action = action_label(&action);
+    reply.log.account = params
+        .get("username")
+        .map(|u| u.chars().take(ACCOUNT_LOG_MAX_CHARS).collect());
+    reply
+}
+
+/// Whether answering this command needs the ledger (credit actions, sends,
+/// a priced `receivemessage`); `false` for what is only forwarded or
+/// refused for its form.
+pub fn needs_ledger(snapshot: &Snapshot, params: &Params) -> bool {
+    match classify(params) {
+        Err(_) => false,
+        Ok(Command::Other) => snapshot.tariff.receive_price_milli() > 0 && names_receive(params),
+        Ok(_) => true,
+    }
+}
+
 /// The command of a request, carried out.
 async fn run(app: &App, snapshot: &Snapshot, req: &Request<'_>, params: &Params) -> Reply {
     let command = match classify(params) {

@@ -123,11 +123,19 @@ pub fn too_large(content_type: Option<&str>) -> Reply {
 
 /// Serves one request on the SOAP path, labelled with its operation.
 pub async fn handle(app: &App, req: &SoapHttpRequest<'_>) -> Reply {
-    let (label, reply) = answer(app, req).await;
+    let (label, reply) = answer(app, req, false).await;
     reply.for_action(label)
 }
 
-async fn answer(app: &App, req: &SoapHttpRequest<'_>) -> (&'static str, Reply) {
+/// The answer of a process that cannot decide credit now (`handover.rs`):
+/// the call is read as [`handle`] reads it, and a valid operation fails
+/// with `store_unavailable` (no balances) before anything is checked.
+pub async fn unavailable(app: &App, req: &SoapHttpRequest<'_>) -> Reply {
+    let (label, reply) = answer(app, req, true).await;
+    reply.for_action(label)
+}
+
+async fn answer(app: &App, req: &SoapHttpRequest<'_>, unavailable: bool) -> (&'static str, Reply) {
     let request_id = req.request.request_id.as_str();
     if req.method.eq_ignore_ascii_case("GET") {
         return if wants_wsdl(req.query) {
@@ -242,6 +250,13 @@ async fn answer(app: &App, req: &SoapHttpRequest<'_>) -> (&'static str, Reply) {
         return (
             operation.label(),
             fault_answer(version, FaultKind::Client, &reason, FAULT_STATUS),
+        );
+    }
+    if unavailable {
+        let code = ErrorCode::StoreUnavailable;
+        return (
+            operation.label(),
+            failure_answer(version, operation, code, code.message(), None, None),
         );
     }
     let answer = match call {

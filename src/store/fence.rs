@@ -267,6 +267,14 @@ pub enum NotOwner {
     /// the store over any moment; refused until a renewal succeeds.
     #[error("lease lapsed: the store lease was last renewed {age_ms} ms ago; credit is refused until it is renewed")]
     LeaseLapsed { age_ms: u64 },
+    /// This process is handing the store over to its successor (SIGQUIT):
+    /// it decides no credit any more, flushes and releases the store.
+    #[error("handed over: this process gave the store to its successor (upgrade); it decides no credit any more")]
+    HandedOver,
+    /// A process that does not hold the ledger (a successor still waiting
+    /// for the store, see `handover.rs`).
+    #[error("starting: this process does not own the store yet")]
+    Starting,
 }
 
 /// The text of [`StoreError::Fenced`] and [`NotOwner::Fenced`].
@@ -308,6 +316,9 @@ pub struct LeaseWatch {
     /// may stop; its wall clock catches up).
     renewed_wall_ms: AtomicI64,
     fenced: AtomicBool,
+    /// Set once by the hand-over, before the last flush and the release:
+    /// from then on this process decides nothing (see `handover.rs`).
+    retired: AtomicBool,
     fenced_by: Mutex<Option<OwnerRecord>>,
     /// Run once when the process is found fenced (wake the writer, set the
     /// gauge, log).
@@ -339,6 +350,7 @@ impl LeaseWatch {
             renewed_mono_ms: AtomicU64::new(0),
             renewed_wall_ms: AtomicI64::new(renewed_unix_ms),
             fenced: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
             fenced_by: Mutex::new(None),
             on_fenced: Mutex::new(Vec::new()),
         }
@@ -373,6 +385,9 @@ impl LeaseWatch {
                 by: self.fenced_by(),
             });
         }
+        if self.retired.load(Ordering::Acquire) {
+            return Err(NotOwner::HandedOver);
+        }
         let mono_age = (now.saturating_duration_since(self.epoch).as_millis() as u64)
             .saturating_sub(self.renewed_mono_ms.load(Ordering::Acquire));
         let wall_age = now_unix_ms
@@ -387,6 +402,18 @@ impl LeaseWatch {
 
     pub fn is_fenced(&self) -> bool {
         self.fenced.load(Ordering::Acquire)
+    }
+
+    /// The hand-over to a successor: from now on [`Self::check`] fails
+    /// with [`NotOwner::HandedOver`], so no request decides credit any
+    /// more; the writer still commits what is queued (the last flush)
+    /// before the store is released. For good.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
     }
 
     /// The owner that fenced this process, if known.

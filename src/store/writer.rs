@@ -310,6 +310,14 @@ impl WriteBehind {
         }
     }
 
+    /// The hand-over (`handover.rs`): this process decides no credit from
+    /// now on ([`LeaseWatch::retire`]); call [`Self::flush_and_stop`] next.
+    pub fn retire(&self) {
+        if let Some(watch) = &self.shared.owner {
+            watch.retire();
+        }
+    }
+
     /// Starts the writer thread. `directory` names the accounts a batch
     /// touches (the ledger, held weakly: the ledger owns this writer).
     /// Calling it twice does nothing.
@@ -491,7 +499,14 @@ impl EntrySink for WriteBehind {
         if q.stopped || shared.is_fenced() {
             drop(q);
             shared.metrics.store_entries_after_stop.inc_by(n as u64);
-            if shared.is_fenced() {
+            if shared.owner.as_ref().is_some_and(|w| w.is_retired()) {
+                // Settlements of sends still in flight when the hand-over
+                // grace ended: the successor has their reservations in doubt.
+                tracing::warn!(
+                    entries = n,
+                    "ledger entries recorded after the store was handed over; the successor has their reservations in doubt"
+                );
+            } else if shared.is_fenced() {
                 // Logged once at the fencing; settlements of sends that were
                 // in flight end up here.
                 tracing::debug!(
