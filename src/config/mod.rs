@@ -8,6 +8,7 @@
 
 pub mod accounts;
 pub mod limits;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -91,7 +92,12 @@ pub enum ActionEcho {
 struct FileConfig {
     #[serde(default = "default_mode")]
     mode: Mode,
-    listen: String,
+    /// The plain HTTP client listener; optional beside `tls.listen`.
+    #[serde(default)]
+    listen: Option<String>,
+    /// The HTTPS client listener.
+    #[serde(default)]
+    tls: Option<tls::FileTls>,
     #[serde(default)]
     threads: Option<usize>,
     upstream: FileUpstream,
@@ -152,6 +158,15 @@ struct FileUpstream {
     read_timeout_ms: u64,
     #[serde(default = "default_idle_timeout_s")]
     idle_timeout_s: u64,
+    /// HTTPS to the gateway (see `config::tls`).
+    #[serde(default)]
+    tls: bool,
+    #[serde(default)]
+    ca_file: Option<String>,
+    #[serde(default)]
+    sni: Option<String>,
+    #[serde(default)]
+    insecure_skip_verify: bool,
 }
 fn default_connect_timeout_ms() -> u64 {
     2_000
@@ -454,7 +469,11 @@ pub struct Config {
     /// The file this was loaded from (for reloads and messages).
     pub source: PathBuf,
     pub mode: Mode,
-    pub listen: SocketAddr,
+    /// The plain HTTP client listener (`listen`); at least one of it and
+    /// `tls` is set.
+    pub listen: Option<SocketAddr>,
+    /// The HTTPS client listener (`tls:`).
+    pub tls: Option<tls::TlsListenerConfig>,
     /// Worker threads of the proxy service; `None` = pingora's default.
     pub threads: Option<usize>,
     pub upstream: UpstreamConfig,
@@ -515,6 +534,8 @@ pub struct UpstreamConfig {
     /// past it a send's reservation goes in doubt.
     pub read_timeout: Duration,
     pub idle_timeout: Duration,
+    /// HTTPS to the gateway; `None` is plain HTTP.
+    pub tls: Option<tls::UpstreamTlsConfig>,
 }
 
 #[derive(Clone)]
@@ -859,16 +880,52 @@ impl Config {
                 .map(|p| resolve_relative(path, p))
                 .as_deref(),
         )?;
+        let listen = match &f.listen {
+            Some(l) => Some(parse_addr(path, "listen", l)?),
+            None => None,
+        };
+        let tls = match f.tls {
+            Some(t) => Some(tls::TlsListenerConfig::from_file(path, t)?),
+            None => None,
+        };
+        match (&listen, &tls) {
+            (None, None) => {
+                return Err(ConfigError::new(
+                    path,
+                    "listen",
+                    "no client listener: set listen (plain HTTP), tls.listen (HTTPS) or both",
+                ))
+            }
+            (Some(plain), Some(t)) if *plain == t.listen => {
+                return Err(ConfigError::new(
+                    path,
+                    "tls.listen",
+                    format!("{plain} is also listen; give HTTPS its own port (e.g. 8443)"),
+                ))
+            }
+            _ => {}
+        }
+        let upstream_tls = tls::UpstreamTlsConfig::from_file(
+            path,
+            tls::FileUpstreamTls {
+                tls: f.upstream.tls,
+                ca_file: f.upstream.ca_file,
+                sni: f.upstream.sni,
+                insecure_skip_verify: f.upstream.insecure_skip_verify,
+            },
+        )?;
         Ok(Config {
             source: path.to_path_buf(),
             mode: f.mode,
-            listen: parse_addr(path, "listen", &f.listen)?,
+            listen,
+            tls,
             threads: f.threads,
             upstream: UpstreamConfig {
                 address: parse_addr(path, "upstream.address", &f.upstream.address)?,
                 connect_timeout: Duration::from_millis(f.upstream.connect_timeout_ms),
                 read_timeout: Duration::from_millis(f.upstream.read_timeout_ms),
                 idle_timeout: Duration::from_secs(f.upstream.idle_timeout_s),
+                tls: upstream_tls,
             },
             admin: AdminConfig {
                 listen: parse_addr(path, "admin.listen", &f.admin.listen)?,
