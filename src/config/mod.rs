@@ -1004,6 +1004,55 @@ mod tests {
     }
 
     #[test]
+    fn a_tls_listener_may_replace_or_join_the_plain_one() {
+        let at = Path::new("/etc/tollgate/tollgate.yaml");
+        let tls_only = MINIMAL.replace(
+            "listen: 127.0.0.1:9501\n",
+            "tls: { listen: 0.0.0.0:8443, cert: tls/cert.pem, key: tls/key.pem }\n",
+        );
+        let c = Config::from_yaml(&tls_only, at).unwrap();
+        assert_eq!(c.listen, None);
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.listen.to_string(), "0.0.0.0:8443");
+        assert_eq!(tls.cert, Path::new("/etc/tollgate/tls/cert.pem"));
+        assert_eq!(tls.key, Path::new("/etc/tollgate/tls/key.pem"));
+        assert_eq!(c.upstream.tls, None);
+
+        let both = format!("{MINIMAL}tls: {{ listen: 127.0.0.1:9443, cert: c.pem, key: k.pem }}\n");
+        let c = Config::from_yaml(&both, at).unwrap();
+        assert_eq!(c.listen.unwrap().to_string(), "127.0.0.1:9501");
+        assert!(c.tls.is_some());
+
+        let none = MINIMAL.replace("listen: 127.0.0.1:9501\n", "");
+        let e = Config::from_yaml(&none, at).unwrap_err();
+        assert_eq!(e.key, "listen");
+        assert!(e.problem.contains("tls.listen"), "{e}");
+        let same = format!("{MINIMAL}tls: {{ listen: 127.0.0.1:9501, cert: c.pem, key: k.pem }}\n");
+        assert_eq!(Config::from_yaml(&same, at).unwrap_err().key, "tls.listen");
+        let port0 = format!("{MINIMAL}tls: {{ listen: 127.0.0.1:0, cert: c.pem, key: k.pem }}\n");
+        assert_eq!(Config::from_yaml(&port0, at).unwrap_err().key, "tls.listen");
+        let unknown = format!(
+            "{MINIMAL}tls: {{ listen: 127.0.0.1:9443, cert: c.pem, key: k.pem, ciphers: x }}\n"
+        );
+        assert!(Config::from_yaml(&unknown, at).is_err());
+
+        let https = MINIMAL.replace(
+            "upstream: { address: 127.0.0.1:9502 }",
+            "upstream: { address: 127.0.0.1:9502, tls: true, sni: gw.example.com, ca_file: ca.pem }",
+        );
+        let up = Config::from_yaml(&https, at).unwrap().upstream.tls.unwrap();
+        assert_eq!(up.ca_file.unwrap(), Path::new("/etc/tollgate/ca.pem"));
+        let bad = MINIMAL.replace(
+            "upstream: { address: 127.0.0.1:9502 }",
+            "upstream: { address: 127.0.0.1:9502, insecure_skip_verify: true }",
+        );
+        assert_eq!(
+            Config::from_yaml(&bad, at).unwrap_err().key,
+            "upstream.insecure_skip_verify"
+        );
+    }
+
+    #[test]
     fn unknown_key_names_file_and_position() {
         let text = format!("{MINIMAL}bogus_key: 1\n");
         let e = Config::from_yaml(&text, Path::new("conf/tollgate.yaml")).unwrap_err();
