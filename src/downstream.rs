@@ -168,14 +168,19 @@ where
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let key = peer_ip(&stream).map(IpKey::of);
+        let tls = self.tls_for(&stream);
         let _held = match key {
             Some(key) => match self.open.enter(key, self.config.max_connections_per_ip) {
                 Ok(guard) => Some(guard),
                 Err(_) => {
                     self.metrics.downstream_connections_refused.inc();
-                    let answer = over_cap_answer();
-                    let write = stream.write_all(&answer);
-                    let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
+                    // A TLS client could not read a plain answer: it is
+                    // only closed.
+                    if tls.is_none() {
+                        let answer = over_cap_answer();
+                        let write = stream.write_all(&answer);
+                        let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
+                    }
                     Shutdown::shutdown(&mut *stream).await;
                     return None;
                 }
@@ -184,7 +189,7 @@ where
         };
         self.metrics.downstream_connections.inc();
         let timeout = self.config.header_timeout;
-        let stream: Stream = match self.tls_for(&stream) {
+        let stream: Stream = match tls {
             None => Box::new(ClientStream::new(stream, timeout, self.metrics.clone())),
             Some(tls) => {
                 let deadline = Instant::now() + timeout;

@@ -444,6 +444,18 @@ fn a_silent_client_is_closed_at_the_header_deadline_and_tls_counts_against_the_c
         b"GET /api?action=getcredits&username=john&password=secret1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     );
     assert_eq!(refused.status, 503, "{refused:?}");
+    // A third on the TLS port is closed at once, without a plain answer.
+    let mut third = TcpStream::connect(t.tls).unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(std::io::Read::read(&mut third, &mut buf).unwrap_or(0), 0);
+    assert!(started.elapsed() < Duration::from_millis(900));
+    assert_eq!(
+        t.tg.metric_value("tollgate_downstream_connections_refused_total"),
+        2.0
+    );
     // Both are closed at the deadline, without a byte.
     for s in &mut silent {
         let mut buf = [0u8; 16];
