@@ -533,6 +533,35 @@ mod tests {
         ));
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Whatever the files hold (PEM armour around junk included), loading
+        /// is an error, never a panic and never a pair.
+        #[test]
+        fn arbitrary_files_are_refused_cleanly(
+            cert in proptest::collection::vec(proptest::num::u8::ANY, 0..2048),
+            key in proptest::collection::vec(proptest::num::u8::ANY, 0..2048),
+            armoured in proptest::bool::ANY,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+            let wrap = |label: &str, body: &[u8]| {
+                let mut out = format!("-----BEGIN {label}-----\n").into_bytes();
+                out.extend_from_slice(body);
+                out.extend_from_slice(format!("\n-----END {label}-----\n").as_bytes());
+                out
+            };
+            if armoured {
+                std::fs::write(&c, wrap("CERTIFICATE", &cert)).unwrap();
+                std::fs::write(&k, wrap("PRIVATE KEY", &key)).unwrap();
+            } else {
+                std::fs::write(&c, &cert).unwrap();
+                std::fs::write(&k, &key).unwrap();
+            }
+            proptest::prop_assert!(ServerCert::load(&c, &k).is_err());
+        }
+    }
+
     #[test]
     fn a_reload_swaps_a_good_pair_and_keeps_the_old_one_on_a_bad_one() {
         let dir = tempfile::tempdir().unwrap();

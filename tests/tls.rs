@@ -173,6 +173,68 @@ fn write_ca(dir: &Path, ca: &Ca) -> PathBuf {
 // Clients
 // ---------------------------------------------------------------------------
 
+fn have(binary: &str, version_arg: &str) -> bool {
+    Command::new(binary)
+        .arg(version_arg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The real TLS clients these tests drive (`openssl`, `curl`, `python3`):
+/// Debian's packages are installed when one is missing (as root or by
+/// `sudo -n`), else the test fails saying what to install. Never skips.
+fn ensure_tls_clients() {
+    let wanted = [
+        ("openssl", "version", "openssl"),
+        ("curl", "--version", "curl"),
+        ("python3", "--version", "python3"),
+    ];
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(bin, arg, _)| !have(bin, arg))
+        .map(|(_, _, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return;
+    }
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    let apt = |args: &[&str]| {
+        let mut cmd = if root {
+            Command::new("apt-get")
+        } else {
+            let mut c = Command::new("sudo");
+            c.args(["-n", "apt-get"]);
+            c
+        };
+        // Another test may be installing at the same time: wait for dpkg.
+        cmd.args(["-o", "DPkg::Lock::Timeout=300"])
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        run(&mut cmd)
+    };
+    let mut install = vec!["install", "-y", "-q"];
+    install.extend(&missing);
+    let (mut ok, mut log) = apt(&install);
+    if !ok {
+        let (_, update) = apt(&["update", "-q"]);
+        let (ok2, log2) = apt(&install);
+        ok = ok2;
+        log = format!("{log}\n--- apt-get update ---\n{update}\n--- retry ---\n{log2}");
+    }
+    assert!(
+        ok && wanted.iter().all(|(bin, arg, _)| have(bin, arg)),
+        "these tests need {missing:?} and could not install them \
+         (`apt-get install -y {}`); install them and run again. apt said:\n{log}",
+        missing.join(" ")
+    );
+}
+
 /// A TLS connection verified against `ca_file` for 127.0.0.1.
 fn tls_connect(addr: SocketAddr, ca_file: &Path) -> SslStream<TcpStream> {
     let mut b = SslConnector::builder(SslMethod::tls()).unwrap();
@@ -268,6 +330,7 @@ struct TlsTollgate {
 }
 
 fn start_tls(extra_yaml: &str) -> TlsTollgate {
+    ensure_tls_clients();
     let certs = tempfile::tempdir().unwrap();
     let ca = ca();
     let ca_file = write_ca(certs.path(), &ca);
@@ -612,6 +675,17 @@ fn check_validates_the_certificate_pair() {
 /// A TLS terminator in front of `backend` serving `cert`/`key`; runs until
 /// the test process ends.
 fn tls_terminator(cert: &X509, key: &PKey<Private>, backend: SocketAddr) -> SocketAddr {
+    tls_terminator_counting(cert, key, backend).0
+}
+
+/// [`tls_terminator`] and the number of handshakes it completed.
+fn tls_terminator_counting(
+    cert: &X509,
+    key: &PKey<Private>,
+    backend: SocketAddr,
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let handshakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = handshakes.clone();
     use openssl::ssl::{Ssl, SslAcceptor};
     let dir = tempfile::tempdir().unwrap();
     let (cert_file, key_file) = write_pair(dir.path(), "gw", cert, key);
@@ -634,12 +708,14 @@ fn tls_terminator(cert: &X509, key: &PKey<Private>, backend: SocketAddr) -> Sock
                     return;
                 };
                 let acceptor = acceptor.clone();
+                let counted = counted.clone();
                 tokio::spawn(async move {
                     let ssl = Ssl::new(acceptor.context()).unwrap();
                     let mut tls = pingora::tls::tokio_ssl::SslStream::new(ssl, tcp).unwrap();
                     if std::pin::Pin::new(&mut tls).accept().await.is_err() {
                         return;
                     }
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     let Ok(mut back) = tokio::net::TcpStream::connect(backend).await else {
                         return;
                     };
@@ -649,7 +725,7 @@ fn tls_terminator(cert: &X509, key: &PKey<Private>, backend: SocketAddr) -> Sock
         });
         drop(dir);
     });
-    addr
+    (addr, handshakes)
 }
 
 /// A tollgate whose `upstream:` mapping has `upstream_yaml` added (the
@@ -683,13 +759,17 @@ fn https_to_the_gateway_is_verified_and_a_bad_certificate_charges_nothing() {
 
     // A good certificate: the send goes through and is charged.
     let (cert, key) = leaf(Some(&ca), &Leaf::valid(10));
-    let good = tls_terminator(&cert, &key, sim.addr);
+    let (good, handshakes) = tls_terminator_counting(&cert, &key, sim.addr);
     let tg = start_behind(good, &verified);
-    let (status, body) = get(&tg.url(SEND));
-    assert_eq!(status, 200, "{body}");
-    assert!(xml_field(&body, "statuscode").is_some(), "{body}");
-    assert_eq!(sim.sendmessage_count(), 1);
-    assert_eq!(tg.balance("john", "secret1"), "743");
+    for _ in 0..3 {
+        let (status, body) = get(&tg.url(SEND));
+        assert_eq!(status, 200, "{body}");
+        assert!(xml_field(&body, "statuscode").is_some(), "{body}");
+    }
+    assert_eq!(sim.sendmessage_count(), 3);
+    assert_eq!(tg.balance("john", "secret1"), "741");
+    // One TLS connection, kept alive for all three.
+    assert_eq!(handshakes.load(std::sync::atomic::Ordering::SeqCst), 1);
     // A path tollgate does not own goes by pingora's own proxy path: HTTPS
     // and verified there too.
     let (status, body) = get(&tg.url("/sim/requests"));
@@ -701,6 +781,25 @@ fn https_to_the_gateway_is_verified_and_a_bad_certificate_charges_nothing() {
     let check = tg.cli(&["check"]);
     let text = String::from_utf8_lossy(&check.stdout);
     assert!(text.contains("verified against"), "{text}");
+    // An unreadable CA file: check names it, and run refuses to start.
+    let config = std::fs::read_to_string(tg.config_path()).unwrap();
+    std::fs::write(
+        tg.config_path(),
+        config.replace(ca_file.to_str().unwrap(), "/nonexistent/ca.pem"),
+    )
+    .unwrap();
+    for command in ["check", "run"] {
+        let out = tg.cli(&[command]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{command} accepted a missing CA file"
+        );
+        assert!(
+            err.contains("upstream.ca_file") && err.contains("/nonexistent/ca.pem"),
+            "{command}: {err}"
+        );
+    }
     drop(tg);
 
     // Expired, for another host, self-signed: refused before a byte of the
@@ -740,6 +839,15 @@ fn https_to_the_gateway_is_verified_and_a_bad_certificate_charges_nothing() {
         let (status, _) = get(&tg.url("/sim/requests"));
         assert_eq!(status, 502, "{what}: pingora's proxy path trusted it");
         assert_eq!(tg.balance("john", "secret1"), "744", "{what}: charged");
+        assert_eq!(status, 502, "{what}: {body}");
+        // Reserved, then voided: the credit came back whole.
+        assert_eq!(
+            tg.metric_value(
+                "tollgate_credits_milli_total{bucket=\"anytime\",direction=\"none\",kind=\"void\"}"
+            ),
+            1000.0,
+            "{what}"
+        );
         let log = tg.log();
         assert!(
             log.contains("certificate refused") && log.to_lowercase().contains(reason),
