@@ -449,6 +449,48 @@ print(r.read().decode())
 }
 
 #[test]
+fn answers_over_tls_carry_the_gateways_server_header_too() {
+    let t = start_tls("");
+    let server = "OzekiNG/3.0.1 Microsoft-HTTPAPI/1.0";
+    for (request, status) in [
+        (
+            "GET /api?action=getcredits&username=john&password=secret1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            200,
+        ),
+        // pingora's own answers, rewritten on the decrypted stream.
+        ("GET / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", 400),
+        ("CONNECT x:1 HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+    ] {
+        let mut s = tls_connect(t.tls, &t.ca_file);
+        s.write_all(request.as_bytes()).unwrap();
+        let a = read_answer(&mut s);
+        assert_eq!(a.status, status, "{request:?}: {a:?}");
+        assert_eq!(a.header("server").as_deref(), Some(server), "{a:?}");
+    }
+    // Plain HTTP sent to the TLS port: a failed handshake, no answer.
+    let mut plain = TcpStream::connect(t.tls).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    plain
+        .write_all(b"GET /api?action=getcredits HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut plain, &mut rest);
+    assert!(
+        !rest.starts_with(b"HTTP/"),
+        "{:?}",
+        String::from_utf8_lossy(&rest)
+    );
+    wait_until(
+        || {
+            t.tg.metric_value("tollgate_tls_handshake_failures_total{reason=\"error\"}") >= 1.0
+        },
+        "the plain request counted as a failed handshake",
+    );
+}
+
+#[test]
 fn tls_1_1_and_lower_are_refused() {
     let t = start_tls("");
     let failures = || {
