@@ -7,9 +7,14 @@ UPSTREAM ?= 127.0.0.1:9502
 
 .PHONY: run test lint deps build fmt bench clean prometheus-deps prometheus test-dashboard test-alerts
 
-# pingora-core builds zlib-ng from source and needs cmake.
+# pingora-core builds zlib-ng from source and needs cmake; pingora-openssl
+# builds its bundled OpenSSL with perl and make. tests/tls.rs drives the
+# real TLS clients openssl, curl and python3 (it installs them itself too).
 deps:
 	@command -v cmake >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq cmake; }
+	@command -v perl >/dev/null && command -v make >/dev/null && command -v openssl >/dev/null && \
+		command -v curl >/dev/null && command -v python3 >/dev/null || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq perl make openssl curl python3; }
 
 build: deps
 	$(CARGO) build --release --bins

@@ -26,6 +26,16 @@
 //! business. Approximation: a pipelined request whose header arrived with
 //! the previous one is not timed (it is already there).
 //!
+//! On the TLS listener the gate runs the TLS handshake itself (pingora's,
+//! with tollgate's certificate callback: `tls.rs`), after the connection
+//! was counted and under the same deadline: the handshake and the first
+//! header together must arrive within `downstream.header_timeout_ms`, so a
+//! client that opens a connection and never sends a ClientHello is closed
+//! at the deadline like one that never sends a header. (pingora's own TLS
+//! listener would handshake before any app code runs, uncounted, with a
+//! fixed 60 s timeout.) The header watch and the `Server` rewrite then run
+//! on the decrypted stream.
+//!
 //! Failure modes: a client past the deadline gets a best-effort
 //! `408 Request Timeout` (written only if the socket takes it at once) and
 //! its connection is closed; the read fails with `TimedOut`, which pingora
@@ -34,7 +44,7 @@
 use std::fmt;
 use std::future::Future;
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -55,6 +65,7 @@ use tokio::time::{Instant, Sleep};
 use crate::limits::{ActiveRequests, IpKey};
 use crate::metrics::Metrics;
 use crate::proxy::SERVER_HEADER;
+use crate::tls::TlsListener;
 
 /// What the gate needs from the configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,8 +81,12 @@ pub struct GateConfig {
 pub struct ConnectionGate<A> {
     inner: Arc<A>,
     config: GateConfig,
+    /// Connections open per source address; shared by the plain and the
+    /// TLS listener's gates, so the cap counts both.
     open: Arc<ActiveRequests>,
     metrics: Arc<Metrics>,
+    /// The TLS listener's address and handshake.
+    tls: Option<(SocketAddr, Arc<TlsListener>)>,
 }
 
 impl<A> ConnectionGate<A> {
@@ -81,6 +96,30 @@ impl<A> ConnectionGate<A> {
             config,
             open: Arc::new(ActiveRequests::default()),
             metrics,
+            tls: None,
+        }
+    }
+
+    /// Makes connections accepted on `listen` TLS: the proxy service
+    /// listens on both ports with this one gate (one runtime, one
+    /// per-address count), and tells them apart by the local address.
+    pub fn with_tls(mut self, listen: SocketAddr, tls: Arc<TlsListener>) -> Self {
+        self.tls = Some((listen, tls));
+        self
+    }
+
+    /// The TLS listener's handshake if `stream` came in on its address.
+    /// A connection whose local address is unknown counts as TLS: plain
+    /// HTTP is never served on the TLS port.
+    fn tls_for(&self, stream: &Stream) -> Option<&TlsListener> {
+        let (listen, tls) = self.tls.as_ref()?;
+        let local = stream
+            .get_socket_digest()
+            .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied());
+        match local {
+            None => Some(tls),
+            Some(local) if is_address_of(*listen, local) => Some(tls),
+            Some(_) => None,
         }
     }
 }
@@ -106,6 +145,12 @@ fn header_timeout_answer() -> Vec<u8> {
     .into_bytes()
 }
 
+/// Whether a connection accepted at `local` came in on a listener bound to
+/// `listen` (an unspecified IP listens on every address of its port).
+fn is_address_of(listen: SocketAddr, local: SocketAddr) -> bool {
+    listen.port() == local.port() && (listen.ip().is_unspecified() || listen.ip() == local.ip())
+}
+
 fn peer_ip(stream: &Stream) -> Option<IpAddr> {
     let digest = stream.get_socket_digest()?;
     let addr = digest.peer_addr()?;
@@ -123,14 +168,19 @@ where
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let key = peer_ip(&stream).map(IpKey::of);
+        let tls = self.tls_for(&stream);
         let _held = match key {
             Some(key) => match self.open.enter(key, self.config.max_connections_per_ip) {
                 Ok(guard) => Some(guard),
                 Err(_) => {
                     self.metrics.downstream_connections_refused.inc();
-                    let answer = over_cap_answer();
-                    let write = stream.write_all(&answer);
-                    let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
+                    // A TLS client could not read a plain answer: it is
+                    // only closed.
+                    if tls.is_none() {
+                        let answer = over_cap_answer();
+                        let write = stream.write_all(&answer);
+                        let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
+                    }
                     Shutdown::shutdown(&mut *stream).await;
                     return None;
                 }
@@ -138,8 +188,37 @@ where
             None => None,
         };
         self.metrics.downstream_connections.inc();
-        let mut client =
-            ClientStream::new(stream, self.config.header_timeout, self.metrics.clone());
+        let timeout = self.config.header_timeout;
+        let mut client = match tls {
+            None => ClientStream::new(stream, timeout, self.metrics.clone()),
+            Some(tls) => {
+                let deadline = Instant::now() + timeout;
+                let raw = ClientStream::raw(stream, self.metrics.clone());
+                let failure = match tokio::time::timeout_at(deadline, tls.handshake(raw)).await {
+                    Ok(Ok(tls_stream)) => Ok(tls_stream),
+                    Ok(Err(e)) => Err(("error", e.to_string())),
+                    Err(_) => Err(("timeout", "not done within the header deadline".into())),
+                };
+                match failure {
+                    Ok(tls_stream) => ClientStream::with_deadline(
+                        Box::new(tls_stream),
+                        timeout,
+                        deadline,
+                        self.metrics.clone(),
+                    ),
+                    Err((reason, error)) => {
+                        // Dropping the stream closes the connection.
+                        self.metrics
+                            .tls_handshake_failures
+                            .with_label_values(&[reason])
+                            .inc();
+                        tracing::debug!(reason, error = %error, "TLS handshake failed");
+                        self.metrics.downstream_connections.dec();
+                        return None;
+                    }
+                }
+            }
+        };
         // The first bytes before pingora sees the connection: pingora drops
         // a connection still waiting for its first request when the server
         // stops listening (graceful shutdown, the end of an upgrade's
@@ -169,6 +248,9 @@ enum Phase {
     Rest,
     /// The deadline passed: every read fails.
     Expired,
+    /// Not HTTP (the ciphertext under TLS, while the handshake runs):
+    /// nothing is watched or rewritten.
+    Off,
 }
 
 /// A client stream with a deadline on each request header (see the module
@@ -191,12 +273,23 @@ pub struct ClientStream {
 
 impl ClientStream {
     pub fn new(inner: Stream, timeout: Duration, metrics: Arc<Metrics>) -> Self {
+        // The first header is timed from the accept.
+        Self::with_deadline(inner, timeout, Instant::now() + timeout, metrics)
+    }
+
+    /// A stream whose first header must be in by `first_deadline` (the
+    /// TLS listener: the deadline that also bounded the handshake).
+    pub fn with_deadline(
+        inner: Stream,
+        timeout: Duration,
+        first_deadline: Instant,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         ClientStream {
             inner,
             timeout,
-            // The first header is timed from the accept.
             phase: Phase::Header { armed: true },
-            sleep: Box::pin(tokio::time::sleep(timeout)),
+            sleep: Box::pin(tokio::time::sleep_until(first_deadline)),
             tail: [0; 2],
             pending: Vec::new(),
             prefetched: Vec::new(),
@@ -221,6 +314,15 @@ impl ClientStream {
         buf.truncate(n);
         self.prefetched = buf;
         Ok(n)
+    }
+
+    /// A pass-through stream (under TLS: the handshake is timed by its
+    /// caller, and the bytes are not HTTP).
+    pub fn raw(inner: Stream, metrics: Arc<Metrics>) -> Self {
+        ClientStream {
+            phase: Phase::Off,
+            ..Self::new(inner, Duration::ZERO, metrics)
+        }
     }
 
     /// Writes what is left of `pending`; `Ready(Ok)` once it is empty.
@@ -364,6 +466,9 @@ impl AsyncWrite for ClientStream {
             this.phase = Phase::Header { armed: false };
             this.tail = [0; 2];
         }
+        if this.phase == Phase::Off {
+            return Pin::new(&mut *this.inner).poll_write(cx, buf);
+        }
         if let Some(rewritten) = rewrite_pingora_server(buf) {
             // Taken whole: written from `pending` by this and later calls.
             this.pending = rewritten;
@@ -470,6 +575,16 @@ impl fmt::Debug for ClientStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_connections_are_told_by_their_local_address() {
+        let at = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(is_address_of(at("0.0.0.0:8443"), at("10.0.0.5:8443")));
+        assert!(is_address_of(at("[::]:8443"), at("[::1]:8443")));
+        assert!(is_address_of(at("127.0.0.1:8443"), at("127.0.0.1:8443")));
+        assert!(!is_address_of(at("127.0.0.1:8443"), at("127.0.0.2:8443")));
+        assert!(!is_address_of(at("0.0.0.0:8443"), at("10.0.0.5:9501")));
+    }
 
     #[test]
     fn finds_header_ends_across_reads() {

@@ -29,4 +29,5 @@ pub mod service;
 pub mod sim;
 pub mod store;
 pub mod tariff;
+pub mod tls;
 pub mod upstream;

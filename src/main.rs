@@ -225,6 +225,7 @@ fn check(path: &Path) -> Result<(), String> {
         Some(pg) => Some(check_postgres(path, pg)?),
         None => None,
     };
+    let tls = check_tls(path, &config)?;
     println!(
         "ok: {} (tariff {} version {}, {} seed accounts)",
         path.display(),
@@ -235,7 +236,56 @@ fn check(path: &Path) -> Result<(), String> {
     if let Some(line) = store {
         println!("{line}");
     }
+    for line in tls {
+        println!("{line}");
+    }
     Ok(())
+}
+
+/// `tls:` and `upstream.tls` as `tollgate check` reports them: the
+/// certificate and key parse and belong together; the CA file parses; the
+/// opt-out of verification is said out loud.
+fn check_tls(config_path: &Path, config: &Config) -> Result<Vec<String>, String> {
+    use tollgate::tls::{GatewayTls, ServerCert};
+    let fail =
+        |key: &str, e: tollgate::tls::TlsError| format!("{}: {key}: {e}", config_path.display());
+    let mut lines = Vec::new();
+    if let Some(tls) = &config.tls {
+        let cert = ServerCert::load(&tls.cert, &tls.key).map_err(|e| fail("tls", e))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let expiry = chrono::DateTime::from_timestamp(cert.not_after_unix_s, 0)
+            .map_or_else(|| cert.not_after_unix_s.to_string(), |t| t.to_rfc3339());
+        lines.push(format!(
+            "tls: {} certificate {} (serial {}, subject {:?}, not after {expiry}){}",
+            tls.listen,
+            tls.cert.display(),
+            cert.serial,
+            cert.subject,
+            if cert.expired(now) { " EXPIRED" } else { "" }
+        ));
+    }
+    if let Some(up) = &config.upstream.tls {
+        GatewayTls::new(up).map_err(|e| fail("upstream.ca_file", e))?;
+        let verify = if up.insecure_skip_verify {
+            "NOT VERIFIED (upstream.insecure_skip_verify: true)".to_string()
+        } else {
+            format!(
+                "verified against {} for {}",
+                up.ca_file.as_ref().map_or_else(
+                    || "the system trust store".to_string(),
+                    |p| p.display().to_string()
+                ),
+                up.sni.as_deref().unwrap_or("")
+            )
+        };
+        lines.push(format!(
+            "upstream: https://{} {verify}",
+            config.upstream.address
+        ));
+    }
+    Ok(lines)
 }
 
 /// `store.url`'s schema, as `tollgate check` reports it.

@@ -208,7 +208,23 @@ pub struct Metrics {
     /// `idempotency.max_keys`: past it new keys are refused, so alerts
     /// compare the gauge above with this one.
     pub idempotency_max_keys: IntGauge,
+    /// Reloads of the client listener's certificate and key, by result
+    /// (ok: swapped in; error: refused, the previous pair kept).
+    pub tls_cert_reloads: IntCounterVec,
+    /// `notAfter` of the client listener's certificate in force, for an
+    /// expiry alert (0 without a TLS listener).
+    pub tls_cert_not_after_s: IntGauge,
+    /// TLS handshakes on the client listener that did not complete, by why
+    /// (`timeout`: not done within `downstream.header_timeout_ms`;
+    /// `error`: refused protocol, no shared cipher, a plain HTTP client).
+    pub tls_handshake_failures: IntCounterVec,
+    /// 1 when `upstream.insecure_skip_verify` is on: the gateway's
+    /// certificate is not checked.
+    pub upstream_tls_insecure_skip_verify: IntGauge,
 }
+
+/// The `reason` label of `tollgate_tls_handshake_failures_total`.
+pub const TLS_HANDSHAKE_FAILURES: [&str; 2] = ["timeout", "error"];
 
 /// The `wait` label of `tollgate_store_ack_timeouts_total`.
 pub const STORE_WAITS: [&str; 2] = ["admit", "durable"];
@@ -480,6 +496,26 @@ impl Metrics {
                 "tollgate_idempotency_max_keys",
                 "idempotency.max_keys: past it new Idempotency-Keys are refused (store_unavailable)",
             ),
+            tls_cert_reloads: counter_vec(
+                "tollgate_tls_cert_reloads_total",
+                "Reloads of the TLS listener's certificate and key by result (ok: swapped in for new \
+                 handshakes; error: refused, the previous pair kept)",
+                &["result"],
+            ),
+            tls_cert_not_after_s: gauge(
+                "tollgate_tls_cert_not_after_timestamp_seconds",
+                "notAfter of the TLS listener's certificate in force (0 without a TLS listener)",
+            ),
+            tls_handshake_failures: counter_vec(
+                "tollgate_tls_handshake_failures_total",
+                "Client TLS handshakes that did not complete (timeout: not within \
+                 downstream.header_timeout_ms; error: refused by either side)",
+                &["reason"],
+            ),
+            upstream_tls_insecure_skip_verify: gauge(
+                "tollgate_upstream_tls_insecure_skip_verify",
+                "1 when upstream.insecure_skip_verify is on: the gateway's certificate is not checked",
+            ),
         };
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(m.build_info.clone()),
@@ -524,6 +560,10 @@ impl Metrics {
             Box::new(m.store_pg_reconnects.clone()),
             Box::new(m.idempotency_keys.clone()),
             Box::new(m.idempotency_max_keys.clone()),
+            Box::new(m.tls_cert_reloads.clone()),
+            Box::new(m.tls_cert_not_after_s.clone()),
+            Box::new(m.tls_handshake_failures.clone()),
+            Box::new(m.upstream_tls_insecure_skip_verify.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");
@@ -584,6 +624,10 @@ impl Metrics {
         }
         for result in RELOAD_RESULTS {
             self.tariff_reloads.with_label_values(&[result]);
+            self.tls_cert_reloads.with_label_values(&[result]);
+        }
+        for reason in TLS_HANDSHAKE_FAILURES {
+            self.tls_handshake_failures.with_label_values(&[reason]);
         }
         for decision in SHADOW_DECISIONS {
             self.shadow_decisions.with_label_values(&[decision]);
@@ -607,6 +651,14 @@ impl Metrics {
     /// Counts a tariff reload; `ok` is whether it was swapped in.
     pub fn record_reload(&self, ok: bool) {
         self.tariff_reloads
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
+    }
+
+    /// Counts a reload of the TLS listener's certificate; `ok` is whether
+    /// it was swapped in.
+    pub fn record_tls_reload(&self, ok: bool) {
+        self.tls_cert_reloads
             .with_label_values(&[if ok { "ok" } else { "error" }])
             .inc();
     }
@@ -741,7 +793,7 @@ mod tests {
         let (ours, process): (Vec<_>, Vec<_>) = families
             .iter()
             .partition(|f| f.get_name().starts_with("tollgate_"));
-        assert_eq!(ours.len(), 42);
+        assert_eq!(ours.len(), 46);
         let mut process: Vec<&str> = process.iter().map(|f| f.get_name()).collect();
         process.sort_unstable();
         let mut expected = PROCESS_FAMILIES.to_vec();

@@ -1,6 +1,9 @@
 //! Hot reload of the tariff snapshot (SPEC 5.2): on a change of the tariff
 //! file, one of its prefixes files or the configuration file (for its
-//! `limits:`), and on `SIGHUP`. (`POST
+//! `limits:`), and on `SIGHUP`. The same triggers (a change of `tls.cert`
+//! or `tls.key`, and `SIGHUP`) reload the TLS listener's certificate
+//! ([`CertStore::reload`]: swapped whole or refused whole, never half), and
+//! each reload repeats the warning of `upstream.insecure_skip_verify`. (`POST
 //! /admin/reload` is the third trigger, in `admin.rs`.) Every trigger calls
 //! the one [`App::reload_tariffs`], which validates the files, swaps the
 //! snapshot in one `ArcSwap` store, and on an invalid file logs the file,
@@ -61,6 +64,7 @@ use tokio::sync::mpsc;
 
 use crate::handover::Slot;
 use crate::service::App;
+use crate::tls::CertStore;
 
 /// Quiet time after the last file event before a reload starts.
 pub const DEBOUNCE: Duration = Duration::from_millis(100);
@@ -113,6 +117,30 @@ pub struct Reloader {
     /// The app, late-bound (`handover.rs`): the stand-in's snapshot is
     /// reloaded until the real app is bound, the real one's after.
     slot: Arc<Slot>,
+    /// The TLS listener's certificate, if there is a TLS listener.
+    certs: Option<Arc<CertStore>>,
+}
+
+/// Logs (at start and at every reload) that the gateway's certificate is
+/// not verified, if `upstream.insecure_skip_verify` says so, and sets the
+/// gauge that shows it.
+pub fn warn_if_upstream_unverified(app: &App) {
+    let insecure = app
+        .config
+        .upstream
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.insecure_skip_verify);
+    app.metrics
+        .upstream_tls_insecure_skip_verify
+        .set(i64::from(insecure));
+    if insecure {
+        tracing::warn!(
+            upstream = %app.config.upstream.address,
+            "upstream.insecure_skip_verify is on: the gateway's TLS certificate is NOT verified; \
+             anyone on the path can impersonate the gateway"
+        );
+    }
 }
 
 impl Reloader {
@@ -121,7 +149,13 @@ impl Reloader {
     }
 
     pub fn with_slot(slot: Arc<Slot>) -> Self {
-        Reloader { slot }
+        Reloader { slot, certs: None }
+    }
+
+    /// Reloads `certs` too (on a change of its files and on `SIGHUP`).
+    pub fn with_certs(mut self, certs: Option<Arc<CertStore>>) -> Self {
+        self.certs = certs;
+        self
     }
 
     /// The files whose change means a reload, as absolute paths: the
@@ -134,6 +168,7 @@ impl Reloader {
         [config.tariffs_path.as_path(), config.source.as_path()]
             .into_iter()
             .chain(snapshot.tariff.prefix_files().iter().map(PathBuf::as_path))
+            .chain(self.certs.iter().flat_map(|c| c.files()))
             .filter(|p| !p.as_os_str().is_empty())
             .map(absolute)
             .collect()
@@ -144,10 +179,18 @@ impl Reloader {
     async fn reload(&self, trigger: Trigger) {
         tracing::info!(trigger = trigger.as_str(), "tariff reload requested");
         let app = self.slot.current();
+        let reloading = app.clone();
         // The outcome is logged and counted inside `reload_tariffs`.
-        if let Err(e) = tokio::task::spawn_blocking(move || app.reload_tariffs()).await {
+        if let Err(e) = tokio::task::spawn_blocking(move || reloading.reload_tariffs()).await {
             tracing::error!(error = %e, "tariff reload task failed");
         }
+        // The certificate pair: outcome logged and counted by `reload`.
+        if let Some(certs) = self.certs.clone() {
+            if let Err(e) = tokio::task::spawn_blocking(move || certs.reload()).await {
+                tracing::error!(error = %e, "TLS certificate reload task failed");
+            }
+        }
+        warn_if_upstream_unverified(&app);
     }
 }
 

@@ -43,6 +43,7 @@ use crate::store::{
     WriterConfig,
 };
 use crate::tariff::Tariff;
+use crate::tls::{CertStore, GatewayTls, TlsListener};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -59,6 +60,8 @@ pub enum StartError {
     StoreOwned { path: String, problem: String },
     #[error("upgrade: {0}")]
     Upgrade(String),
+    #[error("{key}: {problem}")]
+    Tls { key: &'static str, problem: String },
 }
 
 /// How long shutdown keeps retrying a failing store before it gives up on
@@ -554,8 +557,9 @@ pub fn run_with(config: Config, options: RunOptions) -> Result<(), StartError> {
         },
         front.metrics.clone(),
     );
+    let (gate, certs) = client_tls(gate, &front)?;
     let mut proxy = Service::new("tollgate proxy".to_string(), gate);
-    proxy.add_tcp(&cfg.listen.to_string());
+    add_client_listeners(&mut proxy, cfg);
 
     let mut admin = Service::new(
         "tollgate admin".to_string(),
@@ -567,8 +571,10 @@ pub fn run_with(config: Config, options: RunOptions) -> Result<(), StartError> {
     let sweeper = background_service("sweeper", Sweeper { slot: slot.clone() });
 
     tracing::info!(
-        listen = %cfg.listen,
+        listen = ?cfg.listen,
+        tls_listen = ?cfg.tls.as_ref().map(|t| t.listen),
         upstream = %cfg.upstream.address,
+        upstream_tls = cfg.upstream.tls.is_some(),
         admin = %cfg.admin.listen,
         mode = ?cfg.mode,
         tariff_version = front.snapshot.load().tariff.version(),
@@ -581,7 +587,7 @@ pub fn run_with(config: Config, options: RunOptions) -> Result<(), StartError> {
     // and an unhandled SIGHUP ends the process). See `reload.rs`.
     let reloader = server.add_service(background_service(
         "tariff reloader",
-        Reloader::with_slot(slot.clone()),
+        Reloader::with_slot(slot.clone()).with_certs(certs),
     ));
     server.add_service(proxy).add_dependency(&reloader);
     server.add_service(admin).add_dependency(&reloader);
@@ -609,6 +615,53 @@ pub fn run_with(config: Config, options: RunOptions) -> Result<(), StartError> {
         }
         // A successor stopped before it got the store: nothing to flush.
         None => Ok(()),
+    }
+}
+
+/// The TLS side of the client listener (`tls:`), if configured: the
+/// certificate is loaded and checked here, so a bad pair stops start-up;
+/// and HTTPS to the gateway (`upstream.tls`), whose CA file is checked
+/// here for the same reason.
+fn client_tls<A>(
+    gate: ConnectionGate<A>,
+    app: &App,
+) -> Result<(ConnectionGate<A>, Option<Arc<CertStore>>), StartError> {
+    let cfg = &app.config;
+    if let Some(up) = &cfg.upstream.tls {
+        GatewayTls::new(up).map_err(|e| StartError::Tls {
+            key: "upstream.ca_file",
+            problem: e.to_string(),
+        })?;
+        crate::reload::warn_if_upstream_unverified(app);
+    }
+    let Some(tls) = &cfg.tls else {
+        return Ok((gate, None));
+    };
+    let fail = |e: crate::tls::TlsError| StartError::Tls {
+        key: "tls",
+        problem: e.to_string(),
+    };
+    let certs = Arc::new(CertStore::load(tls, app.metrics.clone()).map_err(fail)?);
+    let listener = Arc::new(TlsListener::new(certs.clone()).map_err(fail)?);
+    let current = certs.current();
+    tracing::info!(
+        listen = %tls.listen,
+        serial = %current.serial,
+        subject = %current.subject,
+        not_after_unix_s = current.not_after_unix_s,
+        "TLS listener certificate loaded"
+    );
+    Ok((gate.with_tls(tls.listen, listener), Some(certs)))
+}
+
+/// The client listeners of the proxy service: `listen` (plain HTTP) and
+/// `tls.listen` (the gate tells its connections by their local address).
+fn add_client_listeners<A>(proxy: &mut Service<A>, cfg: &Config) {
+    if let Some(listen) = cfg.listen {
+        proxy.add_tcp(&listen.to_string());
+    }
+    if let Some(tls) = &cfg.tls {
+        proxy.add_tcp(&tls.listen.to_string());
     }
 }
 

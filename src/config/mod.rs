@@ -11,6 +11,7 @@ pub mod idempotency;
 pub mod limits;
 pub mod log;
 pub mod notify;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -94,7 +95,12 @@ pub enum ActionEcho {
 struct FileConfig {
     #[serde(default = "default_mode")]
     mode: Mode,
-    listen: String,
+    /// The plain HTTP client listener; optional beside `tls.listen`.
+    #[serde(default)]
+    listen: Option<String>,
+    /// The HTTPS client listener.
+    #[serde(default)]
+    tls: Option<tls::FileTls>,
     #[serde(default)]
     threads: Option<usize>,
     upstream: FileUpstream,
@@ -235,6 +241,15 @@ struct FileUpstream {
     read_timeout_ms: u64,
     #[serde(default = "default_idle_timeout_s")]
     idle_timeout_s: u64,
+    /// HTTPS to the gateway (see `config::tls`).
+    #[serde(default)]
+    tls: bool,
+    #[serde(default)]
+    ca_file: Option<String>,
+    #[serde(default)]
+    sni: Option<String>,
+    #[serde(default)]
+    insecure_skip_verify: bool,
 }
 fn default_connect_timeout_ms() -> u64 {
     2_000
@@ -537,7 +552,11 @@ pub struct Config {
     /// The file this was loaded from (for reloads and messages).
     pub source: PathBuf,
     pub mode: Mode,
-    pub listen: SocketAddr,
+    /// The plain HTTP client listener (`listen`); at least one of it and
+    /// `tls` is set.
+    pub listen: Option<SocketAddr>,
+    /// The HTTPS client listener (`tls:`).
+    pub tls: Option<tls::TlsListenerConfig>,
     /// Worker threads of the proxy service; `None` = pingora's default.
     pub threads: Option<usize>,
     pub upstream: UpstreamConfig,
@@ -601,6 +620,8 @@ pub struct UpstreamConfig {
     /// past it a send's reservation goes in doubt.
     pub read_timeout: Duration,
     pub idle_timeout: Duration,
+    /// HTTPS to the gateway; `None` is plain HTTP.
+    pub tls: Option<tls::UpstreamTlsConfig>,
 }
 
 #[derive(Clone)]
@@ -954,16 +975,52 @@ impl Config {
                 .map(|p| resolve_relative(path, p))
                 .as_deref(),
         )?;
+        let listen = match &f.listen {
+            Some(l) => Some(parse_addr(path, "listen", l)?),
+            None => None,
+        };
+        let tls = match f.tls {
+            Some(t) => Some(tls::TlsListenerConfig::from_file(path, t)?),
+            None => None,
+        };
+        match (&listen, &tls) {
+            (None, None) => {
+                return Err(ConfigError::new(
+                    path,
+                    "listen",
+                    "no client listener: set listen (plain HTTP), tls.listen (HTTPS) or both",
+                ))
+            }
+            (Some(plain), Some(t)) if *plain == t.listen => {
+                return Err(ConfigError::new(
+                    path,
+                    "tls.listen",
+                    format!("{plain} is also listen; give HTTPS its own port (e.g. 8443)"),
+                ))
+            }
+            _ => {}
+        }
+        let upstream_tls = tls::UpstreamTlsConfig::from_file(
+            path,
+            tls::FileUpstreamTls {
+                tls: f.upstream.tls,
+                ca_file: f.upstream.ca_file,
+                sni: f.upstream.sni,
+                insecure_skip_verify: f.upstream.insecure_skip_verify,
+            },
+        )?;
         Ok(Config {
             source: path.to_path_buf(),
             mode: f.mode,
-            listen: parse_addr(path, "listen", &f.listen)?,
+            listen,
+            tls,
             threads: f.threads,
             upstream: UpstreamConfig {
                 address: parse_addr(path, "upstream.address", &f.upstream.address)?,
                 connect_timeout: Duration::from_millis(f.upstream.connect_timeout_ms),
                 read_timeout: Duration::from_millis(f.upstream.read_timeout_ms),
                 idle_timeout: Duration::from_secs(f.upstream.idle_timeout_s),
+                tls: upstream_tls,
             },
             admin: AdminConfig {
                 listen: parse_addr(path, "admin.listen", &f.admin.listen)?,
@@ -1120,6 +1177,55 @@ mod tests {
         let text = format!("{MINIMAL}upgrade: {{ sock: /{long} }}\n");
         let e = Config::from_yaml(&text, Path::new("t.yaml")).unwrap_err();
         assert_eq!(e.key, "upgrade.sock");
+    }
+
+    #[test]
+    fn a_tls_listener_may_replace_or_join_the_plain_one() {
+        let at = Path::new("/etc/tollgate/tollgate.yaml");
+        let tls_only = MINIMAL.replace(
+            "listen: 127.0.0.1:9501\n",
+            "tls: { listen: 0.0.0.0:8443, cert: tls/cert.pem, key: tls/key.pem }\n",
+        );
+        let c = Config::from_yaml(&tls_only, at).unwrap();
+        assert_eq!(c.listen, None);
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.listen.to_string(), "0.0.0.0:8443");
+        assert_eq!(tls.cert, Path::new("/etc/tollgate/tls/cert.pem"));
+        assert_eq!(tls.key, Path::new("/etc/tollgate/tls/key.pem"));
+        assert_eq!(c.upstream.tls, None);
+
+        let both = format!("{MINIMAL}tls: {{ listen: 127.0.0.1:9443, cert: c.pem, key: k.pem }}\n");
+        let c = Config::from_yaml(&both, at).unwrap();
+        assert_eq!(c.listen.unwrap().to_string(), "127.0.0.1:9501");
+        assert!(c.tls.is_some());
+
+        let none = MINIMAL.replace("listen: 127.0.0.1:9501\n", "");
+        let e = Config::from_yaml(&none, at).unwrap_err();
+        assert_eq!(e.key, "listen");
+        assert!(e.problem.contains("tls.listen"), "{e}");
+        let same = format!("{MINIMAL}tls: {{ listen: 127.0.0.1:9501, cert: c.pem, key: k.pem }}\n");
+        assert_eq!(Config::from_yaml(&same, at).unwrap_err().key, "tls.listen");
+        let port0 = format!("{MINIMAL}tls: {{ listen: 127.0.0.1:0, cert: c.pem, key: k.pem }}\n");
+        assert_eq!(Config::from_yaml(&port0, at).unwrap_err().key, "tls.listen");
+        let unknown = format!(
+            "{MINIMAL}tls: {{ listen: 127.0.0.1:9443, cert: c.pem, key: k.pem, ciphers: x }}\n"
+        );
+        assert!(Config::from_yaml(&unknown, at).is_err());
+
+        let https = MINIMAL.replace(
+            "upstream: { address: 127.0.0.1:9502 }",
+            "upstream: { address: 127.0.0.1:9502, tls: true, sni: gw.example.com, ca_file: ca.pem }",
+        );
+        let up = Config::from_yaml(&https, at).unwrap().upstream.tls.unwrap();
+        assert_eq!(up.ca_file.unwrap(), Path::new("/etc/tollgate/ca.pem"));
+        let bad = MINIMAL.replace(
+            "upstream: { address: 127.0.0.1:9502 }",
+            "upstream: { address: 127.0.0.1:9502, insecure_skip_verify: true }",
+        );
+        assert_eq!(
+            Config::from_yaml(&bad, at).unwrap_err().key,
+            "upstream.insecure_skip_verify"
+        );
     }
 
     #[test]

@@ -499,11 +499,17 @@ fn location(app: &App, host: Option<&str>) -> String {
             && h.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b".-:[]_".contains(&b))
     };
+    // Without a usable Host: the plain listener, else the TLS one.
+    let (scheme, listen) = match (app.config.listen, &app.config.tls) {
+        (Some(plain), _) => ("http", plain),
+        (None, Some(tls)) => ("https", tls.listen),
+        (None, None) => ("http", std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+    };
     let host = host
         .filter(valid)
         .map(str::to_string)
-        .unwrap_or_else(|| app.config.listen.to_string());
-    format!("http://{host}{}", app.config.soap.path)
+        .unwrap_or_else(|| listen.to_string());
+    format!("{scheme}://{host}{}", app.config.soap.path)
 }
 
 fn help_page(app: &App) -> Reply {

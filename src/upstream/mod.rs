@@ -4,8 +4,9 @@
 //! anything (SPEC 1.1), and pingora 0.9 cannot forward a body its
 //! `request_filter` already consumed (its retry buffer stops at 64 KiB). So
 //! intercepted paths forward here, with the original method, path, query
-//! and body bytes, over a keep-alive pool of plain TCP connections: one
-//! write per request and one read per answer in the common case. This path
+//! and body bytes, over a keep-alive pool of TCP connections (TLS with
+//! `upstream.tls: true`, see `tls.rs`): one write per request and one read
+//! per answer in the common case. This path
 //! carries every charged send, so it is kept lean; pingora's own upstream
 //! session spent about twice the CPU per request (benches/e2e/results.md).
 //!
@@ -14,22 +15,28 @@
 //! connection found dead before any byte of the request went into it, means
 //! the gateway never saw the request (void); anything after the first byte
 //! was written may have reached it (in doubt). This module never retries
-//! once a byte was written.
+//! once a byte was written. A TLS handshake that fails (the gateway's
+//! certificate refused) is a failed connect: nothing was sent.
 
 mod wire;
 
 use std::collections::VecDeque;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::config::UpstreamConfig;
+use crate::tls::{GatewayStream, GatewayTls};
 
 pub use wire::{Lost, LostAnswer, HEAD_MAX_BYTES};
 
@@ -82,16 +89,84 @@ pub enum Forwarded {
     Unknown(LostAnswer),
 }
 
+/// A connection to the gateway: plain or TLS.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<GatewayStream>),
+}
+
+impl Conn {
+    /// The socket under any TLS.
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Conn::Plain(s) => s,
+            Conn::Tls(s) => s.get_ref(),
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 /// An idle keep-alive connection and when it went idle.
 struct Idle {
-    stream: TcpStream,
+    stream: Conn,
     since: Instant,
+}
+
+/// How connections to the gateway are secured.
+enum Transport {
+    Plain,
+    Tls(Arc<GatewayTls>),
+    /// `upstream.tls` is set but its connector could not be built (an
+    /// unreadable `ca_file`): every connect fails, nothing is sent in the
+    /// clear. `server::run` refuses to start in this state; this covers the
+    /// other builders of an `App`.
+    Broken(String),
 }
 
 pub struct Upstream {
     address: SocketAddr,
     /// For pingora's own proxy path (requests tollgate does not own).
     peer: HttpPeer,
+    transport: Transport,
     connect_timeout: Duration,
     read_timeout: Duration,
     idle_timeout: Duration,
@@ -102,13 +177,38 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(config: &UpstreamConfig) -> Self {
-        let mut peer = HttpPeer::new(config.address, false, String::new());
+        let transport = match &config.tls {
+            None => Transport::Plain,
+            Some(tls) => match GatewayTls::new(tls) {
+                Ok(t) => Transport::Tls(Arc::new(t)),
+                Err(e) => Transport::Broken(e.to_string()),
+            },
+        };
+        let sni = config
+            .tls
+            .as_ref()
+            .and_then(|t| t.sni.clone())
+            .unwrap_or_default();
+        let mut peer = HttpPeer::new(config.address, config.tls.is_some(), sni);
         peer.options.connection_timeout = Some(config.connect_timeout);
         peer.options.read_timeout = Some(config.read_timeout);
         peer.options.idle_timeout = Some(config.idle_timeout);
+        if let Some(tls) = &config.tls {
+            // pingora's connector verifies against `sni` (an empty one, as
+            // with insecure_skip_verify and no sni, turns verification off).
+            peer.options.verify_cert = !tls.insecure_skip_verify;
+            peer.options.verify_hostname = !tls.insecure_skip_verify;
+            peer.options.alpn = pingora::protocols::ALPN::H1;
+            if let Transport::Tls(t) = &transport {
+                if let Some(ca) = t.ca_certs() {
+                    peer.options.ca = Some(Arc::new(ca.to_vec().into_boxed_slice()));
+                }
+            }
+        }
         Upstream {
             address: config.address,
             peer,
+            transport,
             connect_timeout: config.connect_timeout,
             read_timeout: config.read_timeout,
             idle_timeout: config.idle_timeout,
@@ -169,7 +269,7 @@ impl Upstream {
     /// Writes the request on a pooled connection, or a new one. A pooled
     /// connection that fails before taking a single byte was dead (the
     /// gateway closed it while idle): the next one is tried.
-    async fn send(&self, request: &[u8]) -> Result<TcpStream, Unsent> {
+    async fn send(&self, request: &[u8]) -> Result<Conn, Unsent> {
         while let Some(mut stream) = self.check_out() {
             match self.write(&mut stream, request).await {
                 Ok(()) => return Ok(stream),
@@ -182,7 +282,7 @@ impl Upstream {
         Ok(stream)
     }
 
-    async fn write(&self, stream: &mut TcpStream, request: &[u8]) -> Result<(), Unsent> {
+    async fn write(&self, stream: &mut Conn, request: &[u8]) -> Result<(), Unsent> {
         let mut written = 0;
         while written < request.len() {
             let step = tokio::time::timeout(self.read_timeout, stream.write(&request[written..]));
@@ -208,17 +308,29 @@ impl Upstream {
         Ok(())
     }
 
-    /// Connects, retrying one failed connect (nothing was sent, so this is
-    /// always safe).
-    async fn connect(&self) -> Result<TcpStream, String> {
+    /// Connects (and with TLS, handshakes: `connect_timeout` covers both),
+    /// retrying one failed connect (nothing was sent, so this is always
+    /// safe).
+    async fn connect(&self) -> Result<Conn, String> {
+        let tls = match &self.transport {
+            Transport::Plain => None,
+            Transport::Tls(t) => Some(t),
+            Transport::Broken(e) => return Err(format!("upstream TLS is not usable: {e}")),
+        };
         let mut last = String::new();
         for _ in 0..2 {
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.address)).await
-            {
-                Ok(Ok(stream)) => {
-                    let _ = stream.set_nodelay(true);
-                    return Ok(stream);
+            let attempt = async {
+                let stream = TcpStream::connect(self.address)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let _ = stream.set_nodelay(true);
+                match tls {
+                    None => Ok(Conn::Plain(stream)),
+                    Some(t) => t.connect(stream).await.map(|s| Conn::Tls(Box::new(s))),
                 }
+            };
+            match tokio::time::timeout(self.connect_timeout, attempt).await {
+                Ok(Ok(stream)) => return Ok(stream),
                 Ok(Err(e)) => last = format!("connecting to {}: {e}", self.address),
                 Err(_) => {
                     last = format!(
@@ -234,7 +346,7 @@ impl Upstream {
 
     /// The most recently used idle connection that is still open. Expired
     /// ones, and ones the gateway closed or wrote to while idle, are dropped.
-    fn check_out(&self) -> Option<TcpStream> {
+    fn check_out(&self) -> Option<Conn> {
         let mut idle = self.idle.lock();
         while let Some(Idle { stream, since }) = idle.pop_back() {
             if since.elapsed() >= self.idle_timeout {
@@ -243,9 +355,11 @@ impl Upstream {
                 return None;
             }
             // Non-blocking: a FIN or stray bytes show as readable. Usually no
-            // syscall at all (tokio knows the socket was drained).
+            // syscall at all (tokio knows the socket was drained). Under TLS
+            // the raw socket is probed: a byte there (a close_notify, say)
+            // means the connection is dropped, so taking it is harmless.
             let mut probe = [0u8; 1];
-            match stream.try_read(&mut probe) {
+            match stream.tcp().try_read(&mut probe) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(stream),
                 _ => continue,
             }
@@ -253,7 +367,7 @@ impl Upstream {
         None
     }
 
-    fn check_in(&self, stream: TcpStream) {
+    fn check_in(&self, stream: Conn) {
         let mut idle = self.idle.lock();
         while idle
             .front()
@@ -319,6 +433,7 @@ mod tests {
             connect_timeout: Duration::from_millis(500),
             read_timeout: Duration::from_millis(500),
             idle_timeout: Duration::from_secs(30),
+            tls: None,
         }
     }
 

@@ -479,7 +479,7 @@ pub fn raw_exchange(addr: SocketAddr, request: &[u8]) -> RawAnswer {
 
 /// Reads one answer off `s`: up to the end of its body (by
 /// `Content-Length`) or to the close. 1xx interim answers are skipped.
-pub fn read_answer(s: &mut TcpStream) -> RawAnswer {
+pub fn read_answer(s: &mut impl Read) -> RawAnswer {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
     loop {
