@@ -97,6 +97,7 @@ pub fn credit_direction(kind: EntryKind, amount_milli: i64) -> &'static str {
     match kind {
         EntryKind::Add | EntryKind::Set | EntryKind::Transfer if amount_milli < 0 => "debit",
         EntryKind::Add | EntryKind::Set | EntryKind::Transfer => "credit",
+        EntryKind::Refund => "credit",
         _ => "none",
     }
 }

@@ -31,8 +31,9 @@
 //! | `post`     | amount      | amount        | ≤ 0: the spend leaves both             |
 //! | `void`     | —           | amount        | ≤ 0: credit returns to available       |
 //! | `expire`   | —           | amount        | ≤ 0: like `void`, by the TTL sweep     |
+//! | `refund`   | amount      | —             | ≥ 0: a posted share given back         |
 //!
-//! So `available` moves by `amount` for add/set/transfer, by `−amount` for
+//! So `available` moves by `amount` for add/set/transfer/refund, by `−amount` for
 //! reserve/void/expire, and not at all for post. Replaying all entries from
 //! zero with these rules ([`replay`]) reproduces every bucket's `posted` and
 //! `reserved`; the sums commute, so replay does not depend on entry order.
@@ -94,6 +95,21 @@ pub use entry::{
 pub use reservation::{
     ReservationGuard, ReservationId, ReservationState, ReservationView, Settlement,
 };
+
+/// The reference a `refund` entry carries: which share of its reservation
+/// it gives back (`share:<index>`, the index in the reservation's shares).
+pub fn refund_reference(share: usize) -> String {
+    format!("share:{share}")
+}
+
+/// Inverse of [`refund_reference`].
+pub fn parse_refund_reference(reference: &str) -> Option<usize> {
+    let digits = reference.strip_prefix("share:")?;
+    if digits.is_empty() || digits.len() > 9 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
 
 /// One of an account's two balances.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
