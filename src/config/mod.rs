@@ -130,6 +130,12 @@ struct FileConfig {
     /// `Idempotency-Key` handling (SPEC 3.4).
     #[serde(default)]
     idempotency: crate::idempotency::FileIdempotency,
+    /// The durable outbox (relayed delivery reports).
+    #[serde(default)]
+    outbox: crate::outbox::FileOutbox,
+    /// Delivery reports (SPEC 9a).
+    #[serde(default)]
+    dlr: crate::dlr::FileDlr,
 }
 
 fn default_mode() -> Mode {
@@ -477,6 +483,8 @@ pub struct Config {
     pub limits: crate::limits::LimitsConfig,
     pub downstream: crate::limits::DownstreamConfig,
     pub idempotency: crate::idempotency::IdempotencyConfig,
+    pub outbox: crate::outbox::OutboxConfig,
+    pub dlr: crate::dlr::DlrConfig,
 }
 
 /// The Boxis-compatible door (SPEC 2.1).
@@ -859,6 +867,9 @@ impl Config {
                 .map(|p| resolve_relative(path, p))
                 .as_deref(),
         )?;
+        let store_path = f.store.path.as_deref().map(|p| resolve_relative(path, p));
+        let outbox = crate::outbox::OutboxConfig::from_file(path, f.outbox, store_path.as_deref())?;
+        let dlr = crate::dlr::DlrConfig::from_file(path, f.dlr)?;
         Ok(Config {
             source: path.to_path_buf(),
             mode: f.mode,
@@ -924,6 +935,8 @@ impl Config {
             limits,
             downstream,
             idempotency,
+            outbox,
+            dlr,
         })
     }
 }
