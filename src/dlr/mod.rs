@@ -476,38 +476,44 @@ impl Dlr {
     /// Decides the money of reports that came before the settlement.
     async fn process_early(&self, key: &str, cell: &Arc<Mutex<SendState>>) {
         let early: Vec<(u64, ReportRow)> = std::mem::take(&mut cell.lock().early);
-        for (n, mut row) in early {
-            let plan = {
-                let mut st = cell.lock();
-                plan_money(&mut st, &mut row)
-            };
-            row.early = false;
-            if plan.is_none() {
-                let value = serde_json::to_vec(&row).expect("rows serialise");
-                let _ = self
-                    .outbox
-                    .commit(vec![Change::Put(
-                        STATE_NS.into(),
-                        format!("{key}/r/{n}"),
-                        value,
-                    )])
-                    .await;
-                continue;
-            }
-            let value = serde_json::to_vec(&row).expect("rows serialise");
-            if self
-                .outbox
-                .commit(vec![Change::Put(
-                    STATE_NS.into(),
-                    format!("{key}/r/{n}"),
-                    value,
-                )])
-                .await
-                .is_ok()
-            {
-                self.apply_refund(key, cell, n, row).await;
+        for (n, row) in early {
+            self.decide_early(key, cell, n, row).await;
+        }
+    }
+
+    /// One early report, once the send is settled (or known unknown):
+    /// plans its money, records the plan, makes the refund.
+    async fn decide_early(
+        &self,
+        key: &str,
+        cell: &Arc<Mutex<SendState>>,
+        n: u64,
+        mut row: ReportRow,
+    ) -> bool {
+        {
+            let mut st = cell.lock();
+            if st.phase == Phase::Settled {
+                plan_money(&mut st, &mut row);
+            } else {
+                claim_only(&mut st, &mut row);
             }
         }
+        row.early = false;
+        let value = serde_json::to_vec(&row).expect("rows serialise");
+        let recorded = self
+            .outbox
+            .commit(vec![Change::Put(
+                STATE_NS.into(),
+                format!("{key}/r/{n}"),
+                value,
+            )])
+            .await
+            .is_ok();
+        if !recorded {
+            // The row still says early: start-up decides it again.
+            return false;
+        }
+        self.apply_refund(key, cell, n, row).await
     }
 
     /// One callback (`token` from the path, `query` raw).
@@ -621,8 +627,16 @@ impl Dlr {
                 Answer::new(503, "report not recorded; retry\n"),
             );
         }
+        // An early report waits for the settlement, unless it came
+        // meanwhile (then its money is decided now).
+        let mut decided_now = false;
         if early {
-            cell.lock().early.push((n, row.clone()));
+            let mut st = cell.lock();
+            if st.phase == Phase::Forwarding {
+                st.early.push((n, row.clone()));
+            } else {
+                decided_now = true;
+            }
         }
         if row.share.is_none() {
             self.count(outcome_label, "refused");
@@ -633,7 +647,9 @@ impl Dlr {
         } else {
             self.count(outcome_label, "applied");
         }
-        let refund_ok = if row.refund.is_some() {
+        let refund_ok = if decided_now {
+            self.decide_early(&key, &cell, n, row).await
+        } else if row.refund.is_some() {
             self.apply_refund(&key, &cell, n, row).await
         } else {
             true
