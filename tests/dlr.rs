@@ -87,10 +87,14 @@ struct Setup {
 }
 
 fn start(extra_dlr: &str) -> Setup {
+    start_on(STORE_YAML, extra_dlr)
+}
+
+fn start_on(store_yaml: &str, extra_dlr: &str) -> Setup {
     let sim = Sim::start(&[]);
     let dlr_port = free_port();
     let yaml = format!(
-        "{STORE_YAML}\
+        "{store_yaml}\
          dlr: {{ enabled: true, listen: 127.0.0.1:{dlr_port}{extra_dlr} }}\n\
          outbox: {{ retry_initial_ms: 50, retry_max_ms: 200 }}\n"
     );
@@ -461,5 +465,32 @@ fn the_admin_api_lists_given_up_relays() {
         || tg.metric("tollgate_outbox_given_up{kind=\"dlr_relay\"}") == Some(1.0),
         "the given-up gauge",
     );
+    verify_clean(&tg);
+}
+
+#[test]
+fn on_postgres_the_outbox_and_refunds_survive_kill_9() {
+    let db = common::pg::TestDb::create("dlr");
+    let s = start_on(&common::pg::store_yaml(&db.url(), ""), "");
+    let mut tg = s.tg;
+    let rx = Receiver::start(503);
+    sim_post(&s.sim, "/sim/dlr?prefix=3630&outcome=failed&delay_ms=200");
+    let before = balance(&tg);
+    send(&tg, "+36301111111,+36201111111", "hi", Some(&rx.template()));
+    assert_eq!(balance(&tg), before - 3.0);
+    wait_until(|| refunds(&tg) == 1.0, "the refund");
+    tg.stop_with("KILL");
+    rx.status.store(200, Ordering::SeqCst);
+    tg.spawn();
+    wait_until(
+        || rx.seen().len() == 2,
+        "both reports relayed after the restart",
+    );
+    assert_eq!(balance(&tg), before - 2.0);
+    let refunds_stored = common::pg::stored_entries(&db.url())
+        .iter()
+        .filter(|e| e.kind == tollgate::ledger::EntryKind::Refund)
+        .count();
+    assert_eq!(refunds_stored, 1);
     verify_clean(&tg);
 }
