@@ -321,6 +321,17 @@ impl DlrConfig {
         };
         let mut classes = f.charge_on.unwrap_or_default();
         let charge_on_default = classes.remove("default").unwrap_or(ChargeOn::Accept);
+        // Fail closed: a policy this build cannot settle by is refused,
+        // never silently charged another way.
+        if charge_on_default == ChargeOn::Delivery
+            || classes.values().any(|c| *c == ChargeOn::Delivery)
+        {
+            return Err(ConfigError::new(
+                file,
+                "dlr.charge_on",
+                "delivery is not supported by this build yet; use accept (failed reports refund)",
+            ));
+        }
         Ok(DlrConfig {
             enabled: f.enabled,
             listen,
@@ -361,5 +372,37 @@ impl Default for DlrConfig {
     fn default() -> Self {
         DlrConfig::from_file(Path::new("(defaults)"), FileDlr::default())
             .expect("the default dlr settings are valid")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<DlrConfig, ConfigError> {
+        let f: FileDlr = serde_yaml::from_str(yaml).unwrap();
+        DlrConfig::from_file(Path::new("t.yaml"), f)
+    }
+
+    #[test]
+    fn defaults_and_errors_name_the_key() {
+        let c = parse("enabled: true").unwrap();
+        assert_eq!(c.public_url, "http://127.0.0.1:9602");
+        assert_eq!(c.outcome(" Undelivered "), Some(Outcome::Failed));
+        assert_eq!(c.outcome("enroute"), None);
+        assert_eq!(c.charge_on(Some("x")), ChargeOn::Accept);
+        for (yaml, key) in [
+            ("public_url: ftp://x", "dlr.public_url"),
+            ("timeout_s: 1", "dlr.timeout_s"),
+            ("keywords: { status: status }", "dlr.keywords.status"),
+            ("outcomes: { gone: [x] }", "dlr.outcomes"),
+            ("charge_on: { premium: delivery }", "dlr.charge_on"),
+        ] {
+            let e = parse(yaml).unwrap_err().to_string();
+            assert!(e.contains(key), "{yaml}: {e}");
+        }
+        let c = parse("outcomes: { delivered: [OK] }\ncharge_on: { default: accept }").unwrap();
+        assert_eq!(c.outcome("ok"), Some(Outcome::Delivered));
+        assert_eq!(c.outcome("delivered"), None);
     }
 }
