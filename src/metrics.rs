@@ -236,8 +236,9 @@ pub const DLR_OUTCOMES: [&str; 5] = ["delivered", "failed", "expired", "rejected
 /// The `result` label of `tollgate_dlr_reports_total`.
 pub const DLR_RESULTS: [&str; 3] = ["applied", "duplicate", "refused"];
 /// The `reason` label of `tollgate_dlr_refused_total`.
-pub const DLR_REFUSALS: [&str; 6] = [
+pub const DLR_REFUSALS: [&str; 7] = [
     "full",
+    "flood",
     "unknown_token",
     "no_share",
     "too_large",

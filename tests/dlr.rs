@@ -335,6 +335,23 @@ fn hostile_callbacks_are_refused_with_a_clear_answer() {
     }
     assert_eq!(balance(&s.tg), before + 1.0);
     assert_eq!(refunds(&s.tg), 1.0);
+    // A flood of distinct reports for a live token is cut off.
+    send(&s.tg, "+36301111112", "hi", None);
+    let query = s.sim.requests().last().unwrap()["query"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let token = query.split("%2Fdlr%2F").nth(1).unwrap()[..32].to_string();
+    let codes: Vec<u16> = (0..40)
+        .map(|i| {
+            get(&format!(
+                "{base}/dlr/{token}?messageid=x{i}&recipient=%2B4400{i}&deliverystatus=enroute"
+            ))
+            .0
+        })
+        .collect();
+    assert_eq!(codes.iter().filter(|c| **c == 200).count(), 24, "{codes:?}");
+    assert!(codes[24..].iter().all(|c| *c == 429), "{codes:?}");
     verify_clean(&s.tg);
 }
 

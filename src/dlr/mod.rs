@@ -83,6 +83,11 @@ pub const STATE_NS: &str = "dlr";
 pub const RELAY_KIND: &str = "dlr_relay";
 /// Most query pairs read from one callback.
 pub const CALLBACK_PAIRS_MAX: usize = 64;
+/// Reports recorded per part of a send (intermediate states, a final one,
+/// a few repeats with other values), plus a few, before callbacks for its
+/// token are refused (`429`).
+pub const REPORTS_PER_PART_MAX: u64 = 8;
+pub const REPORTS_EXTRA_MAX: u64 = 16;
 
 // ---------------------------------------------------------------------------
 // Pure settlement arithmetic (property-tested)
@@ -568,6 +573,17 @@ impl Dlr {
                 drop(st);
                 self.count(outcome_label, "duplicate");
                 return Answer::new(200, "duplicate\n");
+            }
+            // Memory and rows per send stay bounded: a flood of distinct
+            // reports for one token is refused past a few per part.
+            let parts: u64 = st.shares.iter().map(|s| u64::from(s.parts)).sum();
+            if st.rows >= REPORTS_PER_PART_MAX * parts + REPORTS_EXTRA_MAX {
+                drop(st);
+                self.count(outcome_label, "refused");
+                return refuse(
+                    "flood",
+                    Answer::new(429, "too many reports for this send\n"),
+                );
             }
             if !st.busy.insert(dedupe.clone()) {
                 return Answer::new(503, "report being processed; retry\n");
