@@ -408,7 +408,7 @@ fn open_dlr(
         app.metrics.clone(),
         app.clock.clone(),
     );
-    let mut lookup = |min: u64| -> Result<std::collections::HashSet<(u64, usize)>, String> {
+    let mut lookup = |min: u64| -> Result<std::collections::HashSet<(u64, String)>, String> {
         let Some(location) = location else {
             return Ok(Default::default());
         };
@@ -428,14 +428,14 @@ fn open_dlr(
     Ok(Arc::new(dlr))
 }
 
-/// The `(reservation, share)` pairs the journal refunds, from seq `min`
-/// on (start-up after a crash interrupted a refund; one pass over the
-/// journal's tail).
+/// The `(reservation, refund reference)` pairs the journal refunds, from
+/// seq `min` on (start-up after a crash interrupted a refund; one pass over
+/// the journal).
 fn refunds_in_journal(
     location: &StoreLocation,
     min: u64,
-) -> Result<std::collections::HashSet<(u64, usize)>, StoreError> {
-    use crate::ledger::{parse_refund_reference, EntryKind};
+) -> Result<std::collections::HashSet<(u64, String)>, StoreError> {
+    use crate::ledger::EntryKind;
     use crate::store::Store;
     let mut reader: Box<dyn Store> = match location {
         StoreLocation::Sqlite(path) => Box::new(SqliteStore::open_existing(path)?),
@@ -444,11 +444,8 @@ fn refunds_in_journal(
     let mut found = std::collections::HashSet::new();
     reader.for_each_entry(&mut |e| {
         if e.kind == EntryKind::Refund && e.seq >= min {
-            if let (Some(r), Some(share)) = (
-                e.reservation_id,
-                e.reference.as_deref().and_then(parse_refund_reference),
-            ) {
-                found.insert((r, share));
+            if let (Some(r), Some(reference)) = (e.reservation_id, e.reference) {
+                found.insert((r, reference));
             }
         }
         Ok(())

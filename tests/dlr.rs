@@ -239,18 +239,26 @@ fn accept_policy_refunds_failed_expired_rejected_and_keeps_delivered_and_silent(
 fn multipart_partial_failure_refunds_the_failed_part_only() {
     let s = start(", keywords: { part: \"$part\" }");
     let rx = Receiver::start(200);
-    // Two parts at 2 credits each: part 2 fails.
+    // Two parts at 2 credits each (+3620): part 2 fails. Two parts at 1
+    // credit each (+3630): both fail, one report each.
     sim_post(
         &s.sim,
         "/sim/dlr?prefix=3620&outcome=delivered,failed&parts=2&delay_ms=1000",
     );
+    sim_post(&s.sim, "/sim/dlr?prefix=3630&outcome=failed&parts=2");
     let before = balance(&s.tg);
     let long = "x".repeat(200);
-    send(&s.tg, "+36201111111", &long, Some(&rx.template()));
-    assert_eq!(balance(&s.tg), before - 4.0);
-    wait_until(|| rx.seen().len() == 2, "both part reports relayed");
-    wait_until(|| refunds(&s.tg) == 1.0, "one part refunded");
+    send(
+        &s.tg,
+        "+36201111111,+36301111111",
+        &long,
+        Some(&rx.template()),
+    );
+    assert_eq!(balance(&s.tg), before - 6.0);
+    wait_until(|| rx.seen().len() == 4, "every part report relayed");
+    wait_until(|| refunds(&s.tg) == 3.0, "three parts refunded");
     assert_eq!(balance(&s.tg), before - 2.0);
+    assert_eq!(refund_entries(&s.tg), 3);
     verify_clean(&s.tg);
 }
 

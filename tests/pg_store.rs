@@ -178,9 +178,10 @@ fn check_reports_pending_migrations_and_run_applies_them_once() {
     };
     let text = check();
     assert!(text.contains("schema version 0"), "{text}");
-    assert!(text.contains("2 pending migrations"), "{text}");
+    assert!(text.contains("3 pending migrations"), "{text}");
     assert!(text.contains("1 ledger: nodes, entries"), "{text}");
     assert!(text.contains("2 idempotency keys"), "{text}");
+    assert!(text.contains("3 outbox"), "{text}");
     // `check` applied nothing.
     let tables: i64 = db
         .client()

@@ -704,15 +704,15 @@ impl Dlr {
         let (Some((off, any)), Some(share)) = (row.refund, row.share) else {
             return true;
         };
-        let (account, reservation) = {
+        let (account, reservation, parts) = {
             let st = cell.lock();
-            (st.account.clone(), st.reservation)
+            (st.account.clone(), st.reservation, refund_parts(&st, &row))
         };
-        let reference_share = share;
         if let Err(e) = self.ledger.refund(
             &account,
             ReservationId(reservation),
-            reference_share,
+            share,
+            parts.as_deref(),
             off,
             any,
         ) {
@@ -835,7 +835,7 @@ impl Dlr {
     /// `min` on.
     pub fn restore(
         &self,
-        refunds_in_journal: &mut dyn FnMut(u64) -> Result<HashSet<(u64, usize)>, String>,
+        refunds_in_journal: &mut dyn FnMut(u64) -> Result<HashSet<(u64, String)>, String>,
     ) -> Result<RestoreReport, String> {
         let rows = self
             .outbox
@@ -863,7 +863,9 @@ impl Dlr {
                 let send = send.as_ref()?;
                 reports
                     .iter()
-                    .any(|(_, r)| r.refund.is_some() && !r.applied)
+                    .any(|(_, r)| {
+                        (r.refund.is_some() && !r.applied) || (r.early && r.outcome.is_some())
+                    })
                     .then_some(send.reservation)
             })
             .collect();
@@ -894,14 +896,28 @@ impl Dlr {
                 if r.early && st.phase == Phase::Settled {
                     plan_money(&mut st, &mut r);
                     r.early = false;
-                    if r.refund.is_some() {
-                        to_refund.push((key.clone(), n, r.clone()));
+                    if let (Some(_), Some(share)) = (r.refund, r.share) {
+                        // A refund decided by an earlier start-up whose
+                        // row update was lost is in the journal already.
+                        let reference = crate::ledger::refund_reference(
+                            share,
+                            refund_parts(&st, &r).as_deref(),
+                        );
+                        if in_journal.contains(&(send.reservation, reference)) {
+                            report.refunds_found += 1;
+                        } else {
+                            to_refund.push((key.clone(), n, r.clone()));
+                        }
                     }
                 } else {
                     mark_recorded(&mut st, &r);
                     if let (Some(_), Some(share)) = (r.refund, r.share) {
+                        let reference = crate::ledger::refund_reference(
+                            share,
+                            refund_parts(&st, &r).as_deref(),
+                        );
                         if !r.applied {
-                            if in_journal.contains(&(send.reservation, share)) {
+                            if in_journal.contains(&(send.reservation, reference)) {
                                 report.refunds_found += 1;
                             } else {
                                 to_refund.push((key.clone(), n, r.clone()));
@@ -920,17 +936,21 @@ impl Dlr {
             let Some(cell) = self.sends.get(&key).map(|c| c.clone()) else {
                 continue;
             };
-            let (account, reservation) = {
+            let (account, reservation, parts) = {
                 let st = cell.lock();
-                (st.account.clone(), st.reservation)
+                (st.account.clone(), st.reservation, refund_parts(&st, &row))
             };
             let (Some((off, any)), Some(share)) = (row.refund, row.share) else {
                 continue;
             };
-            match self
-                .ledger
-                .refund(&account, ReservationId(reservation), share, off, any)
-            {
+            match self.ledger.refund(
+                &account,
+                ReservationId(reservation),
+                share,
+                parts.as_deref(),
+                off,
+                any,
+            ) {
                 Ok(_) => {
                     report.refunds_made += 1;
                     row.applied = true;
@@ -1108,6 +1128,17 @@ fn plan_money(st: &mut SendState, row: &mut ReportRow) -> Option<(i64, i64)> {
     }
     row.refund = Some(refund);
     row.refund
+}
+
+/// The parts a refund names in its reference: `None` when the report
+/// resolved the whole message at once.
+fn refund_parts(st: &SendState, row: &ReportRow) -> Option<Vec<u32>> {
+    let share = row.share.and_then(|i| st.shares.get(i))?;
+    if row.parts.len() as u32 == share.parts {
+        None
+    } else {
+        Some(row.parts.clone())
+    }
 }
 
 /// Undoes the claim of a report whose row could not be committed.

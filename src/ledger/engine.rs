@@ -829,7 +829,7 @@ impl Ledger {
     /// `offpeak_milli` and `anytime_milli` (each ≥ 0; zero legs skipped, a
     /// refund of 0 records one entry of 0 on `anytime`) move `posted` up on
     /// the bucket that paid; returns the last seq. The entries carry the reservation id and
-    /// [`refund_reference`](super::refund_reference)`(share)`.
+    /// [`refund_reference`](super::refund_reference)`(share, parts)`.
     ///
     /// The ledger does not remember what each share posted: the caller
     /// (the delivery-report module) owns "at most once per share, never
@@ -840,6 +840,7 @@ impl Ledger {
         name: &str,
         reservation: ReservationId,
         share: usize,
+        parts: Option<&[u32]>,
         offpeak_milli: i64,
         anytime_milli: i64,
     ) -> Result<u64, LedgerError> {
@@ -881,7 +882,7 @@ impl Ledger {
         st.offpeak = new_offpeak;
         st.anytime = new_anytime;
         self.total_posted_milli.fetch_add(total, Ordering::Relaxed);
-        let reference = super::refund_reference(share);
+        let reference = super::refund_reference(share, parts);
         let journal = self.journal(Some(reservation.0), Some(&reference), None);
         Ok(self.record(first, &journal, &legs))
     }

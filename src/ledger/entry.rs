@@ -34,7 +34,8 @@ pub enum EntryKind {
     Expire,
     /// Credit given back for a posted share whose delivery report said it
     /// never arrived; moves `posted` (up), on the bucket that paid. Carries
-    /// the reservation id and, as its reference, `share:<index>`.
+    /// the reservation id and, as its reference, `share:<index>` (or
+    /// `share:<index>/part:<p>+…`, see [`refund_reference`](super::refund_reference)).
     Refund,
 }
 

@@ -97,16 +97,40 @@ pub use reservation::{
 };
 
 /// The reference a `refund` entry carries: which share of its reservation
-/// it gives back (`share:<index>`, the index in the reservation's shares).
-pub fn refund_reference(share: usize) -> String {
-    format!("share:{share}")
+/// it gives back (`share:<index>`, the index in the reservation's shares),
+/// or which parts of it (`share:<index>/part:<p>+<q>`, 1-based) when a
+/// multipart message's parts are refunded one report at a time. Each
+/// reference is refunded at most once per bucket.
+pub fn refund_reference(share: usize, parts: Option<&[u32]>) -> String {
+    match parts {
+        None => format!("share:{share}"),
+        Some(parts) => {
+            let list: Vec<String> = parts.iter().map(u32::to_string).collect();
+            format!("share:{share}/part:{}", list.join("+"))
+        }
+    }
 }
 
-/// Inverse of [`refund_reference`].
+/// The share index of a [`refund_reference`].
 pub fn parse_refund_reference(reference: &str) -> Option<usize> {
-    let digits = reference.strip_prefix("share:")?;
+    let rest = reference.strip_prefix("share:")?;
+    let (digits, tail) = match rest.split_once('/') {
+        Some((d, t)) => (d, Some(t)),
+        None => (rest, None),
+    };
     if digits.is_empty() || digits.len() > 9 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
+    }
+    if let Some(tail) = tail {
+        let parts = tail.strip_prefix("part:")?;
+        if parts.is_empty()
+            || parts.len() > 64
+            || !parts
+                .split('+')
+                .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        {
+            return None;
+        }
     }
     digits.parse().ok()
 }

@@ -1316,7 +1316,7 @@ fn a_refund_gives_a_posted_share_back_to_the_bucket_that_paid() {
     let s = f.ledger.settle_shares(id, &[true, true], None).unwrap();
     // Posts take offpeak first: 2 credits offpeak, 2 anytime.
     assert_eq!((s.posted_milli, s.posted_offpeak_milli), (4 * C, 2 * C));
-    f.ledger.refund("a", id, 1, 0, C).unwrap();
+    f.ledger.refund("a", id, 1, None, 0, C).unwrap();
     assert_eq!(f.avail("a", Bucket::Anytime), 9 * C);
     assert_eq!(f.avail("a", Bucket::OffPeak), 0);
     let entries = f.sink.entries();
@@ -1326,6 +1326,10 @@ fn a_refund_gives_a_posted_share_back_to_the_bucket_that_paid() {
     assert_eq!(last.reference.as_deref(), Some("share:1"));
     assert_eq!(parse_refund_reference("share:1"), Some(1));
     assert_eq!(parse_refund_reference("share:"), None);
+    assert_eq!(refund_reference(2, Some(&[1, 3])), "share:2/part:1+3");
+    assert_eq!(parse_refund_reference("share:2/part:1+3"), Some(2));
+    assert_eq!(parse_refund_reference("share:2/part:"), None);
+    assert_eq!(parse_refund_reference("share:2/x"), None);
     // Replay reproduces the balances, refunds included.
     let replayed = replay(&entries);
     assert_eq!(
@@ -1334,7 +1338,7 @@ fn a_refund_gives_a_posted_share_back_to_the_bucket_that_paid() {
     );
     assert!(replay_open_reservations(&entries).is_empty());
     assert!(matches!(
-        f.ledger.refund("a", id, 0, -1, 0),
+        f.ledger.refund("a", id, 0, None, -1, 0),
         Err(LedgerError::InvalidAmount(_))
     ));
 }

@@ -125,8 +125,8 @@ struct ReplayedReservation {
 /// What the journal refunded of one reservation.
 #[derive(Default)]
 struct ReservationRefunds {
-    /// (share, bucket) pairs refunded: each at most once.
-    shares: std::collections::HashSet<(usize, Bucket)>,
+    /// (reference, bucket) pairs refunded: each at most once.
+    shares: std::collections::HashSet<(String, Bucket)>,
     /// Per bucket (anytime, offpeak): refunded, and posted (second pass).
     refunded: [i64; 2],
     posted: [i64; 2],
@@ -158,9 +158,10 @@ fn check_refund(
         mismatches.push(format!("refund entry {} is negative", e.seq));
     }
     let r = refunded.entry(id).or_default();
-    if !r.shares.insert((share, e.bucket)) {
+    let reference = e.reference.clone().unwrap_or_default();
+    if !r.shares.insert((reference.clone(), e.bucket)) {
         mismatches.push(format!(
-            "reservation {id} share {share} is refunded twice on {}",
+            "reservation {id} share {share} ({reference}) is refunded twice on {}",
             e.bucket
         ));
     }
@@ -400,7 +401,7 @@ mod tests {
 
     fn refund(seq: u64, amount_milli: i64, rid: u64, share: usize) -> Entry {
         Entry {
-            reference: Some(crate::ledger::refund_reference(share)),
+            reference: Some(crate::ledger::refund_reference(share, None)),
             ..e(seq, EntryKind::Refund, "a", amount_milli, Some(rid))
         }
     }
@@ -434,7 +435,10 @@ mod tests {
         let r = verify(&mut s).unwrap();
         assert!(!r.is_ok(Overdraft::Strict));
         let text = r.refund_mismatches.join("\n");
-        assert!(text.contains("share 0 is refunded twice"), "{text}");
+        assert!(
+            text.contains("share 0 (share:0) is refunded twice"),
+            "{text}"
+        );
         assert!(text.contains("refunded 1.2 but posted 1"), "{text}");
         assert!(text.contains("names no reservation share"), "{text}");
         // The balances themselves still replay: the journal is consistent,
