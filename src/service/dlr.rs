@@ -114,10 +114,14 @@ pub async fn before_forward(
 /// doubt or voided as a whole).
 pub async fn after_settle(app: &App, watched: Watched, accepted: Option<(Vec<bool>, i64)>) {
     let Some(dlr) = &app.dlr else { return };
-    // A refund may only follow a posting the store has: wait for it.
-    let accepted = match app.change_durable().await {
-        Ok(()) => accepted,
-        Err(_) => None,
+    // A refund may only follow a posting the store has: wait for its
+    // commit whatever `durability` says (under `async` too, a refund of a
+    // post a crash lost would create credit). Not committed in time: the
+    // send's reports are relayed, never refunded.
+    let durable = match &app.store {
+        Some(w) => w.wait_durable().await.is_ok(),
+        None => true,
     };
+    let accepted = if durable { accepted } else { None };
     dlr.settled(&watched.key, accepted).await;
 }
