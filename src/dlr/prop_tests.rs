@@ -11,6 +11,8 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 
+use std::collections::HashSet;
+
 use super::*;
 use crate::clock::ManualClock;
 use crate::ledger::{
@@ -181,4 +183,144 @@ fn split_and_part_prices_add_up() {
     assert_eq!(take_refund(&mut left, 4), (2, 2));
     assert_eq!(take_refund(&mut left, 9), (0, 1));
     assert_eq!(take_refund(&mut left, 1), (0, 0));
+}
+
+/// A crash between a report's record and its refund's commit: start-up
+/// makes the refund when the journal lacks it, and only then.
+#[test]
+fn restore_finishes_an_interrupted_refund_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let sink = Arc::new(MemorySink::new());
+    let ledger = Arc::new(Ledger::new(
+        LedgerConfig::default(),
+        sink.clone(),
+        clock.clone(),
+    ));
+    ledger.open_account("a", None, Role::User, None).unwrap();
+    ledger
+        .add("a", crate::ledger::Bucket::Anytime, 10_000, None)
+        .unwrap();
+    let id = ledger
+        .reserve(
+            "a",
+            &[1_000, 2_000],
+            BucketPreference::AnytimeOnly,
+            None,
+            None,
+        )
+        .unwrap();
+    ledger.settle_shares(id, &[true, true], None).unwrap();
+    let cfg = OutboxConfig {
+        path: Some(dir.path().join("o.db")),
+        ..OutboxConfig::default()
+    };
+    let metrics = Arc::new(Metrics::new());
+    let open = || Arc::new(Outbox::open(&cfg, clock.clone(), metrics.clone()).unwrap());
+    // The rows a crash left: the send, its settlement, a failed report of
+    // share 1 whose refund was planned and never seen committed.
+    let send = SendRow {
+        reservation: id.0,
+        account: "a".into(),
+        policy: "accept".into(),
+        template: None,
+        created_unix_ms: 1_000_000,
+        shares: vec![
+            ShareRow {
+                recipient: "+361".into(),
+                price_milli: 1_000,
+                parts: 1,
+            },
+            ShareRow {
+                recipient: "+362".into(),
+                price_milli: 2_000,
+                parts: 1,
+            },
+        ],
+    };
+    let settled = SettledRow {
+        posted: vec![(0, 1_000), (0, 2_000)],
+        accepted: vec![true, true],
+    };
+    let report = ReportRow {
+        dedupe: "id:m2||undelivered".into(),
+        share: Some(1),
+        part: None,
+        outcome: Some("failed".into()),
+        message_id: Some("m2".into()),
+        refund: Some((0, 2_000)),
+        applied: false,
+        early: false,
+        parts: vec![1],
+    };
+    {
+        let outbox = open();
+        outbox
+            .commit_blocking(vec![
+                Change::Put(
+                    STATE_NS.into(),
+                    "k".into(),
+                    serde_json::to_vec(&send).unwrap(),
+                ),
+                Change::Put(
+                    STATE_NS.into(),
+                    "k/settled".into(),
+                    serde_json::to_vec(&settled).unwrap(),
+                ),
+                Change::Put(
+                    STATE_NS.into(),
+                    "k/r/0".into(),
+                    serde_json::to_vec(&report).unwrap(),
+                ),
+            ])
+            .unwrap();
+    }
+    let restore = |journal: HashSet<(u64, String)>| {
+        let dlr = Dlr::new(
+            DlrConfig {
+                enabled: true,
+                ..DlrConfig::default()
+            },
+            open(),
+            ledger.clone(),
+            None,
+            false,
+            metrics.clone(),
+            clock.clone(),
+        );
+        let mut asked = None;
+        let r = dlr
+            .restore(&mut |min| {
+                asked = Some(min);
+                Ok(journal.clone())
+            })
+            .unwrap();
+        (r, asked)
+    };
+    let refunds = || {
+        sink.entries()
+            .iter()
+            .filter(|e| e.kind == EntryKind::Refund)
+            .count()
+    };
+    // The journal has it already: nothing made.
+    let (r, asked) = restore(HashSet::from([(id.0, "share:1".to_string())]));
+    assert_eq!(asked, Some(id.0));
+    assert_eq!((r.sends, r.refunds_found, r.refunds_made), (1, 1, 0));
+    assert_eq!(refunds(), 0);
+    // It does not: made once, and the row now says so.
+    let (r, _) = restore(HashSet::new());
+    assert_eq!((r.refunds_found, r.refunds_made), (0, 1));
+    assert_eq!(refunds(), 1);
+    let (r, asked) = restore(HashSet::new());
+    assert_eq!(
+        (r.refunds_made, asked),
+        (0, None),
+        "applied rows are not looked up again"
+    );
+    assert_eq!(refunds(), 1);
+    assert_eq!(
+        ledger.account("a").unwrap().anytime.available_milli(),
+        10_000 - 3_000 + 2_000
+    );
 }
