@@ -402,6 +402,50 @@ pub fn quote_fields(q: &Quote, tariff_version: &str) -> Vec<(&'static str, serde
     ]
 }
 
+impl AdminApp {
+    /// `GET /admin/outbox?state=gave_up|pending|done&limit=N`: outbox items
+    /// (targets and errors; bodies are not shown).
+    async fn outbox(&self, query: &str) -> Response<Vec<u8>> {
+        let Some(dlr) = &self.app().dlr else {
+            return error(StatusCode::NOT_FOUND, "no outbox: dlr.enabled is false");
+        };
+        let state = match query_param(query, "state").as_deref() {
+            None | Some("") => crate::outbox::ItemState::GaveUp,
+            Some(s) => match crate::outbox::ItemState::parse(s) {
+                Some(st) => st,
+                None => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "state must be pending, done or gave_up",
+                    )
+                }
+            },
+        };
+        let limit = query_param(query, "limit")
+            .and_then(|l| l.parse::<usize>().ok())
+            .unwrap_or(100)
+            .clamp(1, 1000);
+        match dlr.outbox().list(state, limit).await {
+            Ok(items) => json_response(
+                StatusCode::OK,
+                json!({
+                    "state": state.as_str(),
+                    "items": items.iter().map(|i| json!({
+                        "id": i.id,
+                        "kind": i.kind,
+                        "target": i.target,
+                        "attempts": i.attempts,
+                        "created_unix_ms": i.created_unix_ms,
+                        "next_attempt_unix_ms": i.next_attempt_unix_ms,
+                        "last_error": i.last_error,
+                    })).collect::<Vec<_>>(),
+                }),
+            ),
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        }
+    }
+}
+
 #[async_trait]
 impl ServeHttp for AdminApp {
     /// Every admin request gets an access line like the proxy's (target
@@ -476,13 +520,15 @@ impl AdminApp {
             ("POST", ["reservations", id, how]) => self.resolve(id, how).await,
             ("POST", ["reload"]) => self.reload().await,
             ("GET", ["quote"]) => self.quote(&query),
+            ("GET", ["outbox"]) => self.outbox(&query).await,
             (
                 _,
                 ["accounts", _]
                 | ["reservations"]
                 | ["reservations", _, _]
                 | ["reload"]
-                | ["quote"],
+                | ["quote"]
+                | ["outbox"],
             ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
             _ => error(StatusCode::NOT_FOUND, "not found"),
         }

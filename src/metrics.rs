@@ -102,6 +102,7 @@ pub fn credit_direction(kind: EntryKind, amount_milli: i64) -> &'static str {
     match kind {
         EntryKind::Add | EntryKind::Set | EntryKind::Transfer if amount_milli < 0 => "debit",
         EntryKind::Add | EntryKind::Set | EntryKind::Transfer => "credit",
+        EntryKind::Refund => "credit",
         _ => "none",
     }
 }
@@ -221,10 +222,55 @@ pub struct Metrics {
     /// 1 when `upstream.insecure_skip_verify` is on: the gateway's
     /// certificate is not checked.
     pub upstream_tls_insecure_skip_verify: IntGauge,
+    /// Outbox items waiting for a successful call, by kind (set by the
+    /// relay after each poll).
+    pub outbox_pending: IntGaugeVec,
+    /// Age of the oldest pending outbox item, by kind.
+    pub outbox_oldest_age_seconds: IntGaugeVec,
+    /// Outbox call attempts by kind and result (`delivered`: a 2xx,
+    /// `failed`: retried later, `gave_up`: past `outbox.give_up_after_s`).
+    pub outbox_attempts: IntCounterVec,
+    /// Outbox items given up and kept for the operator, by kind.
+    pub outbox_given_up: IntGaugeVec,
+    /// Delivery reports received on the callback listener, by outcome
+    /// (`delivered`, `failed`, `expired`, `rejected`, `other`: a status
+    /// that settles nothing) and by what became of them (`applied`,
+    /// `duplicate`, `refused`).
+    pub dlr_reports: IntCounterVec,
+    /// Callbacks refused before they named a share, by reason.
+    pub dlr_refused: IntCounterVec,
+    /// Refunds made for failed reports, and their sum in milli-credits.
+    pub dlr_refunds: IntCounter,
+    pub dlr_refunded_milli: IntCounter,
+    /// Shares whose delivery report is still awaited, by policy.
+    pub dlr_pending_shares: IntGaugeVec,
+    /// Shares resolved by `dlr.timeout_s` without a report, by policy.
+    pub dlr_timeouts: IntCounterVec,
 }
 
 /// The `reason` label of `tollgate_tls_handshake_failures_total`.
 pub const TLS_HANDSHAKE_FAILURES: [&str; 2] = ["timeout", "error"];
+
+/// The `kind` label of the outbox metrics: every producer of outbox items.
+pub const OUTBOX_KINDS: [&str; 1] = ["dlr_relay"];
+/// The `result` label of `tollgate_outbox_attempts_total`.
+pub const OUTBOX_RESULTS: [&str; 3] = ["delivered", "failed", "gave_up"];
+/// The `outcome` label of `tollgate_dlr_reports_total`.
+pub const DLR_OUTCOMES: [&str; 5] = ["delivered", "failed", "expired", "rejected", "other"];
+/// The `result` label of `tollgate_dlr_reports_total`.
+pub const DLR_RESULTS: [&str; 3] = ["applied", "duplicate", "refused"];
+/// The `reason` label of `tollgate_dlr_refused_total`.
+pub const DLR_REFUSALS: [&str; 7] = [
+    "full",
+    "flood",
+    "unknown_token",
+    "no_share",
+    "too_large",
+    "malformed",
+    "store_unavailable",
+];
+/// The `policy` label of the share gauges.
+pub const DLR_POLICIES: [&str; 2] = ["accept", "delivery"];
 
 /// The `wait` label of `tollgate_store_ack_timeouts_total`.
 pub const STORE_WAITS: [&str; 2] = ["admit", "durable"];
@@ -516,6 +562,54 @@ impl Metrics {
                 "tollgate_upstream_tls_insecure_skip_verify",
                 "1 when upstream.insecure_skip_verify is on: the gateway's certificate is not checked",
             ),
+            outbox_pending: gauge_vec(
+                "tollgate_outbox_pending",
+                "Outbox items waiting for a successful call",
+                &["kind"],
+            ),
+            outbox_oldest_age_seconds: gauge_vec(
+                "tollgate_outbox_oldest_age_seconds",
+                "Age of the oldest pending outbox item",
+                &["kind"],
+            ),
+            outbox_attempts: counter_vec(
+                "tollgate_outbox_attempts_total",
+                "Outbox call attempts by result (delivered, failed, gave_up)",
+                &["kind", "result"],
+            ),
+            outbox_given_up: gauge_vec(
+                "tollgate_outbox_given_up",
+                "Outbox items given up (listed at /admin/outbox?state=gave_up)",
+                &["kind"],
+            ),
+            dlr_reports: counter_vec(
+                "tollgate_dlr_reports_total",
+                "Delivery reports received, by outcome and what became of them",
+                &["outcome", "result"],
+            ),
+            dlr_refused: counter_vec(
+                "tollgate_dlr_refused_total",
+                "Delivery report callbacks refused before they named a share",
+                &["reason"],
+            ),
+            dlr_refunds: counter(
+                "tollgate_dlr_refunds_total",
+                "Shares (or parts) refunded after a failed delivery report",
+            ),
+            dlr_refunded_milli: counter(
+                "tollgate_dlr_refunded_milli_total",
+                "Milli-credits refunded after failed delivery reports",
+            ),
+            dlr_pending_shares: gauge_vec(
+                "tollgate_dlr_pending_shares",
+                "Shares whose delivery report is still awaited",
+                &["policy"],
+            ),
+            dlr_timeouts: counter_vec(
+                "tollgate_dlr_timeouts_total",
+                "Shares resolved by dlr.timeout_s without a final report",
+                &["policy"],
+            ),
         };
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(m.build_info.clone()),
@@ -564,6 +658,16 @@ impl Metrics {
             Box::new(m.tls_cert_not_after_s.clone()),
             Box::new(m.tls_handshake_failures.clone()),
             Box::new(m.upstream_tls_insecure_skip_verify.clone()),
+            Box::new(m.outbox_pending.clone()),
+            Box::new(m.outbox_oldest_age_seconds.clone()),
+            Box::new(m.outbox_attempts.clone()),
+            Box::new(m.outbox_given_up.clone()),
+            Box::new(m.dlr_reports.clone()),
+            Box::new(m.dlr_refused.clone()),
+            Box::new(m.dlr_refunds.clone()),
+            Box::new(m.dlr_refunded_milli.clone()),
+            Box::new(m.dlr_pending_shares.clone()),
+            Box::new(m.dlr_timeouts.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");
@@ -601,6 +705,26 @@ impl Metrics {
         }
         for reason in LOST_ANSWER_REASONS {
             self.upstream_answers_lost.with_label_values(&[reason]);
+        }
+        for kind in OUTBOX_KINDS {
+            self.outbox_pending.with_label_values(&[kind]);
+            self.outbox_oldest_age_seconds.with_label_values(&[kind]);
+            self.outbox_given_up.with_label_values(&[kind]);
+            for result in OUTBOX_RESULTS {
+                self.outbox_attempts.with_label_values(&[kind, result]);
+            }
+        }
+        for outcome in DLR_OUTCOMES {
+            for result in DLR_RESULTS {
+                self.dlr_reports.with_label_values(&[outcome, result]);
+            }
+        }
+        for reason in DLR_REFUSALS {
+            self.dlr_refused.with_label_values(&[reason]);
+        }
+        for policy in DLR_POLICIES {
+            self.dlr_pending_shares.with_label_values(&[policy]);
+            self.dlr_timeouts.with_label_values(&[policy]);
         }
         for state in [ReservationState::Open, ReservationState::InDoubt] {
             self.reservations_held_milli
@@ -793,7 +917,7 @@ mod tests {
         let (ours, process): (Vec<_>, Vec<_>) = families
             .iter()
             .partition(|f| f.get_name().starts_with("tollgate_"));
-        assert_eq!(ours.len(), 46);
+        assert_eq!(ours.len(), 56);
         let mut process: Vec<&str> = process.iter().map(|f| f.get_name()).collect();
         process.sort_unstable();
         let mut expected = PROCESS_FAMILIES.to_vec();

@@ -341,6 +341,7 @@ fn build(
         clock.clone(),
         stored_accounts,
     ));
+    let location = store.as_ref().map(|s| s.location.clone());
     let writer = match store {
         Some(opened) => {
             let writer = restore(&ledger, opened)?;
@@ -386,6 +387,9 @@ fn build(
         })?;
         app.idempotency = Arc::new(keys);
     }
+    if app.config.dlr.enabled {
+        app.dlr = Some(open_dlr(&app, location.as_ref())?);
+    }
     // Boxis identities (e-mail, user key) come from the seeds only.
     for seed in &seeds {
         app.boxis.keys.set(
@@ -395,6 +399,84 @@ fn build(
         );
     }
     Ok(app)
+}
+
+/// Opens the outbox (next to the store, in its PostgreSQL database, or in
+/// memory) and the delivery-report watcher over it, and restores the sends
+/// it was watching (finishing refunds a crash interrupted: the journal
+/// says which it already has).
+fn open_dlr(
+    app: &App,
+    location: Option<&StoreLocation>,
+) -> Result<Arc<crate::dlr::Dlr>, StartError> {
+    use crate::outbox::Outbox;
+    let cfg = &app.config;
+    let fail = |place: String, problem: String| StartError::Store {
+        path: place,
+        problem,
+    };
+    let outbox = match (&cfg.outbox.path, &cfg.store.postgres) {
+        (Some(path), _) => Outbox::open(&cfg.outbox, app.clock.clone(), app.metrics.clone())
+            .map_err(|p| fail(path.display().to_string(), p))?,
+        (None, Some(pg)) => {
+            Outbox::open_postgres(&cfg.outbox, pg, app.clock.clone(), app.metrics.clone())
+                .map_err(|p| fail(pg.url.redacted().to_string(), pg.url.redact(&p)))?
+        }
+        (None, None) => Outbox::open(&cfg.outbox, app.clock.clone(), app.metrics.clone())
+            .map_err(|p| fail("(memory)".into(), p))?,
+    };
+    let dlr = crate::dlr::Dlr::new(
+        cfg.dlr.clone(),
+        Arc::new(outbox),
+        app.ledger.clone(),
+        app.store.clone(),
+        cfg.durability == crate::config::Durability::Sync,
+        app.metrics.clone(),
+        app.clock.clone(),
+    );
+    let mut lookup = |min: u64| -> Result<std::collections::HashSet<(u64, String)>, String> {
+        let Some(location) = location else {
+            return Ok(Default::default());
+        };
+        refunds_in_journal(location, min).map_err(|e| e.to_string())
+    };
+    let restored = dlr
+        .restore(&mut lookup)
+        .map_err(|p| fail("(outbox)".into(), p))?;
+    if restored.sends > 0 {
+        tracing::info!(
+            sends = restored.sends,
+            refunds_found = restored.refunds_found,
+            refunds_made = restored.refunds_made,
+            "delivery reports: watched sends restored"
+        );
+    }
+    Ok(Arc::new(dlr))
+}
+
+/// The `(reservation, refund reference)` pairs the journal refunds, from
+/// seq `min` on (start-up after a crash interrupted a refund; one pass over
+/// the journal).
+fn refunds_in_journal(
+    location: &StoreLocation,
+    min: u64,
+) -> Result<std::collections::HashSet<(u64, String)>, StoreError> {
+    use crate::ledger::EntryKind;
+    use crate::store::Store;
+    let mut reader: Box<dyn Store> = match location {
+        StoreLocation::Sqlite(path) => Box::new(SqliteStore::open_existing(path)?),
+        StoreLocation::Postgres(pg) => Box::new(PgStore::open_snapshot(pg)?),
+    };
+    let mut found = std::collections::HashSet::new();
+    reader.for_each_entry(&mut |e| {
+        if e.kind == EntryKind::Refund && e.seq >= min {
+            if let (Some(r), Some(reference)) = (e.reservation_id, e.reference) {
+                found.insert((r, reference));
+            }
+        }
+        Ok(())
+    })?;
+    Ok(found)
 }
 
 /// Opens a seed account the ledger does not know yet, with its opening
@@ -459,6 +541,10 @@ impl BackgroundService for Sweeper {
             if let Some(store) = &app.store {
                 store.refresh_gauges();
             }
+            if let Some(dlr) = &app.dlr {
+                dlr.sweep().await;
+                dlr.outbox().refresh().await;
+            }
             app.sweep_protection();
             let m = &app.metrics;
             m.idempotency_keys.set(app.idempotency.keys_held() as i64);
@@ -494,6 +580,29 @@ pub struct RunOptions {
     /// `--upgrade`: take the listening sockets and the store over from the
     /// running process (told by SIGQUIT), see `handover.rs`.
     pub upgrade: bool,
+}
+
+/// Runs the outbox's relay on its own background runtime until shutdown,
+/// from the moment this process serves credit (a successor's outbox opens
+/// with its store).
+struct Relay {
+    slot: Arc<Slot>,
+}
+
+#[async_trait]
+impl BackgroundService for Relay {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let outbox = loop {
+            if let Some(dlr) = self.slot.bound().and_then(|app| app.dlr.clone()) {
+                break dlr.outbox().clone();
+            }
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        };
+        outbox.relay(shutdown).await;
+    }
 }
 
 /// Runs tollgate until a signal stops it.
@@ -569,6 +678,23 @@ pub fn run_with(config: Config, options: RunOptions) -> Result<(), StartError> {
     admin.threads = Some(1);
 
     let sweeper = background_service("sweeper", Sweeper { slot: slot.clone() });
+    // Delivery reports: their own listener and the outbox's relay, bound to
+    // the app that serves credit (late in a successor).
+    let dlr_services = cfg.dlr.enabled.then(|| {
+        let mut callbacks = Service::new(
+            "tollgate dlr".to_string(),
+            crate::dlr::callback::CallbackApp {
+                dlr: Box::new({
+                    let slot = slot.clone();
+                    move || slot.bound().and_then(|app| app.dlr.clone())
+                }),
+            },
+        );
+        callbacks.add_tcp(&cfg.dlr.listen.to_string());
+        callbacks.threads = Some(1);
+        let relay = background_service("outbox relay", Relay { slot: slot.clone() });
+        (callbacks, relay)
+    });
 
     tracing::info!(
         listen = ?cfg.listen,
@@ -592,6 +718,10 @@ pub fn run_with(config: Config, options: RunOptions) -> Result<(), StartError> {
     server.add_service(proxy).add_dependency(&reloader);
     server.add_service(admin).add_dependency(&reloader);
     server.add_service(sweeper);
+    if let Some((callbacks, relay)) = dlr_services {
+        server.add_service(callbacks).add_dependency(&reloader);
+        server.add_service(relay);
+    }
     drop(front);
     // Not `run_forever`: it exits the process. `run` returns once a signal
     // (SIGTERM: graceful, SIGINT: fast, SIGQUIT: upgrade, which starts the

@@ -148,6 +148,12 @@ struct FileConfig {
     /// Zero-downtime upgrade (`tollgate run --upgrade` and SIGQUIT).
     #[serde(default)]
     upgrade: FileUpgrade,
+    /// The durable outbox (relayed delivery reports).
+    #[serde(default)]
+    outbox: crate::outbox::FileOutbox,
+    /// Delivery reports (SPEC 9a).
+    #[serde(default)]
+    dlr: crate::dlr::FileDlr,
 }
 
 #[derive(Debug, Deserialize)]
@@ -582,6 +588,8 @@ pub struct Config {
     pub log: log::LogConfig,
     pub notify: notify::NotifyConfig,
     pub upgrade: UpgradeConfig,
+    pub outbox: crate::outbox::OutboxConfig,
+    pub dlr: crate::dlr::DlrConfig,
 }
 
 /// The Boxis-compatible door (SPEC 2.1).
@@ -1009,6 +1017,9 @@ impl Config {
                 insecure_skip_verify: f.upstream.insecure_skip_verify,
             },
         )?;
+        let store_path = f.store.path.as_deref().map(|p| resolve_relative(path, p));
+        let outbox = crate::outbox::OutboxConfig::from_file(path, f.outbox, store_path.as_deref())?;
+        let dlr = crate::dlr::DlrConfig::from_file(path, f.dlr)?;
         Ok(Config {
             source: path.to_path_buf(),
             mode: f.mode,
@@ -1079,6 +1090,8 @@ impl Config {
             log: f.log.into(),
             notify: notify::NotifyConfig::from_file(path, f.notify)?,
             upgrade,
+            outbox,
+            dlr,
         })
     }
 }

@@ -824,6 +824,69 @@ impl Ledger {
         .ok_or(LedgerError::UnknownReservation(id))
     }
 
+    /// Gives back a posted share of a resolved reservation (a delivery
+    /// report said the message never arrived): `refund` entries of
+    /// `offpeak_milli` and `anytime_milli` (each ≥ 0; zero legs skipped, a
+    /// refund of 0 records one entry of 0 on `anytime`) move `posted` up on
+    /// the bucket that paid; returns the last seq. The entries carry the reservation id and
+    /// [`refund_reference`](super::refund_reference)`(share, parts)`.
+    ///
+    /// The ledger does not remember what each share posted: the caller
+    /// (the delivery-report module) owns "at most once per share, never
+    /// more than was posted", and `tollgate ledger verify` checks both from
+    /// the journal.
+    pub fn refund(
+        &self,
+        name: &str,
+        reservation: ReservationId,
+        share: usize,
+        parts: Option<&[u32]>,
+        offpeak_milli: i64,
+        anytime_milli: i64,
+    ) -> Result<u64, LedgerError> {
+        if offpeak_milli < 0 || anytime_milli < 0 {
+            return Err(LedgerError::InvalidAmount(format!(
+                "a refund cannot be negative ({offpeak_milli}, {anytime_milli})"
+            )));
+        }
+        let account = self.cell(name)?;
+        let mut st = account.state.lock();
+        // Critical section: move posted up on up to two buckets, record.
+        let new_offpeak = st.offpeak.checked_apply(offpeak_milli, 0)?;
+        let new_anytime = st.anytime.checked_apply(anytime_milli, 0)?;
+        let total = offpeak_milli
+            .checked_add(anytime_milli)
+            .ok_or(LedgerError::Overflow)?;
+        let mut legs: Vec<Leg> = [
+            (Bucket::OffPeak, offpeak_milli),
+            (Bucket::Anytime, anytime_milli),
+        ]
+        .into_iter()
+        .filter(|(_, amount)| *amount != 0)
+        .map(|(bucket, amount_milli)| Leg {
+            kind: EntryKind::Refund,
+            account: &account.name,
+            bucket,
+            amount_milli,
+        })
+        .collect();
+        if legs.is_empty() {
+            legs.push(Leg {
+                kind: EntryKind::Refund,
+                account: &account.name,
+                bucket: Bucket::Anytime,
+                amount_milli: 0,
+            });
+        }
+        let first = self.take_seqs(legs.len());
+        st.offpeak = new_offpeak;
+        st.anytime = new_anytime;
+        self.total_posted_milli.fetch_add(total, Ordering::Relaxed);
+        let reference = super::refund_reference(share, parts);
+        let journal = self.journal(Some(reservation.0), Some(&reference), None);
+        Ok(self.record(first, &journal, &legs))
+    }
+
     /// Returns the whole reservation to the account's available balance.
     pub fn void(&self, id: ReservationId) -> Result<Settlement, LedgerError> {
         self.resolve(id, EntryKind::Void, None, |_| Ok(Some(0)))?
@@ -1181,6 +1244,7 @@ impl Ledger {
         let seq = self.record(first, &journal, &legs);
         Ok(Some(Settlement {
             posted_milli: post_milli,
+            posted_offpeak_milli: post_offpeak,
             voided_milli: offpeak_milli + anytime_milli - post_milli,
             seq,
         }))

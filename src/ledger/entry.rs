@@ -32,10 +32,15 @@ pub enum EntryKind {
     /// A forgotten reservation returned by the TTL sweep; moves `reserved`
     /// (down).
     Expire,
+    /// Credit given back for a posted share whose delivery report said it
+    /// never arrived; moves `posted` (up), on the bucket that paid. Carries
+    /// the reservation id and, as its reference, `share:<index>` (or
+    /// `share:<index>/part:<p>+…`, see [`refund_reference`](super::refund_reference)).
+    Refund,
 }
 
 impl EntryKind {
-    pub const ALL: [EntryKind; 7] = [
+    pub const ALL: [EntryKind; 8] = [
         EntryKind::Add,
         EntryKind::Set,
         EntryKind::Reserve,
@@ -43,6 +48,7 @@ impl EntryKind {
         EntryKind::Void,
         EntryKind::Transfer,
         EntryKind::Expire,
+        EntryKind::Refund,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -54,6 +60,7 @@ impl EntryKind {
             EntryKind::Void => "void",
             EntryKind::Transfer => "transfer",
             EntryKind::Expire => "expire",
+            EntryKind::Refund => "refund",
         }
     }
 
@@ -66,7 +73,11 @@ impl EntryKind {
     pub fn moves_posted(self) -> bool {
         matches!(
             self,
-            EntryKind::Add | EntryKind::Set | EntryKind::Transfer | EntryKind::Post
+            EntryKind::Add
+                | EntryKind::Set
+                | EntryKind::Transfer
+                | EntryKind::Post
+                | EntryKind::Refund
         )
     }
 
@@ -230,6 +241,10 @@ pub fn replay_open_reservations(entries: &[Entry]) -> Vec<ReservationView> {
     let mut by_id: BTreeMap<u64, Acc> = BTreeMap::new();
     for e in entries {
         let Some(id) = e.reservation_id else { continue };
+        if e.kind == EntryKind::Refund {
+            // Follows the reservation's resolution; never opens one.
+            continue;
+        }
         let acc = by_id.entry(id).or_insert_with(|| Acc {
             view: ReservationView {
                 id: ReservationId(id),

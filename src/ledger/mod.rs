@@ -31,8 +31,9 @@
 //! | `post`     | amount      | amount        | ≤ 0: the spend leaves both             |
 //! | `void`     | —           | amount        | ≤ 0: credit returns to available       |
 //! | `expire`   | —           | amount        | ≤ 0: like `void`, by the TTL sweep     |
+//! | `refund`   | amount      | —             | ≥ 0: a posted share given back         |
 //!
-//! So `available` moves by `amount` for add/set/transfer, by `−amount` for
+//! So `available` moves by `amount` for add/set/transfer/refund, by `−amount` for
 //! reserve/void/expire, and not at all for post. Replaying all entries from
 //! zero with these rules ([`replay`]) reproduces every bucket's `posted` and
 //! `reserved`; the sums commute, so replay does not depend on entry order.
@@ -94,6 +95,45 @@ pub use entry::{
 pub use reservation::{
     ReservationGuard, ReservationId, ReservationState, ReservationView, Settlement,
 };
+
+/// The reference a `refund` entry carries: which share of its reservation
+/// it gives back (`share:<index>`, the index in the reservation's shares),
+/// or which parts of it (`share:<index>/part:<p>+<q>`, 1-based) when a
+/// multipart message's parts are refunded one report at a time. Each
+/// reference is refunded at most once per bucket.
+pub fn refund_reference(share: usize, parts: Option<&[u32]>) -> String {
+    match parts {
+        None => format!("share:{share}"),
+        Some(parts) => {
+            let list: Vec<String> = parts.iter().map(u32::to_string).collect();
+            format!("share:{share}/part:{}", list.join("+"))
+        }
+    }
+}
+
+/// The share index of a [`refund_reference`].
+pub fn parse_refund_reference(reference: &str) -> Option<usize> {
+    let rest = reference.strip_prefix("share:")?;
+    let (digits, tail) = match rest.split_once('/') {
+        Some((d, t)) => (d, Some(t)),
+        None => (rest, None),
+    };
+    if digits.is_empty() || digits.len() > 9 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    if let Some(tail) = tail {
+        let parts = tail.strip_prefix("part:")?;
+        if parts.is_empty()
+            || parts.len() > 64
+            || !parts
+                .split('+')
+                .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        {
+            return None;
+        }
+    }
+    digits.parse().ok()
+}
 
 /// One of an account's two balances.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

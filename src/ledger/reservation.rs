@@ -71,6 +71,9 @@ pub struct ReservationView {
 pub struct Settlement {
     /// Spent: left `posted` for good.
     pub posted_milli: i64,
+    /// The part of `posted_milli` paid by the `offpeak` bucket (posts take
+    /// offpeak first), so a later refund can go back where it came from.
+    pub posted_offpeak_milli: i64,
     /// Returned to the account's available balance (voided or expired).
     pub voided_milli: i64,
     /// Seq of the last entry recorded.

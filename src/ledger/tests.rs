@@ -1304,3 +1304,41 @@ fn an_account_opens_with_its_balance_in_one_operation_exactly_once() {
     assert!(f.ledger.account("neg").is_none());
     assert_eq!(f.ledger.total_posted_milli(), 12 * C);
 }
+
+#[test]
+fn a_refund_gives_a_posted_share_back_to_the_bucket_that_paid() {
+    let f = fixture();
+    f.account("a", 10 * C, 2 * C);
+    let id = f
+        .ledger
+        .reserve("a", &[3 * C, C], BucketPreference::OffPeakFirst, None, None)
+        .unwrap();
+    let s = f.ledger.settle_shares(id, &[true, true], None).unwrap();
+    // Posts take offpeak first: 2 credits offpeak, 2 anytime.
+    assert_eq!((s.posted_milli, s.posted_offpeak_milli), (4 * C, 2 * C));
+    f.ledger.refund("a", id, 1, None, 0, C).unwrap();
+    assert_eq!(f.avail("a", Bucket::Anytime), 9 * C);
+    assert_eq!(f.avail("a", Bucket::OffPeak), 0);
+    let entries = f.sink.entries();
+    let last = entries.last().unwrap();
+    assert_eq!(last.kind, EntryKind::Refund);
+    assert_eq!(last.reservation_id, Some(id.0));
+    assert_eq!(last.reference.as_deref(), Some("share:1"));
+    assert_eq!(parse_refund_reference("share:1"), Some(1));
+    assert_eq!(parse_refund_reference("share:"), None);
+    assert_eq!(refund_reference(2, Some(&[1, 3])), "share:2/part:1+3");
+    assert_eq!(parse_refund_reference("share:2/part:1+3"), Some(2));
+    assert_eq!(parse_refund_reference("share:2/part:"), None);
+    assert_eq!(parse_refund_reference("share:2/x"), None);
+    // Replay reproduces the balances, refunds included.
+    let replayed = replay(&entries);
+    assert_eq!(
+        replayed[&("a".to_string(), Bucket::Anytime)],
+        f.bucket("a", Bucket::Anytime)
+    );
+    assert!(replay_open_reservations(&entries).is_empty());
+    assert!(matches!(
+        f.ledger.refund("a", id, 0, None, -1, 0),
+        Err(LedgerError::InvalidAmount(_))
+    ));
+}

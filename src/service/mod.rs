@@ -17,6 +17,7 @@
 //! `respond` (every answer's shape), `outcome`.
 
 pub mod boxis;
+pub mod dlr;
 pub mod dropin;
 pub mod forward;
 pub mod idempotent;
@@ -98,6 +99,8 @@ pub struct App {
     /// Drop-in authentication state: single flight and the negative cache
     /// of gateway verifications (SPEC 5.3).
     pub dropin: dropin::DropIn,
+    /// Delivery reports (`dlr.enabled`), set once at start-up.
+    pub dlr: Option<Arc<crate::dlr::Dlr>>,
     /// Makes request ids unique across restarts: the start time prefixes a
     /// per-process counter.
     started_unix_ms: i64,
@@ -171,6 +174,7 @@ impl App {
             next_request: AtomicU64::new(1),
             reload_lock: parking_lot::Mutex::new(()),
             store: None,
+            dlr: None,
             standby: false,
             retired: std::sync::atomic::AtomicBool::new(false),
         }

@@ -34,6 +34,8 @@ const ACTION: &str = "sendmessage";
 /// A priced send: what each message costs and what that adds up to.
 struct Priced {
     shares: Vec<i64>,
+    /// Parts of each message (delivery reports may come per part).
+    share_parts: Vec<u32>,
     parts: u64,
     cost_milli: i64,
     preference: BucketPreference,
@@ -115,13 +117,52 @@ pub async fn send(app: &App, snapshot: &Snapshot, req: &Request<'_>, send: SendM
         permit.refund(&app.limiter);
         return refused(Refusal::new(code));
     }
+    // SPEC 9a: a watched send's record is durable before it leaves, and
+    // its reporturl names tollgate's callback (`service::dlr`).
+    let watched = match crate::service::dlr::before_forward(
+        app,
+        &send,
+        req,
+        guard.id(),
+        &priced.shares,
+        &priced.share_parts,
+        view.tariff_class.as_deref(),
+    )
+    .await
+    {
+        Ok(w) => w,
+        Err(code) => {
+            if let Err(e) = guard.void() {
+                tracing::warn!(request_id = %req.request_id, error = %e, "voiding an unwatched reservation");
+            }
+            permit.refund(&app.limiter);
+            return refused(Refusal::new(code));
+        }
+    };
     // The parts are spent: the send goes upstream. From here a dropped
     // request (client gone, shutdown) may belong to a sent message: in
     // doubt, never void.
     drop(permit);
     guard.forwarding();
-    let forwarded = forward(app, req, ACTION).await;
-    let settled = settle(guard, &send, &forwarded, &req.request_id, cost);
+    let forwarded = match &watched {
+        Some(w) if w.head.is_some() || w.body.is_some() => {
+            let rewritten = Request {
+                door: req.door,
+                head: w.head.as_ref().unwrap_or(req.head),
+                body: w.body.clone().unwrap_or_else(|| req.body.clone()),
+                client_ip: req.client_ip,
+                request_id: req.request_id.clone(),
+                limited: None,
+                params: None,
+            };
+            forward(app, &rewritten, ACTION).await
+        }
+        _ => forward(app, req, ACTION).await,
+    };
+    let (settled, flags) = settle_with_flags(guard, &send, &forwarded, &req.request_id, cost);
+    if let Some(w) = watched {
+        crate::service::dlr::after_settle(app, w, flags).await;
+    }
     count_recipients(app, &settled);
     // What the send cost after settlement (rejected recipients are not
     // charged), and what stays held while its outcome is unknown.
@@ -169,6 +210,7 @@ fn price(
     let now = app.clock.now_unix_ms();
     let tariff = &snapshot.tariff;
     let mut shares = Vec::with_capacity(send.messages.len());
+    let mut share_parts = Vec::with_capacity(send.messages.len());
     let mut parts: u64 = 0;
     for m in &send.messages {
         let quote = tariff
@@ -181,11 +223,13 @@ fn price(
             })
             .map_err(Refusal::invalid)?;
         parts = parts.saturating_add(u64::from(quote.parts));
+        share_parts.push(quote.parts);
         shares.push(quote.total_milli);
     }
     Ok(Priced {
         cost_milli: shares.iter().sum(),
         shares,
+        share_parts,
         parts,
         preference: tariff.bucket_preference(now),
     })
@@ -257,6 +301,20 @@ pub fn settle(
     request_id: &str,
     cost_milli: i64,
 ) -> Settled {
+    settle_with_flags(guard, send, forwarded, request_id, cost_milli).0
+}
+
+/// [`settle`], also returning, when the gateway's answer named every
+/// share, which were accepted and what the ledger posted on offpeak (what
+/// delivery reports refund against).
+pub fn settle_with_flags(
+    guard: ReservationGuard,
+    send: &SendMessage,
+    forwarded: &Forwarded,
+    request_id: &str,
+    cost_milli: i64,
+) -> (Settled, Option<(Vec<bool>, i64)>) {
+    let mut flags_out = None;
     let recipients = send.messages.len() as u64;
     let nothing = |outcome| Settled {
         outcome,
@@ -292,14 +350,16 @@ pub fn settle(
                     Ok(flags) if flags.iter().all(Option::is_some) => {
                         let accepted: Vec<bool> = flags.into_iter().map(Option::unwrap).collect();
                         let n_accepted = accepted.iter().filter(|a| **a).count() as u64;
-                        guard
-                            .settle_shares(&accepted, Some(request_id))
-                            .map(|s| Settled {
-                                charged_milli: s.posted_milli,
-                                accepted: n_accepted,
-                                rejected: recipients - n_accepted,
-                                ..nothing(Outcome::Settled)
-                            })
+                        let result = guard.settle_shares(&accepted, Some(request_id));
+                        if let Ok(s) = &result {
+                            flags_out = Some((accepted.clone(), s.posted_offpeak_milli));
+                        }
+                        result.map(|s| Settled {
+                            charged_milli: s.posted_milli,
+                            accepted: n_accepted,
+                            rejected: recipients - n_accepted,
+                            ..nothing(Outcome::Settled)
+                        })
                     }
                     // An Ozeki error answer (no reports, an errorcode): the
                     // gateway refused the request as a whole and sent nothing.
@@ -316,11 +376,12 @@ pub fn settle(
             }
         }
     };
-    settled.unwrap_or_else(|e| {
+    let settled = settled.unwrap_or_else(|e| {
         // Only possible if an operator or the sweep resolved it first.
         tracing::warn!(request_id, error = %e, "reservation already resolved");
         nothing(Outcome::AlreadyResolved)
-    })
+    });
+    (settled, flags_out)
 }
 
 /// Whether a 2xx body is Ozeki's whole-request error answer.

@@ -11,6 +11,7 @@
 //! existing tokio runtime); [`run`] builds a multi-threaded runtime, binds,
 //! prints `ozeki-sim listening on ADDR` and serves forever.
 
+pub mod dlr;
 pub mod params;
 pub mod render;
 pub mod server;

@@ -182,7 +182,7 @@ pub fn collect_messages(p: &Params) -> Vec<OutMessage> {
 }
 
 async fn api(
-    state: &SimState,
+    state: &Arc<SimState>,
     parts: http::request::Parts,
     body: Bytes,
     conn: ConnInfo,
@@ -297,7 +297,22 @@ async fn api(
         ));
     };
     let resp = match action.as_str() {
-        "sendmessage" => sendmessage(state, &params, messages),
+        "sendmessage" => {
+            let (resp, accepted) = sendmessage(state, &params, messages);
+            if let Some(template) = params.get_nonempty("reporturl") {
+                let calls = super::dlr::plan(&state.dlr, template, &accepted);
+                if !calls.is_empty() {
+                    let deliver = super::dlr::deliver(state.clone(), calls);
+                    if state.dlr.early.load(Ordering::Relaxed) {
+                        // Reports before the send's answer.
+                        deliver.await;
+                    } else {
+                        tokio::spawn(deliver);
+                    }
+                }
+            }
+            resp
+        }
         "getcredits" | "setcredits" | "addcredits" => credits(state, &params, &action, &user),
         "receivemessage" => {
             let limit = params
@@ -325,10 +340,14 @@ async fn api(
     Ok(resp)
 }
 
-fn sendmessage(state: &SimState, p: &Params, messages: Vec<OutMessage>) -> Response<Body> {
+fn sendmessage(
+    state: &SimState,
+    p: &Params,
+    messages: Vec<OutMessage>,
+) -> (Response<Body>, Vec<super::dlr::Accepted>) {
     state.counters.sendmessage.fetch_add(1, Ordering::Relaxed);
     if messages.is_empty() {
-        return respond(
+        let resp = respond(
             StatusCode::OK,
             XML,
             render::error_xml(
@@ -337,6 +356,7 @@ fn sendmessage(state: &SimState, p: &Params, messages: Vec<OutMessage>) -> Respo
                 errcode::NO_RECIPIENT,
             ),
         );
+        return (resp, Vec::new());
     }
     let mut accepted = 0;
     let reports: Vec<AcceptReport> = messages
@@ -372,11 +392,23 @@ fn sendmessage(state: &SimState, p: &Params, messages: Vec<OutMessage>) -> Respo
     let html = p
         .get_nonempty("responseformat")
         .is_some_and(|f| f.eq_ignore_ascii_case("html"));
-    if html {
+    let originator = p.get("originator").unwrap_or("").to_string();
+    let for_reports = reports
+        .iter()
+        .filter(|r| r.statuscode == 0)
+        .map(|r| super::dlr::Accepted {
+            message_id: r.messageid.clone(),
+            recipient: r.recipient.clone(),
+            originator: originator.clone(),
+            messagedata: r.messagedata.clone(),
+        })
+        .collect();
+    let resp = if html {
         respond(StatusCode::OK, HTML, render::send_html(&reports))
     } else {
         respond(StatusCode::OK, XML, render::send_xml(&reports))
-    }
+    };
+    (resp, for_reports)
 }
 
 fn credits(
@@ -467,6 +499,29 @@ fn control_action(
         ("/sim/latency", true) => {
             let ms = num("ms")?.ok_or("ms=N is required")?;
             state.set_latency_ms(ms);
+            ok()
+        }
+        ("/sim/dlr", false) => json(StatusCode::OK, &state.dlr.calls_json()),
+        ("/sim/dlr", true) => {
+            if p.get_nonempty("reset").is_some() {
+                state.dlr.reset();
+            } else {
+                let outcome = p.get_nonempty("outcome").unwrap_or("delivered").to_string();
+                state.dlr.add_rule(super::dlr::DlrRule {
+                    prefix: p.get("prefix").unwrap_or("").to_string(),
+                    outcome,
+                    delay_ms: num("delay_ms")?.unwrap_or(0),
+                    duplicates: u32::try_from(num("duplicates")?.unwrap_or(0).min(100))
+                        .unwrap_or(0),
+                    parts: u32::try_from(num("parts")?.unwrap_or(0).min(16)).unwrap_or(0),
+                });
+            }
+            ok()
+        }
+        ("/sim/dlr/mode", true) => {
+            let flag = |n: &str| p.get_nonempty(n).is_some_and(|v| v == "1" || v == "true");
+            state.dlr.reverse.store(flag("reverse"), Ordering::Relaxed);
+            state.dlr.early.store(flag("early"), Ordering::Relaxed);
             ok()
         }
         ("/sim/inbox", true) => {

@@ -175,6 +175,8 @@ pub struct SimState {
     inbox_seq: AtomicU64,
     id_seed: u64,
     id_seq: AtomicU64,
+    /// Delivery-report rules and the calls made (`super::dlr`).
+    pub dlr: super::dlr::DlrSim,
 }
 
 /// 36^8: the number of distinct 8-character message ids.
@@ -217,6 +219,7 @@ impl SimState {
             inbox_seq: AtomicU64::new(0),
             id_seed: id_seed % ID_SPACE,
             id_seq: AtomicU64::new(0),
+            dlr: super::dlr::DlrSim::default(),
         }
     }
 

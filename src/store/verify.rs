@@ -43,6 +43,12 @@ pub struct VerifyReport {
     pub below_zero: Vec<(String, Bucket, i64)>,
     /// `reserved < 0` anywhere is always an error.
     pub negative_reserved: Vec<(String, Bucket, i64)>,
+    /// `refund` entries that break their rules: a share refunded twice, a
+    /// refund without a share reference or reservation, a negative one, or
+    /// refunds of a reservation above what it posted on that bucket.
+    pub refund_mismatches: Vec<String>,
+    /// `refund` entries replayed.
+    pub refunds: u64,
 }
 
 impl VerifyReport {
@@ -51,6 +57,7 @@ impl VerifyReport {
         self.balance_mismatches.is_empty()
             && self.reservation_mismatches.is_empty()
             && self.negative_reserved.is_empty()
+            && self.refund_mismatches.is_empty()
             && (overdraft == Overdraft::Ozeki || self.below_zero.is_empty())
     }
 }
@@ -90,6 +97,15 @@ impl fmt::Display for VerifyReport {
         for (a, b, v) in &self.below_zero {
             writeln!(f, "  {a} {b}: available {}", format_credits(*v))?;
         }
+        writeln!(
+            f,
+            "refunds:              {} ({} mismatches)",
+            self.refunds,
+            self.refund_mismatches.len()
+        )?;
+        for m in &self.refund_mismatches {
+            writeln!(f, "  {m}")?;
+        }
         writeln!(f, "negative reserved:    {}", self.negative_reserved.len())?;
         for (a, b, v) in &self.negative_reserved {
             writeln!(f, "  {a} {b}: reserved {}", format_credits(*v))?;
@@ -106,12 +122,64 @@ struct ReplayedReservation {
     offpeak_milli: i64,
 }
 
+/// What the journal refunded of one reservation.
+#[derive(Default)]
+struct ReservationRefunds {
+    /// (reference, bucket) pairs refunded: each at most once.
+    shares: std::collections::HashSet<(String, Bucket)>,
+    /// Per bucket (anytime, offpeak): refunded, and posted (second pass).
+    refunded: [i64; 2],
+    posted: [i64; 2],
+}
+
+fn bucket_index(bucket: Bucket) -> usize {
+    match bucket {
+        Bucket::Anytime => 0,
+        Bucket::OffPeak => 1,
+    }
+}
+
+/// The rules one `refund` entry must follow on its own (the amount bound
+/// needs the second pass).
+fn check_refund(
+    e: &Entry,
+    refunded: &mut HashMap<u64, ReservationRefunds>,
+    mismatches: &mut Vec<String>,
+) {
+    let share = e
+        .reference
+        .as_deref()
+        .and_then(crate::ledger::parse_refund_reference);
+    let (Some(id), Some(share)) = (e.reservation_id, share) else {
+        mismatches.push(format!("refund entry {} names no reservation share", e.seq));
+        return;
+    };
+    if e.amount_milli < 0 {
+        mismatches.push(format!("refund entry {} is negative", e.seq));
+    }
+    let r = refunded.entry(id).or_default();
+    let reference = e.reference.clone().unwrap_or_default();
+    if !r.shares.insert((reference.clone(), e.bucket)) {
+        mismatches.push(format!(
+            "reservation {id} share {share} ({reference}) is refunded twice on {}",
+            e.bucket
+        ));
+    }
+    let i = bucket_index(e.bucket);
+    r.refunded[i] = r.refunded[i].saturating_add(e.amount_milli);
+}
+
 /// Replays the whole journal of `store` and compares.
 pub fn verify(store: &mut dyn Store) -> Result<VerifyReport, StoreError> {
     let mut totals: HashMap<(String, Bucket), BucketBalance> = HashMap::new();
     let mut open: BTreeMap<u64, ReplayedReservation> = BTreeMap::new();
     let mut chunk: Vec<Entry> = Vec::with_capacity(CHUNK_ENTRIES);
     let mut last_seq = 0u64;
+    // Refunds are rare (one per failed delivery report): kept per
+    // reservation until the second pass compares them with its posts.
+    let mut refunded: HashMap<u64, ReservationRefunds> = HashMap::new();
+    let mut refund_mismatches: Vec<String> = Vec::new();
+    let mut refunds = 0u64;
 
     fn merge(totals: &mut HashMap<(String, Bucket), BucketBalance>, chunk: &mut Vec<Entry>) {
         for (key, b) in replay(chunk) {
@@ -124,9 +192,15 @@ pub fn verify(store: &mut dyn Store) -> Result<VerifyReport, StoreError> {
 
     let entries = store.for_each_entry(&mut |e| {
         last_seq = last_seq.max(e.seq);
+        if e.kind == EntryKind::Refund {
+            refunds += 1;
+            check_refund(&e, &mut refunded, &mut refund_mismatches);
+        }
         // Seq order: a reservation's reserve entries precede its resolution.
         if let Some(id) = e.reservation_id {
-            if e.kind == EntryKind::Reserve {
+            if e.kind == EntryKind::Refund {
+                // Follows a resolution; opens and resolves nothing.
+            } else if e.kind == EntryKind::Reserve {
                 let r = open.entry(id).or_default();
                 r.account.clone_from(&e.account);
                 match e.bucket {
@@ -149,6 +223,33 @@ pub fn verify(store: &mut dyn Store) -> Result<VerifyReport, StoreError> {
     })?;
     merge(&mut totals, &mut chunk);
 
+    if !refunded.is_empty() {
+        // Second pass: what each refunded reservation posted, per bucket.
+        store.for_each_entry(&mut |e| {
+            if e.kind == EntryKind::Post {
+                if let Some(r) = e.reservation_id.and_then(|id| refunded.get_mut(&id)) {
+                    r.posted[bucket_index(e.bucket)] += -e.amount_milli;
+                }
+            }
+            Ok(())
+        })?;
+        let mut ids: Vec<_> = refunded.keys().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            let r = &refunded[&id];
+            for bucket in Bucket::ALL {
+                let i = bucket_index(bucket);
+                if r.refunded[i] > r.posted[i] {
+                    refund_mismatches.push(format!(
+                        "reservation {id} {bucket}: refunded {} but posted {}",
+                        format_credits(r.refunded[i]),
+                        format_credits(r.posted[i])
+                    ));
+                }
+            }
+        }
+    }
+
     let stored = store.stored_balances()?;
     let loaded = store.load()?;
     let mut report = VerifyReport {
@@ -157,6 +258,8 @@ pub fn verify(store: &mut dyn Store) -> Result<VerifyReport, StoreError> {
         accounts: stored.len(),
         open_reservations_stored: loaded.open_reservations.len(),
         open_reservations_replayed: open.len(),
+        refund_mismatches,
+        refunds,
         ..VerifyReport::default()
     };
 
@@ -294,6 +397,53 @@ mod tests {
             (1, 1)
         );
         assert!(r.to_string().contains("balance mismatches:   0"));
+    }
+
+    fn refund(seq: u64, amount_milli: i64, rid: u64, share: usize) -> Entry {
+        Entry {
+            reference: Some(crate::ledger::refund_reference(share, None)),
+            ..e(seq, EntryKind::Refund, "a", amount_milli, Some(rid))
+        }
+    }
+
+    #[test]
+    fn refunds_within_what_was_posted_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = store_with_history(&dir);
+        s.commit(&[refund(7, 600, 2, 0), refund(8, 400, 2, 1)], &[meta("a")])
+            .unwrap();
+        let r = verify(&mut s).unwrap();
+        assert!(r.is_ok(Overdraft::Strict), "{r}");
+        assert_eq!(r.refunds, 2);
+    }
+
+    #[test]
+    fn a_share_refunded_twice_or_above_its_post_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = store_with_history(&dir);
+        // Reservation 2 posted 1 000 on anytime.
+        s.commit(&[refund(7, 600, 2, 0), refund(8, 600, 2, 0)], &[meta("a")])
+            .unwrap();
+        s.commit(
+            &[Entry {
+                reference: Some("oops".into()),
+                ..e(9, EntryKind::Refund, "a", 1, Some(2))
+            }],
+            &[meta("a")],
+        )
+        .unwrap();
+        let r = verify(&mut s).unwrap();
+        assert!(!r.is_ok(Overdraft::Strict));
+        let text = r.refund_mismatches.join("\n");
+        assert!(
+            text.contains("share 0 (share:0) is refunded twice"),
+            "{text}"
+        );
+        assert!(text.contains("refunded 1.2 but posted 1"), "{text}");
+        assert!(text.contains("names no reservation share"), "{text}");
+        // The balances themselves still replay: the journal is consistent,
+        // its refunds are not.
+        assert!(r.balance_mismatches.is_empty(), "{r}");
     }
 
     #[test]

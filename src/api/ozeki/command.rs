@@ -73,6 +73,9 @@ pub struct SendMessage {
     /// The batch form (`messagecount` + indexed parameters): the gateway's
     /// answer then carries index-suffixed elements (`statuscode0`).
     pub batch: bool,
+    /// The client's `reporturl` template (the gateway calls it with a
+    /// delivery report); two different values are refused as ambiguous.
+    pub report_url: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -287,11 +290,16 @@ impl<'a> Request<'a> {
             Some(count) => (self.batch_messages(count, message_type, text)?, true),
             None => (self.list_messages(message_type, text)?, false),
         };
+        let report_url = self
+            .single("reporturl")?
+            .filter(|u| !u.trim().is_empty())
+            .map(str::to_string);
         Ok(SendMessage {
             credentials,
             messages,
             format,
             batch,
+            report_url,
         })
     }
 

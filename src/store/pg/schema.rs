@@ -9,7 +9,7 @@
 //! [`migrate`] is called by `tollgate run` only; [`report`] (for `tollgate
 //! check` and the offline readers) reads and never writes.
 //!
-//! # Tables (version 2)
+//! # Tables (version 3)
 //! - `nodes(id, name, first_seen_unix_ms)`: every tollgate process that has
 //!   written to the store, by name (the host name on one node). Entries
 //!   and open reservations carry the id of the node that wrote them, so a
@@ -32,6 +32,9 @@
 //!   token ([`super::super::fence`]); starts released with token 0.
 //! - `idempotency_keys(account, key, …)`: `Idempotency-Key`s (the same
 //!   rows as the SQLite key file's).
+//! - `outbox_items(id, kind, target, …, dedupe_key UNIQUE, state, …)` and
+//!   `outbox_state(namespace, key, value)`: the durable outbox
+//!   (`crate::outbox`), version 3.
 //! - `schema_migrations(version PK, name, applied_unix_ms)`.
 //!
 //! # Failure modes
@@ -130,6 +133,34 @@ CREATE TABLE idempotency_keys (
     PRIMARY KEY (account, key)
 );
 CREATE INDEX idempotency_keys_expiry ON idempotency_keys (expires_unix_ms);
+",
+    },
+    Migration {
+        version: 3,
+        name: "outbox",
+        sql: "
+CREATE TABLE outbox_items (
+    id                   BIGSERIAL PRIMARY KEY,
+    kind                 TEXT    NOT NULL,
+    target               TEXT    NOT NULL,
+    method               TEXT    NOT NULL,
+    headers              TEXT    NOT NULL,
+    body                 BYTEA   NOT NULL,
+    dedupe_key           TEXT    NOT NULL UNIQUE,
+    state                TEXT    NOT NULL,
+    attempts             INTEGER NOT NULL DEFAULT 0,
+    created_unix_ms      BIGINT  NOT NULL,
+    next_attempt_unix_ms BIGINT  NOT NULL,
+    finished_unix_ms     BIGINT,
+    last_error           TEXT
+);
+CREATE INDEX outbox_items_due ON outbox_items (state, next_attempt_unix_ms);
+CREATE TABLE outbox_state (
+    namespace TEXT  NOT NULL,
+    key       TEXT  NOT NULL,
+    value     BYTEA NOT NULL,
+    PRIMARY KEY (namespace, key)
+);
 ",
     },
 ];

@@ -1,0 +1,326 @@
+//! The settlement state machine under random order: a send's accept
+//! answer, its reports (any outcome, duplicates, with or without message
+//! id, before or after the answer) and the timeout sweep, in any order.
+//! Every share resolves exactly once (its first final report decides),
+//! nothing is refunded twice or above what it posted, and credit is
+//! conserved: balance = opening − posted + refunded, and the journal
+//! replays to the balances. A send closed by the timeout before its answer
+//! refunds nothing (its settlement is never known to the watcher).
+
+use std::sync::Arc;
+
+use proptest::prelude::*;
+
+use std::collections::HashSet;
+
+use super::*;
+use crate::clock::ManualClock;
+use crate::ledger::{
+    replay, BucketPreference, EntryKind, LedgerConfig, MemorySink, Overdraft, Role,
+};
+use crate::outbox::OutboxConfig;
+
+#[derive(Debug, Clone)]
+enum Event {
+    /// The gateway's answer (the settlement), once.
+    Answer,
+    /// A report for share `share` with `outcome` (0..4: delivered, failed,
+    /// expired, rejected, 4: not final), with or without its message id.
+    Report {
+        share: usize,
+        outcome: u8,
+        with_id: bool,
+    },
+    /// `dlr.timeout_s` passes and the sweep runs.
+    Timeout,
+}
+
+fn event(shares: usize) -> impl Strategy<Value = Event> {
+    prop_oneof![
+        1 => Just(Event::Answer),
+        6 => (0..shares, 0u8..5, any::<bool>()).prop_map(|(share, outcome, with_id)| Event::Report { share, outcome, with_id }),
+        1 => Just(Event::Timeout),
+    ]
+}
+
+const STATUS: [&str; 5] = ["delivered", "undelivered", "expired", "rejected", "enroute"];
+
+fn scenario() -> impl Strategy<Value = (Vec<i64>, Vec<bool>, bool, Vec<Event>)> {
+    (1usize..5).prop_flat_map(|n| {
+        (
+            prop::collection::vec(0i64..5_000, n),
+            prop::collection::vec(any::<bool>(), n),
+            any::<bool>(),
+            prop::collection::vec(event(n), 0..24),
+        )
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    #[test]
+    fn every_share_resolves_once_and_credit_is_conserved(
+        (prices, accepted, offpeak_first, events) in scenario()
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let clock = Arc::new(ManualClock::new(1_000_000));
+            let sink = Arc::new(MemorySink::new());
+            let ledger = Arc::new(Ledger::new(
+                LedgerConfig { overdraft: Overdraft::Strict, ..LedgerConfig::default() },
+                sink.clone(),
+                clock.clone(),
+            ));
+            ledger.open_account("a", None, Role::User, None).unwrap();
+            ledger.add("a", crate::ledger::Bucket::Anytime, 20_000, None).unwrap();
+            ledger.add("a", crate::ledger::Bucket::OffPeak, 3_000, None).unwrap();
+            let metrics = Arc::new(Metrics::new());
+            let outbox = Arc::new(
+                Outbox::open(&OutboxConfig::default(), clock.clone(), metrics.clone()).unwrap(),
+            );
+            let config = DlrConfig { enabled: true, ..DlrConfig::default() };
+            let timeout = config.timeout;
+            let dlr = Dlr::new(config, outbox, ledger.clone(), None, false, metrics, clock.clone());
+            let recipients: Vec<String> =
+                (0..prices.len()).map(|i| format!("+3630000000{i}")).collect();
+            let refs: Vec<&str> = recipients.iter().map(String::as_str).collect();
+            let parts = vec![1u32; prices.len()];
+            let pref = if offpeak_first { BucketPreference::OffPeakFirst } else { BucketPreference::AnytimeOnly };
+            let id = ledger.reserve("a", &prices, pref, None, None).unwrap();
+            let prepared = dlr
+                .prepare(Some("http://c/r?id=$messageid"), &refs, &prices, &parts, None, "a")
+                .unwrap();
+            let token = prepared.callback_url.split("/dlr/").nth(1).unwrap()[..32].to_string();
+            let key = dlr.register(prepared, id).await.unwrap();
+
+            // The model: what each share's first final report decided.
+            let mut answered = false;
+            let mut answered_open = false;
+            let mut closed = false;
+            let mut decided: Vec<Option<u8>> = vec![None; prices.len()];
+            let mut posted_total = 0i64;
+            for e in events.iter().cloned().chain([Event::Answer]) {
+                match e {
+                    Event::Answer if !answered => {
+                        answered = true;
+                        // Closed (timed out) before its answer: the send is
+                        // no longer watched and nothing is refunded.
+                        answered_open = !closed;
+                        let s = ledger.settle_shares(id, &accepted, None).unwrap();
+                        posted_total = s.posted_milli;
+                        dlr.settled(&key, Some((accepted.clone(), s.posted_offpeak_milli))).await;
+                    }
+                    Event::Answer => {}
+                    Event::Report { share, outcome, with_id } => {
+                        let q = format!(
+                            "messageid={}&recipient={}&deliverystatus={}",
+                            if with_id { format!("m{share}") } else { "$messageid".into() },
+                            recipients[share].replace('+', "%2B"),
+                            STATUS[outcome as usize],
+                        );
+                        let a = dlr.report(&token, &q).await;
+                        if closed {
+                            prop_assert_eq!(a.status, 404);
+                            continue;
+                        }
+                        prop_assert!(a.status == 200 || a.status == 404, "{:?}", a);
+                        if a.status == 200 && outcome < 4 && decided[share].is_none() {
+                            decided[share] = Some(outcome);
+                        }
+                    }
+                    Event::Timeout => {
+                        clock.advance(timeout.as_millis() as i64 + 1_000);
+                        dlr.sweep().await;
+                        closed = true;
+                    }
+                }
+                if !dlr.sends.contains_key(&key) {
+                    closed = true;
+                }
+            }
+            // Each share's refund: its whole price, iff accepted and its
+            // first final report was a failure.
+            let expected_refund: i64 = if !answered_open { 0 } else { prices
+                .iter()
+                .zip(&accepted)
+                .zip(&decided)
+                .filter(|((_, ok), d)| **ok && matches!(d, Some(1..=3)))
+                .map(|((p, _), _)| *p)
+                .sum() };
+            let entries = sink.entries();
+            let refunded: i64 = entries
+                .iter()
+                .filter(|e| e.kind == EntryKind::Refund)
+                .map(|e| e.amount_milli)
+                .sum();
+            prop_assert_eq!(refunded, expected_refund);
+            // At most one refund per (share, bucket).
+            let mut seen = std::collections::HashSet::new();
+            for e in entries.iter().filter(|e| e.kind == EntryKind::Refund) {
+                prop_assert!(seen.insert((e.reference.clone(), e.bucket)));
+            }
+            let view = ledger.account("a").unwrap();
+            let total = view.anytime.posted_milli + view.offpeak.posted_milli;
+            prop_assert_eq!(total, 23_000 - posted_total + refunded);
+            let replayed = replay(&entries);
+            for b in crate::ledger::Bucket::ALL {
+                prop_assert_eq!(replayed[&("a".to_string(), b)], view.bucket(b));
+            }
+            Ok(())
+        })?;
+    }
+}
+
+#[test]
+fn split_and_part_prices_add_up() {
+    assert_eq!(
+        split_posted(&[3, 4, 5], &[true, false, true], 4),
+        vec![(3, 0), (0, 0), (1, 4)]
+    );
+    let parts: i64 = (1..=3).map(|p| part_price(1000, 3, p)).sum();
+    assert_eq!(parts, 1000);
+    let mut left = (2, 3);
+    assert_eq!(take_refund(&mut left, 4), (2, 2));
+    assert_eq!(take_refund(&mut left, 9), (0, 1));
+    assert_eq!(take_refund(&mut left, 1), (0, 0));
+}
+
+/// A crash between a report's record and its refund's commit: start-up
+/// makes the refund when the journal lacks it, and only then.
+#[test]
+fn restore_finishes_an_interrupted_refund_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let sink = Arc::new(MemorySink::new());
+    let ledger = Arc::new(Ledger::new(
+        LedgerConfig::default(),
+        sink.clone(),
+        clock.clone(),
+    ));
+    ledger.open_account("a", None, Role::User, None).unwrap();
+    ledger
+        .add("a", crate::ledger::Bucket::Anytime, 10_000, None)
+        .unwrap();
+    let id = ledger
+        .reserve(
+            "a",
+            &[1_000, 2_000],
+            BucketPreference::AnytimeOnly,
+            None,
+            None,
+        )
+        .unwrap();
+    ledger.settle_shares(id, &[true, true], None).unwrap();
+    let cfg = OutboxConfig {
+        path: Some(dir.path().join("o.db")),
+        ..OutboxConfig::default()
+    };
+    let metrics = Arc::new(Metrics::new());
+    let open = || Arc::new(Outbox::open(&cfg, clock.clone(), metrics.clone()).unwrap());
+    // The rows a crash left: the send, its settlement, a failed report of
+    // share 1 whose refund was planned and never seen committed.
+    let send = SendRow {
+        reservation: id.0,
+        account: "a".into(),
+        policy: "accept".into(),
+        template: None,
+        created_unix_ms: 1_000_000,
+        shares: vec![
+            ShareRow {
+                recipient: "+361".into(),
+                price_milli: 1_000,
+                parts: 1,
+            },
+            ShareRow {
+                recipient: "+362".into(),
+                price_milli: 2_000,
+                parts: 1,
+            },
+        ],
+    };
+    let settled = SettledRow {
+        posted: vec![(0, 1_000), (0, 2_000)],
+        accepted: vec![true, true],
+    };
+    let report = ReportRow {
+        dedupe: "id:m2||undelivered".into(),
+        share: Some(1),
+        part: None,
+        outcome: Some("failed".into()),
+        message_id: Some("m2".into()),
+        refund: Some((0, 2_000)),
+        applied: false,
+        early: false,
+        parts: vec![1],
+    };
+    {
+        let outbox = open();
+        outbox
+            .commit_blocking(vec![
+                Change::Put(
+                    STATE_NS.into(),
+                    "k".into(),
+                    serde_json::to_vec(&send).unwrap(),
+                ),
+                Change::Put(
+                    STATE_NS.into(),
+                    "k/settled".into(),
+                    serde_json::to_vec(&settled).unwrap(),
+                ),
+                Change::Put(
+                    STATE_NS.into(),
+                    "k/r/0".into(),
+                    serde_json::to_vec(&report).unwrap(),
+                ),
+            ])
+            .unwrap();
+    }
+    let restore = |journal: HashSet<(u64, String)>| {
+        let dlr = Dlr::new(
+            DlrConfig {
+                enabled: true,
+                ..DlrConfig::default()
+            },
+            open(),
+            ledger.clone(),
+            None,
+            false,
+            metrics.clone(),
+            clock.clone(),
+        );
+        let mut asked = None;
+        let r = dlr
+            .restore(&mut |min| {
+                asked = Some(min);
+                Ok(journal.clone())
+            })
+            .unwrap();
+        (r, asked)
+    };
+    let refunds = || {
+        sink.entries()
+            .iter()
+            .filter(|e| e.kind == EntryKind::Refund)
+            .count()
+    };
+    // The journal has it already: nothing made.
+    let (r, asked) = restore(HashSet::from([(id.0, "share:1".to_string())]));
+    assert_eq!(asked, Some(id.0));
+    assert_eq!((r.sends, r.refunds_found, r.refunds_made), (1, 1, 0));
+    assert_eq!(refunds(), 0);
+    // It does not: made once, and the row now says so.
+    let (r, _) = restore(HashSet::new());
+    assert_eq!((r.refunds_found, r.refunds_made), (0, 1));
+    assert_eq!(refunds(), 1);
+    let (r, asked) = restore(HashSet::new());
+    assert_eq!(
+        (r.refunds_made, asked),
+        (0, None),
+        "applied rows are not looked up again"
+    );
+    assert_eq!(refunds(), 1);
+    assert_eq!(
+        ledger.account("a").unwrap().anytime.available_milli(),
+        10_000 - 3_000 + 2_000
+    );
+}
