@@ -406,8 +406,12 @@ impl AdminApp {
     /// `GET /admin/outbox?state=gave_up|pending|done&limit=N`: outbox items
     /// (targets and errors; bodies are not shown).
     async fn outbox(&self, query: &str) -> Response<Vec<u8>> {
-        let Some(dlr) = &self.app().dlr else {
-            return error(StatusCode::NOT_FOUND, "no outbox: dlr.enabled is false");
+        let app = self.app();
+        let Some(outbox) = &app.outbox else {
+            return error(
+                StatusCode::NOT_FOUND,
+                "no outbox: neither dlr.enabled nor notify.low_balance is set",
+            );
         };
         let state = match query_param(query, "state").as_deref() {
             None | Some("") => crate::outbox::ItemState::GaveUp,
@@ -425,7 +429,7 @@ impl AdminApp {
             .and_then(|l| l.parse::<usize>().ok())
             .unwrap_or(100)
             .clamp(1, 1000);
-        match dlr.outbox().list(state, limit).await {
+        match outbox.list(state, limit).await {
             Ok(items) => json_response(
                 StatusCode::OK,
                 json!({

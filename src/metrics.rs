@@ -246,13 +246,17 @@ pub struct Metrics {
     pub dlr_pending_shares: IntGaugeVec,
     /// Shares resolved by `dlr.timeout_s` without a report, by policy.
     pub dlr_timeouts: IntCounterVec,
+    /// Low-balance crossings, by whether their webhook was queued in the
+    /// outbox (`queued`) or refused by it (`refused`: retried on the
+    /// account's next change).
+    pub low_balance_notifications: IntCounterVec,
 }
 
 /// The `reason` label of `tollgate_tls_handshake_failures_total`.
 pub const TLS_HANDSHAKE_FAILURES: [&str; 2] = ["timeout", "error"];
 
 /// The `kind` label of the outbox metrics: every producer of outbox items.
-pub const OUTBOX_KINDS: [&str; 1] = ["dlr_relay"];
+pub const OUTBOX_KINDS: [&str; 2] = ["dlr_relay", "low_balance"];
 /// The `result` label of `tollgate_outbox_attempts_total`.
 pub const OUTBOX_RESULTS: [&str; 3] = ["delivered", "failed", "gave_up"];
 /// The `outcome` label of `tollgate_dlr_reports_total`.
@@ -562,6 +566,12 @@ impl Metrics {
                 "tollgate_upstream_tls_insecure_skip_verify",
                 "1 when upstream.insecure_skip_verify is on: the gateway's certificate is not checked",
             ),
+            low_balance_notifications: counter_vec(
+                "tollgate_low_balance_notifications_total",
+                "Low-balance crossings by result (queued: the webhook is in the outbox; refused: the \
+                 outbox refused it, retried on the account's next change)",
+                &["result"],
+            ),
             outbox_pending: gauge_vec(
                 "tollgate_outbox_pending",
                 "Outbox items waiting for a successful call",
@@ -658,6 +668,7 @@ impl Metrics {
             Box::new(m.tls_cert_not_after_s.clone()),
             Box::new(m.tls_handshake_failures.clone()),
             Box::new(m.upstream_tls_insecure_skip_verify.clone()),
+            Box::new(m.low_balance_notifications.clone()),
             Box::new(m.outbox_pending.clone()),
             Box::new(m.outbox_oldest_age_seconds.clone()),
             Box::new(m.outbox_attempts.clone()),
@@ -705,6 +716,9 @@ impl Metrics {
         }
         for reason in LOST_ANSWER_REASONS {
             self.upstream_answers_lost.with_label_values(&[reason]);
+        }
+        for result in ["queued", "refused"] {
+            self.low_balance_notifications.with_label_values(&[result]);
         }
         for kind in OUTBOX_KINDS {
             self.outbox_pending.with_label_values(&[kind]);
@@ -917,7 +931,7 @@ mod tests {
         let (ours, process): (Vec<_>, Vec<_>) = families
             .iter()
             .partition(|f| f.get_name().starts_with("tollgate_"));
-        assert_eq!(ours.len(), 56);
+        assert_eq!(ours.len(), 57);
         let mut process: Vec<&str> = process.iter().map(|f| f.get_name()).collect();
         process.sort_unstable();
         let mut expected = PROCESS_FAMILIES.to_vec();

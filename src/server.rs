@@ -318,6 +318,28 @@ pub fn build_app_with_store(
     build(config, metrics, sink, store, clock)
 }
 
+/// The durable outbox: in its own SQLite file (`outbox.path`), in the
+/// PostgreSQL store's database, or in memory without a store.
+fn open_outbox(app: &App) -> Result<Arc<crate::outbox::Outbox>, StartError> {
+    use crate::outbox::Outbox;
+    let cfg = &app.config;
+    let fail = |place: String, problem: String| StartError::Store {
+        path: place,
+        problem,
+    };
+    let outbox = match (&cfg.outbox.path, &cfg.store.postgres) {
+        (Some(path), _) => Outbox::open(&cfg.outbox, app.clock.clone(), app.metrics.clone())
+            .map_err(|p| fail(path.display().to_string(), p))?,
+        (None, Some(pg)) => {
+            Outbox::open_postgres(&cfg.outbox, pg, app.clock.clone(), app.metrics.clone())
+                .map_err(|p| fail(pg.url.redacted().to_string(), pg.url.redact(&p)))?
+        }
+        (None, None) => Outbox::open(&cfg.outbox, app.clock.clone(), app.metrics.clone())
+            .map_err(|p| fail("(memory)".into(), p))?,
+    };
+    Ok(Arc::new(outbox))
+}
+
 fn build(
     config: Config,
     metrics: Arc<Metrics>,
@@ -327,6 +349,12 @@ fn build(
 ) -> Result<App, StartError> {
     let tariff =
         Tariff::load(&config.tariffs_path).map_err(|e| StartError::Tariff(e.to_string()))?;
+    // Low-balance webhooks see every entry's account (`notify`).
+    let touched = config
+        .notify
+        .low_balance
+        .is_some()
+        .then(|| Arc::new(crate::notify::Touched::default()));
     // Sized for the stored accounts, so restoring millions never rehashes.
     let stored_accounts = store.as_ref().map_or(0, |s| s.accounts_hint);
     let ledger = Arc::new(Ledger::with_capacity(
@@ -336,7 +364,13 @@ fn build(
         },
         Arc::new(MetricsSink {
             metrics: metrics.clone(),
-            next: sink,
+            next: match &touched {
+                Some(touched) => Arc::new(crate::notify::TouchedSink {
+                    touched: touched.clone(),
+                    next: sink,
+                }),
+                None => sink,
+            },
         }),
         clock.clone(),
         stored_accounts,
@@ -387,8 +421,11 @@ fn build(
         })?;
         app.idempotency = Arc::new(keys);
     }
-    if app.config.dlr.enabled {
-        app.dlr = Some(open_dlr(&app, location.as_ref())?);
+    if app.config.dlr.enabled || app.config.notify.low_balance.is_some() {
+        app.outbox = Some(open_outbox(&app)?);
+    }
+    if let (Some(outbox), true) = (&app.outbox, app.config.dlr.enabled) {
+        app.dlr = Some(open_dlr(&app, outbox.clone(), location.as_ref())?);
     }
     // Boxis identities (e-mail, user key) come from the seeds only.
     for seed in &seeds {
@@ -398,36 +435,33 @@ fn build(
             seed.boxis_user_key.as_deref(),
         );
     }
+    // Low-balance webhooks start from the restored and seeded balances.
+    if let (Some(lb), Some(touched)) = (&app.config.notify.low_balance, touched) {
+        app.low_balance = Some(Arc::new(crate::notify::LowBalanceNotifier::new(
+            lb.clone(),
+            &app.ledger,
+            touched,
+        )));
+    }
     Ok(app)
 }
 
-/// Opens the outbox (next to the store, in its PostgreSQL database, or in
-/// memory) and the delivery-report watcher over it, and restores the sends
+/// Opens the delivery-report watcher over the outbox, and restores the sends
 /// it was watching (finishing refunds a crash interrupted: the journal
 /// says which it already has).
 fn open_dlr(
     app: &App,
+    outbox: Arc<crate::outbox::Outbox>,
     location: Option<&StoreLocation>,
 ) -> Result<Arc<crate::dlr::Dlr>, StartError> {
-    use crate::outbox::Outbox;
     let cfg = &app.config;
     let fail = |place: String, problem: String| StartError::Store {
         path: place,
         problem,
     };
-    let outbox = match (&cfg.outbox.path, &cfg.store.postgres) {
-        (Some(path), _) => Outbox::open(&cfg.outbox, app.clock.clone(), app.metrics.clone())
-            .map_err(|p| fail(path.display().to_string(), p))?,
-        (None, Some(pg)) => {
-            Outbox::open_postgres(&cfg.outbox, pg, app.clock.clone(), app.metrics.clone())
-                .map_err(|p| fail(pg.url.redacted().to_string(), pg.url.redact(&p)))?
-        }
-        (None, None) => Outbox::open(&cfg.outbox, app.clock.clone(), app.metrics.clone())
-            .map_err(|p| fail("(memory)".into(), p))?,
-    };
     let dlr = crate::dlr::Dlr::new(
         cfg.dlr.clone(),
-        Arc::new(outbox),
+        outbox,
         app.ledger.clone(),
         app.store.clone(),
         cfg.durability == crate::config::Durability::Sync,
@@ -543,7 +577,9 @@ impl BackgroundService for Sweeper {
             }
             if let Some(dlr) = &app.dlr {
                 dlr.sweep().await;
-                dlr.outbox().refresh().await;
+            }
+            if let Some(outbox) = &app.outbox {
+                outbox.refresh().await;
             }
             app.sweep_protection();
             let m = &app.metrics;
@@ -582,6 +618,38 @@ pub struct RunOptions {
     pub upgrade: bool,
 }
 
+/// Runs the low-balance notifier once this process serves credit.
+struct Notifier {
+    slot: Arc<Slot>,
+}
+
+#[async_trait]
+impl BackgroundService for Notifier {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let app = loop {
+            if let Some(app) = self.slot.bound().filter(|a| a.low_balance.is_some()) {
+                break app;
+            }
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        };
+        let (Some(notifier), Some(outbox)) = (app.low_balance.clone(), app.outbox.clone()) else {
+            return;
+        };
+        notifier
+            .run(
+                app.ledger.clone(),
+                outbox,
+                app.clock.clone(),
+                app.metrics.clone(),
+                shutdown,
+            )
+            .await;
+    }
+}
+
 /// Runs the outbox's relay on its own background runtime until shutdown,
 /// from the moment this process serves credit (a successor's outbox opens
 /// with its store).
@@ -593,8 +661,8 @@ struct Relay {
 impl BackgroundService for Relay {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let outbox = loop {
-            if let Some(dlr) = self.slot.bound().and_then(|app| app.dlr.clone()) {
-                break dlr.outbox().clone();
+            if let Some(outbox) = self.slot.bound().and_then(|app| app.outbox.clone()) {
+                break outbox;
             }
             tokio::select! {
                 _ = shutdown.changed() => return,
@@ -680,6 +748,13 @@ pub fn run_with(config: Config, options: RunOptions) -> Result<(), StartError> {
     let sweeper = background_service("sweeper", Sweeper { slot: slot.clone() });
     // Delivery reports: their own listener and the outbox's relay, bound to
     // the app that serves credit (late in a successor).
+    let outbox_relay = (cfg.dlr.enabled || cfg.notify.low_balance.is_some())
+        .then(|| background_service("outbox relay", Relay { slot: slot.clone() }));
+    let notifier = cfg
+        .notify
+        .low_balance
+        .is_some()
+        .then(|| background_service("low-balance notifier", Notifier { slot: slot.clone() }));
     let dlr_services = cfg.dlr.enabled.then(|| {
         let mut callbacks = Service::new(
             "tollgate dlr".to_string(),
@@ -692,8 +767,7 @@ pub fn run_with(config: Config, options: RunOptions) -> Result<(), StartError> {
         );
         callbacks.add_tcp(&cfg.dlr.listen.to_string());
         callbacks.threads = Some(1);
-        let relay = background_service("outbox relay", Relay { slot: slot.clone() });
-        (callbacks, relay)
+        callbacks
     });
 
     tracing::info!(
@@ -718,9 +792,14 @@ pub fn run_with(config: Config, options: RunOptions) -> Result<(), StartError> {
     server.add_service(proxy).add_dependency(&reloader);
     server.add_service(admin).add_dependency(&reloader);
     server.add_service(sweeper);
-    if let Some((callbacks, relay)) = dlr_services {
+    if let Some(callbacks) = dlr_services {
         server.add_service(callbacks).add_dependency(&reloader);
+    }
+    if let Some(relay) = outbox_relay {
         server.add_service(relay);
+    }
+    if let Some(notifier) = notifier {
+        server.add_service(notifier);
     }
     drop(front);
     // Not `run_forever`: it exits the process. `run` returns once a signal

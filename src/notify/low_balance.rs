@@ -75,6 +75,13 @@ impl LowBalanceWatch {
         }
     }
 
+    /// Forgets that `account` was notified: its next observation below the
+    /// threshold is a crossing again (a notification that could not be
+    /// queued is retried on the account's next change).
+    pub fn rearm(&self, account: &str) {
+        self.fired.remove(account);
+    }
+
     /// Accounts currently below their threshold (notified).
     pub fn fired(&self) -> usize {
         self.fired.len()

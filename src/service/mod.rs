@@ -101,6 +101,11 @@ pub struct App {
     pub dropin: dropin::DropIn,
     /// Delivery reports (`dlr.enabled`), set once at start-up.
     pub dlr: Option<Arc<crate::dlr::Dlr>>,
+    /// The durable outbox, opened at start-up when something sends through
+    /// it (`dlr.enabled`, `notify.low_balance`).
+    pub outbox: Option<Arc<crate::outbox::Outbox>>,
+    /// Low-balance webhooks (`notify.low_balance`), set once at start-up.
+    pub low_balance: Option<Arc<crate::notify::LowBalanceNotifier>>,
     /// Makes request ids unique across restarts: the start time prefixes a
     /// per-process counter.
     started_unix_ms: i64,
@@ -175,6 +180,8 @@ impl App {
             reload_lock: parking_lot::Mutex::new(()),
             store: None,
             dlr: None,
+            outbox: None,
+            low_balance: None,
             standby: false,
             retired: std::sync::atomic::AtomicBool::new(false),
         }

@@ -1,0 +1,211 @@
+//! Low-balance webhooks over real TCP: a crossing below the threshold is
+//! POSTed once, signed, from the outbox; going back up re-arms it; an
+//! account already below at start is not notified again; a receiver that
+//! fails is retried until it answers 2xx.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const SECRET: &str = "whsec-0123456789abcdef";
+
+#[derive(Debug, Clone)]
+struct Call {
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Call {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+}
+
+/// A webhook receiver that answers `fail_first` calls with 500, then 200.
+fn receiver(fail_first: usize) -> (String, Arc<Mutex<Vec<Call>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "http://{}/hooks/low-balance",
+        listener.local_addr().unwrap()
+    );
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let seen = calls.clone();
+    std::thread::spawn(move || {
+        for (n, stream) in listener.incoming().enumerate() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() || !line.starts_with("POST ") {
+                continue;
+            }
+            let mut headers = Vec::new();
+            loop {
+                let mut h = String::new();
+                reader.read_line(&mut h).unwrap();
+                let h = h.trim_end();
+                if h.is_empty() {
+                    break;
+                }
+                let (name, value) = h.split_once(':').unwrap();
+                headers.push((name.trim().to_string(), value.trim().to_string()));
+            }
+            let len: usize = headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+                .map(|(_, v)| v.parse().unwrap())
+                .unwrap_or(0);
+            let mut body = vec![0u8; len];
+            reader.read_exact(&mut body).unwrap();
+            let status = if n < fail_first {
+                "500 Internal Server Error"
+            } else {
+                "200 OK"
+            };
+            if n >= fail_first {
+                seen.lock().unwrap().push(Call { headers, body });
+            }
+            let _ = stream.write_all(
+                format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            );
+        }
+    });
+    (url, calls)
+}
+
+fn config(url: &str, extra: &str) -> String {
+    format!(
+        "notify: {{ low_balance: {{ url: '{url}', secret: {SECRET}, default_threshold: 743.5, accounts: {{ admin: off }} }} }}\n\
+         outbox: {{ retry_initial_ms: 100, retry_max_ms: 200 }}\n{extra}"
+    )
+}
+
+fn send(tg: &Tollgate) {
+    let (status, body) = get(&tg.url(
+        "/api?action=sendmessage&username=john&password=secret1&recipient=%2B36301111111&messagedata=hi",
+    ));
+    assert_eq!(status, 200, "{body}");
+}
+
+fn wait_calls(calls: &Arc<Mutex<Vec<Call>>>, n: usize) -> Vec<Call> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = calls.lock().unwrap().clone();
+        if got.len() >= n || Instant::now() > deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_crossing_is_notified_once_signed_and_going_back_up_rearms_it() {
+    let (url, calls) = receiver(0);
+    let (_sim, tg) = start_pair(&[], &config(&url, STORE_YAML));
+    // 744 → 743: below 743.5.
+    send(&tg);
+    let got = wait_calls(&calls, 1);
+    assert_eq!(got.len(), 1, "{got:?}");
+    let call = &got[0];
+    let v = call.json();
+    assert_eq!(v["event"], "low_balance");
+    assert_eq!(v["account"], "john");
+    assert_eq!(v["available"], "743");
+    assert_eq!(v["threshold"], "743.5");
+    assert_eq!(call.header("X-Tollgate-Event"), Some("low_balance"));
+    assert_eq!(call.header("X-Tollgate-Delivery-Id"), v["id"].as_str());
+    let sig = call.header("X-Tollgate-Signature").unwrap();
+    assert!(
+        tollgate::notify::webhook::verify(SECRET.as_bytes(), sig, &call.body),
+        "signature {sig} does not verify"
+    );
+    assert!(!tollgate::notify::webhook::verify(
+        b"another-secret-xx",
+        sig,
+        &call.body
+    ));
+    // Still below: no second notification.
+    send(&tg);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(calls.lock().unwrap().len(), 1);
+    // Back up (addcredits) re-arms; setcredits below crosses again.
+    let (_, body) =
+        get(&tg
+            .url("/api?action=addcredits&username=admin&password=abc123&useraccount=john&add=10"));
+    assert!(body.contains("752"), "{body}");
+    let (_, body) = get(&tg.url(
+        "/api?action=setcredits&username=admin&password=abc123&useraccount=john&newbalance=5",
+    ));
+    assert!(body.contains("<balance>5</balance>"), "{body}");
+    let got = wait_calls(&calls, 2);
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[1].json()["available"], "5");
+    assert_ne!(got[0].json()["id"], got[1].json()["id"]);
+    // The admin account, turned off, never notified although it moved.
+    assert!(got.iter().all(|c| c.json()["account"] == "john"));
+    assert!(
+        !tg.log().contains(SECRET),
+        "the webhook secret reached the log"
+    );
+    let m = tg.metric_value("tollgate_low_balance_notifications_total{result=\"queued\"}");
+    assert_eq!(m, 2.0);
+}
+
+#[test]
+fn a_failing_receiver_is_retried_and_a_restart_repeats_nothing() {
+    let (url, calls) = receiver(2);
+    let (_sim, mut tg) = start_pair(&[], &config(&url, STORE_YAML));
+    send(&tg);
+    // Two 500s, then the 200: one delivered call.
+    let got = wait_calls(&calls, 1);
+    assert_eq!(got.len(), 1, "{got:?}");
+    // Restart on the same store: john is still below, already notified.
+    tg.stop_with("TERM");
+    tg.spawn();
+    send(&tg);
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(calls.lock().unwrap().len(), 1, "a restart notified again");
+}
+
+#[test]
+fn an_https_or_short_secret_webhook_is_a_config_error() {
+    for (notify, key) in [
+        (
+            "{ low_balance: { url: 'https://hooks.example/x', secret: whsec-0123456789abcdef } }",
+            "notify.low_balance.url",
+        ),
+        (
+            "{ low_balance: { url: 'http://hooks.example/x', secret: short } }",
+            "notify.low_balance.secret",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("tollgate.yaml");
+        std::fs::write(dir.path().join("tariffs.yaml"), TARIFFS).unwrap();
+        std::fs::write(
+            &cfg,
+            format!("listen: 127.0.0.1:1\nupstream: {{ address: 127.0.0.1:2 }}\ntariffs: tariffs.yaml\nnotify: {notify}\n"),
+        )
+        .unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["check", "-c"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "{err}");
+        assert!(!err.contains("whsec-0123456789abcdef"), "{err}");
+    }
+}
