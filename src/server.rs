@@ -618,6 +618,25 @@ pub struct RunOptions {
     pub upgrade: bool,
 }
 
+/// What `pick` takes from the app this process serves credit with, once
+/// there is one (a successor binds its app after taking the store over);
+/// `None` if shutdown comes first.
+async fn once_bound<T>(
+    slot: &Slot,
+    shutdown: &mut ShutdownWatch,
+    pick: impl Fn(&App) -> Option<T>,
+) -> Option<T> {
+    loop {
+        if let Some(found) = slot.bound().and_then(|app| pick(&app)) {
+            return Some(found);
+        }
+        tokio::select! {
+            _ = shutdown.changed() => return None,
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+}
+
 /// Runs the low-balance notifier once this process serves credit.
 struct Notifier {
     slot: Arc<Slot>,
@@ -626,21 +645,20 @@ struct Notifier {
 #[async_trait]
 impl BackgroundService for Notifier {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let app = loop {
-            if let Some(app) = self.slot.bound().filter(|a| a.low_balance.is_some()) {
-                break app;
-            }
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-            }
-        };
-        let (Some(notifier), Some(outbox)) = (app.low_balance.clone(), app.outbox.clone()) else {
+        let bound = once_bound(&self.slot, &mut shutdown, |app| {
+            Some((
+                app.low_balance.clone()?,
+                app.outbox.clone()?,
+                app.ledger.clone(),
+            ))
+        });
+        let Some((notifier, outbox, ledger)) = bound.await else {
             return;
         };
+        let app = self.slot.current();
         notifier
             .run(
-                app.ledger.clone(),
+                ledger,
                 outbox,
                 app.clock.clone(),
                 app.metrics.clone(),
@@ -660,16 +678,10 @@ struct Relay {
 #[async_trait]
 impl BackgroundService for Relay {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let outbox = loop {
-            if let Some(outbox) = self.slot.bound().and_then(|app| app.outbox.clone()) {
-                break outbox;
-            }
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-            }
-        };
-        outbox.relay(shutdown).await;
+        if let Some(outbox) = once_bound(&self.slot, &mut shutdown, |app| app.outbox.clone()).await
+        {
+            outbox.relay(shutdown).await;
+        }
     }
 }
 

@@ -91,19 +91,7 @@ fn the_operator_may_keep_message_text_in_access_lines() {
 
 #[test]
 fn an_unknown_log_format_is_a_config_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("tollgate.yaml");
-    std::fs::write(dir.path().join("tariffs.yaml"), TARIFFS).unwrap();
-    std::fs::write(
-        &cfg,
-        "listen: 127.0.0.1:1\nupstream: { address: 127.0.0.1:2 }\ntariffs: tariffs.yaml\nlog: { format: xml }\n",
-    )
-    .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["check", "-c"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = check_config("log: { format: xml }");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("log") && err.contains("format"), "{err}");

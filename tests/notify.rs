@@ -190,19 +190,7 @@ fn an_https_or_short_secret_webhook_is_a_config_error() {
             "notify.low_balance.secret",
         ),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = dir.path().join("tollgate.yaml");
-        std::fs::write(dir.path().join("tariffs.yaml"), TARIFFS).unwrap();
-        std::fs::write(
-            &cfg,
-            format!("listen: 127.0.0.1:1\nupstream: {{ address: 127.0.0.1:2 }}\ntariffs: tariffs.yaml\nnotify: {notify}\n"),
-        )
-        .unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args(["check", "-c"])
-            .arg(&cfg)
-            .output()
-            .unwrap();
+        let out = check_config(&format!("notify: {notify}"));
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(key), "{err}");

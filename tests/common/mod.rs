@@ -539,3 +539,21 @@ pub fn wait_until(mut done: impl FnMut() -> bool, what: &str) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// `tollgate check` on a minimal config (a plain listener, an upstream, the
+/// test tariffs) followed by `extra_yaml`.
+pub fn check_config(extra_yaml: &str) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("tollgate.yaml");
+    std::fs::write(dir.path().join("tariffs.yaml"), TARIFFS).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("listen: 127.0.0.1:1\nupstream: {{ address: 127.0.0.1:2 }}\ntariffs: tariffs.yaml\n{extra_yaml}\n"),
+    )
+    .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["check", "-c"])
+        .arg(&cfg)
+        .output()
+        .unwrap()
+}
