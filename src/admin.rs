@@ -36,6 +36,7 @@ use crate::money::format_credits;
 use crate::redact::redacted_url;
 use crate::service::App;
 use crate::tariff::{Quote, QuoteRequest};
+use crate::tls::{CertReload, CertStore};
 
 /// How long one upstream probe result is trusted.
 pub const PROBE_CACHE: Duration = Duration::from_secs(1);
@@ -47,6 +48,8 @@ pub struct AdminApp {
     /// The app, late-bound (`handover.rs`).
     pub slot: Arc<Slot>,
     probe: UpstreamProbe,
+    /// The TLS listener's certificate, reloaded with the tariffs.
+    certs: Option<Arc<CertStore>>,
 }
 
 /// Whether the gateway accepts TCP connections, cached for [`PROBE_CACHE`].
@@ -152,7 +155,17 @@ impl AdminApp {
             timeout: app.config.upstream.connect_timeout.min(PROBE_TIMEOUT_MAX),
             last: Mutex::new(None),
         };
-        AdminApp { slot, probe }
+        AdminApp {
+            slot,
+            probe,
+            certs: None,
+        }
+    }
+
+    /// `POST /admin/reload` reloads `certs` too, as `SIGHUP` does.
+    pub fn with_certs(mut self, certs: Option<Arc<CertStore>>) -> Self {
+        self.certs = certs;
+        self
     }
 
     /// The app now: the real one once bound.
@@ -335,16 +348,31 @@ impl AdminApp {
     async fn reload(&self) -> Response<Vec<u8>> {
         let app = self.app();
         let before = app.snapshot.load().tariff.version().to_string();
+        // The certificate pair first: its outcome is part of the answer
+        // (logged and counted by `CertStore::reload` either way).
+        let tls = match self.certs.clone() {
+            None => None,
+            Some(certs) => match tokio::task::spawn_blocking(move || certs.reload()).await {
+                Ok(CertReload::Unchanged) => Some(json!({ "result": "unchanged" })),
+                Ok(CertReload::Swapped { serial }) => {
+                    Some(json!({ "result": "swapped", "serial": serial }))
+                }
+                Ok(CertReload::Refused(e)) => {
+                    Some(json!({ "result": "refused", "error": e.to_string() }))
+                }
+                Err(e) => Some(json!({ "result": "refused", "error": e.to_string() })),
+            },
+        };
         // File I/O and parsing (100 000+ prefixes) stay off the admin
         // runtime's only thread.
         match tokio::task::spawn_blocking(move || app.reload_tariffs()).await {
             Ok(Ok(version)) => json_response(
                 StatusCode::OK,
-                json!({ "tariff_version": version, "changed": version != before }),
+                json!({ "tariff_version": version, "changed": version != before, "tls_certificate": tls }),
             ),
             Ok(Err(e)) => json_response(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                json!({ "error": e.to_string(), "tariff_version": before }),
+                json!({ "error": e.to_string(), "tariff_version": before, "tls_certificate": tls }),
             ),
             Err(e) => error(
                 StatusCode::INTERNAL_SERVER_ERROR,

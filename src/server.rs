@@ -752,7 +752,7 @@ pub fn run_with(config: Config, options: RunOptions) -> Result<(), StartError> {
 
     let mut admin = Service::new(
         "tollgate admin".to_string(),
-        AdminApp::with_slot(slot.clone()),
+        AdminApp::with_slot(slot.clone()).with_certs(certs.clone()),
     );
     admin.add_tcp(&cfg.admin.listen.to_string());
     admin.threads = Some(1);

@@ -673,6 +673,22 @@ print(s.getpeercert()["serialNumber"])
         t.tg.metric_value("tollgate_tls_cert_reloads_total{result=\"ok\"}"),
         1.0
     );
+    // POST /admin/reload reloads the pair too and says so.
+    let r = client()
+        .post(t.tg.admin_url("/admin/reload"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .unwrap();
+    let answer: serde_json::Value = r.json().unwrap();
+    assert_eq!(answer["tls_certificate"]["result"], "refused", "{answer}");
+    assert!(
+        answer["tls_certificate"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("does not belong"),
+        "{answer}"
+    );
+    assert_eq!(served_serial(t.tls, &t.ca_file), "02");
     let log = t.tg.log();
     assert!(log.contains("TLS certificate reload refused"), "{log}");
     assert!(log.contains("does not belong to the certificate"), "{log}");
