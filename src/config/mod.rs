@@ -7,10 +7,13 @@
 //! socket or touches a balance.
 
 pub mod accounts;
+pub mod dlr;
 pub mod idempotency;
 pub mod limits;
 pub mod log;
 pub mod notify;
+pub mod outbox;
+pub mod postgres;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -150,10 +153,10 @@ struct FileConfig {
     upgrade: FileUpgrade,
     /// The durable outbox (relayed delivery reports).
     #[serde(default)]
-    outbox: crate::outbox::FileOutbox,
+    outbox: outbox::FileOutbox,
     /// Delivery reports (SPEC 9a).
     #[serde(default)]
-    dlr: crate::dlr::FileDlr,
+    dlr: dlr::FileDlr,
 }
 
 #[derive(Debug, Deserialize)]
@@ -588,8 +591,8 @@ pub struct Config {
     pub log: log::LogConfig,
     pub notify: notify::NotifyConfig,
     pub upgrade: UpgradeConfig,
-    pub outbox: crate::outbox::OutboxConfig,
-    pub dlr: crate::dlr::DlrConfig,
+    pub outbox: outbox::OutboxConfig,
+    pub dlr: dlr::DlrConfig,
 }
 
 /// The Boxis-compatible door (SPEC 2.1).
@@ -687,7 +690,7 @@ pub struct StoreConfig {
     /// only (tests, demos).
     pub path: Option<PathBuf>,
     /// The PostgreSQL store (`store.url`); never set together with `path`.
-    pub postgres: Option<crate::store::pg::PgSettings>,
+    pub postgres: Option<postgres::PgSettings>,
     pub batch_max_entries: usize,
     pub batch_age_max: Duration,
     /// Under load (the last batch was shared by several waiting requests),
@@ -728,7 +731,7 @@ fn parse_addr(file: &Path, key: &str, value: &str) -> Result<SocketAddr, ConfigE
 fn postgres_settings(
     file: &Path,
     f: &FileStore,
-) -> Result<Option<crate::store::pg::PgSettings>, ConfigError> {
+) -> Result<Option<postgres::PgSettings>, ConfigError> {
     let Some(url) = &f.url else {
         for (key, value) in [
             ("store.connect_timeout_ms", f.connect_timeout_ms),
@@ -752,7 +755,7 @@ fn postgres_settings(
              embedded SQLite store, or store.url for PostgreSQL",
         ));
     }
-    let url = crate::store::pg::PgUrl::parse(url)
+    let url = postgres::PgUrl::parse(url)
         .map_err(|problem| ConfigError::new(file, "store.url", problem))?;
     let millis = |key: &str, value: Option<u64>, default: u64, max: u64| {
         let value = value.unwrap_or(default);
@@ -766,7 +769,7 @@ fn postgres_settings(
             ))
         }
     };
-    Ok(Some(crate::store::pg::PgSettings {
+    Ok(Some(postgres::PgSettings {
         url,
         connect_timeout: millis(
             "store.connect_timeout_ms",
@@ -1018,8 +1021,8 @@ impl Config {
             },
         )?;
         let store_path = f.store.path.as_deref().map(|p| resolve_relative(path, p));
-        let outbox = crate::outbox::OutboxConfig::from_file(path, f.outbox, store_path.as_deref())?;
-        let dlr = crate::dlr::DlrConfig::from_file(path, f.dlr)?;
+        let outbox = outbox::OutboxConfig::from_file(path, f.outbox, store_path.as_deref())?;
+        let dlr = dlr::DlrConfig::from_file(path, f.dlr)?;
         Ok(Config {
             source: path.to_path_buf(),
             mode: f.mode,

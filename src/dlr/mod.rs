@@ -55,7 +55,6 @@
 //!   no refund), counted in `tollgate_dlr_refused_total{reason="full"}`.
 
 pub mod callback;
-pub mod config;
 pub mod template;
 
 #[cfg(test)]
@@ -69,7 +68,7 @@ use parking_lot::Mutex;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
-pub use config::{ChargeOn, DlrConfig, FileDlr, Outcome, RequestReports};
+pub use crate::config::dlr::{ChargeOn, DlrConfig, FileDlr, Outcome, RequestReports};
 
 use crate::clock::Clock;
 use crate::ledger::{Ledger, ReservationId};

@@ -12,8 +12,8 @@
 
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
-use super::config::is_keyword;
 use crate::api::percent::decode_lenient;
+use crate::config::dlr::is_keyword;
 
 /// Longest client template tollgate keeps.
 pub const TEMPLATE_MAX_BYTES: usize = 2048;

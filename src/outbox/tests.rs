@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 
 use super::*;
 use crate::clock::SystemClock;
+use std::path::PathBuf;
 
 fn item(target: &str, key: &str) -> NewItem {
     NewItem {

@@ -52,7 +52,6 @@ pub mod schema;
 pub(crate) mod testing;
 #[cfg(test)]
 mod tests;
-pub mod url;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -60,8 +59,8 @@ use std::time::{Duration, Instant};
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls, Statement};
 
+pub use crate::config::postgres::{PgSettings, PgUrl};
 pub use owner::PgOwner;
-pub use url::PgUrl;
 
 use super::batch::Folded;
 use super::fence::{Claimant, CommitGuard, Fence, OwnerRecord};
@@ -73,27 +72,9 @@ use crate::ledger::{
 };
 use crate::metrics::Metrics;
 
-/// Where the PostgreSQL store is and how long its statements may take
-/// (`store.url`, `store.connect_timeout_ms`, `store.statement_timeout_ms`).
-#[derive(Clone, Debug)]
-pub struct PgSettings {
-    pub url: PgUrl,
-    pub connect_timeout: Duration,
-    /// Server-side limit of every statement of the writer, the owner's
-    /// session (at most half the lease there) and the key writer.
-    pub statement_timeout: Duration,
-}
-
+/// Sessions on the store's database (the settings themselves are
+/// configuration: `config::postgres`).
 impl PgSettings {
-    /// `url` with the default timeouts.
-    pub fn new(url: PgUrl) -> PgSettings {
-        PgSettings {
-            url,
-            connect_timeout: Duration::from_millis(crate::config::CONNECT_TIMEOUT_MS_DEFAULT),
-            statement_timeout: Duration::from_millis(crate::config::STATEMENT_TIMEOUT_MS_DEFAULT),
-        }
-    }
-
     /// Opens one session for `role` (its `application_name` is `tollgate
     /// <role>`), with `statement_timeout` (`None`: unlimited, for the
     /// offline readers' long scans).

@@ -8,6 +8,30 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::time::Duration;
+
+/// Where the PostgreSQL store is and how long its statements may take
+/// (`store.url`, `store.connect_timeout_ms`, `store.statement_timeout_ms`).
+/// Sessions are opened by `store::pg` (`PgSettings::connect`).
+#[derive(Clone, Debug)]
+pub struct PgSettings {
+    pub url: PgUrl,
+    pub connect_timeout: Duration,
+    /// Server-side limit of every statement of the writer, the owner's
+    /// session (at most half the lease there) and the key writer.
+    pub statement_timeout: Duration,
+}
+
+impl PgSettings {
+    /// `url` with the default timeouts.
+    pub fn new(url: PgUrl) -> PgSettings {
+        PgSettings {
+            url,
+            connect_timeout: Duration::from_millis(super::CONNECT_TIMEOUT_MS_DEFAULT),
+            statement_timeout: Duration::from_millis(super::STATEMENT_TIMEOUT_MS_DEFAULT),
+        }
+    }
+}
 
 /// What replaces a password in everything tollgate prints.
 pub const REDACTED: &str = "***";
