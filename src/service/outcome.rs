@@ -97,33 +97,7 @@ impl Outcome {
     /// The outcome whose [`Self::label`] is `label` (the relay carries
     /// outcomes by label, `handover/frame.rs`).
     pub fn from_label(label: &str) -> Option<Outcome> {
-        const UNITS: [Outcome; 24] = [
-            Outcome::Ok,
-            Outcome::Forwarded,
-            Outcome::Settled,
-            Outcome::Voided,
-            Outcome::InDoubt,
-            Outcome::AlreadyResolved,
-            Outcome::Shadow,
-            Outcome::ReceiveCharged,
-            Outcome::ReceiveShortfall,
-            Outcome::Uncounted,
-            Outcome::IdempotentReplay,
-            Outcome::IdempotencyMismatch,
-            Outcome::IdempotencyConflict,
-            Outcome::Fault,
-            Outcome::Blocked,
-            Outcome::HeaderTooLarge,
-            Outcome::BodyTooLarge,
-            Outcome::BodyTimeout,
-            Outcome::BadRequest,
-            Outcome::ClientClosed,
-            Outcome::ClientTimeout,
-            Outcome::ClientError,
-            Outcome::UpstreamError,
-            Outcome::InternalError,
-        ];
-        UNITS
+        Self::ALL_FIXED
             .into_iter()
             .chain(ErrorCode::ALL.into_iter().map(Outcome::Refused))
             .find(|o| o.label() == label)
