@@ -348,35 +348,35 @@ impl AdminApp {
     async fn reload(&self) -> Response<Vec<u8>> {
         let app = self.app();
         let before = app.snapshot.load().tariff.version().to_string();
-        // The certificate pair first: its outcome is part of the answer
-        // (logged and counted by `CertStore::reload` either way).
-        let tls = match self.certs.clone() {
-            None => None,
-            Some(certs) => match tokio::task::spawn_blocking(move || certs.reload()).await {
-                Ok(CertReload::Unchanged) => Some(json!({ "result": "unchanged" })),
-                Ok(CertReload::Swapped { serial }) => {
-                    Some(json!({ "result": "swapped", "serial": serial }))
-                }
-                Ok(CertReload::Refused(e)) => {
-                    Some(json!({ "result": "refused", "error": e.to_string() }))
-                }
-                Err(e) => Some(json!({ "result": "refused", "error": e.to_string() })),
-            },
-        };
+        let certs = self.certs.clone();
         // File I/O and parsing (100 000+ prefixes) stay off the admin
         // runtime's only thread.
-        match tokio::task::spawn_blocking(move || app.reload_tariffs()).await {
-            Ok(Ok(version)) => json_response(
+        let reloaded = match tokio::task::spawn_blocking(move || {
+            crate::reload::reload_all(&app, certs.as_deref())
+        })
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("reload failed: {e}"),
+                )
+            }
+        };
+        let tls = reloaded.certificate.map(|c| match c {
+            CertReload::Unchanged => json!({ "result": "unchanged" }),
+            CertReload::Swapped { serial } => json!({ "result": "swapped", "serial": serial }),
+            CertReload::Refused(e) => json!({ "result": "refused", "error": e.to_string() }),
+        });
+        match reloaded.tariff {
+            Ok(version) => json_response(
                 StatusCode::OK,
                 json!({ "tariff_version": version, "changed": version != before, "tls_certificate": tls }),
             ),
-            Ok(Err(e)) => json_response(
+            Err(e) => json_response(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 json!({ "error": e.to_string(), "tariff_version": before, "tls_certificate": tls }),
-            ),
-            Err(e) => error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                &format!("reload failed: {e}"),
             ),
         }
     }

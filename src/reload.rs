@@ -64,7 +64,8 @@ use tokio::sync::mpsc;
 
 use crate::handover::Slot;
 use crate::service::App;
-use crate::tls::CertStore;
+use crate::tariff::TariffError;
+use crate::tls::{CertReload, CertStore};
 
 /// Quiet time after the last file event before a reload starts.
 pub const DEBOUNCE: Duration = Duration::from_millis(100);
@@ -143,6 +144,29 @@ pub fn warn_if_upstream_unverified(app: &App) {
     }
 }
 
+/// What one reload did: the tariff (with the limits and the mode) and, with
+/// a TLS listener, the certificate pair. Each outcome is also logged and
+/// counted where it is made.
+pub struct Reloaded {
+    pub tariff: Result<String, TariffError>,
+    pub certificate: Option<CertReload>,
+}
+
+/// One reload of everything a reload covers — the tariff, the TLS
+/// certificate pair, the warning that the gateway's certificate is not
+/// verified — for the reloader (file change, `SIGHUP`) and `POST
+/// /admin/reload` alike. Blocking (file I/O, parsing 100 000+ prefixes):
+/// run it off the async threads.
+pub fn reload_all(app: &App, certs: Option<&CertStore>) -> Reloaded {
+    let tariff = app.reload_tariffs();
+    let certificate = certs.map(CertStore::reload);
+    warn_if_upstream_unverified(app);
+    Reloaded {
+        tariff,
+        certificate,
+    }
+}
+
 impl Reloader {
     pub fn new(app: Arc<App>) -> Self {
         Self::with_slot(Slot::serving(app))
@@ -179,18 +203,13 @@ impl Reloader {
     async fn reload(&self, trigger: Trigger) {
         tracing::info!(trigger = trigger.as_str(), "tariff reload requested");
         let app = self.slot.current();
-        let reloading = app.clone();
-        // The outcome is logged and counted inside `reload_tariffs`.
-        if let Err(e) = tokio::task::spawn_blocking(move || reloading.reload_tariffs()).await {
-            tracing::error!(error = %e, "tariff reload task failed");
+        let certs = self.certs.clone();
+        // Outcomes are logged and counted where they are made.
+        if let Err(e) =
+            tokio::task::spawn_blocking(move || reload_all(&app, certs.as_deref())).await
+        {
+            tracing::error!(error = %e, "reload task failed");
         }
-        // The certificate pair: outcome logged and counted by `reload`.
-        if let Some(certs) = self.certs.clone() {
-            if let Err(e) = tokio::task::spawn_blocking(move || certs.reload()).await {
-                tracing::error!(error = %e, "TLS certificate reload task failed");
-            }
-        }
-        warn_if_upstream_unverified(&app);
     }
 }
 
