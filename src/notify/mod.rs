@@ -38,13 +38,18 @@ pub struct Touched {
 }
 
 impl Touched {
-    fn note(&self, account: &str) {
+    /// Notes the accounts of one batch of entries under one lock.
+    fn note(&self, entries: &[Entry]) {
         let mut set = self.accounts.lock();
-        if set.len() >= TOUCHED_MAX {
-            self.overflowed
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-        } else if !set.contains(account) {
-            set.insert(account.to_string());
+        for e in entries {
+            if set.len() >= TOUCHED_MAX {
+                self.overflowed
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                break;
+            }
+            if !set.contains(e.account.as_str()) {
+                set.insert(e.account.clone());
+            }
         }
         drop(set);
         self.wake.notify_one();
@@ -67,9 +72,7 @@ pub struct TouchedSink {
 
 impl EntrySink for TouchedSink {
     fn record(&self, entries: &[Entry]) {
-        for e in entries {
-            self.touched.note(&e.account);
-        }
+        self.touched.note(entries);
         self.next.record(entries);
     }
 }
