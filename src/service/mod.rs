@@ -530,11 +530,11 @@ pub fn needs_ledger(app: &App, req: &Request<'_>) -> bool {
     }
 }
 
-async fn serve(app: &App, req: Request<'_>, unavailable: bool) -> Reply {
+async fn serve(app: &App, mut req: Request<'_>, unavailable: bool) -> Reply {
     let snapshot = app.snapshot.load_full();
     match req.door {
         Door::Ozeki => {
-            let params = match req.params.clone() {
+            let params = match req.params.take() {
                 Some(p) => Ok(p),
                 None => ozeki_params(app, &req),
             };

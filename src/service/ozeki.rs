@@ -48,14 +48,10 @@ pub async fn handle(app: &App, snapshot: &Snapshot, req: &Request<'_>, params: P
         Some(limit) => limited(&params, &action, limit),
         None => {
             let keyed = keyed(req, &params, &action);
-            let verify = caller_verified(app, snapshot, req.client_ip, &params, &action);
-            idempotent::run(
-                app,
-                req.head,
-                keyed,
-                verify,
-                run(app, snapshot, req, &params),
-            )
+            let verify = || caller_verified(app, snapshot, req.client_ip, &params, &action);
+            idempotent::run(app, req.head, keyed, verify, || {
+                run(app, snapshot, req, &params)
+            })
             .await
         }
     };

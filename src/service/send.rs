@@ -161,7 +161,9 @@ pub async fn send(app: &App, snapshot: &Snapshot, req: &Request<'_>, send: SendM
     };
     let (settled, flags) = settle_with_flags(guard, &send, &forwarded, &req.request_id, cost);
     if let Some(w) = watched {
-        crate::service::dlr::after_settle(app, w, flags).await;
+        // Boxed: only watched sends wait here, and its state is larger
+        // than the rest of the send's (every send's future would carry it).
+        Box::pin(crate::service::dlr::after_settle(app, w, flags)).await;
     }
     count_recipients(app, &settled);
     // What the send cost after settlement (rejected recipients are not

@@ -293,16 +293,18 @@ async fn answer(app: &App, req: &SoapHttpRequest<'_>, unavailable: bool) -> (&'s
                     kind: FaultKind::Client,
                 },
             };
-            let verify = async { authenticate(app, caller).await.is_ok() };
-            let transfer = give_credit(
-                app,
-                version,
-                caller,
-                &sub_account,
-                anytime_milli,
-                offpeak_milli,
-                request_id,
-            );
+            let verify = || async { authenticate(app, caller).await.is_ok() };
+            let transfer = || {
+                give_credit(
+                    app,
+                    version,
+                    caller,
+                    &sub_account,
+                    anytime_milli,
+                    offpeak_milli,
+                    request_id,
+                )
+            };
             idempotent::run(app, req.request.head, Some(keyed), verify, transfer).await
         }
     };
