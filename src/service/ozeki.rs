@@ -146,7 +146,9 @@ async fn run(app: &App, snapshot: &Snapshot, req: &Request<'_>, params: &Params)
 /// with secret values left out (it is stored). No `username`: the request
 /// fails authentication anyway, and there is no account to scope the key.
 fn keyed<'a>(req: &Request<'_>, params: &'a Params, action: &'a str) -> Option<Keyed<'a>> {
-    if !IDEMPOTENT.contains(&action) {
+    // Without the header there is nothing to key, and the fingerprint
+    // (the redacted request, hashed) is a tenth of a send's cost.
+    if !IDEMPOTENT.contains(&action) || !req.head.headers.contains_key(idempotency::HEADER) {
         return None;
     }
     let account = params.get("username")?;
