@@ -411,26 +411,19 @@ async fn give_credit(
         Err(code) => return failure_answer(version, op, code, code.message(), None, None),
     };
     // Back-pressure before the change (SPEC 6); nothing has moved yet.
-    // The balances a failure may show: the caller's own, and the
-    // sub-account's only if it is the caller's (never a stranger's, never 0).
-    let seen = |app: &App| {
+    // A refusal shows the balances as they are now: the caller's own, and
+    // the sub-account's only if it is the caller's (never a stranger's,
+    // never 0).
+    let refused = |code: ErrorCode, text: &str| {
         let parent = app.ledger.account(&caller.name);
         let sub = app
             .ledger
             .account(sub_account)
             .filter(|s| s.parent.as_deref() == Some(caller.name.as_str()));
-        (parent, sub)
+        failure_answer(version, op, code, text, parent.as_ref(), sub.as_ref())
     };
     if let Err(code) = app.admit_change().await {
-        let (parent, sub) = seen(app);
-        return failure_answer(
-            version,
-            op,
-            code,
-            code.message(),
-            parent.as_ref(),
-            sub.as_ref(),
-        );
+        return refused(code, code.message());
     }
     match app.ledger.transfer(
         &caller.name,
@@ -445,15 +438,7 @@ async fn give_credit(
             // made in memory and stays queued (committed when the store
             // recovers), but the client is told it is not acknowledged.
             if let Err(code) = app.change_durable().await {
-                let (parent, sub) = seen(app);
-                return failure_answer(
-                    version,
-                    op,
-                    code,
-                    code.message(),
-                    parent.as_ref(),
-                    sub.as_ref(),
-                );
+                return refused(code, code.message());
             }
             let body = give_credit_response(
                 version,
@@ -486,8 +471,7 @@ async fn give_credit(
                 LedgerError::InvalidAmount(reason) => format!("{}: {reason}", code.message()),
                 _ => code.message().to_string(),
             };
-            let (parent, sub) = seen(app);
-            failure_answer(version, op, code, &text, parent.as_ref(), sub.as_ref())
+            refused(code, &text)
         }
     }
 }
