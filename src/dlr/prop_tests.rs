@@ -108,7 +108,7 @@ proptest! {
                         answered_open = !closed;
                         let s = ledger.settle_shares(id, &accepted, None).unwrap();
                         posted_total = s.posted_milli;
-                        dlr.settled(&key, Some((accepted.clone(), s.posted_offpeak_milli))).await;
+                        dlr.settled(&key, Some(Answered::Posted { accepted: accepted.clone(), posted_offpeak_milli: s.posted_offpeak_milli })).await;
                     }
                     Event::Answer => {}
                     Event::Report { share, outcome, with_id } => {
@@ -241,6 +241,7 @@ fn restore_finishes_an_interrupted_refund_exactly_once() {
     let settled = SettledRow {
         posted: vec![(0, 1_000), (0, 2_000)],
         accepted: vec![true, true],
+        holds: vec![],
     };
     let report = ReportRow {
         dedupe: "id:m2||undelivered".into(),
@@ -252,6 +253,8 @@ fn restore_finishes_an_interrupted_refund_exactly_once() {
         applied: false,
         early: false,
         parts: vec![1],
+        hold: None,
+        hold_ids: vec![],
     };
     {
         let outbox = open();
@@ -322,5 +325,322 @@ fn restore_finishes_an_interrupted_refund_exactly_once() {
     assert_eq!(
         ledger.account("a").unwrap().anytime.available_milli(),
         10_000 - 3_000 + 2_000
+    );
+}
+
+/// A ledger with account `a` (20 credits anytime, 3 offpeak) and a
+/// watcher that settles by `charge_on: delivery`.
+fn delivery_fixture(
+    on_timeout: crate::config::dlr::OnTimeout,
+    outbox: Option<&OutboxConfig>,
+) -> (Arc<ManualClock>, Arc<MemorySink>, Arc<Ledger>, Dlr) {
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let sink = Arc::new(MemorySink::new());
+    let ledger = Arc::new(Ledger::new(
+        LedgerConfig::default(),
+        sink.clone(),
+        clock.clone(),
+    ));
+    ledger.open_account("a", None, Role::User, None).unwrap();
+    ledger
+        .add("a", crate::ledger::Bucket::Anytime, 20_000, None)
+        .unwrap();
+    ledger
+        .add("a", crate::ledger::Bucket::OffPeak, 3_000, None)
+        .unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let default = OutboxConfig::default();
+    let outbox =
+        Arc::new(Outbox::open(outbox.unwrap_or(&default), clock.clone(), metrics.clone()).unwrap());
+    let config = DlrConfig {
+        enabled: true,
+        charge_on_default: ChargeOn::Delivery,
+        request: RequestReports::Always,
+        on_timeout,
+        ..DlrConfig::default()
+    };
+    let dlr = Dlr::new(
+        config,
+        outbox,
+        ledger.clone(),
+        None,
+        false,
+        metrics,
+        clock.clone(),
+    );
+    (clock, sink, ledger, dlr)
+}
+
+/// Watches and answers a send of `prices` (one part each) with every
+/// share accepted; returns (token, key, holds).
+async fn held_send(dlr: &Dlr, ledger: &Arc<Ledger>, prices: &[i64]) -> (String, String, Vec<u64>) {
+    let recipients: Vec<String> = (0..prices.len())
+        .map(|i| format!("+3630000000{i}"))
+        .collect();
+    let refs: Vec<&str> = recipients.iter().map(String::as_str).collect();
+    let parts = vec![1u32; prices.len()];
+    let id = ledger
+        .reserve("a", prices, BucketPreference::AnytimeOnly, None, None)
+        .unwrap();
+    let prepared = dlr.prepare(None, &refs, prices, &parts, None, "a").unwrap();
+    assert!(prepared.holds_until_delivery());
+    let token = prepared.callback_url.split("/dlr/").nth(1).unwrap()[..32].to_string();
+    let key = dlr.register(prepared, id).await.unwrap();
+    let parts_milli: Vec<Vec<i64>> = prices.iter().map(|p| vec![*p]).collect();
+    let held = ledger.hold_for_delivery(id, &parts_milli, None).unwrap();
+    let ids = held.holds.iter().flatten().map(|h| h.0).collect();
+    dlr.settled(&key, Some(Answered::Held { holds: held.holds }))
+        .await;
+    (token, key, ids)
+}
+
+fn report_query(i: usize, status: &str) -> String {
+    format!("messageid=m{i}&recipient=%2B3630000000{i}&deliverystatus={status}")
+}
+
+#[test]
+fn delivery_timeout_charges_or_releases_the_silent_shares_by_config() {
+    use crate::config::dlr::OnTimeout;
+    for on_timeout in [OnTimeout::Charge, OnTimeout::Release] {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (clock, sink, ledger, dlr) = delivery_fixture(on_timeout, None);
+            let (token, _, holds) = held_send(&dlr, &ledger, &[1_000, 2_000, 4_000]).await;
+            let a = ledger.account("a").unwrap();
+            assert_eq!(
+                (a.anytime.posted_milli, a.anytime.reserved_milli),
+                (20_000, 7_000)
+            );
+            // Share 0 delivered, share 1 failed, share 2 silent.
+            assert_eq!(
+                dlr.report(&token, &report_query(0, "delivered"))
+                    .await
+                    .status,
+                200
+            );
+            assert_eq!(
+                dlr.report(&token, &report_query(1, "undelivered"))
+                    .await
+                    .status,
+                200
+            );
+            assert_eq!(
+                ledger.reservation(ReservationId(holds[2])).unwrap().state,
+                crate::ledger::ReservationState::Delivery
+            );
+            // Before the timeout the sweep changes nothing.
+            dlr.sweep().await;
+            assert_eq!(dlr.watched(), 1);
+            clock.advance(dlr.config.timeout.as_millis() as i64 + 1_000);
+            dlr.sweep().await;
+            assert_eq!(dlr.watched(), 0, "closed by the timeout");
+            assert_eq!(ledger.reservation_count(), 0, "every hold resolved");
+            let a = ledger.account("a").unwrap();
+            let charged = match on_timeout {
+                OnTimeout::Charge => 1_000 + 4_000,
+                OnTimeout::Release => 1_000,
+            };
+            assert_eq!(
+                (a.anytime.posted_milli, a.anytime.reserved_milli),
+                (20_000 - charged, 0)
+            );
+            let (result, other) = match on_timeout {
+                OnTimeout::Charge => ("charged", "released"),
+                OnTimeout::Release => ("released", "charged"),
+            };
+            let m = &dlr.metrics;
+            assert_eq!(
+                m.dlr_holds_resolved
+                    .with_label_values(&[result, "timeout"])
+                    .get(),
+                1
+            );
+            assert_eq!(
+                m.dlr_holds_resolved
+                    .with_label_values(&[other, "timeout"])
+                    .get(),
+                0
+            );
+            assert_eq!(m.dlr_timeouts.with_label_values(&["delivery"]).get(), 1);
+            // A late report moves nothing.
+            assert_eq!(
+                dlr.report(&token, &report_query(2, "delivered"))
+                    .await
+                    .status,
+                404
+            );
+            assert_eq!(ledger.account("a").unwrap(), a);
+            let replayed = replay(&sink.entries());
+            assert_eq!(
+                replayed[&("a".to_string(), crate::ledger::Bucket::Anytime)],
+                a.anytime
+            );
+        });
+    }
+}
+
+/// A crash after a report's row was committed and before its hold was
+/// resolved (or with the resolution lost under `durability: async`):
+/// start-up resolves the hold the ledger still has, once; the holds
+/// without a report go back to waiting (state `delivery`, not in doubt).
+#[test]
+fn restore_resolves_recorded_holds_once_and_keeps_the_rest_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = OutboxConfig {
+        path: Some(dir.path().join("o.db")),
+        ..OutboxConfig::default()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (clock, sink, ledger, dlr) =
+        delivery_fixture(crate::config::dlr::OnTimeout::Charge, Some(&cfg));
+    let (_, key, holds) = rt.block_on(held_send(&dlr, &ledger, &[1_000, 2_000]));
+    // The row of a "delivered" report of share 0, planned, not applied.
+    let row = ReportRow {
+        dedupe: "id:m0||delivered".into(),
+        share: Some(0),
+        part: None,
+        outcome: Some("delivered".into()),
+        message_id: Some("m0".into()),
+        refund: None,
+        applied: false,
+        early: false,
+        parts: vec![1],
+        hold: Some(HoldAction::Post),
+        hold_ids: vec![holds[0]],
+    };
+    dlr.outbox()
+        .commit_blocking(vec![Change::Put(
+            STATE_NS.into(),
+            format!("{key}/r/0"),
+            serde_json::to_vec(&row).unwrap(),
+        )])
+        .unwrap();
+    drop(dlr);
+    // The restart: the store brings every hold back in doubt.
+    for h in &holds {
+        ledger.mark_in_doubt(ReservationId(*h)).unwrap();
+    }
+    let restart = || {
+        let metrics = Arc::new(Metrics::new());
+        let outbox = Arc::new(Outbox::open(&cfg, clock.clone(), metrics.clone()).unwrap());
+        let config = DlrConfig {
+            enabled: true,
+            charge_on_default: ChargeOn::Delivery,
+            request: RequestReports::Always,
+            ..DlrConfig::default()
+        };
+        let dlr = Dlr::new(
+            config,
+            outbox,
+            ledger.clone(),
+            None,
+            false,
+            metrics,
+            clock.clone(),
+        );
+        let r = dlr.restore(&mut |_| Ok(HashSet::new())).unwrap();
+        (dlr, r)
+    };
+    let (dlr, r) = restart();
+    assert_eq!((r.sends, r.holds, r.holds_resolved), (1, 2, 1));
+    assert!(
+        ledger.reservation(ReservationId(holds[0])).is_none(),
+        "posted"
+    );
+    assert_eq!(
+        ledger.reservation(ReservationId(holds[1])).unwrap().state,
+        crate::ledger::ReservationState::Delivery
+    );
+    let posts = || {
+        sink.entries()
+            .iter()
+            .filter(|e| e.kind == EntryKind::Post)
+            .count()
+    };
+    assert_eq!(posts(), 1);
+    drop(dlr);
+    let (_, r) = restart();
+    assert_eq!(
+        (r.holds, r.holds_resolved),
+        (1, 0),
+        "nothing resolved twice"
+    );
+    assert_eq!(posts(), 1);
+    let a = ledger.account("a").unwrap();
+    assert_eq!(
+        (a.anytime.posted_milli, a.anytime.reserved_milli),
+        (19_000, 2_000)
+    );
+}
+
+/// A crash between the holds' commit and the settlement row: start-up
+/// reads the answer from the holds (their references name the send's
+/// reservation, share and part), and a report then settles them.
+#[test]
+fn restore_rebuilds_a_lost_settlement_from_the_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = OutboxConfig {
+        path: Some(dir.path().join("o.db")),
+        ..OutboxConfig::default()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (clock, _sink, ledger, dlr) =
+        delivery_fixture(crate::config::dlr::OnTimeout::Charge, Some(&cfg));
+    let (token, key, holds) = rt.block_on(held_send(&dlr, &ledger, &[1_000, 2_000]));
+    dlr.outbox()
+        .commit_blocking(vec![Change::Delete(
+            STATE_NS.into(),
+            format!("{key}/settled"),
+        )])
+        .unwrap();
+    drop(dlr);
+    for h in &holds {
+        ledger.mark_in_doubt(ReservationId(*h)).unwrap();
+    }
+    let metrics = Arc::new(Metrics::new());
+    let outbox = Arc::new(Outbox::open(&cfg, clock.clone(), metrics.clone()).unwrap());
+    let config = DlrConfig {
+        enabled: true,
+        charge_on_default: ChargeOn::Delivery,
+        request: RequestReports::Always,
+        ..DlrConfig::default()
+    };
+    let dlr = Dlr::new(
+        config,
+        outbox,
+        ledger.clone(),
+        None,
+        false,
+        metrics,
+        clock.clone(),
+    );
+    let r = dlr.restore(&mut |_| Ok(HashSet::new())).unwrap();
+    assert_eq!((r.sends, r.holds), (1, 2));
+    rt.block_on(async {
+        assert_eq!(
+            dlr.report(&token, &report_query(1, "expired")).await.status,
+            200
+        );
+        assert_eq!(
+            dlr.report(&token, &report_query(0, "delivered"))
+                .await
+                .status,
+            200
+        );
+    });
+    assert_eq!(ledger.reservation_count(), 0);
+    let a = ledger.account("a").unwrap();
+    assert_eq!(
+        (a.anytime.posted_milli, a.anytime.reserved_milli),
+        (19_000, 0)
     );
 }
