@@ -974,7 +974,7 @@ impl Dlr {
                 // The holds of the parts no report resolved, claimed here
                 // so a late report moves nothing.
                 let mut holds = Vec::new();
-                if st.phase == Phase::Settled {
+                if st.phase == Phase::Settled && st.policy == ChargeOn::Delivery {
                     for s in st.shares.iter_mut().filter(|s| s.accepted) {
                         for (p, done) in s.resolved.iter_mut().enumerate() {
                             if !*done {
