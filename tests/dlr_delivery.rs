@@ -155,11 +155,14 @@ fn each_outcome_posts_or_releases_its_share_and_nothing_is_charged_on_accept() {
     let s = start(&["--reject-prefix", "3680"], "");
     sim_post(
         &s.sim,
-        "/sim/dlr?prefix=3620&outcome=delivered&delay_ms=800",
+        "/sim/dlr?prefix=3620&outcome=delivered&delay_ms=1500",
     );
-    sim_post(&s.sim, "/sim/dlr?prefix=3630&outcome=failed&delay_ms=800");
-    sim_post(&s.sim, "/sim/dlr?prefix=3631&outcome=expired&delay_ms=800");
-    sim_post(&s.sim, "/sim/dlr?prefix=3670&outcome=rejected&delay_ms=800");
+    sim_post(&s.sim, "/sim/dlr?prefix=3630&outcome=failed&delay_ms=1500");
+    sim_post(&s.sim, "/sim/dlr?prefix=3631&outcome=expired&delay_ms=1500");
+    sim_post(
+        &s.sim,
+        "/sim/dlr?prefix=3670&outcome=rejected&delay_ms=1500",
+    );
     sim_post(&s.sim, "/sim/dlr?prefix=3699&outcome=never");
     let before = balance(&s.tg);
     let (posted0, reserved0) = bucket(&s.tg);
@@ -215,11 +218,11 @@ fn multipart_partial_failure_releases_only_the_failed_part() {
     // credit each (+3630): both delivered, one report each.
     sim_post(
         &s.sim,
-        "/sim/dlr?prefix=3620&outcome=delivered,failed&parts=2&delay_ms=800",
+        "/sim/dlr?prefix=3620&outcome=delivered,failed&parts=2&delay_ms=1500",
     );
     sim_post(
         &s.sim,
-        "/sim/dlr?prefix=3630&outcome=delivered&parts=2&delay_ms=800",
+        "/sim/dlr?prefix=3630&outcome=delivered&parts=2&delay_ms=1500",
     );
     let before = balance(&s.tg);
     let (posted0, _) = bucket(&s.tg);
