@@ -354,3 +354,46 @@ fn on_postgres_pending_delivery_shares_survive_kill_9() {
     assert_eq!(holds_listed(&tg), 0);
     verify_clean(&tg);
 }
+
+#[test]
+fn kill_9_with_reports_in_flight_posts_each_hold_at_most_once() {
+    let s = start(&[], "");
+    let mut tg = s.tg;
+    // Reports trickle in while tollgate is killed and restarted; the sim
+    // retries what tollgate did not answer.
+    sim_post(&s.sim, "/sim/dlr?prefix=36&outcome=delivered&delay_ms=150");
+    let before = balance(&tg);
+    let (posted0, _) = bucket(&tg);
+    let recipients: Vec<String> = (0..8).map(|i| format!("+3630111111{i}")).collect();
+    send(&tg, &recipients.join(","), "hi");
+    std::thread::sleep(Duration::from_millis(500));
+    tg.stop_with("KILL");
+    std::thread::sleep(Duration::from_millis(150));
+    tg.spawn();
+    wait_for_dlr(s.dlr_port);
+    wait_until(
+        || sim_calls(&s.sim).len() >= 8,
+        "every report called (some retried)",
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let acknowledged = sim_calls(&s.sim)
+        .iter()
+        .filter(|c| c["status"] == 200)
+        .count();
+    let (posts, voids) = hold_entries(&tg);
+    // An acknowledged report was posted exactly once; one whose callbacks
+    // all failed (tollgate down) at most once; the rest stay held.
+    assert!(
+        (acknowledged..=8).contains(&posts),
+        "{posts} posts for {acknowledged} acknowledged reports"
+    );
+    assert_eq!(voids, 0);
+    assert_eq!(bucket(&tg), (posted0 - posts as f64, (8 - posts) as f64));
+    assert_eq!(
+        balance(&tg),
+        before - 8.0,
+        "posted or held: never spendable"
+    );
+    assert_eq!(holds_listed(&tg), 8 - posts);
+    verify_clean(&tg);
+}
