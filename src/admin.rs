@@ -260,11 +260,12 @@ impl AdminApp {
         let state = match query_param(query, "state").as_deref() {
             Some("in_doubt") => Some(ReservationState::InDoubt),
             Some("open") => Some(ReservationState::Open),
+            Some("delivery") => Some(ReservationState::Delivery),
             None | Some("") | Some("all") => None,
             Some(_) => {
                 return error(
                     StatusCode::BAD_REQUEST,
-                    "state must be open, in_doubt or all",
+                    "state must be open, in_doubt, delivery or all",
                 )
             }
         };
@@ -302,6 +303,12 @@ impl AdminApp {
                 error(StatusCode::NOT_FOUND, "no such reservation")
             };
         };
+        if r.state == ReservationState::Delivery {
+            return error(
+                StatusCode::CONFLICT,
+                "the reservation is a delivery hold (charge_on: delivery); its delivery report or dlr.timeout_s resolves it",
+            );
+        }
         if r.state != ReservationState::InDoubt {
             return error(
                 StatusCode::CONFLICT,

@@ -246,6 +246,10 @@ pub struct Metrics {
     pub dlr_pending_shares: IntGaugeVec,
     /// Shares resolved by `dlr.timeout_s` without a report, by policy.
     pub dlr_timeouts: IntCounterVec,
+    /// `charge_on: delivery`: delivery holds (one per part of an accepted
+    /// share) resolved, by `result` (`charged`, `released`) and `cause`
+    /// (`report`, `timeout`: `dlr.on_timeout` applied).
+    pub dlr_holds_resolved: IntCounterVec,
     /// Low-balance crossings, by whether their webhook was queued in the
     /// outbox (`queued`) or refused by it (`refused`: retried on the
     /// account's next change).
@@ -275,6 +279,13 @@ pub const DLR_REFUSALS: [&str; 7] = [
 ];
 /// The `policy` label of the share gauges.
 pub const DLR_POLICIES: [&str; 2] = ["accept", "delivery"];
+
+/// Every reservation state, in the order the gauges list them.
+pub const RESERVATION_STATES: [ReservationState; 3] = [
+    ReservationState::Open,
+    ReservationState::InDoubt,
+    ReservationState::Delivery,
+];
 
 /// The `wait` label of `tollgate_store_ack_timeouts_total`.
 pub const STORE_WAITS: [&str; 2] = ["admit", "durable"];
@@ -377,7 +388,7 @@ impl Metrics {
             ),
             reservations_held_milli: gauge_vec(
                 "tollgate_reservations_held_milli",
-                "Milli-credits held by unresolved reservations, by state (open, in_doubt)",
+                "Milli-credits held by unresolved reservations, by state (open, in_doubt, delivery)",
                 &["state"],
             ),
             unknown_forwarded: counter_vec(
@@ -620,6 +631,11 @@ impl Metrics {
                 "Shares resolved by dlr.timeout_s without a final report",
                 &["policy"],
             ),
+            dlr_holds_resolved: counter_vec(
+                "tollgate_dlr_holds_resolved_total",
+                "charge_on: delivery holds (one per part) resolved, by result and cause",
+                &["result", "cause"],
+            ),
         };
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(m.build_info.clone()),
@@ -679,6 +695,7 @@ impl Metrics {
             Box::new(m.dlr_refunded_milli.clone()),
             Box::new(m.dlr_pending_shares.clone()),
             Box::new(m.dlr_timeouts.clone()),
+            Box::new(m.dlr_holds_resolved.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");
@@ -740,7 +757,12 @@ impl Metrics {
             self.dlr_pending_shares.with_label_values(&[policy]);
             self.dlr_timeouts.with_label_values(&[policy]);
         }
-        for state in [ReservationState::Open, ReservationState::InDoubt] {
+        for result in ["charged", "released"] {
+            for cause in ["report", "timeout"] {
+                self.dlr_holds_resolved.with_label_values(&[result, cause]);
+            }
+        }
+        for state in RESERVATION_STATES {
             self.reservations_held_milli
                 .with_label_values(&[state.as_str()]);
         }
@@ -805,22 +827,20 @@ impl Metrics {
     /// accounts, and the balances of `balance_accounts` (an account not in
     /// the ledger gets no series). Called before each scrape.
     pub fn observe_ledger(&self, ledger: &Ledger, balance_accounts: &[String]) {
-        let mut count = [0i64; 2];
-        let mut held_milli = [0i64; 2];
+        let mut count = [0i64; 3];
+        let mut held_milli = [0i64; 3];
         for r in ledger.reservations(None) {
             let i = match r.state {
                 ReservationState::Open => 0,
                 ReservationState::InDoubt => 1,
+                ReservationState::Delivery => 2,
             };
             count[i] += 1;
             held_milli[i] += r.total_milli;
         }
         self.reservations_open.set(count[0]);
         self.reservations_in_doubt.set(count[1]);
-        for (i, state) in [ReservationState::Open, ReservationState::InDoubt]
-            .into_iter()
-            .enumerate()
-        {
+        for (i, state) in RESERVATION_STATES.into_iter().enumerate() {
             self.reservations_held_milli
                 .with_label_values(&[state.as_str()])
                 .set(held_milli[i]);
@@ -931,7 +951,7 @@ mod tests {
         let (ours, process): (Vec<_>, Vec<_>) = families
             .iter()
             .partition(|f| f.get_name().starts_with("tollgate_"));
-        assert_eq!(ours.len(), 57);
+        assert_eq!(ours.len(), 58);
         let mut process: Vec<&str> = process.iter().map(|f| f.get_name()).collect();
         process.sort_unstable();
         let mut expected = PROCESS_FAMILIES.to_vec();

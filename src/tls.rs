@@ -1,5 +1,6 @@
 //! Transport security: the client listener's certificate and handshake,
-//! and the connector for HTTPS to the gateway. Built on pingora 0.9.1's
+//! the connector for HTTPS to the gateway, and the one of the outbox's
+//! relay to `https://` targets ([`RelayTls`]). Built on pingora 0.9.1's
 //! OpenSSL support (`pingora::tls` is its `openssl` re-export).
 //!
 //! # The client listener
@@ -435,6 +436,75 @@ impl GatewayTls {
             .into_ssl(self.sni.as_deref().unwrap_or(""))
             .map_err(|e| fail(&e))?;
         let mut stream = GatewayStream::new(ssl, tcp).map_err(|e| fail(&e))?;
+        match Pin::new(&mut stream).connect().await {
+            Ok(()) => Ok(stream),
+            Err(e) => {
+                let verify = stream.ssl().verify_result();
+                if verify.as_raw() != 0 {
+                    Err(fail(&format!(
+                        "certificate refused: {}",
+                        verify.error_string()
+                    )))
+                } else {
+                    Err(fail(&e))
+                }
+            }
+        }
+    }
+}
+
+/// HTTPS for the outbox's relay (`https://` client report URLs): one
+/// connector, TLS 1.2+, the peer's certificate verified against
+/// `outbox.ca_file` or the system's trust store, and its name against the
+/// URL's host (no opt-out).
+pub struct RelayTls {
+    connector: SslConnector,
+}
+
+/// A TLS connection of the relay.
+pub type RelayStream = pingora::tls::tokio_ssl::SslStream<TcpStream>;
+
+impl RelayTls {
+    pub fn new(ca_file: Option<&Path>) -> Result<RelayTls, TlsError> {
+        let setup = |e: pingora::tls::error::ErrorStack| TlsError::Setup(e.to_string());
+        let mut builder = SslConnector::builder(SslMethod::tls_client()).map_err(setup)?;
+        builder
+            .set_min_proto_version(Some(SslVersion::TLS1_2))
+            .map_err(setup)?;
+        builder.set_alpn_protos(ALPN_HTTP11).map_err(setup)?;
+        match ca_file {
+            Some(path) => {
+                let certs = parse_certs(path, &read_pem(path)?)?;
+                let mut store = X509StoreBuilder::new().map_err(setup)?;
+                for c in certs {
+                    store.add_cert(c).map_err(setup)?;
+                }
+                builder.set_cert_store(store.build());
+            }
+            None => {
+                let probe = openssl_probe::probe();
+                match (&probe.cert_file, &probe.cert_dir) {
+                    (None, None) => builder.set_default_verify_paths().map_err(setup)?,
+                    (file, dir) => builder
+                        .load_verify_locations(file.as_deref(), dir.as_deref())
+                        .map_err(setup)?,
+                }
+            }
+        }
+        builder.set_verify(SslVerifyMode::PEER);
+        Ok(RelayTls {
+            connector: builder.build(),
+        })
+    }
+
+    /// The client side of a handshake with `host` (SNI unless an IP
+    /// address, and the name or address the certificate must carry).
+    pub async fn connect(&self, tcp: TcpStream, host: &str) -> Result<RelayStream, String> {
+        let fail = |e: &dyn std::fmt::Display| format!("TLS: {e}");
+        let mut conf = self.connector.configure().map_err(|e| fail(&e))?;
+        conf.set_use_server_name_indication(host.parse::<std::net::IpAddr>().is_err());
+        let ssl = conf.into_ssl(host).map_err(|e| fail(&e))?;
+        let mut stream = RelayStream::new(ssl, tcp).map_err(|e| fail(&e))?;
         match Pin::new(&mut stream).connect().await {
             Ok(()) => Ok(stream),
             Err(e) => {

@@ -164,8 +164,8 @@ start_nginx() {
 TG_PID=""
 TG_ADMIN=""
 TG_RUNS=0
-start_tollgate() { # mode durability [nostore]
-    local dir port admin store_yaml
+start_tollgate() { # mode durability [nostore | dlr-accept | dlr-delivery]
+    local dir port admin store_yaml dlr_port
     TG_RUNS=$((TG_RUNS + 1))
     dir="$WORK/tollgate-$TG_RUNS-$1-$2"
     port="$(free_port)"
@@ -178,6 +178,16 @@ start_tollgate() { # mode durability [nostore]
         -e "s|@LISTEN@|127.0.0.1:$port|" -e "s|@ADMIN@|127.0.0.1:$admin|" \
         -e "s|@UPSTREAM@|$SIM|" -e "s|@STORE_YAML@|$store_yaml|" \
         "$HERE/tollgate.yaml.tmpl" >"$dir/conf/tollgate.yaml"
+    case "${3:-}" in
+        dlr-accept | dlr-delivery)
+            # Delivery reports on every send (tollgate adds its own
+            # reporturl); ozeki-sim, without a rule, reports every accepted
+            # message "delivered" at once, on a fresh connection.
+            dlr_port="$(free_port)"
+            printf 'dlr: { enabled: true, listen: 127.0.0.1:%s, request: always, charge_on: { default: %s } }\n' \
+                "$dlr_port" "${3#dlr-}" >>"$dir/conf/tollgate.yaml"
+            ;;
+    esac
     echo benchpw | RUST_LOG=warn "$BIN_DIR/tollgate" accounts -c "$dir/conf/tollgate.yaml" \
         add bench --anytime 1000000000000 >/dev/null
     RUST_LOG="${TOLLGATE_RUST_LOG:-warn}" "$BIN_DIR/tollgate" run -c "$dir/conf/tollgate.yaml" >"$dir/stdout" 2>"$dir/stderr" &
@@ -204,10 +214,12 @@ start_scenario() {
         sync) start_tollgate enforce sync ;;
         nostore) start_tollgate enforce async nostore ;;
         getcredits) start_tollgate enforce async; SCENARIO_PATH="$CREDITS_PATH" ;;
+        dlr) start_tollgate enforce async dlr-accept ;;
+        dlrhold) start_tollgate enforce async dlr-delivery ;;
         *) die "unknown scenario $1" ;;
     esac
 }
-is_tollgate() { [[ "$1" =~ ^(passthrough|async|sync|nostore|getcredits)$ ]]; }
+is_tollgate() { [[ "$1" =~ ^(passthrough|async|sync|nostore|getcredits|dlr|dlrhold)$ ]]; }
 stop_scenario() {
     case "$1" in
         nginx) stop_pid "$NGINX_PID" ;;
@@ -222,7 +234,11 @@ outcomes() {
         awk '/^tollgate_requests_total\{/ && $NF > 0 {
             match($0, /outcome="[^"]*"/); o = substr($0, RSTART+9, RLENGTH-10)
             match($0, /action="[^"]*"/); a = substr($0, RSTART+8, RLENGTH-9)
-            printf "%s%s:%s=%d", sep, a, o, $NF; sep=" " }'
+            printf "%s%s:%s=%d", sep, a, o, $NF; sep=" " }
+            /^tollgate_dlr_reports_total\{/ && $NF > 0 {
+            match($0, /outcome="[^"]*"/); o = substr($0, RSTART+9, RLENGTH-10)
+            match($0, /result="[^"]*"/); r = substr($0, RSTART+8, RLENGTH-9)
+            printf "%sreports:%s:%s=%d", sep, o, r, $NF; sep=" " }'
 }
 
 median() { # values... → the median ("–" stays "–")
@@ -240,6 +256,8 @@ label() {
         sync) echo "4b tollgate sendmessage, durability: sync" ;;
         getcredits) echo "5 tollgate getcredits (local)" ;;
         nostore) echo "(extra) tollgate sendmessage, no store" ;;
+        dlr) echo "6a tollgate sendmessage + delivery report, charge_on: accept" ;;
+        dlrhold) echo "6b tollgate sendmessage + delivery report, charge_on: delivery" ;;
     esac
 }
 

@@ -13,8 +13,14 @@
 #   4 async/sync   wrk → tollgate `sendmessage`: price, reserve, forward,
 #                  settle; SQLite store, `durability: async` and `sync`
 #   5 getcredits   wrk → tollgate `getcredits`, answered locally
-# 1-4 send the same single-recipient GET `sendmessage` (recipients cycle
-# through 1000 numbers); 5 sends a GET `getcredits`.
+#   6 dlr/dlrhold  4a with delivery reports: `dlr.request: always` (tollgate
+#                  adds its reporturl), ozeki-sim calls it back "delivered"
+#                  for every message (a fresh connection each, as it comes);
+#                  `charge_on: accept` (dlr) and `charge_on: delivery`
+#                  (dlrhold: hold on the answer, post on the report). Their
+#                  proxy CPU per send minus 4a's is the report round trip.
+# 1-4 and 6 send the same single-recipient GET `sendmessage` (recipients
+# cycle through 1000 numbers); 5 sends a GET `getcredits`.
 #
 # For each: requests/s, p50/p99 latency (wrk --latency), errors, and the CPU
 # time the proxy and the upstream spent per request (utime+stime from
@@ -133,7 +139,7 @@ scenario() { # name → start target, measure, stop
 }
 
 log "bench-e2e: wrk -t$WRK_THREADS -c$CONNECTIONS -d$DURATION (warm-up $WARMUP), tollgate threads $TOLLGATE_THREADS, ozeki-sim threads $SIM_THREADS; load $LOAD_AT_START"
-ALL=(direct nginx passthrough async sync getcredits)
+ALL=(direct nginx passthrough async sync getcredits dlr dlrhold)
 # EXTRA=nostore adds tollgate `sendmessage` without a store (the cost of
 # the credit logic without SQLite), for a breakdown.
 if [ -n "${EXTRA:-}" ]; then read -ra extra <<<"$EXTRA"; ALL+=("${extra[@]}"); fi
@@ -205,6 +211,14 @@ ratio() { # a b → a/b with 2 decimals, or "–"
     echo "| 4b/4a sync / async (target ≥ 0.80) | $(ratio "${R_RPS[sync]:-}" "${R_RPS[async]:-}") | $(ratio "${R_CPU[sync]:-}" "${R_CPU[async]:-}") |"
     echo "| 5/2 getcredits / nginx (target ≥ 1.40) | $(ratio "${R_RPS[getcredits]:-}" "${R_RPS[nginx]:-}") | $(ratio "${R_CPU[getcredits]:-}" "${R_CPU[nginx]:-}") |"
     echo "| 3/2 passthrough / nginx (reference) | $(ratio "${R_RPS[passthrough]:-}" "${R_RPS[nginx]:-}") | $(ratio "${R_CPU[passthrough]:-}" "${R_CPU[nginx]:-}") |"
+    echo "| 6a/4a send + report (accept) / async | $(ratio "${R_RPS[dlr]:-}" "${R_RPS[async]:-}") | $(ratio "${R_CPU[dlr]:-}" "${R_CPU[async]:-}") |"
+    echo "| 6b/4a send + report (delivery) / async | $(ratio "${R_RPS[dlrhold]:-}" "${R_RPS[async]:-}") | $(ratio "${R_CPU[dlrhold]:-}" "${R_CPU[async]:-}") |"
+    for s in dlr dlrhold; do
+        if [ -n "${R_CPU[$s]:-}" ] && [ -n "${R_CPU[async]:-}" ]; then
+            echo
+            echo "Report round trip ($s): $(awk -v a="${R_CPU[$s]}" -v b="${R_CPU[async]}" 'BEGIN{printf "%.1f", a-b}') µs more tollgate CPU per send than 4a (medians; per round: ${A_CPU[$s]} vs ${A_CPU[async]})."
+        fi
+    done
     if [ -n "$HALF_RATE" ]; then
         echo
         echo "At half of peak: offered ≈ $HALF_RATE req/s (half of 4a's peak) with $CONNECTIONS connections, each"
@@ -225,7 +239,7 @@ ratio() { # a b → a/b with 2 decimals, or "–"
     echo
     echo "Outcomes counted by tollgate (tollgate_requests_total), per scenario:"
     echo
-    for s in passthrough async sync getcredits nostore; do
+    for s in passthrough async sync getcredits nostore dlr dlrhold; do
         [ -n "${R_NOTE[$s]:-}" ] && echo "- $s: ${R_NOTE[$s]}"
     done
 } >"$WORK/results.md"

@@ -31,7 +31,7 @@ pub enum ChargeOn {
     Accept,
     /// The share stays reserved until its report: delivered posts,
     /// failed/expired/rejected voids, none within `dlr.timeout_s` applies
-    /// `dlr.timeout_default`.
+    /// `dlr.on_timeout`.
     Delivery,
 }
 
@@ -44,12 +44,25 @@ impl ChargeOn {
     }
 }
 
-/// What `charge_on: delivery` does with a share whose report never came.
+/// What `charge_on: delivery` does with a share whose report never came
+/// within `dlr.timeout_s` (`dlr.on_timeout`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum TimeoutDefault {
-    Post,
-    Void,
+pub enum OnTimeout {
+    /// Post the held share (the gateway accepted it; silence is not a
+    /// failure report). The default.
+    Charge,
+    /// Void it: the credit returns to the account.
+    Release,
+}
+
+impl OnTimeout {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnTimeout::Charge => "charge",
+            OnTimeout::Release => "release",
+        }
+    }
 }
 
 /// A final delivery outcome (what a status value means).
@@ -131,8 +144,8 @@ pub struct FileDlr {
     request: RequestReports,
     #[serde(default = "default_timeout_s")]
     timeout_s: u64,
-    #[serde(default = "default_timeout_default")]
-    timeout_default: TimeoutDefault,
+    #[serde(default = "default_on_timeout")]
+    on_timeout: OnTimeout,
     #[serde(default = "default_max_pending_sends")]
     max_pending_sends: usize,
     #[serde(default = "default_callback_max_bytes")]
@@ -155,7 +168,7 @@ impl Default for FileDlr {
             public_url: None,
             request: default_request(),
             timeout_s: default_timeout_s(),
-            timeout_default: default_timeout_default(),
+            on_timeout: default_on_timeout(),
             max_pending_sends: default_max_pending_sends(),
             callback_max_bytes: default_callback_max_bytes(),
             keywords: FileKeywords::default(),
@@ -174,8 +187,8 @@ fn default_request() -> RequestReports {
 fn default_timeout_s() -> u64 {
     172_800
 }
-fn default_timeout_default() -> TimeoutDefault {
-    TimeoutDefault::Post
+fn default_on_timeout() -> OnTimeout {
+    OnTimeout::Charge
 }
 fn default_max_pending_sends() -> usize {
     100_000
@@ -203,7 +216,7 @@ pub struct DlrConfig {
     pub public_url: String,
     pub request: RequestReports,
     pub timeout: Duration,
-    pub timeout_default: TimeoutDefault,
+    pub on_timeout: OnTimeout,
     pub max_pending_sends: usize,
     pub callback_max_bytes: usize,
     pub keywords: Keywords,
@@ -321,24 +334,13 @@ impl DlrConfig {
         };
         let mut classes = f.charge_on.unwrap_or_default();
         let charge_on_default = classes.remove("default").unwrap_or(ChargeOn::Accept);
-        // Fail closed: a policy this build cannot settle by is refused,
-        // never silently charged another way.
-        if charge_on_default == ChargeOn::Delivery
-            || classes.values().any(|c| *c == ChargeOn::Delivery)
-        {
-            return Err(ConfigError::new(
-                file,
-                "dlr.charge_on",
-                "delivery is not supported by this build yet; use accept (failed reports refund)",
-            ));
-        }
         Ok(DlrConfig {
             enabled: f.enabled,
             listen,
             public_url,
             request: f.request,
             timeout: Duration::from_secs(f.timeout_s),
-            timeout_default: f.timeout_default,
+            on_timeout: f.on_timeout,
             max_pending_sends: f.max_pending_sends,
             callback_max_bytes: f.callback_max_bytes,
             keywords: Keywords {
@@ -396,7 +398,6 @@ mod tests {
             ("timeout_s: 1", "dlr.timeout_s"),
             ("keywords: { status: status }", "dlr.keywords.status"),
             ("outcomes: { gone: [x] }", "dlr.outcomes"),
-            ("charge_on: { premium: delivery }", "dlr.charge_on"),
         ] {
             let e = parse(yaml).unwrap_err().to_string();
             assert!(e.contains(key), "{yaml}: {e}");
@@ -404,5 +405,18 @@ mod tests {
         let c = parse("outcomes: { delivered: [OK] }\ncharge_on: { default: accept }").unwrap();
         assert_eq!(c.outcome("ok"), Some(Outcome::Delivered));
         assert_eq!(c.outcome("delivered"), None);
+        let c = parse("charge_on: { default: accept, premium: delivery }\non_timeout: release")
+            .unwrap();
+        assert_eq!(c.charge_on(Some("premium")), ChargeOn::Delivery);
+        assert_eq!(c.charge_on(None), ChargeOn::Accept);
+        assert_eq!(c.on_timeout, OnTimeout::Release);
+        assert_eq!(
+            parse("enabled: false").unwrap().on_timeout,
+            OnTimeout::Charge
+        );
+        // Unknown values are refused by the file's types.
+        for yaml in ["on_timeout: post", "charge_on: { premium: later }"] {
+            assert!(serde_yaml::from_str::<FileDlr>(yaml).is_err(), "{yaml}");
+        }
     }
 }

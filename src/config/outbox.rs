@@ -27,6 +27,10 @@ pub struct FileOutbox {
     max_pending: usize,
     #[serde(default = "default_done_retention_s")]
     done_retention_s: u64,
+    /// PEM CA certificates `https://` relay targets are verified against
+    /// (unset: the system's trust store).
+    #[serde(default)]
+    ca_file: Option<String>,
 }
 
 impl Default for FileOutbox {
@@ -40,6 +44,7 @@ impl Default for FileOutbox {
             concurrency: default_concurrency(),
             max_pending: default_max_pending(),
             done_retention_s: default_done_retention_s(),
+            ca_file: None,
         }
     }
 }
@@ -80,6 +85,9 @@ pub struct OutboxConfig {
     pub concurrency: usize,
     pub max_pending: usize,
     pub done_retention: Duration,
+    /// `outbox.ca_file`: the CAs of `https://` targets (`None`: the
+    /// system's trust store).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl OutboxConfig {
@@ -149,8 +157,19 @@ impl OutboxConfig {
             (None, Some(store)) => Some(sibling_path(store)),
             (None, None) => None,
         };
+        let ca_file = f.ca_file.map(|p| crate::config::resolve_relative(file, &p));
+        if let Some(ca) = &ca_file {
+            if !ca.is_file() {
+                return Err(ConfigError::new(
+                    file,
+                    "outbox.ca_file",
+                    format!("{} is not a readable file", ca.display()),
+                ));
+            }
+        }
         Ok(OutboxConfig {
             path,
+            ca_file,
             retry_initial: Duration::from_millis(f.retry_initial_ms),
             retry_max: Duration::from_millis(f.retry_max_ms),
             give_up_after: Duration::from_secs(f.give_up_after_s),

@@ -2,11 +2,13 @@
 //!
 //! Owns the report tokens of the sends it watches, the rule that maps a
 //! report to a reservation share, the money each report moves (a `refund`
-//! under `charge_on: accept`), and the relay of the report to the client's
-//! own `reporturl` (through the [`outbox`](crate::outbox)). It never
-//! parses a front-door request (the send hands it the parsed send and the
-//! raw bytes to rewrite) and never moves credit except through
-//! [`Ledger::refund`].
+//! under `charge_on: accept`; under `charge_on: delivery` the post or void
+//! of the part's delivery hold), and the relay of the report to the
+//! client's own `reporturl` (through the [`outbox`](crate::outbox)). It
+//! never parses a front-door request (the send hands it the parsed send
+//! and the raw bytes to rewrite) and never moves credit except through
+//! [`Ledger::refund`], and [`Ledger::post_whole`] / [`Ledger::void`] of
+//! the delivery holds [`Ledger::hold_for_delivery`] made.
 //!
 //! # The life of a watched send
 //! 1. **Before forwarding** ([`Dlr::prepare`], [`Dlr::register`]): a
@@ -30,6 +32,23 @@
 //!    bucket that paid, and waits for the ledger's commit.
 //! 4. A send whose shares all have a final report, or older than
 //!    `dlr.timeout_s`, is closed: its rows deleted, its token unknown.
+//!    Under `charge_on: delivery` the holds no report resolved get
+//!    `dlr.on_timeout` first (`charge`: posted, `release`: voided).
+//!
+//! # `charge_on: delivery`
+//! The send's answer does not post: the ledger swaps the reservation for
+//! one delivery hold per part of each accepted share
+//! ([`Ledger::hold_for_delivery`], state `delivery`, never expired nor
+//! taken by the in-doubt policy); the settlement row lists their ids. A
+//! final report plans `post` (delivered) or `void` (failed, expired,
+//! rejected) for the holds of the parts it resolves, records that in its
+//! row, then resolves them; the ledger resolves a hold once, so a racing
+//! timeout, a retry or a restart can never move it twice. Start-up: the
+//! store brings the holds back in doubt; [`Dlr::restore`] finds them by
+//! their reference (`delivery:<reservation>/share:<i>/part:<p>`), puts
+//! them back in state `delivery`, rebuilds a settlement row a crash lost
+//! from them, and resolves the holds of recorded reports the ledger still
+//! has. Holds the watcher cannot follow are put in doubt (fail closed).
 //!
 //! # Exactly once
 //! - A share (or a part of it) resolves once: the claim is made in memory
@@ -71,7 +90,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::config::dlr::{ChargeOn, DlrConfig, FileDlr, Outcome, RequestReports};
 
 use crate::clock::Clock;
-use crate::ledger::{Ledger, ReservationId};
+use crate::ledger::{Ledger, LedgerError, ReservationId};
 use crate::metrics::Metrics;
 use crate::outbox::{Change, NewItem, Outbox, OutboxError};
 use crate::store::WriteBehind;
@@ -162,9 +181,39 @@ struct SendRow {
 /// Written once the ledger's settlement is durable.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct SettledRow {
-    /// Per share: what it posted (offpeak, anytime); (0, 0) if rejected.
+    /// Per share: what it posted (offpeak, anytime); (0, 0) if rejected
+    /// or held.
     posted: Vec<(i64, i64)>,
     accepted: Vec<bool>,
+    /// `charge_on: delivery`: per share, its delivery holds (reservation
+    /// ids), one per part; empty for a rejected share.
+    #[serde(default)]
+    holds: Vec<Vec<u64>>,
+}
+
+/// What a final report does to the delivery holds it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum HoldAction {
+    /// Delivered: the held parts are charged.
+    Post,
+    /// Failed, expired or rejected: the held parts are released.
+    Void,
+}
+
+/// What the gateway's answer did to a watched send's reservation (handed
+/// to [`Dlr::settled`] once the ledger committed it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answered {
+    /// `charge_on: accept`: the accepted shares were posted
+    /// ([`Ledger::settle_shares`]).
+    Posted {
+        accepted: Vec<bool>,
+        posted_offpeak_milli: i64,
+    },
+    /// `charge_on: delivery`: the accepted shares are delivery holds, per
+    /// share one per part ([`Ledger::hold_for_delivery`]).
+    Held { holds: Vec<Vec<ReservationId>> },
 }
 
 /// One report, written with its relay item.
@@ -184,6 +233,12 @@ struct ReportRow {
     /// The parts (1-based) this report resolved.
     #[serde(default)]
     parts: Vec<u32>,
+    /// `charge_on: delivery`: what this report does to the holds of the
+    /// parts it resolved, and their ids.
+    #[serde(default)]
+    hold: Option<HoldAction>,
+    #[serde(default)]
+    hold_ids: Vec<u64>,
 }
 
 // ---------------------------------------------------------------------------
@@ -212,6 +267,8 @@ struct ShareState {
     left: (i64, i64),
     /// Parts resolved by a final report (index 0 = part 1).
     resolved: Vec<bool>,
+    /// `charge_on: delivery`: each part's delivery hold (index 0 = part 1).
+    holds: Vec<Option<u64>>,
     message_id: Option<String>,
 }
 
@@ -260,6 +317,14 @@ pub struct Prepared {
     /// The new `reporturl` value (tollgate's callback URL, with the token).
     pub callback_url: String,
     row: SendRow,
+}
+
+impl Prepared {
+    /// Whether this send settles by `charge_on: delivery` (its accepted
+    /// shares become delivery holds on the answer, not posts).
+    pub fn holds_until_delivery(&self) -> bool {
+        self.row.policy == ChargeOn::Delivery.as_str()
+    }
 }
 
 impl std::fmt::Debug for Prepared {
@@ -429,27 +494,51 @@ impl Dlr {
         Ok(prepared.key)
     }
 
-    /// The send's settlement is durable in the ledger: `accepted` per
-    /// share and what the ledger posted on offpeak (`None`: the outcome is
-    /// unknown or the reservation was voided as a whole — reports are then
-    /// relayed, never refunded).
-    pub async fn settled(&self, key: &str, accepted: Option<(Vec<bool>, i64)>) {
+    /// The send's settlement is durable in the ledger: what the answer did
+    /// (`None`: the outcome is unknown or the reservation was voided as a
+    /// whole — reports are then relayed, never refunded).
+    pub async fn settled(&self, key: &str, answered: Option<Answered>) {
         let Some(cell) = self.sends.get(key).map(|c| c.clone()) else {
+            // Closed by `dlr.timeout_s` before its answer came: its holds
+            // get the timeout's default at once.
+            if let Some(Answered::Held { holds }) = answered {
+                let ids: Vec<u64> = holds.iter().flatten().map(|h| h.0).collect();
+                self.resolve_timed_out(&ids).await;
+            }
             return;
+        };
+        let held_ids: Vec<ReservationId> = match &answered {
+            Some(Answered::Held { holds }) => holds.iter().flatten().copied().collect(),
+            _ => Vec::new(),
         };
         let settled = {
             let st = cell.lock();
-            accepted.and_then(|(flags, offpeak)| {
-                (flags.len() == st.shares.len()).then(|| {
-                    let prices: Vec<i64> = st.shares.iter().map(|s| s.price_milli).collect();
-                    SettledRow {
-                        posted: split_posted(&prices, &flags, offpeak),
-                        accepted: flags,
-                    }
-                })
-            })
+            let prices: Vec<i64> = st.shares.iter().map(|s| s.price_milli).collect();
+            match answered {
+                Some(Answered::Posted {
+                    accepted,
+                    posted_offpeak_milli,
+                }) if accepted.len() == st.shares.len() => Some(SettledRow {
+                    posted: split_posted(&prices, &accepted, posted_offpeak_milli),
+                    accepted,
+                    holds: Vec::new(),
+                }),
+                Some(Answered::Held { holds }) if holds.len() == st.shares.len() => {
+                    Some(SettledRow {
+                        posted: vec![(0, 0); prices.len()],
+                        accepted: holds.iter().map(|h| !h.is_empty()).collect(),
+                        holds: holds
+                            .iter()
+                            .map(|h| h.iter().map(|r| r.0).collect())
+                            .collect(),
+                    })
+                }
+                _ => None,
+            }
         };
         let Some(row) = settled else {
+            // Holds this watcher cannot follow go to the in-doubt process.
+            self.holds_in_doubt(&held_ids);
             cell.lock().phase = Phase::Unknown;
             self.process_early(key, &cell).await;
             return;
@@ -472,6 +561,9 @@ impl Dlr {
                     st.phase = Phase::Unknown;
                 }
             }
+        }
+        if cell.lock().phase == Phase::Unknown {
+            self.holds_in_doubt(&held_ids);
         }
         self.process_early(key, &cell).await;
         self.maybe_close(key, &cell).await;
@@ -598,6 +690,8 @@ impl Dlr {
                 applied: false,
                 early: st.phase == Phase::Forwarding,
                 parts: Vec::new(),
+                hold: None,
+                hold_ids: Vec::new(),
             };
             if let (Some(i), Some(m)) = (share, &message_id) {
                 st.shares[i].message_id.get_or_insert_with(|| m.clone());
@@ -664,7 +758,7 @@ impl Dlr {
         }
         let refund_ok = if decided_now {
             self.decide_early(&key, &cell, n, row).await
-        } else if row.refund.is_some() {
+        } else if row.refund.is_some() || row.hold.is_some() {
             self.apply_refund(&key, &cell, n, row).await
         } else {
             true
@@ -681,6 +775,87 @@ impl Dlr {
         }
         self.maybe_close(&key, &cell).await;
         Answer::new(200, "OK\n")
+    }
+
+    /// Resolves the delivery holds a report names (`action`), each once
+    /// (a hold already resolved — by a racing timeout, or before a crash —
+    /// is skipped), waits for the store under `durability: sync`, then
+    /// marks the row applied. `false`: the ledger refused or the store did
+    /// not commit in time (the row stays planned: start-up finishes it).
+    async fn apply_holds(&self, key: &str, n: u64, mut row: ReportRow, action: HoldAction) -> bool {
+        if !self.resolve_holds(&row.hold_ids, action, "report") {
+            return false;
+        }
+        if self.sync {
+            if let Some(w) = &self.store {
+                if w.wait_durable().await.is_err() {
+                    return false;
+                }
+            }
+        }
+        row.applied = true;
+        let _ = self
+            .outbox
+            .commit(vec![Change::Put(
+                STATE_NS.into(),
+                format!("{key}/r/{n}"),
+                serde_json::to_vec(&row).expect("rows serialise"),
+            )])
+            .await;
+        true
+    }
+
+    /// Posts or voids each hold once; `false` if the ledger refused one
+    /// for another reason than "already resolved".
+    fn resolve_holds(&self, ids: &[u64], action: HoldAction, cause: &str) -> bool {
+        let mut ok = true;
+        for id in ids {
+            let id = ReservationId(*id);
+            let (result, label) = match action {
+                HoldAction::Post => (self.ledger.post_whole(id, None), "charged"),
+                HoldAction::Void => (self.ledger.void(id), "released"),
+            };
+            match result {
+                Ok(_) => self
+                    .metrics
+                    .dlr_holds_resolved
+                    .with_label_values(&[label, cause])
+                    .inc(),
+                Err(LedgerError::UnknownReservation(_)) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, reservation = id.0, "delivery hold not resolved");
+                    ok = false;
+                }
+            }
+        }
+        ok
+    }
+
+    /// `dlr.timeout_s` passed without a report: `dlr.on_timeout` applies to
+    /// each hold; waits for the store under `durability: sync`.
+    async fn resolve_timed_out(&self, ids: &[u64]) {
+        if ids.is_empty() {
+            return;
+        }
+        let action = match self.config.on_timeout {
+            crate::config::dlr::OnTimeout::Charge => HoldAction::Post,
+            crate::config::dlr::OnTimeout::Release => HoldAction::Void,
+        };
+        self.resolve_holds(ids, action, "timeout");
+        if self.sync {
+            if let Some(w) = &self.store {
+                let _ = w.wait_durable().await;
+            }
+        }
+    }
+
+    /// Holds whose send this watcher cannot follow (its settlement could
+    /// not be recorded): kept reserved, in doubt, for an operator or the
+    /// in-doubt policy — fail closed.
+    pub fn holds_in_doubt(&self, ids: &[ReservationId]) {
+        for id in ids {
+            let _ = self.ledger.mark_in_doubt(*id);
+        }
     }
 
     fn count(&self, outcome: &str, result: &str) {
@@ -700,6 +875,9 @@ impl Dlr {
         n: u64,
         mut row: ReportRow,
     ) -> bool {
+        if let Some(action) = row.hold {
+            return self.apply_holds(key, n, row, action).await;
+        }
         let (Some((off, any)), Some(share)) = (row.refund, row.share) else {
             return true;
         };
@@ -777,33 +955,52 @@ impl Dlr {
     pub async fn sweep(&self) {
         let now = self.clock.now_unix_ms();
         let timeout_ms = self.config.timeout.as_millis() as i64;
-        let old: Vec<(String, u64, String, u64)> = self
+        let old: Vec<(String, u64, String, u64, Vec<u64>)> = self
             .sends
             .iter()
             .filter_map(|e| {
-                let st = e.value().lock();
-                (now - st.created_unix_ms >= timeout_ms && st.busy.is_empty()).then(|| {
-                    let open = st
-                        .shares
-                        .iter()
-                        .filter(|s| s.accepted && !s.is_final())
-                        .count() as u64;
-                    (
-                        e.key().clone(),
-                        st.rows,
-                        st.policy.as_str().to_string(),
-                        open,
-                    )
-                })
+                let mut st = e.value().lock();
+                let due = now - st.created_unix_ms >= timeout_ms && st.busy.is_empty();
+                // A delivery send still waiting for its answer is left to
+                // `settled` (its holds do not exist yet).
+                if !due || (st.policy == ChargeOn::Delivery && st.phase == Phase::Forwarding) {
+                    return None;
+                }
+                let open = st
+                    .shares
+                    .iter()
+                    .filter(|s| s.accepted && !s.is_final())
+                    .count() as u64;
+                // The holds of the parts no report resolved, claimed here
+                // so a late report moves nothing.
+                let mut holds = Vec::new();
+                if st.phase == Phase::Settled && st.policy == ChargeOn::Delivery {
+                    for s in st.shares.iter_mut().filter(|s| s.accepted) {
+                        for (p, done) in s.resolved.iter_mut().enumerate() {
+                            if !*done {
+                                *done = true;
+                                holds.extend(s.holds.get(p).copied().flatten());
+                            }
+                        }
+                    }
+                }
+                Some((
+                    e.key().clone(),
+                    st.rows,
+                    st.policy.as_str().to_string(),
+                    open,
+                    holds,
+                ))
             })
             .collect();
-        for (key, rows, policy, open) in old {
+        for (key, rows, policy, open, holds) in old {
             if open > 0 {
                 self.metrics
                     .dlr_timeouts
                     .with_label_values(&[&policy])
                     .inc_by(open);
             }
+            self.resolve_timed_out(&holds).await;
             self.close(&key, rows).await;
         }
         self.refresh_gauges();
@@ -873,9 +1070,57 @@ impl Dlr {
             None => HashSet::new(),
         };
         let mut to_refund: Vec<(String, u64, ReportRow)> = Vec::new();
-        for (key, (send, settled, mut reports)) in sends {
+        let mut to_hold: Vec<(String, u64, ReportRow)> = Vec::new();
+        // The delivery holds the ledger still has (restored in doubt, like
+        // every open reservation), by (reservation, share, part).
+        let mut live_holds: HashMap<u64, Vec<(usize, u32, u64)>> = HashMap::new();
+        for r in self.ledger.reservations(None) {
+            if let Some((rid, share, part)) = r
+                .reference
+                .as_deref()
+                .and_then(crate::ledger::parse_hold_reference)
+            {
+                live_holds
+                    .entry(rid)
+                    .or_default()
+                    .push((share, part, r.id.0));
+            }
+        }
+        for (key, (send, mut settled, mut reports)) in sends {
             let Some(send) = send else { continue };
             reports.sort_by_key(|(n, _)| *n);
+            let holds = live_holds.remove(&send.reservation).unwrap_or_default();
+            if settled.is_none() && send.policy == ChargeOn::Delivery.as_str() && !holds.is_empty()
+            {
+                // A crash came between the holds' commit and the
+                // settlement row: the holds say what the answer was.
+                let mut by_share: Vec<Vec<u64>> = vec![Vec::new(); send.shares.len()];
+                for (share, part, id) in &holds {
+                    if let Some(v) = by_share.get_mut(*share) {
+                        let slot = (*part as usize).saturating_sub(1);
+                        if v.len() <= slot {
+                            v.resize(slot + 1, 0);
+                        }
+                        v[slot] = *id;
+                    }
+                }
+                let row = SettledRow {
+                    posted: vec![(0, 0); send.shares.len()],
+                    accepted: by_share.iter().map(|h| !h.is_empty()).collect(),
+                    holds: by_share,
+                };
+                let _ = self.outbox.commit_blocking(vec![Change::Put(
+                    STATE_NS.into(),
+                    format!("{key}/settled"),
+                    serde_json::to_vec(&row).expect("rows serialise"),
+                )]);
+                settled = Some(row);
+            }
+            for (_, _, id) in &holds {
+                if self.ledger.await_delivery(ReservationId(*id)).is_ok() {
+                    report.holds += 1;
+                }
+            }
             let phase = if settled.is_some() {
                 Phase::Settled
             } else {
@@ -895,6 +1140,9 @@ impl Dlr {
                 if r.early && st.phase == Phase::Settled {
                     plan_money(&mut st, &mut r);
                     r.early = false;
+                    if r.hold.is_some() {
+                        to_hold.push((key.clone(), n, r.clone()));
+                    }
                     if let (Some(_), Some(share)) = (r.refund, r.share) {
                         // A refund decided by an earlier start-up whose
                         // row update was lost is in the journal already.
@@ -910,6 +1158,12 @@ impl Dlr {
                     }
                 } else {
                     mark_recorded(&mut st, &r);
+                    if r.hold.is_some() {
+                        // Whether or not it says applied (under `durability:
+                        // async` the ledger may have lost it): the holds
+                        // still in the ledger are resolved now, once.
+                        to_hold.push((key.clone(), n, r.clone()));
+                    }
                     if let (Some(_), Some(share)) = (r.refund, r.share) {
                         let reference = crate::ledger::refund_reference(
                             share,
@@ -928,6 +1182,28 @@ impl Dlr {
             }
             report.sends += 1;
             self.sends.insert(key, Arc::new(Mutex::new(st)));
+        }
+        // Reports whose holds the ledger still has: resolved now.
+        for (key, n, mut row) in to_hold {
+            let Some(action) = row.hold else { continue };
+            let live: Vec<u64> = row
+                .hold_ids
+                .iter()
+                .copied()
+                .filter(|id| self.ledger.reservation(ReservationId(*id)).is_some())
+                .collect();
+            if live.is_empty() && row.applied {
+                continue;
+            }
+            if self.resolve_holds(&live, action, "report") {
+                report.holds_resolved += live.len();
+                row.applied = true;
+                let _ = self.outbox.commit_blocking(vec![Change::Put(
+                    STATE_NS.into(),
+                    format!("{key}/r/{n}"),
+                    serde_json::to_vec(&row).expect("rows serialise"),
+                )]);
+            }
         }
         // Refunds the crash lost: made now (the writer is running; the
         // commit follows like any other).
@@ -978,6 +1254,10 @@ pub struct RestoreReport {
     pub refunds_found: usize,
     /// Refunds a crash interrupted before their entry: made at start-up.
     pub refunds_made: usize,
+    /// `charge_on: delivery` holds still waiting for their report.
+    pub holds: usize,
+    /// Holds a recorded report had not resolved yet: resolved at start-up.
+    pub holds_resolved: usize,
 }
 
 fn state_of(row: &SendRow, phase: Phase) -> SendState {
@@ -1003,6 +1283,7 @@ fn state_of(row: &SendRow, phase: Phase) -> SendState {
                 accepted: true,
                 left: (0, 0),
                 resolved: vec![false; s.parts.max(1) as usize],
+                holds: Vec::new(),
                 message_id: None,
             })
             .collect(),
@@ -1017,6 +1298,11 @@ fn apply_settled(st: &mut SendState, row: &SettledRow) {
     for ((s, posted), ok) in st.shares.iter_mut().zip(&row.posted).zip(&row.accepted) {
         s.accepted = *ok;
         s.left = *posted;
+    }
+    for (s, holds) in st.shares.iter_mut().zip(&row.holds) {
+        s.holds = (0..s.parts as usize)
+            .map(|p| holds.get(p).copied())
+            .collect();
     }
     st.phase = Phase::Settled;
 }
@@ -1118,7 +1404,26 @@ fn plan_money(st: &mut SendState, row: &mut ReportRow) -> Option<(i64, i64)> {
         amount += part_price(share.price_milli, share.parts, *p);
     }
     row.parts = parts.clone();
-    if parts.is_empty() || outcome == Outcome::Delivered || policy != ChargeOn::Accept {
+    if parts.is_empty() {
+        return None;
+    }
+    if policy == ChargeOn::Delivery {
+        // The held parts are charged (delivered) or released; the ledger
+        // resolves each hold once.
+        row.hold_ids = parts
+            .iter()
+            .filter_map(|p| share.holds.get((*p - 1) as usize).copied().flatten())
+            .collect();
+        if !row.hold_ids.is_empty() {
+            row.hold = Some(if outcome == Outcome::Delivered {
+                HoldAction::Post
+            } else {
+                HoldAction::Void
+            });
+        }
+        return None;
+    }
+    if outcome == Outcome::Delivered || policy != ChargeOn::Accept {
         return None;
     }
     let refund = take_refund(&mut share.left, amount);

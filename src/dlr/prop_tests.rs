@@ -6,6 +6,13 @@
 //! conserved: balance = opening − posted + refunded, and the journal
 //! replays to the balances. A send closed by the timeout before its answer
 //! refunds nothing (its settlement is never known to the watcher).
+//!
+//! `charge_on: delivery` (`delivery_every_part_resolves_once_…`): the same
+//! events with multipart shares and part numbers; every delivery hold
+//! resolves exactly once (delivered → charged, failed → released, silent
+//! → `dlr.on_timeout`), and at every step available + reserved + charged
+//! equals the opening credit with no bucket negative. Then the timeout
+//! default both ways and start-up after a crash, with the injected clock.
 
 use std::sync::Arc;
 
@@ -108,7 +115,7 @@ proptest! {
                         answered_open = !closed;
                         let s = ledger.settle_shares(id, &accepted, None).unwrap();
                         posted_total = s.posted_milli;
-                        dlr.settled(&key, Some((accepted.clone(), s.posted_offpeak_milli))).await;
+                        dlr.settled(&key, Some(Answered::Posted { accepted: accepted.clone(), posted_offpeak_milli: s.posted_offpeak_milli })).await;
                     }
                     Event::Answer => {}
                     Event::Report { share, outcome, with_id } => {
@@ -241,6 +248,7 @@ fn restore_finishes_an_interrupted_refund_exactly_once() {
     let settled = SettledRow {
         posted: vec![(0, 1_000), (0, 2_000)],
         accepted: vec![true, true],
+        holds: vec![],
     };
     let report = ReportRow {
         dedupe: "id:m2||undelivered".into(),
@@ -252,6 +260,8 @@ fn restore_finishes_an_interrupted_refund_exactly_once() {
         applied: false,
         early: false,
         parts: vec![1],
+        hold: None,
+        hold_ids: vec![],
     };
     {
         let outbox = open();
@@ -323,4 +333,523 @@ fn restore_finishes_an_interrupted_refund_exactly_once() {
         ledger.account("a").unwrap().anytime.available_milli(),
         10_000 - 3_000 + 2_000
     );
+}
+
+/// A ledger with account `a` (20 credits anytime, 3 offpeak) and a
+/// watcher that settles by `charge_on: delivery`.
+fn delivery_fixture(
+    on_timeout: crate::config::dlr::OnTimeout,
+    outbox: Option<&OutboxConfig>,
+) -> (Arc<ManualClock>, Arc<MemorySink>, Arc<Ledger>, Dlr) {
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let sink = Arc::new(MemorySink::new());
+    let ledger = Arc::new(Ledger::new(
+        LedgerConfig::default(),
+        sink.clone(),
+        clock.clone(),
+    ));
+    ledger.open_account("a", None, Role::User, None).unwrap();
+    ledger
+        .add("a", crate::ledger::Bucket::Anytime, 20_000, None)
+        .unwrap();
+    ledger
+        .add("a", crate::ledger::Bucket::OffPeak, 3_000, None)
+        .unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let default = OutboxConfig::default();
+    let outbox =
+        Arc::new(Outbox::open(outbox.unwrap_or(&default), clock.clone(), metrics.clone()).unwrap());
+    let config = DlrConfig {
+        enabled: true,
+        charge_on_default: ChargeOn::Delivery,
+        request: RequestReports::Always,
+        on_timeout,
+        ..DlrConfig::default()
+    };
+    let dlr = Dlr::new(
+        config,
+        outbox,
+        ledger.clone(),
+        None,
+        false,
+        metrics,
+        clock.clone(),
+    );
+    (clock, sink, ledger, dlr)
+}
+
+/// Watches and answers a send of `prices` (one part each) with every
+/// share accepted; returns (token, key, holds).
+async fn held_send(dlr: &Dlr, ledger: &Arc<Ledger>, prices: &[i64]) -> (String, String, Vec<u64>) {
+    let recipients: Vec<String> = (0..prices.len())
+        .map(|i| format!("+3630000000{i}"))
+        .collect();
+    let refs: Vec<&str> = recipients.iter().map(String::as_str).collect();
+    let parts = vec![1u32; prices.len()];
+    let id = ledger
+        .reserve("a", prices, BucketPreference::AnytimeOnly, None, None)
+        .unwrap();
+    let prepared = dlr.prepare(None, &refs, prices, &parts, None, "a").unwrap();
+    assert!(prepared.holds_until_delivery());
+    let token = prepared.callback_url.split("/dlr/").nth(1).unwrap()[..32].to_string();
+    let key = dlr.register(prepared, id).await.unwrap();
+    let parts_milli: Vec<Vec<i64>> = prices.iter().map(|p| vec![*p]).collect();
+    let held = ledger.hold_for_delivery(id, &parts_milli, None).unwrap();
+    let ids = held.holds.iter().flatten().map(|h| h.0).collect();
+    dlr.settled(&key, Some(Answered::Held { holds: held.holds }))
+        .await;
+    (token, key, ids)
+}
+
+fn report_query(i: usize, status: &str) -> String {
+    format!("messageid=m{i}&recipient=%2B3630000000{i}&deliverystatus={status}")
+}
+
+#[test]
+fn delivery_timeout_charges_or_releases_the_silent_shares_by_config() {
+    use crate::config::dlr::OnTimeout;
+    for on_timeout in [OnTimeout::Charge, OnTimeout::Release] {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (clock, sink, ledger, dlr) = delivery_fixture(on_timeout, None);
+            let (token, _, holds) = held_send(&dlr, &ledger, &[1_000, 2_000, 4_000]).await;
+            let a = ledger.account("a").unwrap();
+            assert_eq!(
+                (a.anytime.posted_milli, a.anytime.reserved_milli),
+                (20_000, 7_000)
+            );
+            // Share 0 delivered, share 1 failed, share 2 silent.
+            assert_eq!(
+                dlr.report(&token, &report_query(0, "delivered"))
+                    .await
+                    .status,
+                200
+            );
+            assert_eq!(
+                dlr.report(&token, &report_query(1, "undelivered"))
+                    .await
+                    .status,
+                200
+            );
+            assert_eq!(
+                ledger.reservation(ReservationId(holds[2])).unwrap().state,
+                crate::ledger::ReservationState::Delivery
+            );
+            // Before the timeout the sweep changes nothing.
+            dlr.sweep().await;
+            assert_eq!(dlr.watched(), 1);
+            clock.advance(dlr.config.timeout.as_millis() as i64 + 1_000);
+            dlr.sweep().await;
+            assert_eq!(dlr.watched(), 0, "closed by the timeout");
+            assert_eq!(ledger.reservation_count(), 0, "every hold resolved");
+            let a = ledger.account("a").unwrap();
+            let charged = match on_timeout {
+                OnTimeout::Charge => 1_000 + 4_000,
+                OnTimeout::Release => 1_000,
+            };
+            assert_eq!(
+                (a.anytime.posted_milli, a.anytime.reserved_milli),
+                (20_000 - charged, 0)
+            );
+            let (result, other) = match on_timeout {
+                OnTimeout::Charge => ("charged", "released"),
+                OnTimeout::Release => ("released", "charged"),
+            };
+            let m = &dlr.metrics;
+            assert_eq!(
+                m.dlr_holds_resolved
+                    .with_label_values(&[result, "timeout"])
+                    .get(),
+                1
+            );
+            assert_eq!(
+                m.dlr_holds_resolved
+                    .with_label_values(&[other, "timeout"])
+                    .get(),
+                0
+            );
+            assert_eq!(m.dlr_timeouts.with_label_values(&["delivery"]).get(), 1);
+            // A late report moves nothing.
+            assert_eq!(
+                dlr.report(&token, &report_query(2, "delivered"))
+                    .await
+                    .status,
+                404
+            );
+            assert_eq!(ledger.account("a").unwrap(), a);
+            let replayed = replay(&sink.entries());
+            assert_eq!(
+                replayed[&("a".to_string(), crate::ledger::Bucket::Anytime)],
+                a.anytime
+            );
+        });
+    }
+}
+
+/// A crash after a report's row was committed and before its hold was
+/// resolved (or with the resolution lost under `durability: async`):
+/// start-up resolves the hold the ledger still has, once; the holds
+/// without a report go back to waiting (state `delivery`, not in doubt).
+#[test]
+fn restore_resolves_recorded_holds_once_and_keeps_the_rest_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = OutboxConfig {
+        path: Some(dir.path().join("o.db")),
+        ..OutboxConfig::default()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (clock, sink, ledger, dlr) =
+        delivery_fixture(crate::config::dlr::OnTimeout::Charge, Some(&cfg));
+    let (_, key, holds) = rt.block_on(held_send(&dlr, &ledger, &[1_000, 2_000]));
+    // The row of a "delivered" report of share 0, planned, not applied.
+    let row = ReportRow {
+        dedupe: "id:m0||delivered".into(),
+        share: Some(0),
+        part: None,
+        outcome: Some("delivered".into()),
+        message_id: Some("m0".into()),
+        refund: None,
+        applied: false,
+        early: false,
+        parts: vec![1],
+        hold: Some(HoldAction::Post),
+        hold_ids: vec![holds[0]],
+    };
+    dlr.outbox()
+        .commit_blocking(vec![Change::Put(
+            STATE_NS.into(),
+            format!("{key}/r/0"),
+            serde_json::to_vec(&row).unwrap(),
+        )])
+        .unwrap();
+    drop(dlr);
+    // The restart: the store brings every hold back in doubt.
+    for h in &holds {
+        ledger.mark_in_doubt(ReservationId(*h)).unwrap();
+    }
+    let restart = || {
+        let metrics = Arc::new(Metrics::new());
+        let outbox = Arc::new(Outbox::open(&cfg, clock.clone(), metrics.clone()).unwrap());
+        let config = DlrConfig {
+            enabled: true,
+            charge_on_default: ChargeOn::Delivery,
+            request: RequestReports::Always,
+            ..DlrConfig::default()
+        };
+        let dlr = Dlr::new(
+            config,
+            outbox,
+            ledger.clone(),
+            None,
+            false,
+            metrics,
+            clock.clone(),
+        );
+        let r = dlr.restore(&mut |_| Ok(HashSet::new())).unwrap();
+        (dlr, r)
+    };
+    let (dlr, r) = restart();
+    assert_eq!((r.sends, r.holds, r.holds_resolved), (1, 2, 1));
+    assert!(
+        ledger.reservation(ReservationId(holds[0])).is_none(),
+        "posted"
+    );
+    assert_eq!(
+        ledger.reservation(ReservationId(holds[1])).unwrap().state,
+        crate::ledger::ReservationState::Delivery
+    );
+    let posts = || {
+        sink.entries()
+            .iter()
+            .filter(|e| e.kind == EntryKind::Post)
+            .count()
+    };
+    assert_eq!(posts(), 1);
+    drop(dlr);
+    let (_, r) = restart();
+    assert_eq!(
+        (r.holds, r.holds_resolved),
+        (1, 0),
+        "nothing resolved twice"
+    );
+    assert_eq!(posts(), 1);
+    let a = ledger.account("a").unwrap();
+    assert_eq!(
+        (a.anytime.posted_milli, a.anytime.reserved_milli),
+        (19_000, 2_000)
+    );
+}
+
+/// A crash between the holds' commit and the settlement row: start-up
+/// reads the answer from the holds (their references name the send's
+/// reservation, share and part), and a report then settles them.
+#[test]
+fn restore_rebuilds_a_lost_settlement_from_the_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = OutboxConfig {
+        path: Some(dir.path().join("o.db")),
+        ..OutboxConfig::default()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (clock, _sink, ledger, dlr) =
+        delivery_fixture(crate::config::dlr::OnTimeout::Charge, Some(&cfg));
+    let (token, key, holds) = rt.block_on(held_send(&dlr, &ledger, &[1_000, 2_000]));
+    dlr.outbox()
+        .commit_blocking(vec![Change::Delete(
+            STATE_NS.into(),
+            format!("{key}/settled"),
+        )])
+        .unwrap();
+    drop(dlr);
+    for h in &holds {
+        ledger.mark_in_doubt(ReservationId(*h)).unwrap();
+    }
+    let metrics = Arc::new(Metrics::new());
+    let outbox = Arc::new(Outbox::open(&cfg, clock.clone(), metrics.clone()).unwrap());
+    let config = DlrConfig {
+        enabled: true,
+        charge_on_default: ChargeOn::Delivery,
+        request: RequestReports::Always,
+        ..DlrConfig::default()
+    };
+    let dlr = Dlr::new(
+        config,
+        outbox,
+        ledger.clone(),
+        None,
+        false,
+        metrics,
+        clock.clone(),
+    );
+    let r = dlr.restore(&mut |_| Ok(HashSet::new())).unwrap();
+    assert_eq!((r.sends, r.holds), (1, 2));
+    rt.block_on(async {
+        assert_eq!(
+            dlr.report(&token, &report_query(1, "expired")).await.status,
+            200
+        );
+        assert_eq!(
+            dlr.report(&token, &report_query(0, "delivered"))
+                .await
+                .status,
+            200
+        );
+    });
+    assert_eq!(ledger.reservation_count(), 0);
+    let a = ledger.account("a").unwrap();
+    assert_eq!(
+        (a.anytime.posted_milli, a.anytime.reserved_milli),
+        (19_000, 0)
+    );
+}
+
+#[derive(Debug, Clone)]
+enum DeliveryEvent {
+    /// The gateway's answer: the accepted shares become holds, once.
+    Answer,
+    /// A report for share `share`, part `part` (0: no part number: every
+    /// part still open), outcome 0..4 as [`STATUS`] (4: not final).
+    Report {
+        share: usize,
+        part: u32,
+        outcome: u8,
+        with_id: bool,
+    },
+    /// `dlr.timeout_s` passes and the sweep runs.
+    Timeout,
+}
+
+fn delivery_scenario() -> impl Strategy<Value = (Vec<(i64, u32, bool)>, bool, Vec<DeliveryEvent>)> {
+    (1usize..4).prop_flat_map(|n| {
+        let event = prop_oneof![
+            1 => Just(DeliveryEvent::Answer),
+            8 => (0..n, 0u32..4, 0u8..5, any::<bool>()).prop_map(|(share, part, outcome, with_id)| {
+                DeliveryEvent::Report { share, part, outcome, with_id }
+            }),
+            1 => Just(DeliveryEvent::Timeout),
+        ];
+        (
+            prop::collection::vec((0i64..5_000, 1u32..4, any::<bool>()), n),
+            any::<bool>(),
+            prop::collection::vec(event, 0..32),
+        )
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+    /// `charge_on: delivery`: the answer, reports (any part, outcome,
+    /// duplicates, before or after the answer) and timeouts in random
+    /// order. Each part's first final report decides it (delivered →
+    /// charged, else released); a part no report decided gets
+    /// `dlr.on_timeout`; every hold resolves exactly once (one `post` or
+    /// `void` entry); at every step the opening credit equals available +
+    /// reserved + charged, nothing is negative, and the journal replays to
+    /// the balances.
+    #[test]
+    fn delivery_every_part_resolves_once_and_credit_is_conserved(
+        (shares, charge_on_timeout, events) in delivery_scenario()
+    ) {
+        use crate::config::dlr::OnTimeout;
+        use crate::ledger::Bucket;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let clock = Arc::new(ManualClock::new(1_000_000));
+            let sink = Arc::new(MemorySink::new());
+            let ledger = Arc::new(Ledger::new(LedgerConfig::default(), sink.clone(), clock.clone()));
+            ledger.open_account("a", None, Role::User, None).unwrap();
+            ledger.add("a", Bucket::Anytime, 20_000, None).unwrap();
+            ledger.add("a", Bucket::OffPeak, 3_000, None).unwrap();
+            let opening = 23_000i64;
+            let metrics = Arc::new(Metrics::new());
+            let outbox = Arc::new(
+                Outbox::open(&OutboxConfig::default(), clock.clone(), metrics.clone()).unwrap(),
+            );
+            let mut config = DlrConfig {
+                enabled: true,
+                charge_on_default: ChargeOn::Delivery,
+                on_timeout: if charge_on_timeout { OnTimeout::Charge } else { OnTimeout::Release },
+                ..DlrConfig::default()
+            };
+            config.keywords.part = Some("$part".into());
+            let timeout = config.timeout;
+            let dlr = Dlr::new(config, outbox, ledger.clone(), None, false, metrics, clock.clone());
+            let prices: Vec<i64> = shares.iter().map(|s| s.0).collect();
+            let parts: Vec<u32> = shares.iter().map(|s| s.1).collect();
+            let accepted: Vec<bool> = shares.iter().map(|s| s.2).collect();
+            let recipients: Vec<String> = (0..prices.len()).map(|i| format!("+3630000000{i}")).collect();
+            let refs: Vec<&str> = recipients.iter().map(String::as_str).collect();
+            let id = ledger.reserve("a", &prices, BucketPreference::OffPeakFirst, None, None).unwrap();
+            let prepared = dlr
+                .prepare(Some("http://c/r?id=$messageid"), &refs, &prices, &parts, None, "a")
+                .unwrap();
+            prop_assert!(prepared.holds_until_delivery());
+            let token = prepared.callback_url.split("/dlr/").nth(1).unwrap()[..32].to_string();
+            let key = dlr.register(prepared, id).await.unwrap();
+
+            // The model: per share and part, the first final outcome.
+            let mut decided: Vec<Vec<Option<u8>>> =
+                parts.iter().map(|p| vec![None; *p as usize]).collect();
+            let mut answered = false;
+            let mut closed = false;
+            let charged = || -> i64 {
+                sink.entries().iter().filter(|e| e.kind == EntryKind::Post).map(|e| -e.amount_milli).sum()
+            };
+            // Every share resolves in the end: the answer, then a timeout.
+            let tail = [DeliveryEvent::Answer, DeliveryEvent::Timeout];
+            for e in events.iter().cloned().chain(tail) {
+                match e {
+                    DeliveryEvent::Answer if !answered => {
+                        answered = true;
+                        let parts_milli: Vec<Vec<i64>> = prices.iter().zip(&parts).zip(&accepted)
+                            .map(|((p, n), ok)| if *ok { (1..=*n).map(|k| part_price(*p, *n, k)).collect() } else { vec![] })
+                            .collect();
+                        let held = ledger.hold_for_delivery(id, &parts_milli, None).unwrap();
+                        dlr.settled(&key, Some(Answered::Held { holds: held.holds })).await;
+                    }
+                    DeliveryEvent::Answer => {}
+                    DeliveryEvent::Report { share, part, outcome, with_id } => {
+                        let q = format!(
+                            "messageid={}&recipient={}&deliverystatus={}&part={}",
+                            if with_id { format!("m{share}") } else { "$messageid".into() },
+                            recipients[share].replace('+', "%2B"),
+                            STATUS[outcome as usize],
+                            if part == 0 { "$part".to_string() } else { part.to_string() },
+                        );
+                        let a = dlr.report(&token, &q).await;
+                        if closed {
+                            prop_assert_eq!(a.status, 404);
+                            continue;
+                        }
+                        prop_assert!(a.status == 200, "{:?}", a);
+                        if a.text == "OK\n" && outcome < 4 {
+                            let d = &mut decided[share];
+                            // A part number out of range reads as none (as
+                            // `parts_of` does): every open part.
+                            if part == 0 || part as usize > d.len() {
+                                for slot in d.iter_mut().filter(|s| s.is_none()) {
+                                    *slot = Some(outcome);
+                                }
+                            } else {
+                                d[part as usize - 1].get_or_insert(outcome);
+                            }
+                        }
+                    }
+                    DeliveryEvent::Timeout => {
+                        clock.advance(timeout.as_millis() as i64 + 1_000);
+                        dlr.sweep().await;
+                    }
+                }
+                if !dlr.sends.contains_key(&key) {
+                    closed = true;
+                }
+                // Conservation and nothing negative, at every step.
+                let v = ledger.account("a").unwrap();
+                for b in Bucket::ALL {
+                    let bb = v.bucket(b);
+                    prop_assert!(bb.reserved_milli >= 0 && bb.available_milli() >= 0, "{:?}", bb);
+                }
+                let avail = v.anytime.available_milli() + v.offpeak.available_milli();
+                let reserved = v.anytime.reserved_milli + v.offpeak.reserved_milli;
+                prop_assert_eq!(avail + reserved + charged(), opening);
+            }
+            prop_assert!(closed, "the final timeout closes the send");
+            prop_assert_eq!(ledger.reservation_count(), 0, "every hold resolved");
+            // Charged: each accepted part delivered by its first final
+            // report, or silent with on_timeout: charge.
+            let expected: i64 = (0..prices.len())
+                .filter(|i| accepted[*i])
+                .flat_map(|i| (1..=parts[i]).map(move |p| (i, p)))
+                .filter(|(i, p)| match decided[*i][(*p - 1) as usize] {
+                    Some(0) => true,
+                    Some(_) => false,
+                    None => charge_on_timeout,
+                })
+                .map(|(i, p)| part_price(prices[i], parts[i], p))
+                .sum();
+            prop_assert_eq!(charged(), expected);
+            // Each hold resolved exactly once: its post/void entries are one
+            // operation (consecutive seqs, one kind) and give back exactly
+            // what it reserved.
+            let entries = sink.entries();
+            let mut reserved_by: HashMap<u64, i64> = HashMap::new();
+            let mut resolved_by: HashMap<u64, Vec<(u64, EntryKind, i64)>> = HashMap::new();
+            for e in entries.iter().filter(|e| e.reservation_id != Some(id.0)) {
+                let Some(r) = e.reservation_id else { continue };
+                match e.kind {
+                    EntryKind::Reserve => *reserved_by.entry(r).or_default() += e.amount_milli,
+                    EntryKind::Post | EntryKind::Void => {
+                        resolved_by.entry(r).or_default().push((e.seq, e.kind, e.amount_milli))
+                    }
+                    _ => {}
+                }
+            }
+            let n_parts: usize = (0..prices.len()).filter(|i| accepted[*i]).map(|i| parts[i] as usize).sum();
+            prop_assert_eq!(reserved_by.len(), n_parts);
+            for (h, amount) in &reserved_by {
+                let legs = resolved_by.get(h).cloned().unwrap_or_default();
+                prop_assert!(!legs.is_empty(), "hold {} never resolved", h);
+                prop_assert!(legs.len() <= 2 && legs.iter().all(|l| l.1 == legs[0].1), "{:?}", legs);
+                prop_assert!(legs.windows(2).all(|w| w[1].0 == w[0].0 + 1), "{:?}", legs);
+                prop_assert_eq!(-legs.iter().map(|l| l.2).sum::<i64>(), *amount);
+            }
+            prop_assert_eq!(entries.iter().filter(|e| e.kind == EntryKind::Refund).count(), 0);
+            let v = ledger.account("a").unwrap();
+            let replayed = replay(&entries);
+            for b in Bucket::ALL {
+                prop_assert_eq!(replayed[&("a".to_string(), b)], v.bucket(b));
+            }
+            prop_assert_eq!(v.anytime.posted_milli + v.offpeak.posted_milli, opening - expected);
+            Ok(())
+        })?;
+    }
 }

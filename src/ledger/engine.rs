@@ -26,6 +26,7 @@ use dashmap::mapref::entry::Entry as MapEntry;
 use dashmap::DashMap;
 use parking_lot::Mutex;
 
+use super::reservation::Held;
 use super::reservation::Reservation;
 use super::{
     AccountBalances, AccountView, Applied, Bucket, BucketBalance, BucketPreference, Clock, Entry,
@@ -824,6 +825,198 @@ impl Ledger {
         .ok_or(LedgerError::UnknownReservation(id))
     }
 
+    /// `charge_on: delivery`: resolves the reservation on the gateway's
+    /// answer without charging anything yet. `parts_milli` has one entry
+    /// per share: empty for a share the gateway rejected (voided now), else
+    /// the prices of its parts (summing to the share), each of which
+    /// becomes its own **delivery hold**: a reservation in state
+    /// [`ReservationState::Delivery`] (never expired by the TTL sweep,
+    /// never taken by the in-doubt policy) whose reference is
+    /// [`hold_reference`](super::hold_reference)`(id, share, part)`. Each
+    /// hold is later posted ([`Ledger::post_whole`], delivered) or voided
+    /// ([`Ledger::void`], failed), exactly once like any reservation.
+    ///
+    /// Journal, in one `record` call (one store transaction): `void` legs
+    /// of the whole reservation (offpeak, anytime), then each hold's
+    /// `reserve` legs (taking offpeak first, in share and part order, as a
+    /// post would). Balances: `reserved` drops by the rejected shares only;
+    /// `posted` does not move. Works on open and in-doubt reservations.
+    pub fn hold_for_delivery(
+        &self,
+        id: ReservationId,
+        parts_milli: &[Vec<i64>],
+        reference: Option<&str>,
+    ) -> Result<Held, LedgerError> {
+        let account = self.reservation_account(id)?;
+        let mut st = account.state.lock();
+        // Critical section: re-find, validate, split the holds, move the
+        // reserved amounts, swap the reservation for its holds, record.
+        let (offpeak_milli, anytime_milli, own_reference, tariff_version) = {
+            let r = self
+                .reservations
+                .get(&id.0)
+                .ok_or(LedgerError::UnknownReservation(id))?;
+            if parts_milli.len() != r.shares_milli.len() {
+                return Err(LedgerError::InvalidAmount(format!(
+                    "{} share holds for {} shares",
+                    parts_milli.len(),
+                    r.shares_milli.len()
+                )));
+            }
+            for (parts, share) in parts_milli.iter().zip(r.shares_milli.iter()) {
+                let sum = parts.iter().try_fold(0i64, |acc, p| {
+                    (*p >= 0).then(|| acc.checked_add(*p)).flatten()
+                });
+                if !parts.is_empty() && sum != Some(*share) {
+                    return Err(LedgerError::InvalidAmount(format!(
+                        "part prices {parts:?} do not add up to the share {share}"
+                    )));
+                }
+            }
+            (
+                r.offpeak_milli,
+                r.anytime_milli,
+                r.reference.clone(),
+                r.tariff_version.clone(),
+            )
+        };
+        // Each hold's (offpeak, anytime): offpeak first, like a post.
+        let mut offpeak_left = offpeak_milli;
+        let mut splits: Vec<(usize, u32, i64, i64)> = Vec::new();
+        for (share, parts) in parts_milli.iter().enumerate() {
+            for (p, price) in parts.iter().enumerate() {
+                let off = (*price).min(offpeak_left);
+                offpeak_left -= off;
+                splits.push((share, p as u32 + 1, off, price - off));
+            }
+        }
+        let held_offpeak: i64 = splits.iter().map(|s| s.2).sum();
+        let held_anytime: i64 = splits.iter().map(|s| s.3).sum();
+        if held_anytime > anytime_milli {
+            return Err(LedgerError::InvalidAmount(
+                "the holds exceed the reservation".into(),
+            ));
+        }
+        let new_offpeak = st.offpeak.checked_apply(0, held_offpeak - offpeak_milli)?;
+        let new_anytime = st.anytime.checked_apply(0, held_anytime - anytime_milli)?;
+        let name: &str = &account.name;
+        let leg = |kind, bucket, amount_milli| Leg {
+            kind,
+            account: name,
+            bucket,
+            amount_milli,
+        };
+        let mut release: Vec<Leg> = Vec::with_capacity(2);
+        if offpeak_milli != 0 {
+            release.push(leg(EntryKind::Void, Bucket::OffPeak, -offpeak_milli));
+        }
+        if anytime_milli != 0 || release.is_empty() {
+            release.push(leg(EntryKind::Void, Bucket::Anytime, -anytime_milli));
+        }
+        let hold_legs: Vec<Vec<Leg>> = splits
+            .iter()
+            .map(|(_, _, off, any)| {
+                let mut legs = Vec::with_capacity(2);
+                if *off != 0 {
+                    legs.push(leg(EntryKind::Reserve, Bucket::OffPeak, *off));
+                }
+                if *any != 0 || legs.is_empty() {
+                    legs.push(leg(EntryKind::Reserve, Bucket::Anytime, *any));
+                }
+                legs
+            })
+            .collect();
+        let n: usize = release.len() + hold_legs.iter().map(Vec::len).sum::<usize>();
+        let removed = self.reservations.remove(&id.0);
+        debug_assert!(
+            removed.is_some(),
+            "reservation {id} vanished under its lock"
+        );
+        let first = self.take_seqs(n);
+        st.offpeak = new_offpeak;
+        st.anytime = new_anytime;
+        let now = self.clock.now_unix_ms();
+        let own_reference = reference
+            .map(str::to_string)
+            .or(own_reference.map(String::from));
+        let mut entries: Vec<Entry> = Vec::with_capacity(n);
+        let mut push = |legs: &[Leg], rid: u64, reference: Option<String>| {
+            for l in legs {
+                entries.push(Entry {
+                    seq: first + entries.len() as u64,
+                    kind: l.kind,
+                    account: l.account.to_string(),
+                    bucket: l.bucket,
+                    amount_milli: l.amount_milli,
+                    reservation_id: Some(rid),
+                    reference: reference.clone(),
+                    tariff_version: tariff_version.as_deref().map(str::to_string),
+                    at_unix_ms: now,
+                });
+            }
+        };
+        push(&release, id.0, own_reference);
+        let mut holds: Vec<Vec<ReservationId>> = vec![Vec::new(); parts_milli.len()];
+        let mut hold_seq = first + release.len() as u64;
+        for ((share, part, off, any), legs) in splits.iter().zip(&hold_legs) {
+            let hold = hold_seq;
+            push(legs, hold, Some(super::hold_reference(id, *share, *part)));
+            hold_seq += legs.len() as u64;
+            self.reservations.insert(
+                hold,
+                Reservation {
+                    account: Holder::Account(account.clone()),
+                    state: ReservationState::Delivery,
+                    anytime_milli: *any,
+                    offpeak_milli: *off,
+                    shares_milli: Box::new([off + any]),
+                    reference: Some(super::hold_reference(id, *share, *part).into()),
+                    tariff_version: tariff_version.clone(),
+                    created_unix_ms: now,
+                    in_doubt_since_unix_ms: None,
+                },
+            );
+            holds[*share].push(ReservationId(hold));
+        }
+        let seq = first + n as u64 - 1;
+        self.sink.record(&entries);
+        Ok(Held {
+            held_milli: held_offpeak + held_anytime,
+            voided_milli: offpeak_milli + anytime_milli - held_offpeak - held_anytime,
+            holds,
+            seq,
+        })
+    }
+
+    /// Posts the whole of a reservation (a delivery hold whose report said
+    /// delivered, or its timeout default `charge`).
+    pub fn post_whole(
+        &self,
+        id: ReservationId,
+        reference: Option<&str>,
+    ) -> Result<Settlement, LedgerError> {
+        self.resolve(id, EntryKind::Void, reference, |r| {
+            Ok(Some(r.total_milli()))
+        })?
+        .ok_or(LedgerError::UnknownReservation(id))
+    }
+
+    /// Start-up: a restored delivery hold (restored in doubt, like every
+    /// open reservation) is waiting for its report again: back to
+    /// [`ReservationState::Delivery`]. Records nothing.
+    pub fn await_delivery(&self, id: ReservationId) -> Result<(), LedgerError> {
+        let account = self.reservation_account(id)?;
+        let _st = account.state.lock();
+        // Critical section: flip the state, ordered with resolutions.
+        let mut r = self
+            .reservations
+            .get_mut(&id.0)
+            .ok_or(LedgerError::UnknownReservation(id))?;
+        r.state = ReservationState::Delivery;
+        r.in_doubt_since_unix_ms = None;
+        Ok(())
+    }
+
     /// Gives back a posted share of a resolved reservation (a delivery
     /// report said the message never arrived): `refund` entries of
     /// `offpeak_milli` and `anytime_milli` (each ≥ 0; zero legs skipped, a
@@ -895,8 +1088,9 @@ impl Ledger {
 
     /// Keeps the credit reserved and lists the reservation as in doubt: it
     /// is no longer expired by the TTL sweep and waits for an operator or
-    /// the in-doubt policy. Idempotent (the first `since` is kept). Records
-    /// no entry.
+    /// the in-doubt policy. Idempotent (the first `since` is kept). Also
+    /// takes a delivery hold whose watcher lost track of it. Records no
+    /// entry.
     pub fn mark_in_doubt(&self, id: ReservationId) -> Result<(), LedgerError> {
         let account = self.reservation_account(id)?;
         let _st = account.state.lock();
@@ -907,7 +1101,7 @@ impl Ledger {
             .reservations
             .get_mut(&id.0)
             .ok_or(LedgerError::UnknownReservation(id))?;
-        if r.state == ReservationState::Open {
+        if matches!(r.state, ReservationState::Open | ReservationState::Delivery) {
             r.state = ReservationState::InDoubt;
             r.in_doubt_since_unix_ms = Some(now);
         }

@@ -51,6 +51,14 @@
 //!   `void` legs; a reservation resolves in exactly one operation.
 //! - Failed operations record nothing and consume no seq.
 //! - Marking a reservation in doubt changes no balance and records nothing.
+//! - `charge_on: delivery` ([`Ledger::hold_for_delivery`]): one operation
+//!   voids the whole reservation and reserves one **delivery hold** per
+//!   part of each accepted share (each a reservation of its own, id = its
+//!   first `reserve` seq, reference [`hold_reference`]); `reserved` drops
+//!   by the rejected shares only. Holds are in state `delivery`: never
+//!   expired, never taken by the in-doubt policy; each resolves once by
+//!   `post` ([`Ledger::post_whole`]) or `void`. No new entry kind: the
+//!   store, `ledger verify` and export treat holds as reservations.
 //! - Seqs are unique and, per account, reach the sink in increasing order.
 //!   Across accounts the sink may see them slightly out of order (two
 //!   operations on different accounts race between taking seqs and calling
@@ -93,7 +101,7 @@ pub use entry::{
     replay, replay_open_reservations, Entry, EntryKind, EntrySink, MemorySink, NullSink,
 };
 pub use reservation::{
-    ReservationGuard, ReservationId, ReservationState, ReservationView, Settlement,
+    Held, ReservationGuard, ReservationId, ReservationState, ReservationView, Settlement,
 };
 
 /// The reference a `refund` entry carries: which share of its reservation
@@ -109,6 +117,25 @@ pub fn refund_reference(share: usize, parts: Option<&[u32]>) -> String {
             format!("share:{share}/part:{}", list.join("+"))
         }
     }
+}
+
+/// The reference of a delivery hold ([`Ledger::hold_for_delivery`]):
+/// `delivery:<reservation>/share:<index>/part:<p>` (part 1-based), so a
+/// restart can tell which part of which send each hold is.
+pub fn hold_reference(reservation: ReservationId, share: usize, part: u32) -> String {
+    format!("delivery:{}/share:{share}/part:{part}", reservation.0)
+}
+
+/// Inverse of [`hold_reference`]: (reservation, share, part).
+pub fn parse_hold_reference(reference: &str) -> Option<(u64, usize, u32)> {
+    let rest = reference.strip_prefix("delivery:")?;
+    let (rid, rest) = rest.split_once("/share:")?;
+    let (share, part) = rest.split_once("/part:")?;
+    let ok = |t: &str| !t.is_empty() && t.len() <= 19 && t.bytes().all(|b| b.is_ascii_digit());
+    if !(ok(rid) && ok(share) && ok(part)) {
+        return None;
+    }
+    Some((rid.parse().ok()?, share.parse().ok()?, part.parse().ok()?))
 }
 
 /// The share index of a [`refund_reference`].

@@ -34,6 +34,11 @@ pub enum ReservationState {
     /// unparseable answer, a crash): kept reserved, never expired, resolved
     /// by an operator or by the in-doubt policy sweep.
     InDoubt,
+    /// A delivery hold (`charge_on: delivery`): one part of an accepted
+    /// share, waiting for its delivery report. Never expired by the TTL
+    /// sweep, never taken by the in-doubt policy; resolved by the
+    /// delivery-report module (report or `dlr.timeout_s`).
+    Delivery,
 }
 
 impl ReservationState {
@@ -41,6 +46,7 @@ impl ReservationState {
         match self {
             ReservationState::Open => "open",
             ReservationState::InDoubt => "in_doubt",
+            ReservationState::Delivery => "delivery",
         }
     }
 }
@@ -76,6 +82,19 @@ pub struct Settlement {
     pub posted_offpeak_milli: i64,
     /// Returned to the account's available balance (voided or expired).
     pub voided_milli: i64,
+    /// Seq of the last entry recorded.
+    pub seq: u64,
+}
+
+/// The outcome of [`Ledger::hold_for_delivery`](super::Ledger::hold_for_delivery).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Held {
+    /// Still reserved, now in delivery holds.
+    pub held_milli: i64,
+    /// Returned to available (the rejected shares).
+    pub voided_milli: i64,
+    /// Per share: its holds, one per part (empty: rejected, voided).
+    pub holds: Vec<Vec<ReservationId>>,
     /// Seq of the last entry recorded.
     pub seq: u64,
 }
@@ -189,6 +208,20 @@ impl ReservationGuard {
         reference: Option<&str>,
     ) -> Result<Settlement, LedgerError> {
         let result = self.ledger.settle(self.id, post_milli, reference);
+        self.disarm_unless_still_open(&result);
+        result
+    }
+
+    /// `charge_on: delivery`: the accepted shares become delivery holds,
+    /// the rejected ones are voided ([`Ledger::hold_for_delivery`]).
+    pub fn hold_for_delivery(
+        mut self,
+        parts_milli: &[Vec<i64>],
+        reference: Option<&str>,
+    ) -> Result<Held, LedgerError> {
+        let result = self
+            .ledger
+            .hold_for_delivery(self.id, parts_milli, reference);
         self.disarm_unless_still_open(&result);
         result
     }

@@ -1342,3 +1342,131 @@ fn a_refund_gives_a_posted_share_back_to_the_bucket_that_paid() {
         Err(LedgerError::InvalidAmount(_))
     ));
 }
+
+// ----- delivery holds (charge_on: delivery) ------------------------------
+
+#[test]
+fn hold_for_delivery_voids_rejected_shares_and_holds_each_part() {
+    let f = fixture();
+    f.account("a", 10 * C, 3 * C);
+    let id = f
+        .ledger
+        .reserve(
+            "a",
+            &[2 * C, 3 * C, 4 * C],
+            BucketPreference::OffPeakFirst,
+            Some("req"),
+            Some("t1"),
+        )
+        .unwrap();
+    let before = f.sink.len();
+    let held = f
+        .ledger
+        .hold_for_delivery(id, &[vec![C, C], vec![], vec![4 * C]], None)
+        .unwrap();
+    assert_eq!((held.held_milli, held.voided_milli), (6 * C, 3 * C));
+    assert_eq!(held.holds[0].len(), 2);
+    assert!(held.holds[1].is_empty());
+    assert_eq!(held.holds[2].len(), 1);
+    // Nothing charged, the accepted shares still reserved, offpeak first.
+    let off = f.bucket("a", Bucket::OffPeak);
+    let any = f.bucket("a", Bucket::Anytime);
+    assert_eq!((off.posted_milli, off.reserved_milli), (3 * C, 3 * C));
+    assert_eq!((any.posted_milli, any.reserved_milli), (10 * C, 3 * C));
+    assert!(
+        f.ledger.reservation(id).is_none(),
+        "the send's reservation resolved"
+    );
+    for h in held.holds.iter().flatten() {
+        let r = f.ledger.reservation(*h).unwrap();
+        assert_eq!(r.state, ReservationState::Delivery);
+        assert!(r
+            .reference
+            .unwrap()
+            .starts_with(&format!("delivery:{}/share:", id.0)));
+    }
+    // Each hold resolves once: post, void, and a second try is refused.
+    f.ledger.post_whole(held.holds[0][0], None).unwrap();
+    f.ledger.void(held.holds[0][1]).unwrap();
+    f.ledger.post_whole(held.holds[2][0], None).unwrap();
+    assert!(matches!(
+        f.ledger.void(held.holds[2][0]),
+        Err(LedgerError::UnknownReservation(_))
+    ));
+    assert_eq!(f.ledger.reservation_count(), 0);
+    let a = f.ledger.account("a").unwrap();
+    assert_eq!(a.anytime.reserved_milli + a.offpeak.reserved_milli, 0);
+    assert_eq!(
+        a.anytime.posted_milli + a.offpeak.posted_milli,
+        13 * C - 5 * C
+    );
+    // The journal replays to the balances and leaves nothing open.
+    let entries = f.sink.entries();
+    let r = replay(&entries);
+    assert_eq!(r[&("a".to_string(), Bucket::Anytime)], a.anytime);
+    assert_eq!(r[&("a".to_string(), Bucket::OffPeak)], a.offpeak);
+    assert!(replay_open_reservations(&entries).is_empty());
+    assert!(f.sink.len() > before);
+}
+
+#[test]
+fn delivery_holds_are_never_expired_nor_taken_by_the_in_doubt_policy() {
+    let f = fixture();
+    f.account("a", 10 * C, 0);
+    let id = f
+        .ledger
+        .reserve("a", &[2 * C], BucketPreference::AnytimeOnly, None, None)
+        .unwrap();
+    let held = f
+        .ledger
+        .hold_for_delivery(id, &[vec![2 * C]], None)
+        .unwrap();
+    f.clock.advance(10 * RESERVATION_TTL_DEFAULT_MS);
+    assert!(f.ledger.expire_due().is_empty());
+    assert!(f.ledger.resolve_in_doubt_older_than(0, true).is_empty());
+    let h = held.holds[0][0];
+    // A restart brings it back in doubt; the watcher takes it back.
+    f.ledger.mark_in_doubt(h).unwrap();
+    assert_eq!(
+        f.ledger.reservation(h).unwrap().state,
+        ReservationState::InDoubt
+    );
+    f.ledger.await_delivery(h).unwrap();
+    assert_eq!(
+        f.ledger.reservation(h).unwrap().state,
+        ReservationState::Delivery
+    );
+    assert_eq!(f.avail("a", Bucket::Anytime), 8 * C);
+}
+
+#[test]
+fn hold_for_delivery_refuses_parts_that_do_not_add_up() {
+    let f = fixture();
+    f.account("a", 10 * C, 0);
+    let id = f
+        .ledger
+        .reserve("a", &[2 * C, C], BucketPreference::AnytimeOnly, None, None)
+        .unwrap();
+    let n = f.sink.len();
+    for bad in [
+        vec![vec![C], vec![C]],
+        vec![vec![2 * C]],
+        vec![vec![3 * C, -C], vec![C]],
+    ] {
+        assert!(matches!(
+            f.ledger.hold_for_delivery(id, &bad, None),
+            Err(LedgerError::InvalidAmount(_))
+        ));
+    }
+    assert_eq!(f.sink.len(), n, "a refused hold records nothing");
+    assert!(f.ledger.reservation(id).is_some());
+    assert_eq!(
+        parse_hold_reference("delivery:7/share:2/part:3"),
+        Some((7, 2, 3))
+    );
+    assert_eq!(
+        parse_hold_reference(&hold_reference(ReservationId(9), 0, 1)),
+        Some((9, 0, 1))
+    );
+    assert_eq!(parse_hold_reference("delivery:7/share:x/part:3"), None);
+}

@@ -1,24 +1,30 @@
 //! The outbox's HTTP/1.1 client: one request per connection, `http://`
-//! only, the whole call under one timeout, only the status line read
-//! (at most [`HEAD_MAX_BYTES`] of the answer). A URL with anything but
-//! visible ASCII in its path, or a header with a line break, is refused
-//! before a byte is written (no request smuggling from a template).
+//! or `https://` (TLS 1.2+ through [`RelayTls`]: the peer's certificate
+//! verified against `outbox.ca_file` or the system's trust store, and its
+//! name against the URL's host), the whole call — connect, handshake,
+//! request, status line — under one timeout, only the status line read (at
+//! most [`HEAD_MAX_BYTES`] of the answer). A URL with anything but visible
+//! ASCII in its path, or a header with a line break, is refused before a
+//! byte is written (no request smuggling from a template).
 
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::Item;
+use crate::tls::RelayTls;
 
 /// Most bytes of an answer read while looking for its status line.
 pub const HEAD_MAX_BYTES: usize = 16 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum CallError {
-    #[error("not an http:// URL the outbox can call")]
+    #[error("not an http:// or https:// URL the outbox can call")]
     BadUrl,
+    #[error("{0}")]
+    Tls(String),
     #[error("a header name or value is not allowed")]
     BadHeader,
     #[error("connect failed: {0}")]
@@ -33,9 +39,44 @@ pub enum CallError {
     Status(u16),
 }
 
-/// `http://host[:port]/path?query` split into (authority, host:port, path).
-pub(crate) fn split_http_url(url: &str) -> Option<(String, String, String)> {
-    let rest = url.strip_prefix("http://")?;
+/// A URL the outbox calls, split.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Target {
+    /// The `Host` header.
+    pub authority: String,
+    /// `host:port` to connect to.
+    pub addr: String,
+    /// The name (or address) TLS verifies; brackets of IPv6 removed.
+    pub host: String,
+    pub path: String,
+    pub tls: bool,
+}
+
+/// `http[s]://host[:port]/path?query`, split.
+pub(crate) fn split_url(url: &str) -> Option<Target> {
+    let (tls, rest) = match url.strip_prefix("https://") {
+        Some(rest) => (true, rest),
+        None => (false, url.strip_prefix("http://")?),
+    };
+    let (authority, addr, path) = split_rest(rest, if tls { 443 } else { 80 })?;
+    let host = if let Some(v6) = authority.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("").to_string()
+    } else {
+        authority.split(':').next().unwrap_or("").to_string()
+    };
+    if host.is_empty() {
+        return None;
+    }
+    Some(Target {
+        authority,
+        addr,
+        host,
+        path,
+        tls,
+    })
+}
+
+fn split_rest(rest: &str, default_port: u16) -> Option<(String, String, String)> {
     let (authority, path) = match rest.find(['/', '?']) {
         Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], rest[i..].to_string()),
         Some(i) => (&rest[..i], format!("/{}", &rest[i..])),
@@ -54,26 +95,33 @@ pub(crate) fn split_http_url(url: &str) -> Option<(String, String, String)> {
         if authority.contains("]:") {
             authority.to_string()
         } else {
-            format!("{authority}:80")
+            format!("{authority}:{default_port}")
         }
     } else if authority.contains(':') {
         authority.to_string()
     } else {
-        format!("{authority}:80")
+        format!("{authority}:{default_port}")
     };
     Some((authority.to_string(), addr, path))
 }
 
-/// Calls `item` once; `Ok` on a 2xx answer.
-pub async fn call(item: &Item, timeout: Duration) -> Result<(), CallError> {
-    match tokio::time::timeout(timeout, call_inner(item)).await {
+/// Calls `item` once; `Ok` on a 2xx answer. An `https://` target needs
+/// `tls` (without it: [`CallError::BadUrl`]).
+pub async fn call(item: &Item, timeout: Duration, tls: Option<&RelayTls>) -> Result<(), CallError> {
+    match tokio::time::timeout(timeout, call_inner(item, tls)).await {
         Ok(r) => r,
         Err(_) => Err(CallError::Timeout),
     }
 }
 
-async fn call_inner(item: &Item) -> Result<(), CallError> {
-    let (authority, addr, path) = split_http_url(&item.target).ok_or(CallError::BadUrl)?;
+async fn call_inner(item: &Item, tls: Option<&RelayTls>) -> Result<(), CallError> {
+    let target = split_url(&item.target).ok_or(CallError::BadUrl)?;
+    let connector = match (target.tls, tls) {
+        (true, None) => return Err(CallError::BadUrl),
+        (true, Some(t)) => Some(t),
+        (false, _) => None,
+    };
+    let (authority, addr, path) = (&target.authority, &target.addr, &target.path);
     let method = item.method.as_str();
     if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
         return Err(CallError::BadUrl);
@@ -101,17 +149,35 @@ async fn call_inner(item: &Item) -> Result<(), CallError> {
         head.push_str(&format!("Content-Length: {}\r\n", item.body.len()));
     }
     head.push_str("\r\n");
-    let mut stream = TcpStream::connect(&addr)
+    let stream = TcpStream::connect(addr)
         .await
         .map_err(|e| CallError::Connect(e.kind().to_string()))?;
     let _ = stream.set_nodelay(true);
+    match connector {
+        Some(t) => {
+            let tls = t
+                .connect(stream, &target.host)
+                .await
+                .map_err(CallError::Tls)?;
+            exchange(tls, head, &item.body).await
+        }
+        None => exchange(stream, head, &item.body).await,
+    }
+}
+
+/// Writes the request and reads the status line.
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    head: String,
+    body: &[u8],
+) -> Result<(), CallError> {
     stream
         .write_all(head.as_bytes())
         .await
         .map_err(|e| CallError::Io(e.kind().to_string()))?;
-    if !item.body.is_empty() {
+    if !body.is_empty() {
         stream
-            .write_all(&item.body)
+            .write_all(body)
             .await
             .map_err(|e| CallError::Io(e.kind().to_string()))?;
     }
@@ -165,6 +231,13 @@ fn parse_status_line(buf: &[u8]) -> Option<u16> {
 mod tests {
     use super::*;
 
+    /// An `http://` URL split into (authority, host:port, path).
+    fn split_http_url(url: &str) -> Option<(String, String, String)> {
+        split_url(url)
+            .filter(|t| !t.tls)
+            .map(|t| (t.authority, t.addr, t.path))
+    }
+
     #[test]
     fn urls_split_or_are_refused() {
         assert_eq!(
@@ -183,6 +256,23 @@ mod tests {
             split_http_url("http://h?q=1").map(|t| t.2),
             Some("/?q=1".into())
         );
+        let t = split_url("https://localhost:8443/r?a=1").unwrap();
+        assert!(t.tls);
+        assert_eq!(
+            (
+                t.authority.as_str(),
+                t.addr.as_str(),
+                t.host.as_str(),
+                t.path.as_str()
+            ),
+            ("localhost:8443", "localhost:8443", "localhost", "/r?a=1")
+        );
+        assert_eq!(split_url("https://h/").unwrap().addr, "h:443");
+        assert_eq!(split_url("https://[::1]/").unwrap().host, "::1");
+        assert!(!split_url("http://h/").unwrap().tls);
+        for bad in ["https:///x", "ftp://h/", "https://u:p@h/"] {
+            assert_eq!(split_url(bad), None, "{bad}");
+        }
         for bad in [
             "https://example.com/",
             "http:///x",

@@ -496,6 +496,9 @@ pub struct Outbox {
     in_flight: Mutex<HashSet<i64>>,
     /// Set when the relay is running (one per process).
     relaying: AtomicBool,
+    /// The connector of `https://` targets (`None`: refused, retried and
+    /// given up like any failing call).
+    tls: Option<crate::tls::RelayTls>,
 }
 
 impl Outbox {
@@ -531,6 +534,20 @@ impl Outbox {
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
     ) -> Result<Outbox, String> {
+        // `https://` targets: a CA file that does not load refuses the
+        // start; without one, a trust store that does not load only
+        // refuses https targets (logged).
+        let tls = match (
+            &config.ca_file,
+            crate::tls::RelayTls::new(config.ca_file.as_deref()),
+        ) {
+            (_, Ok(t)) => Some(t),
+            (Some(_), Err(e)) => return Err(format!("outbox.ca_file: {e}")),
+            (None, Err(e)) => {
+                tracing::warn!(error = %e, "outbox: no TLS trust store; https:// targets will fail");
+                None
+            }
+        };
         let (tx, rx) = std_mpsc::channel();
         let mut writer = Writer {
             table,
@@ -561,6 +578,7 @@ impl Outbox {
             wake: Notify::new(),
             in_flight: Mutex::new(HashSet::new()),
             relaying: AtomicBool::new(false),
+            tls,
         })
     }
 
@@ -765,7 +783,7 @@ impl Outbox {
     /// One call of `item`, and its finish committed before the item leaves
     /// the in-flight set.
     async fn attempt(&self, item: Item) {
-        let result = http::call(&item, self.config.request_timeout).await;
+        let result = http::call(&item, self.config.request_timeout, self.tls.as_ref()).await;
         let now = self.clock.now_unix_ms();
         let attempts = item.attempts.saturating_add(1);
         let kind = crate::metrics::OUTBOX_KINDS

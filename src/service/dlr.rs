@@ -20,6 +20,8 @@ use crate::service::{App, Request};
 /// A watched send: its key and the request to forward instead.
 pub struct Watched {
     key: String,
+    /// `charge_on: delivery`: the answer holds the accepted shares.
+    pub hold: bool,
     pub head: Option<RequestHeader>,
     pub body: Option<Bytes>,
 }
@@ -96,9 +98,11 @@ pub async fn before_forward(
         }
         None => None,
     };
+    let hold = prepared.holds_until_delivery();
     match dlr.register(prepared, reservation).await {
         Ok(key) => Ok(Some(Watched {
             key,
+            hold,
             head,
             body: new_body.map(Bytes::from),
         })),
@@ -109,10 +113,9 @@ pub async fn before_forward(
     }
 }
 
-/// Hands the settlement over once the ledger committed it
-/// (`accepted`: per share, and what was posted on offpeak; `None`: in
+/// Hands the settlement over once the ledger committed it (`None`: in
 /// doubt or voided as a whole).
-pub async fn after_settle(app: &App, watched: Watched, accepted: Option<(Vec<bool>, i64)>) {
+pub async fn after_settle(app: &App, watched: Watched, accepted: Option<crate::dlr::Answered>) {
     let Some(dlr) = &app.dlr else { return };
     // A refund may only follow a posting the store has: wait for its
     // commit whatever `durability` says (under `async` too, a refund of a
@@ -122,6 +125,15 @@ pub async fn after_settle(app: &App, watched: Watched, accepted: Option<(Vec<boo
         Some(w) => w.wait_durable().await.is_ok(),
         None => true,
     };
-    let accepted = if durable { accepted } else { None };
+    let accepted = if durable {
+        accepted
+    } else {
+        // Holds the watcher will not follow are left in doubt.
+        if let Some(crate::dlr::Answered::Held { holds }) = &accepted {
+            let ids: Vec<_> = holds.iter().flatten().copied().collect();
+            dlr.holds_in_doubt(&ids);
+        }
+        None
+    };
     dlr.settled(&watched.key, accepted).await;
 }

@@ -159,7 +159,29 @@ pub async fn send(app: &App, snapshot: &Snapshot, req: &Request<'_>, send: SendM
         }
         _ => forward(app, req, ACTION).await,
     };
-    let (settled, flags) = settle_with_flags(guard, &send, &forwarded, &req.request_id, cost);
+    // `charge_on: delivery`: the accepted shares are held per part, not
+    // posted, until their reports.
+    let parts_milli: Option<Vec<Vec<i64>>> = watched.as_ref().filter(|w| w.hold).map(|_| {
+        priced
+            .shares
+            .iter()
+            .zip(&priced.share_parts)
+            .map(|(share, parts)| {
+                let n = (*parts).max(1);
+                (1..=n)
+                    .map(|p| crate::dlr::part_price(*share, n, p))
+                    .collect()
+            })
+            .collect()
+    });
+    let (settled, flags) = settle_with_holds(
+        guard,
+        &send,
+        &forwarded,
+        &req.request_id,
+        cost,
+        parts_milli.as_deref(),
+    );
     if let Some(w) = watched {
         // Boxed: only watched sends wait here, and its state is larger
         // than the rest of the send's (every send's future would carry it).
@@ -303,19 +325,23 @@ pub fn settle(
     request_id: &str,
     cost_milli: i64,
 ) -> Settled {
-    settle_with_flags(guard, send, forwarded, request_id, cost_milli).0
+    settle_with_holds(guard, send, forwarded, request_id, cost_milli, None).0
 }
 
 /// [`settle`], also returning, when the gateway's answer named every
-/// share, which were accepted and what the ledger posted on offpeak (what
-/// delivery reports refund against).
-pub fn settle_with_flags(
+/// share, what the answer did for delivery reports: which shares were
+/// accepted and what the ledger posted on offpeak (what reports refund
+/// against), or — with `hold_parts` (`charge_on: delivery`: per share its
+/// parts' prices) — the delivery holds of the accepted shares, which are
+/// then reserved, not posted.
+pub fn settle_with_holds(
     guard: ReservationGuard,
     send: &SendMessage,
     forwarded: &Forwarded,
     request_id: &str,
     cost_milli: i64,
-) -> (Settled, Option<(Vec<bool>, i64)>) {
+    hold_parts: Option<&[Vec<i64>]>,
+) -> (Settled, Option<crate::dlr::Answered>) {
     let mut flags_out = None;
     let recipients = send.messages.len() as u64;
     let nothing = |outcome| Settled {
@@ -352,16 +378,41 @@ pub fn settle_with_flags(
                     Ok(flags) if flags.iter().all(Option::is_some) => {
                         let accepted: Vec<bool> = flags.into_iter().map(Option::unwrap).collect();
                         let n_accepted = accepted.iter().filter(|a| **a).count() as u64;
-                        let result = guard.settle_shares(&accepted, Some(request_id));
-                        if let Ok(s) = &result {
-                            flags_out = Some((accepted.clone(), s.posted_offpeak_milli));
+                        match hold_parts.filter(|p| p.len() == accepted.len()) {
+                            Some(parts) => {
+                                let holds: Vec<Vec<i64>> = parts
+                                    .iter()
+                                    .zip(&accepted)
+                                    .map(|(p, ok)| if *ok { p.clone() } else { Vec::new() })
+                                    .collect();
+                                let result = guard.hold_for_delivery(&holds, Some(request_id));
+                                result.map(|h| {
+                                    let held_milli = h.held_milli;
+                                    flags_out = Some(crate::dlr::Answered::Held { holds: h.holds });
+                                    Settled {
+                                        held_milli,
+                                        accepted: n_accepted,
+                                        rejected: recipients - n_accepted,
+                                        ..nothing(Outcome::Settled)
+                                    }
+                                })
+                            }
+                            None => {
+                                let result = guard.settle_shares(&accepted, Some(request_id));
+                                if let Ok(s) = &result {
+                                    flags_out = Some(crate::dlr::Answered::Posted {
+                                        accepted: accepted.clone(),
+                                        posted_offpeak_milli: s.posted_offpeak_milli,
+                                    });
+                                }
+                                result.map(|s| Settled {
+                                    charged_milli: s.posted_milli,
+                                    accepted: n_accepted,
+                                    rejected: recipients - n_accepted,
+                                    ..nothing(Outcome::Settled)
+                                })
+                            }
                         }
-                        result.map(|s| Settled {
-                            charged_milli: s.posted_milli,
-                            accepted: n_accepted,
-                            rejected: recipients - n_accepted,
-                            ..nothing(Outcome::Settled)
-                        })
                     }
                     // An Ozeki error answer (no reports, an errorcode): the
                     // gateway refused the request as a whole and sent nothing.
