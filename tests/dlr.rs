@@ -178,10 +178,12 @@ fn refunds(tg: &Tollgate) -> f64 {
 fn accept_policy_refunds_failed_expired_rejected_and_keeps_delivered_and_silent() {
     let s = start("");
     let rx = Receiver::start(200);
-    sim_post(&s.sim, "/sim/dlr?prefix=3630&outcome=failed&delay_ms=1000");
+    sim_post(&s.sim, "/sim/dlr?prefix=3630&outcome=failed");
     sim_post(&s.sim, "/sim/dlr?prefix=3631&outcome=expired");
     sim_post(&s.sim, "/sim/dlr?prefix=3670&outcome=rejected");
     sim_post(&s.sim, "/sim/dlr?prefix=3699&outcome=never");
+    // Reports wait until the charge before them is checked.
+    sim_post(&s.sim, "/sim/dlr/hold?on=1");
     // Every recipient costs 1 credit (prefix 36), +3620 costs 2.
     let before = balance(&s.tg);
     send(
@@ -191,6 +193,7 @@ fn accept_policy_refunds_failed_expired_rejected_and_keeps_delivered_and_silent(
         Some(&rx.template()),
     );
     assert_eq!(balance(&s.tg), before - 6.0);
+    sim_post(&s.sim, "/sim/dlr/hold?on=0");
     wait_until(|| rx.seen().len() == 4, "four relayed reports");
     wait_until(|| refunds(&s.tg) == 3.0, "three refunds");
     assert_eq!(
@@ -243,9 +246,10 @@ fn multipart_partial_failure_refunds_the_failed_part_only() {
     // credit each (+3630): both fail, one report each.
     sim_post(
         &s.sim,
-        "/sim/dlr?prefix=3620&outcome=delivered,failed&parts=2&delay_ms=1000",
+        "/sim/dlr?prefix=3620&outcome=delivered,failed&parts=2",
     );
     sim_post(&s.sim, "/sim/dlr?prefix=3630&outcome=failed&parts=2");
+    sim_post(&s.sim, "/sim/dlr/hold?on=1");
     let before = balance(&s.tg);
     let long = "x".repeat(200);
     send(
@@ -255,6 +259,7 @@ fn multipart_partial_failure_refunds_the_failed_part_only() {
         Some(&rx.template()),
     );
     assert_eq!(balance(&s.tg), before - 6.0);
+    sim_post(&s.sim, "/sim/dlr/hold?on=0");
     wait_until(|| rx.seen().len() == 4, "every part report relayed");
     wait_until(|| refunds(&s.tg) == 3.0, "three parts refunded");
     assert_eq!(balance(&s.tg), before - 2.0);
@@ -498,10 +503,12 @@ fn on_postgres_the_outbox_and_refunds_survive_kill_9() {
     let s = start_on(&common::pg::store_yaml(&db.url(), ""), "");
     let mut tg = s.tg;
     let rx = Receiver::start(503);
-    sim_post(&s.sim, "/sim/dlr?prefix=3630&outcome=failed&delay_ms=1000");
+    sim_post(&s.sim, "/sim/dlr?prefix=3630&outcome=failed");
+    sim_post(&s.sim, "/sim/dlr/hold?on=1");
     let before = balance(&tg);
     send(&tg, "+36301111111,+36201111111", "hi", Some(&rx.template()));
     assert_eq!(balance(&tg), before - 3.0);
+    sim_post(&s.sim, "/sim/dlr/hold?on=0");
     wait_until(|| refunds(&tg) == 1.0, "the refund");
     tg.stop_with("KILL");
     rx.status.store(200, Ordering::SeqCst);

@@ -153,17 +153,13 @@ fn last_token(sim: &Sim) -> String {
 #[test]
 fn each_outcome_posts_or_releases_its_share_and_nothing_is_charged_on_accept() {
     let s = start(&["--reject-prefix", "3680"], "");
-    sim_post(
-        &s.sim,
-        "/sim/dlr?prefix=3620&outcome=delivered&delay_ms=1500",
-    );
-    sim_post(&s.sim, "/sim/dlr?prefix=3630&outcome=failed&delay_ms=1500");
-    sim_post(&s.sim, "/sim/dlr?prefix=3631&outcome=expired&delay_ms=1500");
-    sim_post(
-        &s.sim,
-        "/sim/dlr?prefix=3670&outcome=rejected&delay_ms=1500",
-    );
+    sim_post(&s.sim, "/sim/dlr?prefix=3620&outcome=delivered");
+    sim_post(&s.sim, "/sim/dlr?prefix=3630&outcome=failed");
+    sim_post(&s.sim, "/sim/dlr?prefix=3631&outcome=expired");
+    sim_post(&s.sim, "/sim/dlr?prefix=3670&outcome=rejected");
     sim_post(&s.sim, "/sim/dlr?prefix=3699&outcome=never");
+    // Reports wait until the state before them is checked.
+    sim_post(&s.sim, "/sim/dlr/hold?on=1");
     let before = balance(&s.tg);
     let (posted0, reserved0) = bucket(&s.tg);
     assert_eq!(reserved0, 0.0);
@@ -181,6 +177,7 @@ fn each_outcome_posts_or_releases_its_share_and_nothing_is_charged_on_accept() {
         s.tg.metric_value("tollgate_reservations_held_milli{state=\"delivery\"}"),
         6000.0
     );
+    sim_post(&s.sim, "/sim/dlr/hold?on=0");
     wait_until(
         || resolved(&s.tg, "charged") == 1.0 && resolved(&s.tg, "released") == 3.0,
         "four reports settled",
@@ -218,17 +215,16 @@ fn multipart_partial_failure_releases_only_the_failed_part() {
     // credit each (+3630): both delivered, one report each.
     sim_post(
         &s.sim,
-        "/sim/dlr?prefix=3620&outcome=delivered,failed&parts=2&delay_ms=1500",
+        "/sim/dlr?prefix=3620&outcome=delivered,failed&parts=2",
     );
-    sim_post(
-        &s.sim,
-        "/sim/dlr?prefix=3630&outcome=delivered&parts=2&delay_ms=1500",
-    );
+    sim_post(&s.sim, "/sim/dlr?prefix=3630&outcome=delivered&parts=2");
+    sim_post(&s.sim, "/sim/dlr/hold?on=1");
     let before = balance(&s.tg);
     let (posted0, _) = bucket(&s.tg);
     send(&s.tg, "+36201111111,+36301111111", &"x".repeat(200));
     assert_eq!(bucket(&s.tg), (posted0, 6.0));
     assert_eq!(holds_listed(&s.tg), 4, "one hold per part");
+    sim_post(&s.sim, "/sim/dlr/hold?on=0");
     wait_until(
         || resolved(&s.tg, "charged") == 3.0 && resolved(&s.tg, "released") == 1.0,
         "every part settled",

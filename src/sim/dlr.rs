@@ -14,7 +14,10 @@
 //! reports of one send go out in reverse order (out of order), and/or
 //! before the send's answer is written (`early`). A callback that does not
 //! answer 2xx is retried (up to 5 times, 100 ms apart), as a gateway
-//! retries. `GET /sim/dlr` lists the calls made and their statuses.
+//! retries. `POST /sim/dlr/hold?on=1` holds every report due from then
+//! on (after its delay) until `POST /sim/dlr/hold?on=0`, so a test can
+//! look at a send's state before any of its reports, however slow the
+//! machine. `GET /sim/dlr` lists the calls made and their statuses.
 //!
 //! Without a rule, every accepted message is reported `delivered` at once.
 
@@ -47,12 +50,26 @@ pub struct DlrCall {
     pub status: u16,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct DlrSim {
     rules: Mutex<Vec<DlrRule>>,
     pub reverse: AtomicBool,
     pub early: AtomicBool,
+    /// `true`: reports wait (see the module docs).
+    held: tokio::sync::watch::Sender<bool>,
     calls: Mutex<Vec<DlrCall>>,
+}
+
+impl Default for DlrSim {
+    fn default() -> DlrSim {
+        DlrSim {
+            rules: Mutex::default(),
+            reverse: AtomicBool::default(),
+            early: AtomicBool::default(),
+            held: tokio::sync::watch::Sender::new(false),
+            calls: Mutex::default(),
+        }
+    }
 }
 
 /// A message the gateway accepted, as its report needs it.
@@ -69,7 +86,13 @@ impl DlrSim {
         self.rules.lock().push(rule);
     }
 
+    /// Holds (`true`) or releases the reports due.
+    pub fn hold(&self, on: bool) {
+        self.held.send_replace(on);
+    }
+
     pub fn reset(&self) {
+        self.hold(false);
         self.rules.lock().clear();
         self.calls.lock().clear();
         self.reverse.store(false, Ordering::Relaxed);
@@ -200,6 +223,8 @@ pub async fn deliver(state: Arc<SimState>, calls: Vec<(u64, String)>) {
         if delay_ms > 0 {
             tokio::time::sleep(Duration::from_millis(delay_ms)).await;
         }
+        // The sender lives as long as the state; a closed channel releases.
+        let _ = state.dlr.held.subscribe().wait_for(|held| !held).await;
         let mut status = 0;
         for attempt in 0..5 {
             status = get(&url).await.unwrap_or(0);

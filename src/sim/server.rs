@@ -518,6 +518,11 @@ fn control_action(
             }
             ok()
         }
+        ("/sim/dlr/hold", true) => {
+            let on = p.get_nonempty("on").ok_or("on=1 or on=0 is required")?;
+            state.dlr.hold(on == "1" || on == "true");
+            ok()
+        }
         ("/sim/dlr/mode", true) => {
             let flag = |n: &str| p.get_nonempty(n).is_some_and(|v| v == "1" || v == "true");
             state.dlr.reverse.store(flag("reverse"), Ordering::Relaxed);
