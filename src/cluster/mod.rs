@@ -1,7 +1,10 @@
 //! Several tollgate nodes on one PostgreSQL ledger, through credit grants.
 //!
 //! Owns the grant protocol ([`model`]: the executable specification and its
-//! property tests) and grant sizing ([`sizing`]). It
+//! property tests), grant sizing ([`sizing`]) and the protocol's SQL
+//! ([`sql`]: node leases with their own fencing tokens, taking, topping up,
+//! returning and expiring grants, credit actions; the group commit under a
+//! grant is the store's, `PgStore::open_under_lease`). It
 //! must never run SQL on a tokio worker (blocking `postgres::Client` on
 //! dedicated threads only, as [`crate::store::pg`]), and never decide a
 //! reservation that its grants do not cover.
@@ -57,3 +60,6 @@
 
 pub mod model;
 pub mod sizing;
+pub mod sql;
+#[cfg(test)]
+mod sql_tests;

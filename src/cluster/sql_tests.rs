@@ -1,0 +1,444 @@
+//! The grant protocol's SQL against the real local PostgreSQL (each test a
+//! database of its own, `store::pg::testing`): leases and their fencing,
+//! takes racing for the last credit, the group commit under a grant,
+//! give-back, release, expiry of a dead node's grants (its committed
+//! reservations stay), concurrent sweepers, credit actions.
+
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use super::sql::{self, ClusterError, CreditKind, Take};
+use crate::config::Durability;
+use crate::ledger::{Bucket, Entry, EntryKind, Role};
+use crate::store::pg::testing::TestDb;
+use crate::store::pg::{schema, NodeLease, PgSettings, PgStore, PgUrl};
+use crate::store::{AccountMeta, Store, StoreError};
+
+const NOW: i64 = 1_700_000_000_000;
+const LEASE: Duration = Duration::from_secs(30);
+const TTL: Duration = Duration::from_secs(60);
+
+fn settings(db: &TestDb) -> PgSettings {
+    PgSettings::new(PgUrl::parse(&db.url()).unwrap())
+}
+
+/// A migrated store and a session on it.
+fn session(db: &TestDb) -> (PgSettings, postgres::Client) {
+    let s = settings(db);
+    let mut c = s.connect("test", Some(Duration::from_secs(10))).unwrap();
+    schema::migrate(&mut c, &s, NOW).unwrap();
+    (s, c)
+}
+
+fn node(c: &mut postgres::Client, s: &PgSettings, name: &str) -> NodeLease {
+    sql::register(c, s, name, LEASE, NOW).unwrap()
+}
+
+/// An account with `milli` of any-time credit, added by `by`.
+fn fund(c: &mut postgres::Client, s: &PgSettings, by: NodeLease, account: &str, milli: i64) {
+    let seq = sql::next_node_seq(c, s, by.node).unwrap();
+    let got = sql::credit(
+        c,
+        s,
+        by,
+        seq,
+        CreditKind::Add,
+        account,
+        Role::User,
+        Bucket::Anytime,
+        milli,
+        Some("seed"),
+        NOW,
+    )
+    .unwrap();
+    assert_eq!(got, Some(milli));
+}
+
+fn anytime(c: &mut postgres::Client, s: &PgSettings, account: &str) -> sql::ClusterBalance {
+    sql::balance(c, s, account).unwrap().unwrap()[0]
+}
+
+fn entry(seq: u64, kind: EntryKind, account: &str, amount_milli: i64, rid: u64) -> Entry {
+    Entry {
+        seq,
+        kind,
+        account: account.into(),
+        bucket: Bucket::Anytime,
+        amount_milli,
+        reservation_id: Some(rid),
+        reference: None,
+        tariff_version: None,
+        at_unix_ms: NOW,
+    }
+}
+
+fn meta(name: &str) -> Vec<AccountMeta> {
+    vec![AccountMeta {
+        name: name.into(),
+        parent: None,
+        role: Role::User,
+        tariff_class: None,
+    }]
+}
+
+/// Makes `lease`'s lease (and last renewal) lie `ago_ms` in the past, as if
+/// the node had stopped renewing that long ago: no sleeping in tests.
+fn age_lease(c: &mut postgres::Client, lease: NodeLease, ago_ms: i64) {
+    c.execute(
+        "UPDATE cluster_nodes SET expires_at = now() - $2::bigint * interval '1 millisecond',
+             renewed_at = now() - ($2::bigint + 30000) * interval '1 millisecond'
+         WHERE node = $1",
+        &[&lease.node, &ago_ms],
+    )
+    .unwrap();
+}
+
+#[test]
+fn nodes_racing_for_an_account_never_take_more_than_it_holds() {
+    let db = TestDb::create("cluster_race");
+    let (s, mut c) = session(&db);
+    let leases: Vec<NodeLease> = (0..4).map(|i| node(&mut c, &s, &format!("n{i}"))).collect();
+    // 20 rounds: an account with exactly 10 takes' worth, 4 nodes × 5
+    // attempts at once; then the last credit alone, 4 nodes at once.
+    for round in 0..20 {
+        let account = format!("acct{round}");
+        fund(&mut c, &s, leases[0], &account, 1_000);
+        let barrier = Arc::new(Barrier::new(leases.len()));
+        let granted: Vec<i64> = std::thread::scope(|scope| {
+            let runs: Vec<_> = leases
+                .iter()
+                .map(|&lease| {
+                    let (s, account, barrier) = (s.clone(), account.clone(), barrier.clone());
+                    scope.spawn(move || {
+                        let mut c = s.connect("racer", Some(Duration::from_secs(10))).unwrap();
+                        barrier.wait();
+                        let mut got = 0;
+                        for _ in 0..5 {
+                            if let Take::Granted { .. } =
+                                sql::take(&mut c, &s, lease, &account, Bucket::Anytime, 100)
+                                    .unwrap()
+                            {
+                                got += 100;
+                            }
+                        }
+                        got
+                    })
+                })
+                .collect();
+            runs.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        assert_eq!(
+            granted.iter().sum::<i64>(),
+            1_000,
+            "round {round}: {granted:?}"
+        );
+        let b = anytime(&mut c, &s, &account);
+        assert_eq!((b.granted_milli, b.ungranted_milli()), (1_000, 0));
+        let rows: i64 = leases
+            .iter()
+            .map(|l| sql::grant_of(&mut c, &s, l.node, &account, Bucket::Anytime).unwrap())
+            .sum();
+        assert_eq!(rows, 1_000, "granted = Σ grants");
+    }
+    // The last credit: one of four nodes gets it.
+    fund(&mut c, &s, leases[0], "last", 1);
+    let barrier = Arc::new(Barrier::new(leases.len()));
+    let wins: usize = std::thread::scope(|scope| {
+        let runs: Vec<_> = leases
+            .iter()
+            .map(|&lease| {
+                let (s, barrier) = (s.clone(), barrier.clone());
+                scope.spawn(move || {
+                    let mut c = s.connect("racer", Some(Duration::from_secs(10))).unwrap();
+                    barrier.wait();
+                    matches!(
+                        sql::take(&mut c, &s, lease, "last", Bucket::Anytime, 1).unwrap(),
+                        Take::Granted { .. }
+                    )
+                })
+            })
+            .collect();
+        runs.into_iter()
+            .map(|r| usize::from(r.join().unwrap()))
+            .sum()
+    });
+    assert_eq!(wins, 1);
+}
+
+#[test]
+fn a_commit_moves_reserved_credit_out_of_the_grant_and_voids_back_in() {
+    let db = TestDb::create("cluster_commit");
+    let (s, mut c) = session(&db);
+    let lease = node(&mut c, &s, "a");
+    fund(&mut c, &s, lease, "john", 10_000);
+    assert_eq!(
+        sql::take(&mut c, &s, lease, "john", Bucket::Anytime, 5_000).unwrap(),
+        Take::Granted {
+            grant_milli: 5_000,
+            available_milli: 5_000
+        }
+    );
+    let mut store = PgStore::open_under_lease(&s, Durability::Sync, lease).unwrap();
+    let base = sql::next_node_seq(&mut c, &s, lease.node).unwrap();
+    // reserve 1000 (posted 800, voided 200) and an open reservation of 700.
+    let batch = vec![
+        entry(base, EntryKind::Reserve, "john", 1_000, base),
+        entry(base + 1, EntryKind::Post, "john", -800, base),
+        entry(base + 2, EntryKind::Void, "john", -200, base),
+        entry(base + 3, EntryKind::Reserve, "john", 700, base + 3),
+    ];
+    store.commit(&batch, &meta("john")).unwrap();
+    let b = anytime(&mut c, &s, "john");
+    assert_eq!(b.posted_milli, 9_200);
+    assert_eq!(b.reserved_milli, 700);
+    assert_eq!(b.granted_milli, 5_000 - 1_000 + 200 - 700);
+    assert_eq!(
+        sql::grant_of(&mut c, &s, lease.node, "john", Bucket::Anytime).unwrap(),
+        3_500
+    );
+    assert_eq!(
+        b.ungranted_milli(),
+        5_000,
+        "the rest of the account untouched"
+    );
+    // The journal replays to the stored balances (what `ledger verify`
+    // checks), with the entries tagged with the node.
+    let report = crate::store::verify::verify(&mut store).unwrap();
+    assert!(report.is_ok(crate::ledger::Overdraft::Strict), "{report}");
+    let tagged: i64 = c
+        .query_one(
+            "SELECT count(*) FROM entries WHERE node = $1",
+            &[&lease.node],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(tagged, 5, "the seed and the batch");
+
+    // More than the grant holds: the whole statement fails, nothing written.
+    let over = vec![entry(base + 4, EntryKind::Reserve, "john", 3_501, base + 4)];
+    let e = store.commit(&over, &meta("john")).unwrap_err();
+    assert!(matches!(e, StoreError::Postgres(_)), "{e}");
+    assert_eq!(anytime(&mut c, &s, "john"), b);
+}
+
+#[test]
+fn after_its_lease_expired_a_node_can_neither_commit_nor_take_nor_renew() {
+    let db = TestDb::create("cluster_fenced");
+    let (s, mut c) = session(&db);
+    let lease = node(&mut c, &s, "a");
+    fund(&mut c, &s, lease, "john", 10_000);
+    sql::take(&mut c, &s, lease, "john", Bucket::Anytime, 5_000).unwrap();
+    let mut store = PgStore::open_under_lease(&s, Durability::Sync, lease).unwrap();
+    let base = sql::next_node_seq(&mut c, &s, lease.node).unwrap();
+    store
+        .commit(
+            &[entry(base, EntryKind::Reserve, "john", 1_000, base)],
+            &meta("john"),
+        )
+        .unwrap();
+    sql::renew(&mut c, &s, lease, LEASE).unwrap();
+
+    age_lease(&mut c, lease, 1);
+    let before = anytime(&mut c, &s, "john");
+    let e = store
+        .commit(
+            &[entry(base + 1, EntryKind::Post, "john", -1_000, base)],
+            &meta("john"),
+        )
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Fenced { .. }), "{e}");
+    assert_eq!(anytime(&mut c, &s, "john"), before, "nothing written");
+    assert_eq!(
+        sql::next_node_seq(&mut c, &s, lease.node).unwrap(),
+        base + 1
+    );
+    assert!(matches!(
+        sql::renew(&mut c, &s, lease, LEASE),
+        Err(ClusterError::Fenced { .. })
+    ));
+    assert!(matches!(
+        sql::take(&mut c, &s, lease, "john", Bucket::Anytime, 1),
+        Err(ClusterError::Fenced { .. })
+    ));
+    assert!(matches!(
+        sql::credit(
+            &mut c,
+            &s,
+            lease,
+            base + 1,
+            CreditKind::Add,
+            "john",
+            Role::User,
+            Bucket::Anytime,
+            5,
+            None,
+            NOW
+        ),
+        Err(ClusterError::Fenced { .. })
+    ));
+    // A new incarnation gets a new token; the old one stays fenced.
+    let again = node(&mut c, &s, "a");
+    assert_eq!(again.node, lease.node);
+    assert!(again.token > lease.token);
+    let e = store
+        .commit(
+            &[entry(base + 1, EntryKind::Post, "john", -1_000, base)],
+            &meta("john"),
+        )
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Fenced { .. }), "{e}");
+    // Registering returned the old incarnation's grant; its committed
+    // reservation stays reserved.
+    let b = anytime(&mut c, &s, "john");
+    assert_eq!((b.reserved_milli, b.granted_milli), (1_000, 0));
+    assert_eq!(b.ungranted_milli(), 9_000);
+}
+
+#[test]
+fn a_live_lease_refuses_a_second_incarnation_and_a_release_frees_it() {
+    let db = TestDb::create("cluster_held");
+    let (s, mut c) = session(&db);
+    let lease = node(&mut c, &s, "a");
+    fund(&mut c, &s, lease, "john", 10_000);
+    sql::take(&mut c, &s, lease, "john", Bucket::Anytime, 4_000).unwrap();
+    match sql::register(&mut c, &s, "a", LEASE, NOW) {
+        Err(e @ ClusterError::LeaseHeld { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains("already running"), "{text}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Give back: only what the grant holds.
+    assert!(!sql::give_back(&mut c, &s, lease, "john", Bucket::Anytime, 4_001).unwrap());
+    assert!(sql::give_back(&mut c, &s, lease, "john", Bucket::Anytime, 1_000).unwrap());
+    assert_eq!(anytime(&mut c, &s, "john").granted_milli, 3_000);
+    assert_eq!(sql::release(&mut c, &s, lease).unwrap(), 3_000);
+    assert_eq!(anytime(&mut c, &s, "john").granted_milli, 0);
+    assert!(matches!(
+        sql::release(&mut c, &s, lease),
+        Err(ClusterError::Fenced { .. })
+    ));
+    let again = node(&mut c, &s, "a");
+    assert!(again.token > lease.token);
+    let status = sql::status(&mut c, &s).unwrap();
+    assert_eq!(status.len(), 1);
+    assert_eq!(status[0].name, "a");
+    assert!(status[0].lease_left_ms > 0 && !status[0].released);
+}
+
+#[test]
+fn a_dead_nodes_grants_come_back_after_the_ttl_and_its_reservations_stay() {
+    let db = TestDb::create("cluster_expire");
+    let (s, mut c) = session(&db);
+    let dead = node(&mut c, &s, "dead");
+    let alive = node(&mut c, &s, "alive");
+    fund(&mut c, &s, alive, "john", 10_000);
+    sql::take(&mut c, &s, dead, "john", Bucket::Anytime, 3_000).unwrap();
+    sql::take(&mut c, &s, alive, "john", Bucket::Anytime, 2_000).unwrap();
+    let mut store = PgStore::open_under_lease(&s, Durability::Sync, dead).unwrap();
+    let base = sql::next_node_seq(&mut c, &s, dead.node).unwrap();
+    store
+        .commit(
+            &[entry(base, EntryKind::Reserve, "john", 1_000, base)],
+            &meta("john"),
+        )
+        .unwrap();
+    drop(store);
+    // Not yet: the lease is valid.
+    assert_eq!(
+        sql::expire(&mut c, &s, TTL).unwrap(),
+        sql::Expired::default()
+    );
+    // Expired, but not for the TTL yet.
+    c.execute(
+        "UPDATE cluster_nodes SET expires_at = now() - interval '1 ms',
+             renewed_at = now() - interval '31 s' WHERE node = $1",
+        &[&dead.node],
+    )
+    .unwrap();
+    assert_eq!(sql::expire(&mut c, &s, TTL).unwrap().returned_milli, 0);
+    age_lease(&mut c, dead, TTL.as_millis() as i64);
+    // Several sweepers at once: returned exactly once.
+    let barrier = Arc::new(Barrier::new(4));
+    let returned: i64 = std::thread::scope(|scope| {
+        let runs: Vec<_> = (0..4)
+            .map(|_| {
+                let (s, barrier) = (s.clone(), barrier.clone());
+                scope.spawn(move || {
+                    let mut c = s.connect("sweeper", Some(Duration::from_secs(10))).unwrap();
+                    barrier.wait();
+                    sql::expire(&mut c, &s, TTL).unwrap().returned_milli
+                })
+            })
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).sum()
+    });
+    assert_eq!(
+        returned, 2_000,
+        "the dead node's grant less what it reserved"
+    );
+    let b = anytime(&mut c, &s, "john");
+    assert_eq!(
+        b.reserved_milli, 1_000,
+        "committed reservation stays (in doubt)"
+    );
+    assert_eq!(b.granted_milli, 2_000, "the live node's grant untouched");
+    assert_eq!(b.ungranted_milli(), 7_000);
+    let open: i64 = c
+        .query_one(
+            "SELECT count(*) FROM open_reservations WHERE node = $1",
+            &[&dead.node],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(open, 1);
+}
+
+#[test]
+fn credit_actions_are_cluster_wide_and_never_take_what_nodes_hold() {
+    let db = TestDb::create("cluster_credit");
+    let (s, mut c) = session(&db);
+    let a = node(&mut c, &s, "a");
+    let b = node(&mut c, &s, "b");
+    fund(&mut c, &s, a, "john", 10_000);
+    sql::take(&mut c, &s, b, "john", Bucket::Anytime, 6_000).unwrap();
+    let mut seq = sql::next_node_seq(&mut c, &s, a.node).unwrap();
+    let mut credit = |c: &mut postgres::Client, kind, amount| {
+        let r = sql::credit(
+            c,
+            &s,
+            a,
+            seq,
+            kind,
+            "john",
+            Role::User,
+            Bucket::Anytime,
+            amount,
+            None,
+            NOW,
+        )
+        .unwrap();
+        seq += 1;
+        r
+    };
+    // Node b holds 6000: a deduction may take only the ungranted 4000.
+    assert_eq!(credit(&mut c, CreditKind::Add, -4_001), None);
+    assert_eq!(credit(&mut c, CreditKind::Add, -1_000), Some(-1_000));
+    assert_eq!(credit(&mut c, CreditKind::Set, 5_999), None);
+    assert_eq!(credit(&mut c, CreditKind::Set, 7_000), Some(-2_000));
+    assert_eq!(credit(&mut c, CreditKind::Set, 7_000), Some(0));
+    let bal = anytime(&mut c, &s, "john");
+    assert_eq!((bal.balance_milli(), bal.ungranted_milli()), (7_000, 1_000));
+    // Visible to the next take of any node.
+    assert!(matches!(
+        sql::take(&mut c, &s, b, "john", Bucket::Anytime, 1_001).unwrap(),
+        Take::Insufficient {
+            available_milli: 1_000
+        }
+    ));
+    // Node seq ranges never collide; the journal replays to the balances.
+    assert!(sql::next_node_seq(&mut c, &s, b.node).unwrap() < sql::node_seq_base(b.node + 1));
+    let mut reader = PgStore::open_snapshot(&s).unwrap();
+    let report = crate::store::verify::verify(&mut reader).unwrap();
+    assert!(report.is_ok(crate::ledger::Overdraft::Strict), "{report}");
+}
