@@ -20,6 +20,17 @@ pub struct Sizing {
     pub top_up_below_percent: i64,
 }
 
+impl From<&crate::config::cluster::ClusterConfig> for Sizing {
+    fn from(c: &crate::config::cluster::ClusterConfig) -> Sizing {
+        Sizing {
+            min_milli: c.grant_min_milli,
+            max_milli: c.grant_max_milli,
+            target_s: c.grant_target_s,
+            top_up_below_percent: c.top_up_below_percent,
+        }
+    }
+}
+
 impl Sizing {
     /// The grant to hold for an account spending `rate_milli_per_s` here.
     pub fn want_milli(&self, rate_milli_per_s: i64) -> i64 {
