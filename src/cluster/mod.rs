@@ -4,7 +4,9 @@
 //! property tests), grant sizing ([`sizing`]) and the protocol's SQL
 //! ([`sql`]: node leases with their own fencing tokens, taking, topping up,
 //! returning and expiring grants, credit actions; the group commit under a
-//! grant is the store's, `PgStore::open_under_lease`). It
+//! grant is the store's, `PgStore::open_under_lease`) and the node's lease
+//! keeper ([`keeper`]: renewals, expiry sweeps, and whether the node may
+//! spend now, a lock-free read). It
 //! must never run SQL on a tokio worker (blocking `postgres::Client` on
 //! dedicated threads only, as [`crate::store::pg`]), and never decide a
 //! reservation that its grants do not cover.
@@ -58,6 +60,7 @@
 //!   stranded (never spent twice) until the node returns everything or its
 //!   grants expire.
 
+pub mod keeper;
 pub mod model;
 pub mod sizing;
 pub mod sql;

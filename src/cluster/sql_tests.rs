@@ -442,3 +442,122 @@ fn credit_actions_are_cluster_wide_and_never_take_what_nodes_hold() {
     let report = crate::store::verify::verify(&mut reader).unwrap();
     assert!(report.is_ok(crate::ledger::Overdraft::Strict), "{report}");
 }
+
+fn keeper_config(name: &str) -> crate::config::cluster::ClusterConfig {
+    crate::config::cluster::ClusterConfig {
+        node_id: name.into(),
+        lease: Duration::from_millis(3_000),
+        lease_renew: Duration::from_millis(200),
+        lease_margin: Duration::from_millis(1_500),
+        grant_ttl: Duration::from_millis(10_000),
+        grant_min_milli: 1_000,
+        grant_max_milli: 1_000_000,
+        grant_target_s: 5,
+        top_up_below_percent: 50,
+        direct_below_milli: 5_000,
+    }
+}
+
+/// Polls `done` every 10 ms for up to `within`; panics naming `what`.
+fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn lease_valid_on_the_database(c: &mut postgres::Client, lease: NodeLease) -> bool {
+    c.query_one(
+        "SELECT expires_at > now() FROM cluster_nodes WHERE node = $1",
+        &[&lease.node],
+    )
+    .unwrap()
+    .get(0)
+}
+
+#[test]
+fn a_node_cut_off_from_postgres_stops_spending_before_its_lease_expires_there() {
+    use super::keeper::LeaseKeeper;
+    let db = TestDb::create("cluster_keeper");
+    let (s, mut c) = session(&db);
+    let keeper = LeaseKeeper::start(&s, &keeper_config("k"), NOW).unwrap();
+    let lease = keeper.lease();
+    assert!(keeper.may_spend());
+    wait_for("three renewals", Duration::from_secs(10), || {
+        keeper.renewals().0 >= 3
+    });
+    assert!(keeper.may_spend());
+    // A second incarnation of the same node id is refused meanwhile.
+    assert!(matches!(
+        LeaseKeeper::start(&s, &keeper_config("k"), NOW),
+        Err(ClusterError::LeaseHeld { .. })
+    ));
+
+    // Cut off: no new session to the database, the keeper's killed.
+    let mut admin = postgres::Client::connect(
+        &format!("{}/postgres", crate::store::pg::testing::server_url()),
+        postgres::NoTls,
+    )
+    .unwrap();
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{}\" ALLOW_CONNECTIONS false",
+            db.name
+        ))
+        .unwrap();
+    assert!(db.terminate("tollgate lease") >= 1);
+    wait_for("the node to stop spending", Duration::from_secs(10), || {
+        !keeper.may_spend()
+    });
+    assert!(
+        lease_valid_on_the_database(&mut c, lease),
+        "the node stopped spending while the database still counts its lease"
+    );
+    assert!(keeper.renewals().1 >= 1, "failed renewals are counted");
+
+    // Back after the lease expired there: the renewal is refused, the node
+    // is fenced for good.
+    wait_for("the lease to expire", Duration::from_secs(10), || {
+        !lease_valid_on_the_database(&mut c, lease)
+    });
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{}\" ALLOW_CONNECTIONS true",
+            db.name
+        ))
+        .unwrap();
+    wait_for(
+        "the keeper to see it is fenced",
+        Duration::from_secs(10),
+        || keeper.fenced(),
+    );
+    assert!(!keeper.may_spend());
+}
+
+#[test]
+fn a_released_keeper_gives_every_grant_back_and_sweeps_dead_nodes() {
+    use super::keeper::LeaseKeeper;
+    let db = TestDb::create("cluster_keeper_release");
+    let (s, mut c) = session(&db);
+    let dead = node(&mut c, &s, "dead");
+    fund(&mut c, &s, dead, "john", 10_000);
+    sql::take(&mut c, &s, dead, "john", Bucket::Anytime, 4_000).unwrap();
+    age_lease(&mut c, dead, 20_000);
+    let keeper = LeaseKeeper::start(&s, &keeper_config("k"), NOW).unwrap();
+    wait_for(
+        "the dead node's grants swept",
+        Duration::from_secs(10),
+        || keeper.swept_milli() == 4_000,
+    );
+    sql::take(&mut c, &s, keeper.lease(), "john", Bucket::Anytime, 3_000).unwrap();
+    assert_eq!(keeper.release().unwrap(), 3_000);
+    let b = anytime(&mut c, &s, "john");
+    assert_eq!((b.granted_milli, b.ungranted_milli()), (0, 10_000));
+    // Released: a new incarnation may start at once.
+    let again = LeaseKeeper::start(&s, &keeper_config("k"), NOW).unwrap();
+    assert!(again.may_spend());
+}
