@@ -561,3 +561,317 @@ fn a_released_keeper_gives_every_grant_back_and_sweeps_dead_nodes() {
     let again = LeaseKeeper::start(&s, &keeper_config("k"), NOW).unwrap();
     assert!(again.may_spend());
 }
+
+/// The SQL against its specification: random sequences of takes,
+/// give-backs, batches (valid and overdrawing), credit actions, node deaths
+/// with expiry and re-registration, run on PostgreSQL and on
+/// [`super::model::Db`] side by side; every outcome and every balance,
+/// grant and sum must agree after every step.
+mod against_the_model {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::super::model::{Change, Db, DbAccount, Lease, Refused};
+    use super::*;
+
+    const ACCOUNTS: [&str; 2] = ["x", "y"];
+    const NODES: usize = 2;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Take(usize, usize, i64),
+        GiveBack(usize, usize, i64),
+        /// A batch of a node: reserves of these amounts on these accounts,
+        /// then settles of its open reservations (pick, spent %).
+        Batch(usize, Vec<(usize, i64)>, Vec<(usize, i64)>),
+        Credit(usize, i64),
+        /// The node dies: its lease lies in the past; a sweep; it registers again.
+        Die(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (0..NODES, 0..ACCOUNTS.len(), 1i64..3_000).prop_map(|(n, a, x)| Op::Take(n, a, x)),
+            1 => (0..NODES, 0..ACCOUNTS.len(), 1i64..3_000).prop_map(|(n, a, x)| Op::GiveBack(n, a, x)),
+            4 => (
+                0..NODES,
+                proptest::collection::vec((0..ACCOUNTS.len(), 0i64..1_500), 0..3),
+                proptest::collection::vec((any::<usize>(), 0i64..=100), 0..3),
+            )
+                .prop_map(|(n, r, s)| Op::Batch(n, r, s)),
+            1 => (0..ACCOUNTS.len(), -2_000i64..4_000).prop_map(|(a, d)| Op::Credit(a, d)),
+            1 => (0..NODES).prop_map(Op::Die),
+        ]
+    }
+
+    struct Side {
+        s: PgSettings,
+        c: postgres::Client,
+        prefix: String,
+        leases: Vec<NodeLease>,
+        stores: Vec<PgStore>,
+        seqs: Vec<u64>,
+        model: Db,
+        /// Open committed reservations per node: id → (account, amount left).
+        open: Vec<BTreeMap<u64, (usize, i64)>>,
+    }
+
+    impl Side {
+        fn account(&self, a: usize) -> String {
+            format!("{}{}", self.prefix, ACCOUNTS[a])
+        }
+
+        fn register(&mut self, i: usize) {
+            let name = format!("{}n{i}", self.prefix);
+            let lease = sql::register(&mut self.c, &self.s, &name, LEASE, NOW).unwrap();
+            let node = lease.node as u32;
+            let token = self.model.register(node, 1_000_000).unwrap();
+            self.model.leases.get_mut(&node).unwrap().token = token;
+            let store = PgStore::open_under_lease(&self.s, Durability::Sync, lease).unwrap();
+            let seq = sql::next_node_seq(&mut self.c, &self.s, lease.node).unwrap();
+            if i < self.leases.len() {
+                self.leases[i] = lease;
+                self.stores[i] = store;
+                self.seqs[i] = self.seqs[i].max(seq);
+            } else {
+                self.leases.push(lease);
+                self.stores.push(store);
+                self.seqs.push(seq);
+                self.open.push(BTreeMap::new());
+            }
+        }
+
+        fn model_token(&self, i: usize) -> u64 {
+            self.model.leases[&(self.leases[i].node as u32)].token
+        }
+
+        fn next_seq(&mut self, i: usize) -> u64 {
+            let seq = self.seqs[i];
+            self.seqs[i] += 1;
+            seq
+        }
+
+        fn apply(&mut self, op: &Op) {
+            match op {
+                Op::Take(i, a, x) => {
+                    let (lease, account) = (self.leases[*i], self.account(*a));
+                    let got = sql::take(&mut self.c, &self.s, lease, &account, Bucket::Anytime, *x)
+                        .unwrap();
+                    let want =
+                        self.model
+                            .take(lease.node as u32, self.model_token(*i), &account, *x);
+                    match (got, want) {
+                        (Take::Granted { .. }, Ok(())) => {}
+                        (
+                            Take::Insufficient { available_milli },
+                            Err(Refused::Insufficient { available_milli: m }),
+                        ) => {
+                            assert_eq!(available_milli, m.max(0));
+                        }
+                        other => panic!("take disagrees: {other:?}"),
+                    }
+                }
+                Op::GiveBack(i, a, x) => {
+                    let (lease, account) = (self.leases[*i], self.account(*a));
+                    let got =
+                        sql::give_back(&mut self.c, &self.s, lease, &account, Bucket::Anytime, *x)
+                            .unwrap();
+                    let want = self
+                        .model
+                        .give_back(lease.node as u32, self.model_token(*i), &account, *x)
+                        .is_ok();
+                    assert_eq!(got, want, "give back");
+                }
+                Op::Batch(i, reserves, settles) => {
+                    let i = *i;
+                    let mut entries = Vec::new();
+                    let mut changes = Vec::new();
+                    let mut opened = Vec::new();
+                    for (a, x) in reserves {
+                        let seq = self.next_seq(i);
+                        let account = self.account(*a);
+                        entries.push(entry(seq, EntryKind::Reserve, &account, *x, seq));
+                        changes.push(Change::Reserve {
+                            id: seq,
+                            account,
+                            amount_milli: *x,
+                        });
+                        opened.push((seq, *a, *x));
+                    }
+                    let mut settled = Vec::new();
+                    let ids: Vec<u64> = self.open[i].keys().copied().collect();
+                    for (pick, percent) in settles {
+                        if ids.is_empty() {
+                            break;
+                        }
+                        let id = ids[pick % ids.len()];
+                        if settled.contains(&id) {
+                            continue;
+                        }
+                        settled.push(id);
+                        let (a, left) = self.open[i][&id];
+                        let account = self.account(a);
+                        let spent = left * percent / 100;
+                        if spent > 0 {
+                            let seq = self.next_seq(i);
+                            entries.push(entry(seq, EntryKind::Post, &account, -spent, id));
+                            changes.push(Change::Post {
+                                id,
+                                account: account.clone(),
+                                amount_milli: spent,
+                            });
+                        }
+                        if left - spent > 0 {
+                            let seq = self.next_seq(i);
+                            entries.push(entry(seq, EntryKind::Void, &account, spent - left, id));
+                            changes.push(Change::Void {
+                                id,
+                                account,
+                                amount_milli: left - spent,
+                            });
+                        }
+                    }
+                    if entries.is_empty() {
+                        return;
+                    }
+                    let metas: Vec<AccountMeta> = (0..ACCOUNTS.len())
+                        .flat_map(|a| meta(&self.account(a)))
+                        .collect();
+                    let got = self.stores[i].commit(&entries, &metas);
+                    let want = self.model.commit(
+                        self.leases[i].node as u32,
+                        self.model_token(i),
+                        &changes,
+                    );
+                    match (&got, &want) {
+                        (Ok(()), Ok(())) => {
+                            for id in settled {
+                                self.open[i].remove(&id);
+                            }
+                            for (id, a, x) in opened {
+                                if x > 0 {
+                                    self.open[i].insert(id, (a, x));
+                                }
+                            }
+                        }
+                        (Err(StoreError::Postgres(text)), Err(Refused::GrantOverdrawn)) => {
+                            assert!(text.contains("grants_amount_milli_check"), "{text}");
+                        }
+                        other => panic!("batch disagrees: {other:?}"),
+                    }
+                }
+                Op::Credit(a, d) => {
+                    let account = self.account(*a);
+                    let seq = self.next_seq(0);
+                    let got = sql::credit(
+                        &mut self.c,
+                        &self.s,
+                        self.leases[0],
+                        seq,
+                        CreditKind::Add,
+                        &account,
+                        Role::User,
+                        Bucket::Anytime,
+                        *d,
+                        None,
+                        NOW,
+                    )
+                    .unwrap();
+                    let want = self.model.credit(&account, *d);
+                    assert_eq!(got.is_some(), want.is_ok(), "credit {d}");
+                }
+                Op::Die(i) => {
+                    let i = *i;
+                    let lease = self.leases[i];
+                    age_lease(&mut self.c, lease, TTL.as_millis() as i64);
+                    let now = self.model.now_ms;
+                    *self.model.leases.get_mut(&(lease.node as u32)).unwrap() = Lease {
+                        renewed_at_ms: now - 10_000_000,
+                        expires_at_ms: now,
+                        ..self.model.leases[&(lease.node as u32)]
+                    };
+                    let got = sql::expire(&mut self.c, &self.s, TTL)
+                        .unwrap()
+                        .returned_milli;
+                    let want = self.model.expire(1_000_000);
+                    assert_eq!(got, want, "expired");
+                    self.register(i);
+                }
+            }
+        }
+
+        fn check(&mut self) {
+            for a in 0..ACCOUNTS.len() {
+                let account = self.account(a);
+                let b = anytime(&mut self.c, &self.s, &account);
+                let m = self
+                    .model
+                    .accounts
+                    .get(&account)
+                    .copied()
+                    .unwrap_or_default();
+                assert_eq!(
+                    DbAccount {
+                        posted_milli: b.posted_milli,
+                        reserved_milli: b.reserved_milli,
+                        granted_milli: b.granted_milli
+                    },
+                    m,
+                    "{account}"
+                );
+                assert!(b.ungranted_milli() >= 0);
+                for l in &self.leases {
+                    let g = sql::grant_of(&mut self.c, &self.s, l.node, &account, Bucket::Anytime)
+                        .unwrap();
+                    let want = self
+                        .model
+                        .grants
+                        .get(&(account.clone(), l.node as u32))
+                        .copied()
+                        .unwrap_or(0);
+                    assert_eq!(g, want, "grant of node {} on {account}", l.node);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_sql_does_what_the_model_specifies() {
+        let db = TestDb::create("cluster_vs_model");
+        let (s, c) = session(&db);
+        let side = std::cell::RefCell::new(Some((s, c)));
+        let case = std::cell::Cell::new(0u32);
+        let config = ProptestConfig {
+            cases: 24,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        };
+        proptest!(config, |(ops in proptest::collection::vec(op(), 1..40))| {
+            let (s, c) = side.borrow_mut().take().unwrap();
+            case.set(case.get() + 1);
+            let mut w = Side {
+                s,
+                c,
+                prefix: format!("c{}_", case.get()),
+                leases: Vec::new(),
+                stores: Vec::new(),
+                seqs: Vec::new(),
+                model: Db::default(),
+                open: Vec::new(),
+            };
+            for i in 0..NODES {
+                w.register(i);
+            }
+            for a in 0..ACCOUNTS.len() {
+                w.apply(&Op::Credit(a, 5_000));
+            }
+            w.check();
+            for op in &ops {
+                w.apply(op);
+                w.check();
+            }
+            *side.borrow_mut() = Some((w.s, w.c));
+        });
+    }
+}
