@@ -87,3 +87,57 @@ fn a_cluster_section_is_validated_and_run_refuses_it_rather_than_run_alone() {
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("unknown field"), "{text}");
 }
+
+#[test]
+fn cluster_status_lists_the_nodes_their_leases_and_grants() {
+    use tollgate::cluster::sql;
+    use tollgate::ledger::{Bucket, Role};
+    let db = TestDb::create("cluster_status");
+    let dir = tempfile::tempdir().unwrap();
+    let path = config(dir.path(), &pg::store_yaml(&db.url(), ""), "");
+    // Before any migration: says so.
+    let out = tollgate(&["cluster", "status"], &path);
+    let text = cli_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("no cluster tables yet"), "{text}");
+
+    let s = pg::settings(&db.url());
+    let mut c = s.connect("test", None).unwrap();
+    tollgate::store::pg::schema::migrate(&mut c, &s, 0).unwrap();
+    let lease = std::time::Duration::from_secs(60);
+    let a = sql::register(&mut c, &s, "node-a", lease, 0).unwrap();
+    let b = sql::register(&mut c, &s, "node-b", lease, 0).unwrap();
+    let seq = sql::next_node_seq(&mut c, &s, a.node).unwrap();
+    sql::credit(
+        &mut c,
+        &s,
+        a,
+        seq,
+        sql::CreditKind::Add,
+        "john",
+        Role::User,
+        Bucket::Anytime,
+        10_000,
+        None,
+        0,
+    )
+    .unwrap();
+    sql::take(&mut c, &s, b, "john", Bucket::Anytime, 2_500).unwrap();
+    sql::release(&mut c, &s, a).unwrap();
+
+    let out = tollgate(&["cluster", "status"], &path);
+    let text = cli_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("2 node(s)"), "{text}");
+    assert!(
+        text.contains("\"node-a\"") && text.contains("released"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\"node-b\"")
+            && text.contains("lease valid for")
+            && text.contains("1 grant(s) holding 2500 milli")
+            && text.contains("never committed"),
+        "{text}"
+    );
+}

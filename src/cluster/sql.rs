@@ -658,3 +658,42 @@ pub fn next_node_seq(
         .map_err(pg(settings))?;
     Ok(row.get::<_, i64>(0).max(base.max(1)) as u64)
 }
+
+/// `tollgate cluster status`: every registered node of the store at
+/// `settings`, its lease, what it holds and when it last committed, as
+/// text. Reads only (a plain session, no ownership, nothing written).
+pub fn status_report(settings: &PgSettings) -> Result<String, ClusterError> {
+    use std::fmt::Write as _;
+    let mut client = settings.connect("status", Some(settings.statement_timeout))?;
+    let schema = crate::store::pg::schema::report(&mut client, settings)?;
+    if schema.current < 4 {
+        return Ok(format!(
+            "store {}: {schema}; no cluster tables yet (`tollgate run` applies migration 4)",
+            settings.url
+        ));
+    }
+    let nodes = status(&mut client, settings)?;
+    let mut out = format!("store {}: {} node(s)\n", settings.url, nodes.len());
+    for n in &nodes {
+        let lease = if n.released {
+            "released".to_string()
+        } else if n.lease_left_ms > 0 {
+            format!("lease valid for {:.1} s", n.lease_left_ms as f64 / 1000.0)
+        } else {
+            format!(
+                "lease expired {:.1} s ago",
+                n.lease_left_ms.saturating_neg() as f64 / 1000.0
+            )
+        };
+        let commit = n.last_commit_age_ms.map_or_else(
+            || "never committed".to_string(),
+            |ms| format!("last commit {:.1} s ago", ms.max(0) as f64 / 1000.0),
+        );
+        let _ = writeln!(
+            out,
+            "  node {} {:?}: token {}, pid {} on {}, {lease}, {} grant(s) holding {} milli, {commit}",
+            n.node, n.name, n.token, n.pid, n.host, n.grants, n.granted_milli
+        );
+    }
+    Ok(out)
+}
