@@ -535,6 +535,122 @@ pub fn credit(
     Ok(Some(delta))
 }
 
+/// Why a cluster-wide transfer was refused (nothing written).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransferRefused {
+    /// `child`'s row is missing or its parent is not `parent`.
+    NotASubaccount,
+    /// The giving side has less than that ungranted (what its committed
+    /// reservations and the nodes' grants hold cannot move).
+    Insufficient { available_milli: i64 },
+}
+
+/// A transfer between a parent and its sub-account on one bucket, straight
+/// in the database under a valid lease: `amount_milli` from `parent` to
+/// `child` (negative: back), both rows locked in name order in one short
+/// transaction, the giver never below what reservations and grants hold;
+/// two `transfer` entries (`seq`, `seq + 1`, from the node's range: parent
+/// leg first), as the ledger journals them.
+#[allow(clippy::too_many_arguments)]
+pub fn transfer(
+    client: &mut Client,
+    settings: &PgSettings,
+    lease: NodeLease,
+    seq: u64,
+    parent: &str,
+    child: &str,
+    bucket: Bucket,
+    amount_milli: i64,
+    reference: Option<&str>,
+    at_unix_ms: i64,
+) -> Result<Result<(), TransferRefused>, ClusterError> {
+    let err = pg(settings);
+    if parent == child || amount_milli == 0 {
+        return Ok(Err(TransferRefused::NotASubaccount));
+    }
+    let (posted_col, reserved_col, granted_col) = match bucket {
+        Bucket::Anytime => (
+            "anytime_posted_milli",
+            "anytime_reserved_milli",
+            "anytime_granted_milli",
+        ),
+        Bucket::OffPeak => (
+            "offpeak_posted_milli",
+            "offpeak_reserved_milli",
+            "offpeak_granted_milli",
+        ),
+    };
+    let mut tx = client.transaction().map_err(&err)?;
+    let live = tx
+        .query_opt(
+            "SELECT FROM cluster_nodes
+             WHERE node = $1 AND token = $2 AND NOT released AND expires_at > now()
+             FOR SHARE",
+            &[&lease.node, &lease.token],
+        )
+        .map_err(&err)?;
+    if live.is_none() {
+        tx.rollback().map_err(&err)?;
+        return Err(ClusterError::Fenced {
+            node: lease.node,
+            token: lease.token,
+        });
+    }
+    // Name order, so two opposite transfers cannot deadlock.
+    let rows = tx
+        .query(
+            &format!(
+                "SELECT name, parent, {posted_col} - {reserved_col} - {granted_col}
+                 FROM accounts WHERE name = $1 OR name = $2 ORDER BY name FOR UPDATE"
+            ),
+            &[&parent, &child],
+        )
+        .map_err(&err)?;
+    let find = |name: &str| rows.iter().find(|r| r.get::<_, &str>(0) == name);
+    let (Some(p), Some(c)) = (find(parent), find(child)) else {
+        tx.rollback().map_err(&err)?;
+        return Ok(Err(TransferRefused::NotASubaccount));
+    };
+    if c.get::<_, Option<&str>>(1) != Some(parent) {
+        tx.rollback().map_err(&err)?;
+        return Ok(Err(TransferRefused::NotASubaccount));
+    }
+    let giver_available: i64 = if amount_milli > 0 { p.get(2) } else { c.get(2) };
+    if giver_available < amount_milli.saturating_abs() {
+        tx.rollback().map_err(&err)?;
+        return Ok(Err(TransferRefused::Insufficient {
+            available_milli: giver_available.max(0),
+        }));
+    }
+    for (i, (name, delta)) in [(parent, -amount_milli), (child, amount_milli)]
+        .into_iter()
+        .enumerate()
+    {
+        tx.execute(
+            &format!("UPDATE accounts SET {posted_col} = {posted_col} + $2 WHERE name = $1"),
+            &[&name, &delta],
+        )
+        .map_err(&err)?;
+        tx.execute(
+            "INSERT INTO entries (seq, node, kind, account, bucket, amount_milli, reference,
+                                  at_unix_ms)
+             VALUES ($1, $2, 'transfer', $3, $4, $5, $6, $7)",
+            &[
+                &((seq + i as u64) as i64),
+                &lease.node,
+                &name,
+                &bucket.as_str(),
+                &delta,
+                &reference,
+                &at_unix_ms,
+            ],
+        )
+        .map_err(&err)?;
+    }
+    tx.commit().map_err(&err)?;
+    Ok(Ok(()))
+}
+
 /// `account`'s balances across the cluster, per bucket (`None`: no row).
 pub fn balance(
     client: &mut Client,

@@ -875,3 +875,62 @@ mod against_the_model {
         });
     }
 }
+
+#[test]
+fn a_transfer_moves_only_ungranted_credit_between_parent_and_child() {
+    use super::sql::TransferRefused;
+    let db = TestDb::create("cluster_transfer");
+    let (s, mut c) = session(&db);
+    let a = node(&mut c, &s, "a");
+    fund(&mut c, &s, a, "parent", 10_000);
+    fund(&mut c, &s, a, "child", 0);
+    fund(&mut c, &s, a, "stranger", 0);
+    c.execute(
+        "UPDATE accounts SET parent = 'parent' WHERE name = 'child'",
+        &[],
+    )
+    .unwrap();
+    sql::take(&mut c, &s, a, "parent", Bucket::Anytime, 7_000).unwrap();
+    let mut seq = sql::next_node_seq(&mut c, &s, a.node).unwrap();
+    let mut transfer = |c: &mut postgres::Client, from: &str, to: &str, amount: i64| {
+        let r = sql::transfer(
+            c,
+            &s,
+            a,
+            seq,
+            from,
+            to,
+            Bucket::Anytime,
+            amount,
+            Some("t"),
+            NOW,
+        )
+        .unwrap();
+        seq += 2;
+        r
+    };
+    assert_eq!(
+        transfer(&mut c, "parent", "child", 3_001),
+        Err(TransferRefused::Insufficient {
+            available_milli: 3_000
+        })
+    );
+    assert_eq!(transfer(&mut c, "parent", "child", 3_000), Ok(()));
+    assert_eq!(transfer(&mut c, "parent", "child", -1_000), Ok(()));
+    assert_eq!(
+        transfer(&mut c, "parent", "child", -2_001),
+        Err(TransferRefused::Insufficient {
+            available_milli: 2_000
+        })
+    );
+    assert_eq!(
+        transfer(&mut c, "parent", "stranger", 1),
+        Err(TransferRefused::NotASubaccount)
+    );
+    let (p, ch) = (anytime(&mut c, &s, "parent"), anytime(&mut c, &s, "child"));
+    assert_eq!((p.posted_milli, p.ungranted_milli()), (8_000, 1_000));
+    assert_eq!(ch.posted_milli, 2_000);
+    let mut reader = PgStore::open_snapshot(&s).unwrap();
+    let report = crate::store::verify::verify(&mut reader).unwrap();
+    assert!(report.is_ok(crate::ledger::Overdraft::Strict), "{report}");
+}
