@@ -948,6 +948,16 @@ impl Config {
                 pg.statement_timeout,
             )?),
         };
+        if cluster.is_some() && overdraft != Overdraft::Strict {
+            // A grant is a slice of what is available: it cannot go below
+            // zero, so a send that overdraws cannot be decided from one.
+            return Err(ConfigError::new(
+                path,
+                "ledger.overdraft",
+                "must be strict with cluster: (nodes spend from grants of available credit, \
+                 which cannot go below zero)",
+            ));
+        }
         if f.metrics.balance_accounts.len() > BALANCE_ACCOUNTS_MAX {
             return Err(ConfigError::new(
                 path,
@@ -1379,6 +1389,11 @@ mod tests {
         );
         let e = Config::from_yaml(&text, Path::new("t.yaml")).unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
+        let text = format!(
+            "{MINIMAL}store: {{ url: 'postgres://u@h/db' }}\nledger: {{ overdraft: ozeki }}\ncluster: {{ node_id: a }}\n"
+        );
+        let e = Config::from_yaml(&text, Path::new("t.yaml")).unwrap_err();
+        assert_eq!(e.key, "ledger.overdraft");
     }
 
     #[test]
