@@ -575,8 +575,18 @@ mod against_the_model {
     use super::super::model::{Change, Db, DbAccount, Lease, Refused};
     use super::*;
 
-    const ACCOUNTS: [&str; 2] = ["x", "y"];
+    /// The (account, bucket) slots the operations pick from: the model is
+    /// one bucket per key, the SQL carries two per account row.
+    const ACCOUNTS: [(&str, Bucket); 3] = [
+        ("x", Bucket::Anytime),
+        ("x", Bucket::OffPeak),
+        ("y", Bucket::Anytime),
+    ];
     const NODES: usize = 2;
+
+    fn bucket(a: usize) -> Bucket {
+        ACCOUNTS[a].1
+    }
 
     #[derive(Clone, Debug)]
     enum Op {
@@ -619,7 +629,12 @@ mod against_the_model {
 
     impl Side {
         fn account(&self, a: usize) -> String {
-            format!("{}{}", self.prefix, ACCOUNTS[a])
+            format!("{}{}", self.prefix, ACCOUNTS[a].0)
+        }
+
+        /// The model's key of slot `a`.
+        fn key(&self, a: usize) -> String {
+            format!("{}:{}", self.account(a), ACCOUNTS[a].1.as_str())
         }
 
         fn register(&mut self, i: usize) {
@@ -655,12 +670,12 @@ mod against_the_model {
         fn apply(&mut self, op: &Op) {
             match op {
                 Op::Take(i, a, x) => {
-                    let (lease, account) = (self.leases[*i], self.account(*a));
-                    let got = sql::take(&mut self.c, &self.s, lease, &account, Bucket::Anytime, *x)
-                        .unwrap();
-                    let want =
-                        self.model
-                            .take(lease.node as u32, self.model_token(*i), &account, *x);
+                    let (lease, account, key) = (self.leases[*i], self.account(*a), self.key(*a));
+                    let got =
+                        sql::take(&mut self.c, &self.s, lease, &account, bucket(*a), *x).unwrap();
+                    let want = self
+                        .model
+                        .take(lease.node as u32, self.model_token(*i), &key, *x);
                     match (got, want) {
                         (Take::Granted { .. }, Ok(())) => {}
                         (
@@ -673,13 +688,12 @@ mod against_the_model {
                     }
                 }
                 Op::GiveBack(i, a, x) => {
-                    let (lease, account) = (self.leases[*i], self.account(*a));
-                    let got =
-                        sql::give_back(&mut self.c, &self.s, lease, &account, Bucket::Anytime, *x)
-                            .unwrap();
+                    let (lease, account, key) = (self.leases[*i], self.account(*a), self.key(*a));
+                    let got = sql::give_back(&mut self.c, &self.s, lease, &account, bucket(*a), *x)
+                        .unwrap();
                     let want = self
                         .model
-                        .give_back(lease.node as u32, self.model_token(*i), &account, *x)
+                        .give_back(lease.node as u32, self.model_token(*i), &key, *x)
                         .is_ok();
                     assert_eq!(got, want, "give back");
                 }
@@ -690,11 +704,14 @@ mod against_the_model {
                     let mut opened = Vec::new();
                     for (a, x) in reserves {
                         let seq = self.next_seq(i);
-                        let account = self.account(*a);
-                        entries.push(entry(seq, EntryKind::Reserve, &account, *x, seq));
+                        let (account, bucket) = (self.account(*a), bucket(*a));
+                        entries.push(Entry {
+                            bucket,
+                            ..entry(seq, EntryKind::Reserve, &account, *x, seq)
+                        });
                         changes.push(Change::Reserve {
                             id: seq,
-                            account,
+                            account: self.key(*a),
                             amount_milli: *x,
                         });
                         opened.push((seq, *a, *x));
@@ -711,23 +728,29 @@ mod against_the_model {
                         }
                         settled.push(id);
                         let (a, left) = self.open[i][&id];
-                        let account = self.account(a);
+                        let (account, bucket, key) = (self.account(a), bucket(a), self.key(a));
                         let spent = left * percent / 100;
                         if spent > 0 {
                             let seq = self.next_seq(i);
-                            entries.push(entry(seq, EntryKind::Post, &account, -spent, id));
+                            entries.push(Entry {
+                                bucket,
+                                ..entry(seq, EntryKind::Post, &account, -spent, id)
+                            });
                             changes.push(Change::Post {
                                 id,
-                                account: account.clone(),
+                                account: key.clone(),
                                 amount_milli: spent,
                             });
                         }
                         if left - spent > 0 {
                             let seq = self.next_seq(i);
-                            entries.push(entry(seq, EntryKind::Void, &account, spent - left, id));
+                            entries.push(Entry {
+                                bucket,
+                                ..entry(seq, EntryKind::Void, &account, spent - left, id)
+                            });
                             changes.push(Change::Void {
                                 id,
-                                account,
+                                account: key,
                                 amount_milli: left - spent,
                             });
                         }
@@ -772,13 +795,13 @@ mod against_the_model {
                         CreditKind::Add,
                         &account,
                         Role::User,
-                        Bucket::Anytime,
+                        bucket(*a),
                         *d,
                         None,
                         NOW,
                     )
                     .unwrap();
-                    let want = self.model.credit(&account, *d);
+                    let want = self.model.credit(&self.key(*a), *d);
                     assert_eq!(got.is_some(), want.is_ok(), "credit {d}");
                 }
                 Op::Die(i) => {
@@ -803,14 +826,15 @@ mod against_the_model {
 
         fn check(&mut self) {
             for a in 0..ACCOUNTS.len() {
-                let account = self.account(a);
-                let b = anytime(&mut self.c, &self.s, &account);
-                let m = self
-                    .model
-                    .accounts
-                    .get(&account)
-                    .copied()
-                    .unwrap_or_default();
+                let (account, key) = (self.account(a), self.key(a));
+                let index = match bucket(a) {
+                    Bucket::Anytime => 0,
+                    Bucket::OffPeak => 1,
+                };
+                let b = sql::balance(&mut self.c, &self.s, &account)
+                    .unwrap()
+                    .unwrap()[index];
+                let m = self.model.accounts.get(&key).copied().unwrap_or_default();
                 assert_eq!(
                     DbAccount {
                         posted_milli: b.posted_milli,
@@ -818,19 +842,19 @@ mod against_the_model {
                         granted_milli: b.granted_milli
                     },
                     m,
-                    "{account}"
+                    "{key}"
                 );
                 assert!(b.ungranted_milli() >= 0);
                 for l in &self.leases {
-                    let g = sql::grant_of(&mut self.c, &self.s, l.node, &account, Bucket::Anytime)
-                        .unwrap();
+                    let g =
+                        sql::grant_of(&mut self.c, &self.s, l.node, &account, bucket(a)).unwrap();
                     let want = self
                         .model
                         .grants
-                        .get(&(account.clone(), l.node as u32))
+                        .get(&(key.clone(), l.node as u32))
                         .copied()
                         .unwrap_or(0);
-                    assert_eq!(g, want, "grant of node {} on {account}", l.node);
+                    assert_eq!(g, want, "grant of node {} on {key}", l.node);
                 }
             }
         }
