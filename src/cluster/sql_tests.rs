@@ -958,3 +958,200 @@ fn a_transfer_moves_only_ungranted_credit_between_parent_and_child() {
     let report = crate::store::verify::verify(&mut reader).unwrap();
     assert!(report.is_ok(crate::ledger::Overdraft::Strict), "{report}");
 }
+
+/// The locking arguments under real concurrency: three nodes take, reserve,
+/// settle and give back on the same accounts while a fourth thread adds
+/// and deducts credit and sweeps, and one node dies half-way (its lease is
+/// aged, its grants swept while the others go on). At the end every sum
+/// holds: granted = Σ grants, nothing below zero, each live node's grant
+/// is exactly what it believes it holds, the journal replays to the
+/// balances, and posted = seeded + credited − spent.
+#[test]
+fn concurrent_nodes_credit_and_sweeps_keep_every_sum() {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+
+    const ACCOUNTS: [&str; 3] = ["a", "b", "c"];
+    let db = TestDb::create("cluster_stress");
+    let (s, mut c) = session(&db);
+    let admin = node(&mut c, &s, "admin");
+    for a in ACCOUNTS {
+        fund(&mut c, &s, admin, a, 20_000);
+    }
+    let leases: Vec<NodeLease> = (0..3).map(|i| node(&mut c, &s, &format!("n{i}"))).collect();
+    let credited = AtomicI64::new(0);
+    let spent = AtomicI64::new(0);
+    let stop = AtomicBool::new(false);
+    let dead = leases[0]; // joined first: it dies while the others run
+    let finals: Vec<(NodeLease, HashMap<&str, i64>)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = leases
+            .iter()
+            .enumerate()
+            .map(|(n, &lease)| {
+                let (s, spent) = (s.clone(), &spent);
+                scope.spawn(move || {
+                    let mut c = s.connect("stress", Some(Duration::from_secs(10))).unwrap();
+                    let mut store = PgStore::open_under_lease(&s, Durability::Sync, lease).unwrap();
+                    let mut seq = sql::next_node_seq(&mut c, &s, lease.node).unwrap();
+                    let mut free: HashMap<&str, i64> = HashMap::new();
+                    let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ (n as u64);
+                    let mut next = |m: u64| {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        rng % m
+                    };
+                    let rounds = if lease == dead { 60 } else { 150 };
+                    for _ in 0..rounds {
+                        let account = ACCOUNTS[next(3) as usize];
+                        match next(4) {
+                            0 => {
+                                let x = 100 + next(900) as i64;
+                                if let Take::Granted { .. } =
+                                    sql::take(&mut c, &s, lease, account, Bucket::Anytime, x)
+                                        .unwrap()
+                                {
+                                    *free.entry(account).or_default() += x;
+                                }
+                            }
+                            1 | 2 => {
+                                let have = free.get(account).copied().unwrap_or(0);
+                                if have == 0 {
+                                    continue;
+                                }
+                                let x = 1 + next(have as u64) as i64;
+                                let id = seq;
+                                let reserve = entry(id, EntryKind::Reserve, account, x, id);
+                                store.commit(&[reserve], &meta(account)).unwrap();
+                                *free.get_mut(account).unwrap() -= x;
+                                let post = next(x as u64 + 1) as i64;
+                                let mut settle = Vec::new();
+                                if post > 0 {
+                                    settle.push(entry(id + 1, EntryKind::Post, account, -post, id));
+                                }
+                                if x - post > 0 {
+                                    settle.push(entry(
+                                        id + 2,
+                                        EntryKind::Void,
+                                        account,
+                                        post - x,
+                                        id,
+                                    ));
+                                }
+                                seq += 3;
+                                store.commit(&settle, &meta(account)).unwrap();
+                                *free.get_mut(account).unwrap() += x - post;
+                                spent.fetch_add(post, Ordering::Relaxed);
+                            }
+                            _ => {
+                                let have = free.get(account).copied().unwrap_or(0);
+                                let x = next(have as u64 + 1) as i64;
+                                if x > 0
+                                    && sql::give_back(
+                                        &mut c,
+                                        &s,
+                                        lease,
+                                        account,
+                                        Bucket::Anytime,
+                                        x,
+                                    )
+                                    .unwrap()
+                                {
+                                    *free.get_mut(account).unwrap() -= x;
+                                }
+                            }
+                        }
+                    }
+                    (lease, free)
+                })
+            })
+            .collect();
+        // Credit actions and sweeps beside them.
+        let side = {
+            let (s, credited, stop) = (s.clone(), &credited, &stop);
+            scope.spawn(move || {
+                let mut c = s.connect("stress", Some(Duration::from_secs(10))).unwrap();
+                let mut seq = sql::next_node_seq(&mut c, &s, admin.node).unwrap();
+                let mut i = 0i64;
+                while !stop.load(Ordering::Relaxed) {
+                    let account = ACCOUNTS[(i % 3) as usize];
+                    let delta = if i % 2 == 0 { 700 } else { -900 };
+                    if let Some(d) = sql::credit(
+                        &mut c,
+                        &s,
+                        admin,
+                        seq,
+                        CreditKind::Add,
+                        account,
+                        Role::User,
+                        Bucket::Anytime,
+                        delta,
+                        None,
+                        NOW,
+                    )
+                    .unwrap()
+                    {
+                        credited.fetch_add(d, Ordering::Relaxed);
+                    }
+                    seq += 1;
+                    sql::expire(&mut c, &s, TTL).unwrap();
+                    i += 1;
+                }
+            })
+        };
+        let mut finals = Vec::new();
+        for w in workers {
+            let (lease, free) = w.join().unwrap();
+            if lease == dead {
+                // It dies here: its lease lies in the past, sweeps return
+                // its grants while the others still run.
+                let mut c = s.connect("stress", None).unwrap();
+                age_lease(&mut c, lease, TTL.as_millis() as i64);
+            } else {
+                finals.push((lease, free));
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        side.join().unwrap();
+        finals
+    });
+    sql::expire(&mut c, &s, TTL).unwrap();
+
+    let mut posted_total = 0;
+    for a in ACCOUNTS {
+        let b = anytime(&mut c, &s, a);
+        assert!(
+            b.ungranted_milli() >= 0 && b.reserved_milli == 0,
+            "{a}: {b:?}"
+        );
+        let grants: i64 = c
+            .query_one(
+                "SELECT COALESCE(sum(amount_milli), 0)::bigint FROM grants WHERE account = $1",
+                &[&a],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(grants, b.granted_milli, "{a}: granted = Σ grants");
+        posted_total += b.posted_milli;
+        for (lease, free) in &finals {
+            let held = sql::grant_of(&mut c, &s, lease.node, a, Bucket::Anytime).unwrap();
+            assert_eq!(
+                held,
+                free.get(a).copied().unwrap_or(0),
+                "node {} on {a}",
+                lease.node
+            );
+        }
+        assert_eq!(
+            sql::grant_of(&mut c, &s, dead.node, a, Bucket::Anytime).unwrap(),
+            0
+        );
+    }
+    assert_eq!(
+        posted_total,
+        60_000 + credited.load(Ordering::Relaxed) - spent.load(Ordering::Relaxed)
+    );
+    let mut reader = PgStore::open_snapshot(&s).unwrap();
+    let report = crate::store::verify::verify(&mut reader).unwrap();
+    assert!(report.is_ok(crate::ledger::Overdraft::Strict), "{report}");
+}
