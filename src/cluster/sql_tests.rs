@@ -246,7 +246,7 @@ fn after_its_lease_expired_a_node_can_neither_commit_nor_take_nor_renew() {
             &meta("john"),
         )
         .unwrap_err();
-    assert!(matches!(e, StoreError::Fenced { .. }), "{e}");
+    assert!(matches!(e, StoreError::LeaseLost { .. }), "{e}");
     assert_eq!(anytime(&mut c, &s, "john"), before, "nothing written");
     assert_eq!(
         sql::next_node_seq(&mut c, &s, lease.node).unwrap(),
@@ -286,7 +286,7 @@ fn after_its_lease_expired_a_node_can_neither_commit_nor_take_nor_renew() {
             &meta("john"),
         )
         .unwrap_err();
-    assert!(matches!(e, StoreError::Fenced { .. }), "{e}");
+    assert!(matches!(e, StoreError::LeaseLost { .. }), "{e}");
     // Registering returned the old incarnation's grant; its committed
     // reservation stays reserved.
     let b = anytime(&mut c, &s, "john");
@@ -1154,4 +1154,67 @@ fn concurrent_nodes_credit_and_sweeps_keep_every_sum() {
     let mut reader = PgStore::open_snapshot(&s).unwrap();
     let report = crate::store::verify::verify(&mut reader).unwrap();
     assert!(report.is_ok(crate::ledger::Overdraft::Strict), "{report}");
+}
+
+/// The real write path of a cluster node: the writer commits under the
+/// lease, and once a commit finds the lease gone it stops for good (never
+/// retried): waiting answers fail at once, nothing more is written.
+#[test]
+fn the_writer_stops_for_good_when_a_cluster_commit_finds_its_lease_gone() {
+    use std::sync::Weak;
+
+    use crate::ledger::EntrySink;
+    use crate::store::{AccountDirectory, FlushError, StoreUnavailable, WriteBehind, WriterConfig};
+
+    struct Nobody;
+    impl AccountDirectory for Nobody {
+        fn account_meta(&self, _name: &str) -> Option<AccountMeta> {
+            None
+        }
+    }
+    let db = TestDb::create("cluster_writer");
+    let (s, mut c) = session(&db);
+    let lease = node(&mut c, &s, "a");
+    fund(&mut c, &s, lease, "john", 10_000);
+    sql::take(&mut c, &s, lease, "john", Bucket::Anytime, 5_000).unwrap();
+    let base = sql::next_node_seq(&mut c, &s, lease.node).unwrap();
+    let store = PgStore::open_under_lease(&s, Durability::Sync, lease).unwrap();
+    let w = Arc::new(WriteBehind::new(
+        Box::new(store),
+        WriterConfig {
+            batch_max_entries: 64,
+            batch_age_max: Duration::from_millis(2),
+            commit_delay: Duration::from_micros(200),
+            queue_max_entries: 1_000,
+            ack_timeout: Duration::from_secs(10),
+        },
+        Arc::new(crate::metrics::Metrics::new()),
+    ));
+    w.start(Weak::<Nobody>::new());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    w.record(&[entry(base, EntryKind::Reserve, "john", 1_000, base)]);
+    rt.block_on(w.wait_durable()).unwrap();
+    assert_eq!(anytime(&mut c, &s, "john").reserved_milli, 1_000);
+
+    age_lease(&mut c, lease, 1);
+    w.record(&[entry(base + 1, EntryKind::Post, "john", -1_000, base)]);
+    let started = std::time::Instant::now();
+    assert_eq!(rt.block_on(w.wait_durable()), Err(StoreUnavailable));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "failed at once, not at the ack timeout"
+    );
+    assert!(matches!(
+        w.flush_and_stop(Duration::from_secs(5)),
+        Err(FlushError::Fenced { .. })
+    ));
+    let b = anytime(&mut c, &s, "john");
+    assert_eq!((b.posted_milli, b.reserved_milli), (10_000, 1_000));
+    assert_eq!(
+        sql::next_node_seq(&mut c, &s, lease.node).unwrap(),
+        base + 1
+    );
 }

@@ -757,7 +757,8 @@ impl PgStore {
             (Some(g), None) => (Some(g.token.0 as i64), g.now_unix_ms()),
             (None, None) => (None, 0),
         };
-        let under_lease = self.lease.is_some();
+        let lease = self.lease;
+        let under_lease = lease.is_some();
         let retry = self.last_commit_failed;
         let first = seq[0];
         let (client, statement) = self.writer_session()?;
@@ -806,9 +807,12 @@ impl PgStore {
         };
         let owned: bool = row.get(0);
         let applied: bool = row.get(1);
-        if under_lease && !owned {
+        if let (Some(lease), false) = (lease, owned) {
             self.count_statements(1);
-            return Err(StoreError::Fenced { owner: None });
+            return Err(StoreError::LeaseLost {
+                node: lease.node,
+                token: lease.token,
+            });
         }
         if token.is_some() && !owned {
             let owner = owner::read_owner(client);
