@@ -61,6 +61,13 @@ enum Command {
         #[command(subcommand)]
         action: LedgerAction,
     },
+    /// Several nodes on one PostgreSQL ledger (`store.url`).
+    Cluster {
+        #[arg(short, long, global = true, default_value = "conf/tollgate.yaml")]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
     /// Price a message with the configured tariff.
     Quote {
         #[arg(short, long, default_value = "conf/tollgate.yaml")]
@@ -75,6 +82,12 @@ enum Command {
         #[arg(long)]
         class: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum ClusterAction {
+    /// The registered nodes: leases, grants held, last commit.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -178,6 +191,19 @@ fn execute(command: Command) -> Result<(), String> {
         Command::Check { config } => check(&config),
         Command::Accounts { config, action } => accounts_command(&config, action),
         Command::Ledger { config, action } => ledger_command(&config, action),
+        Command::Cluster {
+            config,
+            action: ClusterAction::Status,
+        } => {
+            let config = Config::load(&config).map_err(|e| e.to_string())?;
+            let Some(pg) = &config.store.postgres else {
+                return Err("store.url: cluster status needs a PostgreSQL store".into());
+            };
+            let text = tollgate::cluster::sql::status_report(pg)
+                .map_err(|e| pg.url.redact(&e.to_string()))?;
+            print!("{text}");
+            Ok(())
+        }
         Command::Quote {
             config,
             recipient,

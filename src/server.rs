@@ -170,6 +170,16 @@ fn open_postgres(
     clock: Arc<dyn Clock>,
 ) -> Result<OpenedStore, StartError> {
     let location = StoreLocation::Postgres(Box::new(pg.clone()));
+    if let Some(cluster) = &config.cluster {
+        // Fail closed: the grant protocol's SQL exists (`crate::cluster`),
+        // the request path does not use it yet. Never run as a plain
+        // single node while the operator asked for a cluster node.
+        return Err(location.fail(format!(
+            "cluster (node {}): this tollgate validates the cluster section but cannot serve \
+             as a cluster node yet; remove the section to run one node on this store",
+            cluster.node_id
+        )));
+    }
     let fail = |e: StoreError| match (location.fail(e.to_string()), &e) {
         (StartError::Store { path, problem }, StoreError::Owned { .. }) => {
             StartError::StoreOwned { path, problem }

@@ -7,6 +7,7 @@
 //! socket or touches a balance.
 
 pub mod accounts;
+pub mod cluster;
 pub mod dlr;
 pub mod idempotency;
 pub mod limits;
@@ -157,6 +158,9 @@ struct FileConfig {
     /// Delivery reports (SPEC 9a).
     #[serde(default)]
     dlr: dlr::FileDlr,
+    /// Several nodes on one PostgreSQL ledger (needs `store.url`).
+    #[serde(default)]
+    cluster: Option<cluster::FileCluster>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -593,6 +597,9 @@ pub struct Config {
     pub upgrade: UpgradeConfig,
     pub outbox: outbox::OutboxConfig,
     pub dlr: dlr::DlrConfig,
+    /// `cluster:`: this node is one of several on one PostgreSQL ledger
+    /// (`None`: a single node, exactly as without the section).
+    pub cluster: Option<cluster::ClusterConfig>,
 }
 
 /// The Boxis-compatible door (SPEC 2.1).
@@ -864,7 +871,7 @@ impl Config {
     }
 
     pub fn from_yaml(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let f: FileConfig = serde_yaml::from_str(text).map_err(|e| yaml_error(path, e))?;
+        let mut f: FileConfig = serde_yaml::from_str(text).map_err(|e| yaml_error(path, e))?;
         let overdraft = match f.ledger.overdraft.as_str() {
             "strict" => Overdraft::Strict,
             "ozeki" => Overdraft::Ozeki,
@@ -925,6 +932,32 @@ impl Config {
             ));
         }
         let postgres = postgres_settings(path, &f.store)?;
+        let cluster = match (f.cluster.take(), &postgres) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    path,
+                    "cluster",
+                    "needs a PostgreSQL store: set store.url (the nodes share its database), \
+                     or remove the cluster section",
+                ))
+            }
+            (Some(c), Some(pg)) => Some(cluster::ClusterConfig::from_file(
+                path,
+                c,
+                pg.statement_timeout,
+            )?),
+        };
+        if cluster.is_some() && overdraft != Overdraft::Strict {
+            // A grant is a slice of what is available: it cannot go below
+            // zero, so a send that overdraws cannot be decided from one.
+            return Err(ConfigError::new(
+                path,
+                "ledger.overdraft",
+                "must be strict with cluster: (nodes spend from grants of available credit, \
+                 which cannot go below zero)",
+            ));
+        }
         if f.metrics.balance_accounts.len() > BALANCE_ACCOUNTS_MAX {
             return Err(ConfigError::new(
                 path,
@@ -1095,6 +1128,7 @@ impl Config {
             upgrade,
             outbox,
             dlr,
+            cluster,
         })
     }
 }
@@ -1333,6 +1367,33 @@ mod tests {
             assert_eq!(e.file, "conf/tollgate.yaml");
             assert!(e.problem.contains("1 to 300 seconds"), "{e}");
         }
+    }
+
+    #[test]
+    fn a_cluster_section_needs_a_postgres_store_and_is_absent_by_default() {
+        let c = Config::from_yaml(MINIMAL, Path::new("t.yaml")).unwrap();
+        assert!(c.cluster.is_none());
+        let text = format!("{MINIMAL}store: {{ path: t.db }}\ncluster: {{ node_id: a }}\n");
+        let e = Config::from_yaml(&text, Path::new("t.yaml")).unwrap_err();
+        assert_eq!(e.key, "cluster");
+        assert!(e.problem.contains("store.url"), "{e}");
+        let text = format!(
+            "{MINIMAL}store: {{ url: 'postgres://u@h/db' }}\ncluster: {{ node_id: node-b, lease_ms: 4000 }}\n"
+        );
+        let c = Config::from_yaml(&text, Path::new("t.yaml")).unwrap();
+        let cluster = c.cluster.unwrap();
+        assert_eq!(cluster.node_id, "node-b");
+        assert_eq!(cluster.lease, Duration::from_millis(4_000));
+        let text = format!(
+            "{MINIMAL}store: {{ url: 'postgres://u@h/db' }}\ncluster: {{ node_id: a, grants: 1 }}\n"
+        );
+        let e = Config::from_yaml(&text, Path::new("t.yaml")).unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
+        let text = format!(
+            "{MINIMAL}store: {{ url: 'postgres://u@h/db' }}\nledger: {{ overdraft: ozeki }}\ncluster: {{ node_id: a }}\n"
+        );
+        let e = Config::from_yaml(&text, Path::new("t.yaml")).unwrap_err();
+        assert_eq!(e.key, "ledger.overdraft");
     }
 
     #[test]

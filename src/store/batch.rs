@@ -110,6 +110,31 @@ impl<'a> Folded<'a> {
     }
 }
 
+/// What a cluster node's batch moves between its grants and `reserved`,
+/// per (account, bucket): a `reserve` takes its amount out of the grant,
+/// a `void`/`expire` puts it back (`post` moves `posted` and `reserved`
+/// only; credit actions do not touch grants). Sorted, zero moves left out.
+/// See `crate::cluster`.
+pub fn grant_moves(entries: &[Entry]) -> Vec<(&str, Bucket, i64)> {
+    let mut moves: HashMap<(&str, Bucket), i64> = HashMap::new();
+    for e in entries {
+        if matches!(
+            e.kind,
+            EntryKind::Reserve | EntryKind::Void | EntryKind::Expire
+        ) {
+            let m = moves.entry((e.account.as_str(), e.bucket)).or_insert(0);
+            *m = m.wrapping_sub(e.amount_milli);
+        }
+    }
+    let mut moves: Vec<(&str, Bucket, i64)> = moves
+        .into_iter()
+        .filter(|(_, m)| *m != 0)
+        .map(|((a, b), m)| (a, b, m))
+        .collect();
+    moves.sort_unstable_by(|x, y| (x.0, x.1.as_str()).cmp(&(y.0, y.1.as_str())));
+    moves
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,5 +178,31 @@ mod tests {
         assert_eq!((o.id, o.anytime_milli, o.offpeak_milli), (3, 3_000, 1_000));
         assert_eq!(o.entry.seq, 3);
         assert_eq!(f.resolved, vec![1]);
+    }
+
+    #[test]
+    fn reserves_leave_the_grant_and_voids_come_back() {
+        use EntryKind::*;
+        let entries = vec![
+            Entry::for_test(1, Reserve, "a", 3_000, Some(1)),
+            Entry::for_test(2, Post, "a", -2_000, Some(1)),
+            Entry::for_test(3, Void, "a", -1_000, Some(1)),
+            Entry {
+                bucket: Bucket::OffPeak,
+                ..Entry::for_test(4, Reserve, "a", 500, Some(4))
+            },
+            Entry::for_test(5, Add, "b", 9_000, None),
+            Entry::for_test(6, Reserve, "b", 700, Some(6)),
+            Entry::for_test(7, Expire, "b", -700, Some(6)),
+            Entry::for_test(8, Reserve, "c", 100, Some(8)),
+        ];
+        assert_eq!(
+            grant_moves(&entries),
+            vec![
+                ("a", Bucket::Anytime, -2_000),
+                ("a", Bucket::OffPeak, -500),
+                ("c", Bucket::Anytime, -100)
+            ]
+        );
     }
 }

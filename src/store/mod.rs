@@ -151,6 +151,16 @@ pub enum StoreError {
         /// The new owner, when it could be read.
         owner: Option<Box<fence::OwnerRecord>>,
     },
+    /// A cluster node's commit found its lease expired on the database's
+    /// clock, or replaced by a new incarnation of the node: nothing was
+    /// committed (see `crate::cluster`). Treated as [`StoreError::Fenced`]:
+    /// the writer stops and the process refuses credit.
+    #[error(
+        "fenced: this cluster node's lease (node {node}, token {token}) expired on the database \
+         or was replaced by a new incarnation; this process commits nothing more and refuses \
+         credit, restart it"
+    )]
+    LeaseLost { node: i32, token: i64 },
 }
 
 /// A blocking persistence backend. Used only by the writer thread and at

@@ -49,9 +49,12 @@
 //!   the reservations those entries would have settled in doubt), and
 //!   fails every waiter and every later [`WriteBehind::admit`] with
 //!   [`StoreUnavailable`]. A fenced process commits nothing, ever again.
+//!   A cluster node's commit that finds its lease gone
+//!   ([`StoreError::LeaseLost`](super::StoreError::LeaseLost)) is the same
+//!   (its store has no owner watch: the refused commit itself fences it).
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -163,11 +166,16 @@ struct Shared {
     /// Whether this process still owns the store; `None` for a store
     /// without ownership (tests, benchmarks).
     owner: Option<Arc<LeaseWatch>>,
+    /// A commit was refused as fenced: what the owner watch says for an
+    /// owned store, and the only sign for a store whose commits check a
+    /// lease of their own (a cluster node's, `crate::cluster`).
+    commit_fenced: AtomicBool,
 }
 
 impl Shared {
     fn is_fenced(&self) -> bool {
-        self.owner.as_ref().is_some_and(|w| w.is_fenced())
+        self.commit_fenced.load(Ordering::Acquire)
+            || self.owner.as_ref().is_some_and(|w| w.is_fenced())
     }
 
     fn depth(&self, committed: u64) -> u64 {
@@ -282,6 +290,7 @@ impl WriteBehind {
                 config,
                 metrics,
                 owner,
+                commit_fenced: AtomicBool::new(false),
             }),
             store: Mutex::new(Some(store)),
             thread: Mutex::new(None),
@@ -620,8 +629,9 @@ fn writer_loop(
                         .observe(last_commit_end.duration_since(started).as_secs_f64());
                     break;
                 }
-                Err(StoreError::Fenced { .. }) => {
-                    // Never retried: another process owns the store now.
+                Err(StoreError::Fenced { .. } | StoreError::LeaseLost { .. }) => {
+                    // Never retried: another process owns the store now
+                    // (or, on a cluster node, its lease is gone).
                     shared.metrics.store_commit_errors.inc();
                     return Err(stop_fenced(shared, entries.len()));
                 }
@@ -697,6 +707,7 @@ fn stop_fenced(shared: &Shared, in_flight: usize) -> FlushError {
         q.stopped = true;
         unpersisted
     };
+    shared.commit_fenced.store(true, Ordering::Release);
     shared.metrics.store_entries_after_stop.inc_by(unpersisted);
     tracing::warn!(
         unpersisted,

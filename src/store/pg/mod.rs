@@ -213,6 +213,112 @@ WITH owner AS (
 )
 SELECT EXISTS (SELECT FROM owner), EXISTS (SELECT FROM go), (SELECT count(*) FROM appended)";
 
+/// The commit of one batch of a cluster node (`cluster:`), in one
+/// statement: [`COMMIT`]'s journal, balance and reservation writes, but
+/// under the node's lease instead of the single owner's: `$2` is the
+/// node's own fencing token and the lease must not have expired at the
+/// database's `now()` (`cluster_nodes`, see `crate::cluster`). The row
+/// lock its `UPDATE` takes is held until the statement commits, so no
+/// expiry sweep or new registration of the node can come in between. It
+/// also moves what the batch reserved out of the node's grants and what it
+/// voided back in (`$31`, `$32`: each delta account's granted change, per
+/// bucket; `$33`…`$35`: the grants' changes); a grant that would go below
+/// zero fails the whole statement (`CHECK`: a reserve without its grant
+/// row included), and so does a grant row deleted between the statement's
+/// snapshot and its update (the last column's cast error: it cannot happen
+/// while `cluster.grant_ttl_ms` exceeds the lease by more than the
+/// statement timeout, and fails closed if it does). A void whose grant row
+/// is gone (a reservation of an earlier incarnation) creates it. `$1` (the
+/// node's clock) is only echoed back.
+const COMMIT_UNDER_GRANT: &str = "
+WITH lease AS (
+    UPDATE cluster_nodes SET last_commit_at = now()
+    WHERE node = $5::integer AND token = $2::bigint AND NOT released AND expires_at > now()
+    RETURNING token
+), go AS (
+    SELECT WHERE EXISTS (SELECT FROM lease)
+        AND NOT ($3::boolean AND EXISTS (SELECT FROM entries WHERE seq = $4::bigint))
+), appended AS (
+    INSERT INTO entries
+        (seq, node, kind, account, bucket, amount_milli, reservation_id, reference,
+         tariff_version, at_unix_ms)
+    SELECT e.seq, $5::integer, e.kind, e.account, e.bucket, e.amount_milli, e.reservation_id,
+           e.reference, e.tariff_version, e.at_unix_ms
+    FROM unnest($6::bigint[], $7::text[], $8::text[], $9::text[], $10::bigint[], $11::bigint[],
+                $12::text[], $13::text[], $14::bigint[])
+         AS e(seq, kind, account, bucket, amount_milli, reservation_id, reference,
+              tariff_version, at_unix_ms)
+    WHERE EXISTS (SELECT FROM go)
+    RETURNING 1
+), balances AS (
+    INSERT INTO accounts AS a
+        (name, parent, role, tariff_class, anytime_posted_milli, anytime_reserved_milli,
+         offpeak_posted_milli, offpeak_reserved_milli, anytime_granted_milli,
+         offpeak_granted_milli)
+    SELECT * FROM unnest($15::text[], $16::text[], $17::text[], $18::text[], $19::bigint[],
+                         $20::bigint[], $21::bigint[], $22::bigint[], $31::bigint[],
+                         $32::bigint[])
+    WHERE EXISTS (SELECT FROM go)
+    ON CONFLICT (name) DO UPDATE SET
+        anytime_posted_milli   = a.anytime_posted_milli   + excluded.anytime_posted_milli,
+        anytime_reserved_milli = a.anytime_reserved_milli + excluded.anytime_reserved_milli,
+        offpeak_posted_milli   = a.offpeak_posted_milli   + excluded.offpeak_posted_milli,
+        offpeak_reserved_milli = a.offpeak_reserved_milli + excluded.offpeak_reserved_milli,
+        anytime_granted_milli  = a.anytime_granted_milli  + excluded.anytime_granted_milli,
+        offpeak_granted_milli  = a.offpeak_granted_milli  + excluded.offpeak_granted_milli
+    RETURNING 1
+), moved AS (
+    UPDATE grants g SET amount_milli = g.amount_milli + m.delta
+    FROM unnest($33::text[], $34::text[], $35::bigint[]) AS m(account, bucket, delta)
+    WHERE g.account = m.account AND g.node = $5::integer AND g.bucket = m.bucket
+        AND EXISTS (SELECT FROM go)
+    RETURNING 1
+), created AS (
+    INSERT INTO grants (account, node, bucket, amount_milli, taken_at)
+    SELECT m.account, $5::integer, m.bucket, m.delta, now()
+    FROM unnest($33::text[], $34::text[], $35::bigint[]) AS m(account, bucket, delta)
+    WHERE EXISTS (SELECT FROM go) AND NOT EXISTS (
+        SELECT FROM grants g
+        WHERE g.account = m.account AND g.node = $5::integer AND g.bucket = m.bucket)
+    RETURNING 1
+), opened AS (
+    INSERT INTO open_reservations AS r
+        (id, node, account, anytime_milli, offpeak_milli, reference, tariff_version,
+         created_unix_ms)
+    SELECT o.id, $5::integer, o.account, o.anytime_milli, o.offpeak_milli, o.reference,
+           o.tariff_version, o.created_unix_ms
+    FROM unnest($23::bigint[], $24::text[], $25::bigint[], $26::bigint[], $27::text[],
+                $28::text[], $29::bigint[])
+         AS o(id, account, anytime_milli, offpeak_milli, reference, tariff_version,
+              created_unix_ms)
+    WHERE EXISTS (SELECT FROM go)
+    ON CONFLICT (id) DO UPDATE SET
+        anytime_milli = r.anytime_milli + excluded.anytime_milli,
+        offpeak_milli = r.offpeak_milli + excluded.offpeak_milli
+    RETURNING 1
+), resolved AS (
+    DELETE FROM open_reservations
+    WHERE id = ANY($30::bigint[]) AND EXISTS (SELECT FROM go)
+    RETURNING 1
+)
+SELECT EXISTS (SELECT FROM lease), EXISTS (SELECT FROM go), (SELECT count(*) FROM appended),
+       $1::bigint,
+       CASE WHEN EXISTS (SELECT FROM go)
+                 AND (SELECT count(*) FROM moved) + (SELECT count(*) FROM created)
+                     <> COALESCE(cardinality($33::text[]), 0)
+            -- Not a constant (the planner would fold one whatever the branch).
+            THEN ('a grant row vanished under this commit; rows moved: '
+                  || (SELECT count(*) FROM moved))::integer END";
+
+/// A cluster node's lease (`cluster_nodes`): its id and current fencing
+/// token, which every commit of its store checks (see
+/// [`COMMIT_UNDER_GRANT`] and `crate::cluster::sql`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeLease {
+    pub node: i32,
+    pub token: i64,
+}
+
 const SELECT_ACCOUNTS: &str = "SELECT name, parent, role, tariff_class,
     anytime_posted_milli, anytime_reserved_milli, offpeak_posted_milli, offpeak_reserved_milli
     FROM accounts";
@@ -245,6 +351,9 @@ pub struct PgStore {
     owner: Option<CommitGuard>,
     /// Statements and reconnections, when the process exports metrics.
     metrics: Option<Arc<Metrics>>,
+    /// A cluster node's lease: commits run [`COMMIT_UNDER_GRANT`] under it
+    /// (instead of [`COMMIT`] and the single owner's token).
+    lease: Option<NodeLease>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -286,6 +395,7 @@ impl PgStore {
             last_commit_failed: false,
             owner: None,
             metrics: None,
+            lease: None,
         };
         store.prepare_session()?;
         Ok(store)
@@ -308,6 +418,32 @@ impl PgStore {
         let fence = Fence::acquire(Box::new(backend), &me, lease, clock)?;
         store.owner = Some(fence.commit_guard());
         Ok((store, fence))
+    }
+
+    /// The store of a cluster node (`cluster:`) on a schema already
+    /// migrated: every commit runs under `lease` (the node's token, its
+    /// lease unexpired on the database's clock) and moves reserved credit
+    /// out of the node's grants. No single-owner fence: nodes share the
+    /// store (see `crate::cluster`).
+    pub fn open_under_lease(
+        settings: &PgSettings,
+        durability: Durability,
+        lease: NodeLease,
+    ) -> Result<PgStore, StoreError> {
+        let client = settings.connect("writer", Some(settings.statement_timeout))?;
+        let mut store = PgStore {
+            settings: settings.clone(),
+            client: Some(client),
+            commit: None,
+            purpose: Purpose::Writer { node: lease.node },
+            durability,
+            last_commit_failed: false,
+            owner: None,
+            metrics: None,
+            lease: Some(lease),
+        };
+        store.prepare_session()?;
+        Ok(store)
     }
 
     /// The store for `tollgate ledger export|verify` and start-up's read
@@ -334,6 +470,7 @@ impl PgStore {
             last_commit_failed: false,
             owner: None,
             metrics: None,
+            lease: None,
         })
     }
 
@@ -367,7 +504,13 @@ impl PgStore {
             .batch_execute(&format!(
                 "SET synchronous_commit = {sync}; SET plan_cache_mode = force_generic_plan"
             ))
-            .and_then(|()| client.prepare(COMMIT));
+            .and_then(|()| {
+                client.prepare(if self.lease.is_some() {
+                    COMMIT_UNDER_GRANT
+                } else {
+                    COMMIT
+                })
+            });
         match prepared {
             Ok(statement) => {
                 self.commit = Some(statement);
@@ -585,49 +728,76 @@ impl PgStore {
         let o_created: Vec<i64> = o.iter().map(|o| o.entry.at_unix_ms).collect();
         let resolved: Vec<i64> = folded.resolved.iter().map(|id| seq_to_sql(*id)).collect();
 
-        let started = Instant::now();
-        let (token, now) = match &self.owner {
-            Some(g) => (Some(g.token.0 as i64), g.now_unix_ms()),
-            None => (None, 0),
+        // Under a cluster lease: what the batch moves between the grants
+        // and `reserved`, per delta account and per grant row.
+        let moves = if self.lease.is_some() {
+            super::batch::grant_moves(entries)
+        } else {
+            Vec::new()
         };
+        let granted = |bucket: Bucket| -> Vec<i64> {
+            d.iter()
+                .map(|d| {
+                    moves
+                        .iter()
+                        .filter(|m| m.0 == d.account && m.1 == bucket)
+                        .map(|m| m.2)
+                        .sum()
+                })
+                .collect()
+        };
+        let (g_anytime, g_offpeak) = (granted(Bucket::Anytime), granted(Bucket::OffPeak));
+        let m_account: Vec<&str> = moves.iter().map(|m| m.0).collect();
+        let m_bucket: Vec<&str> = moves.iter().map(|m| m.1.as_str()).collect();
+        let m_delta: Vec<i64> = moves.iter().map(|m| m.2).collect();
+
+        let started = Instant::now();
+        let (token, now) = match (&self.owner, &self.lease) {
+            (_, Some(l)) => (Some(l.token), 0),
+            (Some(g), None) => (Some(g.token.0 as i64), g.now_unix_ms()),
+            (None, None) => (None, 0),
+        };
+        let lease = self.lease;
+        let under_lease = lease.is_some();
         let retry = self.last_commit_failed;
         let first = seq[0];
         let (client, statement) = self.writer_session()?;
-        let row = client.query_one(
-            statement,
-            &[
-                &now,
-                &token,
-                &retry,
-                &first,
-                &node,
-                &seq,
-                &kind,
-                &account,
-                &bucket,
-                &amount,
-                &rid,
-                &reference,
-                &tariff,
-                &at,
-                &names,
-                &parents,
-                &roles,
-                &classes,
-                &ap,
-                &ar,
-                &op,
-                &or,
-                &o_id,
-                &o_account,
-                &o_anytime,
-                &o_offpeak,
-                &o_reference,
-                &o_tariff,
-                &o_created,
-                &resolved,
-            ],
-        );
+        let mut params: Vec<&(dyn postgres::types::ToSql + Sync)> = vec![
+            &now,
+            &token,
+            &retry,
+            &first,
+            &node,
+            &seq,
+            &kind,
+            &account,
+            &bucket,
+            &amount,
+            &rid,
+            &reference,
+            &tariff,
+            &at,
+            &names,
+            &parents,
+            &roles,
+            &classes,
+            &ap,
+            &ar,
+            &op,
+            &or,
+            &o_id,
+            &o_account,
+            &o_anytime,
+            &o_offpeak,
+            &o_reference,
+            &o_tariff,
+            &o_created,
+            &resolved,
+        ];
+        if under_lease {
+            params.extend_from_slice(&[&g_anytime, &g_offpeak, &m_account, &m_bucket, &m_delta]);
+        }
+        let row = client.query_one(statement, &params);
         let row = match row {
             Ok(row) => row,
             Err(e) => {
@@ -637,6 +807,13 @@ impl PgStore {
         };
         let owned: bool = row.get(0);
         let applied: bool = row.get(1);
+        if let (Some(lease), false) = (lease, owned) {
+            self.count_statements(1);
+            return Err(StoreError::LeaseLost {
+                node: lease.node,
+                token: lease.token,
+            });
+        }
         if token.is_some() && !owned {
             let owner = owner::read_owner(client);
             self.count_statements(2);
@@ -665,7 +842,7 @@ impl PgStore {
 }
 
 /// The node's id in `nodes`, registering it the first time.
-fn register_node(
+pub(crate) fn register_node(
     client: &mut Client,
     settings: &PgSettings,
     name: &str,

@@ -9,7 +9,7 @@
 //! [`migrate`] is called by `tollgate run` only; [`report`] (for `tollgate
 //! check` and the offline readers) reads and never writes.
 //!
-//! # Tables (version 3)
+//! # Tables (version 4)
 //! - `nodes(id, name, first_seen_unix_ms)`: every tollgate process that has
 //!   written to the store, by name (the host name on one node). Entries
 //!   and open reservations carry the id of the node that wrote them, so a
@@ -23,8 +23,14 @@
 //! - `accounts(name PK, parent, role, tariff_class, {anytime,offpeak}_
 //!   {posted,reserved}_milli)`: each bucket's balances as the sum of the
 //!   committed entries, exactly as in the SQLite store (see the `store`
-//!   module docs). Credit grants to nodes, when they come, are slices of
-//!   these balances in a table of their own, keyed by account and node.
+//!   module docs), and per bucket `granted_milli`, the sum of the bucket's
+//!   `grants` rows (version 4; always 0 without `cluster:`).
+//! - `cluster_nodes(node PK, token, pid, host, tariff_version, started_at,
+//!   renewed_at, expires_at, released, last_commit_at)`: with `cluster:`,
+//!   each node's lease and its own fencing token, on the database's clock
+//!   (`crate::cluster::sql`), version 4.
+//! - `grants(account, node, bucket, amount_milli ≥ 0, taken_at)`, keyed by
+//!   (account, node, bucket): the credit each node holds, version 4.
 //! - `open_reservations(id PK, node, account, anytime_milli,
 //!   offpeak_milli, reference, tariff_version, created_unix_ms)`.
 //! - `store_owner(id = 1, token, pid, host, started_unix_ms,
@@ -161,6 +167,36 @@ CREATE TABLE outbox_state (
     value     BYTEA NOT NULL,
     PRIMARY KEY (namespace, key)
 );
+",
+    },
+    Migration {
+        version: 4,
+        name: "cluster: node leases and credit grants",
+        sql: "
+ALTER TABLE accounts
+    ADD COLUMN anytime_granted_milli BIGINT NOT NULL DEFAULT 0,
+    ADD COLUMN offpeak_granted_milli BIGINT NOT NULL DEFAULT 0;
+CREATE TABLE cluster_nodes (
+    node           INTEGER     PRIMARY KEY,
+    token          BIGINT      NOT NULL,
+    pid            BIGINT      NOT NULL,
+    host           TEXT        NOT NULL,
+    tariff_version TEXT,
+    started_at     TIMESTAMPTZ NOT NULL,
+    renewed_at     TIMESTAMPTZ NOT NULL,
+    expires_at     TIMESTAMPTZ NOT NULL,
+    released       BOOLEAN     NOT NULL,
+    last_commit_at TIMESTAMPTZ
+);
+CREATE TABLE grants (
+    account      TEXT        NOT NULL,
+    node         INTEGER     NOT NULL,
+    bucket       TEXT        NOT NULL CHECK (bucket IN ('anytime', 'offpeak')),
+    amount_milli BIGINT      NOT NULL CHECK (amount_milli >= 0),
+    taken_at     TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (account, node, bucket)
+);
+CREATE INDEX grants_node ON grants (node);
 ",
     },
 ];
