@@ -787,7 +787,7 @@ pub fn run_with(config: Config, options: RunOptions) -> Result<(), StartError> {
                 }),
             },
         );
-        callbacks.add_tcp(&cfg.dlr.listen.to_string());
+        callbacks.add_listener(crate::dlr::callback::listener(&cfg.dlr.listen.to_string()));
         callbacks.threads = Some(1);
         callbacks
     });

@@ -35,6 +35,21 @@
 //!    Under `charge_on: delivery` the holds no report resolved get
 //!    `dlr.on_timeout` first (`charge`: posted, `release`: voided).
 //!
+//! # Commits per send
+//! Each outbox commit is a transaction and an fsync (shared by whatever
+//! the writer batches with it), the bulk of a report round trip's CPU. So
+//! the last open report of a send that refunds nothing (delivered under
+//! `charge_on: accept`; under `charge_on: delivery` any final report, its
+//! holds resolved first — the ledger resolves a hold once) writes no row:
+//! its relay item and the send's deletes are one commit; a crash before it
+//! leaves the report unanswered and the gateway retries it. Reports that
+//! all came before the answer close the send at the answer, without the
+//! settlement row (a crash before it: start-up rebuilds the settlement
+//! from the holds the ledger still has, or brings the send back unknown
+//! with nothing left to move). A refund keeps its recorded plan; only its
+//! "applied" mark merges into the close. A watched send delivered at
+//! once: 3 commits (record, settlement or early row, close), was 4-5.
+//!
 //! # `charge_on: delivery`
 //! The send's answer does not post: the ledger swaps the reservation for
 //! one delivery hold per part of each accepted share
@@ -256,7 +271,7 @@ enum Phase {
     Unknown,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct ShareState {
     recipient: String,
     digits: Option<String>,
@@ -278,7 +293,7 @@ impl ShareState {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct SendState {
     reservation: u64,
     account: String,
@@ -295,6 +310,12 @@ struct SendState {
     rows: u64,
     /// Early reports waiting for the settlement: (row number, row).
     early: Vec<(u64, ReportRow)>,
+    /// Its rows are being deleted (the close is committing): further
+    /// reports are answered as for a closed send.
+    closing: bool,
+    /// Early reports planned by [`early_close`], recorded with the
+    /// settlement if the close does not commit.
+    planned_early: Vec<(u64, ReportRow)>,
 }
 
 /// What a report callback gets back.
@@ -543,6 +564,50 @@ impl Dlr {
             self.process_early(key, &cell).await;
             return;
         };
+        // Its reports all came before the answer and none refunds (each
+        // delivered under `charge_on: accept`, or resolving delivery holds):
+        // the holds are resolved and the send closes now, the settlement
+        // never written. A crash before the close: the early rows are
+        // durable; start-up rebuilds the settlement from the holds the
+        // ledger still has and resolves them, once (without any, the send
+        // comes back unknown: relayed, nothing left to move).
+        let claimed = early_close(&mut cell.lock(), &row);
+        if let Some(rows) = claimed {
+            let planned: Vec<ReportRow> = cell
+                .lock()
+                .planned_early
+                .iter()
+                .map(|(_, r)| r.clone())
+                .collect();
+            let mut resolved = true;
+            for r in &planned {
+                resolved &= self.resolve_now(r).await;
+            }
+            if resolved && self.close(key, rows, Vec::new()).await {
+                return;
+            }
+            cell.lock().closing = false;
+            // Not closed: the settlement and the plans, recorded as usual.
+            let mut changes = vec![Change::Put(
+                STATE_NS.into(),
+                format!("{key}/settled"),
+                serde_json::to_vec(&row).expect("rows serialise"),
+            )];
+            let planned = std::mem::take(&mut cell.lock().planned_early);
+            for (n, r) in planned {
+                changes.push(Change::Put(
+                    STATE_NS.into(),
+                    format!("{key}/r/{n}"),
+                    serde_json::to_vec(&r).expect("rows serialise"),
+                ));
+            }
+            if self.outbox.commit(changes).await.is_err() {
+                cell.lock().phase = Phase::Unknown;
+                self.holds_in_doubt(&held_ids);
+            }
+            self.maybe_close(key, &cell).await;
+            return;
+        }
         let value = serde_json::to_vec(&row).expect("rows serialise");
         let committed = self
             .outbox
@@ -572,8 +637,9 @@ impl Dlr {
     /// Decides the money of reports that came before the settlement.
     async fn process_early(&self, key: &str, cell: &Arc<Mutex<SendState>>) {
         let early: Vec<(u64, ReportRow)> = std::mem::take(&mut cell.lock().early);
-        for (n, row) in early {
-            self.decide_early(key, cell, n, row).await;
+        let last = early.len();
+        for (i, (n, row)) in early.into_iter().enumerate() {
+            self.decide_early(key, cell, n, row, i + 1 == last).await;
         }
     }
 
@@ -585,14 +651,31 @@ impl Dlr {
         cell: &Arc<Mutex<SendState>>,
         n: u64,
         mut row: ReportRow,
+        may_close: bool,
     ) -> bool {
-        {
+        let closes = {
             let mut st = cell.lock();
             if st.phase == Phase::Settled {
                 plan_money(&mut st, &mut row);
             } else {
                 claim_only(&mut st, &mut row);
             }
+            // The send's last open report, moving no money or only
+            // delivery holds: its early row and the settlement row are
+            // durable, from which start-up plans it again after a crash
+            // (the ledger resolves a hold once), so the plan is not
+            // recorded: the holds are resolved and the send closed.
+            if may_close && row.refund.is_none() {
+                claim_close(&mut st, Some(&row.dedupe))
+            } else {
+                None
+            }
+        };
+        if let Some(rows) = closes {
+            if self.resolve_now(&row).await && self.close(key, rows, Vec::new()).await {
+                return true;
+            }
+            cell.lock().closing = false;
         }
         row.early = false;
         let value = serde_json::to_vec(&row).expect("rows serialise");
@@ -609,7 +692,25 @@ impl Dlr {
             // The row still says early: start-up decides it again.
             return false;
         }
-        self.apply_refund(key, cell, n, row).await
+        self.apply_refund(key, cell, n, row, may_close).await
+    }
+
+    /// The delivery holds a planned row names, resolved (and, under
+    /// `durability: sync`, committed by the store); `true` when it names
+    /// none. `false`: the ledger refused one or the store did not commit.
+    async fn resolve_now(&self, row: &ReportRow) -> bool {
+        let Some(action) = row.hold else {
+            return true;
+        };
+        if !self.resolve_holds(&row.hold_ids, action, "report") {
+            return false;
+        }
+        if self.sync {
+            if let Some(w) = &self.store {
+                return w.wait_durable().await.is_ok();
+            }
+        }
+        true
     }
 
     /// One callback (`token` from the path, `query` raw).
@@ -658,12 +759,17 @@ impl Dlr {
             status.trim().to_ascii_lowercase()
         );
         // Under the send's lock: dedupe, claim, plan. No await inside.
-        let (n, row, template, early) = {
+        let (n, mut row, template, early, closes) = {
             let mut st = cell.lock();
             if st.seen.contains(&dedupe) {
                 drop(st);
                 self.count(outcome_label, "duplicate");
                 return Answer::new(200, "duplicate\n");
+            }
+            if st.closing {
+                // Its last report is closing it: answered as closed.
+                drop(st);
+                return refuse("unknown_token", Answer::new(404, "unknown token\n"));
             }
             // Memory and rows per send stay bounded: a flood of distinct
             // reports for one token is refused past a few per part.
@@ -703,13 +809,44 @@ impl Dlr {
             }
             let n = st.rows;
             st.rows += 1;
-            (n, row, st.template.clone(), st.phase == Phase::Forwarding)
+            // The send's last open report, moving no money (or only its
+            // delivery holds, which the ledger resolves once): the send
+            // closes in the transaction that enqueues the relay, with no
+            // report row. A crash before it commits leaves the report
+            // unanswered (the gateway retries it).
+            let closes = if row.refund.is_none() && st.phase != Phase::Forwarding {
+                claim_close(&mut st, Some(&dedupe)).map(|_| n)
+            } else {
+                None
+            };
+            (
+                n,
+                row,
+                st.template.clone(),
+                st.phase == Phase::Forwarding,
+                closes,
+            )
         };
-        let mut changes = vec![Change::Put(
-            STATE_NS.into(),
-            format!("{key}/r/{n}"),
-            serde_json::to_vec(&row).expect("rows serialise"),
-        )];
+        // A closing report's holds are resolved before the close commits.
+        let closes = match closes {
+            Some(rows) if self.resolve_now(&row).await => {
+                row.applied = true;
+                Some(rows)
+            }
+            Some(_) => {
+                cell.lock().closing = false;
+                None
+            }
+            None => None,
+        };
+        let mut changes = Vec::with_capacity(2);
+        if closes.is_none() {
+            changes.push(Change::Put(
+                STATE_NS.into(),
+                format!("{key}/r/{n}"),
+                serde_json::to_vec(&row).expect("rows serialise"),
+            ));
+        }
         if let Some(t) = &template {
             let values: Vec<(String, String)> = pairs
                 .iter()
@@ -724,7 +861,17 @@ impl Dlr {
                 dedupe_key: format!("dlr:{}:{dedupe}", &key[..32]),
             }));
         }
-        if let Err(e) = self.outbox.commit(changes).await {
+        let committed = match closes {
+            Some(rows) => {
+                if self.close(&key, rows, changes).await {
+                    Ok(())
+                } else {
+                    Err(OutboxError::Unavailable("the close did not commit".into()))
+                }
+            }
+            None => self.outbox.commit(changes).await.map(|_| ()),
+        };
+        if let Err(e) = committed {
             let mut st = cell.lock();
             st.busy.remove(&dedupe);
             unclaim(&mut st, &row);
@@ -756,10 +903,14 @@ impl Dlr {
         } else {
             self.count(outcome_label, "applied");
         }
+        if closes.is_some() {
+            // Closed: nothing is left to decide for this send.
+            return Answer::new(200, "OK\n");
+        }
         let refund_ok = if decided_now {
-            self.decide_early(&key, &cell, n, row).await
+            self.decide_early(&key, &cell, n, row, true).await
         } else if row.refund.is_some() || row.hold.is_some() {
-            self.apply_refund(&key, &cell, n, row).await
+            self.apply_refund(&key, &cell, n, row, true).await
         } else {
             true
         };
@@ -782,7 +933,15 @@ impl Dlr {
     /// is skipped), waits for the store under `durability: sync`, then
     /// marks the row applied. `false`: the ledger refused or the store did
     /// not commit in time (the row stays planned: start-up finishes it).
-    async fn apply_holds(&self, key: &str, n: u64, mut row: ReportRow, action: HoldAction) -> bool {
+    async fn apply_holds(
+        &self,
+        key: &str,
+        cell: &Arc<Mutex<SendState>>,
+        n: u64,
+        mut row: ReportRow,
+        action: HoldAction,
+        may_close: bool,
+    ) -> bool {
         if !self.resolve_holds(&row.hold_ids, action, "report") {
             return false;
         }
@@ -794,14 +953,7 @@ impl Dlr {
             }
         }
         row.applied = true;
-        let _ = self
-            .outbox
-            .commit(vec![Change::Put(
-                STATE_NS.into(),
-                format!("{key}/r/{n}"),
-                serde_json::to_vec(&row).expect("rows serialise"),
-            )])
-            .await;
+        self.record_or_close(key, cell, n, &row, may_close).await;
         true
     }
 
@@ -874,9 +1026,10 @@ impl Dlr {
         cell: &Arc<Mutex<SendState>>,
         n: u64,
         mut row: ReportRow,
+        may_close: bool,
     ) -> bool {
         if let Some(action) = row.hold {
-            return self.apply_holds(key, n, row, action).await;
+            return self.apply_holds(key, cell, n, row, action, may_close).await;
         }
         let (Some((off, any)), Some(share)) = (row.refund, row.share) else {
             return true;
@@ -910,45 +1063,72 @@ impl Dlr {
             }
         }
         row.applied = true;
-        let _ = self
-            .outbox
-            .commit(vec![Change::Put(
-                STATE_NS.into(),
-                format!("{key}/r/{n}"),
-                serde_json::to_vec(&row).expect("rows serialise"),
-            )])
-            .await;
+        self.record_or_close(key, cell, n, &row, may_close).await;
         true
     }
 
     /// Closes a send whose every share has a final report.
     async fn maybe_close(&self, key: &str, cell: &Arc<Mutex<SendState>>) {
-        let rows = {
-            let st = cell.lock();
-            let done = st.phase != Phase::Forwarding
-                && st.busy.is_empty()
-                && st.early.is_empty()
-                && st.shares.iter().all(|s| !s.accepted || s.is_final());
-            if !done {
-                return;
-            }
-            st.rows
+        let Some(rows) = claim_close(&mut cell.lock(), None) else {
+            return;
         };
-        self.close(key, rows).await;
+        self.close(key, rows, Vec::new()).await;
     }
 
-    async fn close(&self, key: &str, rows: u64) {
-        let mut changes = vec![
-            Change::Delete(STATE_NS.into(), key.to_string()),
-            Change::Delete(STATE_NS.into(), format!("{key}/settled")),
-        ];
+    /// Deletes a send's rows (`rows` report rows), with `extra` changes in
+    /// the same transaction, and forgets it; the caller claimed the close
+    /// ([`claim_close`]). `false`: not committed, the send stays watched.
+    async fn close(&self, key: &str, rows: u64, extra: Vec<Change>) -> bool {
+        let mut changes = extra;
+        changes.reserve(rows as usize + 2);
+        changes.push(Change::Delete(STATE_NS.into(), key.to_string()));
+        changes.push(Change::Delete(STATE_NS.into(), format!("{key}/settled")));
         for n in 0..rows {
             changes.push(Change::Delete(STATE_NS.into(), format!("{key}/r/{n}")));
         }
         if self.outbox.commit(changes).await.is_ok() {
             self.sends.remove(key);
             self.refresh_gauges();
+            true
+        } else {
+            if let Some(cell) = self.sends.get(key) {
+                cell.lock().closing = false;
+            }
+            false
         }
+    }
+
+    /// A report's money is made (`row.applied`): records that, or — when
+    /// `may_close` and this was the send's last open report — closes the
+    /// send instead, in one transaction (the deletes supersede the mark; a
+    /// crash before it leaves the row planned, which start-up finishes
+    /// once, as it would with the mark lost).
+    async fn record_or_close(
+        &self,
+        key: &str,
+        cell: &Arc<Mutex<SendState>>,
+        n: u64,
+        row: &ReportRow,
+        may_close: bool,
+    ) {
+        let rows = if may_close {
+            claim_close(&mut cell.lock(), Some(&row.dedupe))
+        } else {
+            None
+        };
+        if let Some(rows) = rows {
+            if self.close(key, rows, Vec::new()).await {
+                return;
+            }
+        }
+        let _ = self
+            .outbox
+            .commit(vec![Change::Put(
+                STATE_NS.into(),
+                format!("{key}/r/{n}"),
+                serde_json::to_vec(row).expect("rows serialise"),
+            )])
+            .await;
     }
 
     /// Closes sends older than `dlr.timeout_s` (the sweeper, every second).
@@ -960,7 +1140,8 @@ impl Dlr {
             .iter()
             .filter_map(|e| {
                 let mut st = e.value().lock();
-                let due = now - st.created_unix_ms >= timeout_ms && st.busy.is_empty();
+                let due =
+                    now - st.created_unix_ms >= timeout_ms && st.busy.is_empty() && !st.closing;
                 // A delivery send still waiting for its answer is left to
                 // `settled` (its holds do not exist yet).
                 if !due || (st.policy == ChargeOn::Delivery && st.phase == Phase::Forwarding) {
@@ -984,6 +1165,7 @@ impl Dlr {
                         }
                     }
                 }
+                st.closing = true;
                 Some((
                     e.key().clone(),
                     st.rows,
@@ -1001,7 +1183,7 @@ impl Dlr {
                     .inc_by(open);
             }
             self.resolve_timed_out(&holds).await;
-            self.close(&key, rows).await;
+            self.close(&key, rows, Vec::new()).await;
         }
         self.refresh_gauges();
     }
@@ -1291,7 +1473,50 @@ fn state_of(row: &SendRow, phase: Phase) -> SendState {
         busy: HashSet::new(),
         rows: 0,
         early: Vec::new(),
+        closing: false,
+        planned_early: Vec::new(),
     }
+}
+
+/// The settlement `row` applied to a send whose open reports all came
+/// early: when none of them refunds and they leave every share final, the
+/// send is claimed for closing (its state settled, the early reports
+/// planned into `planned_early`) and its row count returned; otherwise
+/// nothing changes.
+fn early_close(st: &mut SendState, row: &SettledRow) -> Option<u64> {
+    if st.early.is_empty() || !st.busy.is_empty() {
+        return None;
+    }
+    let mut trial = st.clone();
+    apply_settled(&mut trial, row);
+    let mut early = std::mem::take(&mut trial.early);
+    for (_, r) in early.iter_mut() {
+        plan_money(&mut trial, r);
+        r.early = false;
+        if r.refund.is_some() {
+            return None;
+        }
+    }
+    let rows = claim_close(&mut trial, None)?;
+    trial.planned_early = early;
+    *st = trial;
+    Some(rows)
+}
+
+/// Claims the close of a send that nothing keeps open any more: past its
+/// answer, every accepted share final, no early report waiting, no report
+/// in flight but `own` (the one asking). Returns its report row count.
+fn claim_close(st: &mut SendState, own: Option<&str>) -> Option<u64> {
+    let done = !st.closing
+        && st.phase != Phase::Forwarding
+        && st.busy.iter().all(|d| Some(d.as_str()) == own)
+        && st.early.is_empty()
+        && st.shares.iter().all(|s| !s.accepted || s.is_final());
+    if !done {
+        return None;
+    }
+    st.closing = true;
+    Some(st.rows)
 }
 
 fn apply_settled(st: &mut SendState, row: &SettledRow) {

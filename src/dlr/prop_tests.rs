@@ -853,3 +853,200 @@ proptest! {
         })?;
     }
 }
+
+// ---------------------------------------------------------------------------
+// Outbox commits per watched send (the CPU of a report round trip is mostly
+// its commits: benches/e2e scenarios 6a/6b)
+// ---------------------------------------------------------------------------
+
+/// A watcher settling by `charge_on: accept`, with a relay template.
+fn accept_fixture() -> (Arc<Ledger>, Dlr) {
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let ledger = Arc::new(Ledger::new(
+        LedgerConfig::default(),
+        Arc::new(MemorySink::new()),
+        clock.clone(),
+    ));
+    ledger.open_account("a", None, Role::User, None).unwrap();
+    ledger
+        .add("a", crate::ledger::Bucket::Anytime, 20_000, None)
+        .unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let outbox =
+        Arc::new(Outbox::open(&OutboxConfig::default(), clock.clone(), metrics.clone()).unwrap());
+    let config = DlrConfig {
+        enabled: true,
+        ..DlrConfig::default()
+    };
+    let dlr = Dlr::new(config, outbox, ledger.clone(), None, false, metrics, clock);
+    (ledger, dlr)
+}
+
+/// Registers a one-recipient send of 1 000 (relayed to the client's
+/// template); returns (token, key, reservation).
+async fn accept_send(dlr: &Dlr, ledger: &Arc<Ledger>) -> (String, String, ReservationId) {
+    let id = ledger
+        .reserve("a", &[1_000], BucketPreference::AnytimeOnly, None, None)
+        .unwrap();
+    let prepared = dlr
+        .prepare(
+            Some("http://c/r?id=$messageid&s=$deliverystatus"),
+            &["+36300000000"],
+            &[1_000],
+            &[1],
+            None,
+            "a",
+        )
+        .unwrap();
+    let token = prepared.callback_url.split("/dlr/").nth(1).unwrap()[..32].to_string();
+    let key = dlr.register(prepared, id).await.unwrap();
+    (token, key, id)
+}
+
+async fn answer_accepted(dlr: &Dlr, ledger: &Arc<Ledger>, key: &str, id: ReservationId) {
+    let s = ledger.settle_shares(id, &[true], None).unwrap();
+    dlr.settled(
+        key,
+        Some(Answered::Posted {
+            accepted: vec![true],
+            posted_offpeak_milli: s.posted_offpeak_milli,
+        }),
+    )
+    .await;
+}
+
+async fn relayed(dlr: &Dlr) -> usize {
+    dlr.outbox()
+        .list(crate::outbox::ItemState::Pending, 100)
+        .await
+        .unwrap()
+        .len()
+}
+
+#[test]
+fn a_delivered_report_closes_its_send_in_the_commit_that_records_it() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // charge_on: accept, the report after the answer: the record, the
+        // settlement, then one commit holding the relay and the close.
+        let (ledger, dlr) = accept_fixture();
+        let (token, key, id) = accept_send(&dlr, &ledger).await;
+        answer_accepted(&dlr, &ledger, &key, id).await;
+        let before = dlr.outbox().commits();
+        assert_eq!(before, 2, "the record and the settlement");
+        let a = dlr.report(&token, &report_query(0, "delivered")).await;
+        assert_eq!((a.status, a.text), (200, "OK\n"));
+        assert_eq!(
+            dlr.outbox().commits() - before,
+            1,
+            "relay and close together"
+        );
+        assert_eq!(dlr.watched(), 0, "closed");
+        assert!(dlr.outbox().state_rows(STATE_NS).await.unwrap().is_empty());
+        assert_eq!(
+            relayed(&dlr).await,
+            1,
+            "the relay item committed with the close"
+        );
+        // The send is closed: a repeat is answered as for any closed token.
+        let again = dlr.report(&token, &report_query(0, "delivered")).await;
+        assert_eq!(again.status, 404);
+        assert_eq!(relayed(&dlr).await, 1);
+        assert_eq!(ledger.account("a").unwrap().anytime.posted_milli, 19_000);
+
+        // charge_on: delivery: the hold is posted, then the close commits.
+        let (_c, _s, ledger, dlr) = delivery_fixture(crate::config::dlr::OnTimeout::Charge, None);
+        let (token, _key, holds) = held_send(&dlr, &ledger, &[1_000, 2_000]).await;
+        let before = dlr.outbox().commits();
+        assert_eq!(before, 2);
+        let a = dlr.report(&token, &report_query(0, "delivered")).await;
+        assert_eq!(a.status, 200);
+        assert_eq!(
+            dlr.outbox().commits() - before,
+            2,
+            "share 1 open: the planned row, then its mark"
+        );
+        assert!(
+            ledger.reservation(ReservationId(holds[0])).is_none(),
+            "posted"
+        );
+        let a = dlr.report(&token, &report_query(1, "undelivered")).await;
+        assert_eq!(a.status, 200);
+        assert_eq!(dlr.outbox().commits() - before, 3, "the last one closes");
+        assert_eq!(dlr.watched(), 0);
+        assert!(dlr.outbox().state_rows(STATE_NS).await.unwrap().is_empty());
+        assert_eq!(ledger.reservation_count(), 0, "both holds resolved");
+        assert_eq!(
+            ledger.account("a").unwrap().anytime.posted_milli,
+            20_000 - 1_000,
+            "the delivered part charged, the failed one released"
+        );
+    });
+}
+
+#[test]
+fn reports_before_the_answer_close_the_send_with_its_settlement() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // charge_on: accept, delivered before the answer: the record, the
+        // early report (with its relay), then the close instead of the
+        // settlement, the report's plan and the close.
+        let (ledger, dlr) = accept_fixture();
+        let (token, key, id) = accept_send(&dlr, &ledger).await;
+        let a = dlr.report(&token, &report_query(0, "delivered")).await;
+        assert_eq!(a.status, 200);
+        assert_eq!(dlr.outbox().commits(), 2);
+        assert_eq!(dlr.watched(), 1, "waits for the answer");
+        answer_accepted(&dlr, &ledger, &key, id).await;
+        assert_eq!(dlr.outbox().commits(), 3, "closed at the answer");
+        assert_eq!(dlr.watched(), 0);
+        assert!(dlr.outbox().state_rows(STATE_NS).await.unwrap().is_empty());
+        assert_eq!(relayed(&dlr).await, 1);
+        assert_eq!(ledger.account("a").unwrap().anytime.posted_milli, 19_000);
+
+        // A failed report before the answer still refunds, once, through
+        // its recorded plan (the plan's mark and the close are one commit).
+        let (ledger, dlr) = accept_fixture();
+        let (token, key, id) = accept_send(&dlr, &ledger).await;
+        let a = dlr.report(&token, &report_query(0, "undelivered")).await;
+        assert_eq!(a.status, 200);
+        answer_accepted(&dlr, &ledger, &key, id).await;
+        assert_eq!(
+            dlr.outbox().commits(),
+            5,
+            "record, early row, settlement, plan, close"
+        );
+        assert_eq!(dlr.watched(), 0);
+        assert!(dlr.outbox().state_rows(STATE_NS).await.unwrap().is_empty());
+        assert_eq!(ledger.account("a").unwrap().anytime.posted_milli, 20_000);
+        assert_eq!(dlr.metrics.dlr_refunds.get(), 1);
+
+        // charge_on: delivery, delivered before the answer: the hold is
+        // posted at the answer and the send closed, no settlement row.
+        let (_c, _s, ledger, dlr) = delivery_fixture(crate::config::dlr::OnTimeout::Release, None);
+        let id = ledger
+            .reserve("a", &[1_000], BucketPreference::AnytimeOnly, None, None)
+            .unwrap();
+        let prepared = dlr
+            .prepare(None, &["+36300000000"], &[1_000], &[1], None, "a")
+            .unwrap();
+        let token = prepared.callback_url.split("/dlr/").nth(1).unwrap()[..32].to_string();
+        let key = dlr.register(prepared, id).await.unwrap();
+        let a = dlr.report(&token, &report_query(0, "delivered")).await;
+        assert_eq!(a.status, 200);
+        let held = ledger.hold_for_delivery(id, &[vec![1_000]], None).unwrap();
+        dlr.settled(&key, Some(Answered::Held { holds: held.holds }))
+            .await;
+        assert_eq!(dlr.outbox().commits(), 3, "record, early row, close");
+        assert_eq!(dlr.watched(), 0);
+        assert!(dlr.outbox().state_rows(STATE_NS).await.unwrap().is_empty());
+        assert_eq!(ledger.reservation_count(), 0, "the hold posted");
+        assert_eq!(ledger.account("a").unwrap().anytime.posted_milli, 19_000);
+    });
+}

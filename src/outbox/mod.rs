@@ -52,7 +52,7 @@ mod pg;
 mod sqlite;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -496,6 +496,8 @@ pub struct Outbox {
     in_flight: Mutex<HashSet<i64>>,
     /// Set when the relay is running (one per process).
     relaying: AtomicBool,
+    /// Commits asked for ([`Self::commits`]).
+    commits: AtomicU64,
     /// The connector of `https://` targets (`None`: refused, retried and
     /// given up like any failing call).
     tls: Option<crate::tls::RelayTls>,
@@ -578,12 +580,21 @@ impl Outbox {
             wake: Notify::new(),
             in_flight: Mutex::new(HashSet::new()),
             relaying: AtomicBool::new(false),
+            commits: AtomicU64::new(0),
             tls,
         })
     }
 
     pub fn config(&self) -> &OutboxConfig {
         &self.config
+    }
+
+    /// Commits asked for since the start ([`Self::commit`] and
+    /// [`Self::commit_blocking`]): each one waits for its own transaction
+    /// (or a share of the writer's batch), so producers keep it low per
+    /// cause; tests hold them to their count.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
     }
 
     async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Op) -> Result<T, OutboxError> {
@@ -619,6 +630,7 @@ impl Outbox {
     /// answer per change (`Some` for an enqueue).
     pub async fn commit(&self, changes: Vec<Change>) -> Result<Vec<Option<Enqueued>>, OutboxError> {
         let now_ms = self.clock.now_unix_ms();
+        self.commits.fetch_add(1, Ordering::Relaxed);
         let adds = changes.iter().any(|c| matches!(c, Change::Enqueue(_)));
         let out = self
             .ask(|reply| Op::Commit {
@@ -639,6 +651,7 @@ impl Outbox {
         changes: Vec<Change>,
     ) -> Result<Vec<Option<Enqueued>>, OutboxError> {
         let now_ms = self.clock.now_unix_ms();
+        self.commits.fetch_add(1, Ordering::Relaxed);
         self.ask_blocking(|reply| Op::Commit {
             changes,
             now_ms,

@@ -107,11 +107,10 @@ fn err(e: rusqlite::Error) -> String {
 impl OutboxTx for SqliteTx<'_> {
     fn find_key(&mut self, key: &str) -> Result<Option<(i64, ItemState)>, String> {
         self.0
-            .query_row(
-                "SELECT id, state FROM outbox_items WHERE dedupe_key = ?1",
-                [key],
-                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
-            )
+            .prepare_cached("SELECT id, state FROM outbox_items WHERE dedupe_key = ?1")
+            .and_then(|mut s| {
+                s.query_row([key], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+            })
             .optional()
             .map(|o| o.map(|(id, s)| (id, ItemState::parse(&s).unwrap_or(ItemState::GaveUp))))
             .map_err(err)
@@ -119,11 +118,13 @@ impl OutboxTx for SqliteTx<'_> {
 
     fn insert(&mut self, item: &NewItem, now_ms: i64) -> Result<i64, String> {
         self.0
-            .execute(
+            .prepare_cached(
                 "INSERT INTO outbox_items (kind, target, method, headers, body, dedupe_key, state,
                     attempts, created_unix_ms, next_attempt_unix_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', 0, ?7, ?7)",
-                params![
+            )
+            .and_then(|mut s| {
+                s.execute(params![
                     item.kind,
                     item.target,
                     item.method,
@@ -131,8 +132,8 @@ impl OutboxTx for SqliteTx<'_> {
                     item.body,
                     item.dedupe_key,
                     now_ms
-                ],
-            )
+                ])
+            })
             .map_err(err)?;
         Ok(self.0.last_insert_rowid())
     }
@@ -148,33 +149,40 @@ impl OutboxTx for SqliteTx<'_> {
         };
         // Only a pending item moves: a finish can never revive a done one.
         self.0
-            .execute(
+            .prepare_cached(
                 "UPDATE outbox_items SET state = ?2, attempts = ?3, next_attempt_unix_ms = ?4,
                     finished_unix_ms = ?5, last_error = COALESCE(?6, last_error)
                  WHERE id = ?1 AND state = 'pending'",
-                params![id, state, i64::from(attempts), next, finished, error],
             )
+            .and_then(|mut s| {
+                s.execute(params![
+                    id,
+                    state,
+                    i64::from(attempts),
+                    next,
+                    finished,
+                    error
+                ])
+            })
             .map(|_| ())
             .map_err(err)
     }
 
     fn put_state(&mut self, ns: &str, key: &str, value: &[u8]) -> Result<(), String> {
         self.0
-            .execute(
+            .prepare_cached(
                 "INSERT INTO outbox_state (namespace, key, value) VALUES (?1, ?2, ?3)
                  ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value",
-                params![ns, key, value],
             )
+            .and_then(|mut s| s.execute(params![ns, key, value]))
             .map(|_| ())
             .map_err(err)
     }
 
     fn delete_state(&mut self, ns: &str, key: &str) -> Result<(), String> {
         self.0
-            .execute(
-                "DELETE FROM outbox_state WHERE namespace = ?1 AND key = ?2",
-                params![ns, key],
-            )
+            .prepare_cached("DELETE FROM outbox_state WHERE namespace = ?1 AND key = ?2")
+            .and_then(|mut s| s.execute(params![ns, key]))
             .map(|_| ())
             .map_err(err)
     }
