@@ -446,34 +446,9 @@ pub fn credit(
     at_unix_ms: i64,
 ) -> Result<Option<i64>, ClusterError> {
     let err = pg(settings);
-    let (posted_col, reserved_col, granted_col) = match bucket {
-        Bucket::Anytime => (
-            "anytime_posted_milli",
-            "anytime_reserved_milli",
-            "anytime_granted_milli",
-        ),
-        Bucket::OffPeak => (
-            "offpeak_posted_milli",
-            "offpeak_reserved_milli",
-            "offpeak_granted_milli",
-        ),
-    };
+    let (posted_col, reserved_col, granted_col) = bucket_columns(bucket);
     let mut tx = client.transaction().map_err(&err)?;
-    let live = tx
-        .query_opt(
-            "SELECT FROM cluster_nodes
-             WHERE node = $1 AND token = $2 AND NOT released AND expires_at > now()
-             FOR SHARE",
-            &[&lease.node, &lease.token],
-        )
-        .map_err(&err)?;
-    if live.is_none() {
-        tx.rollback().map_err(&err)?;
-        return Err(ClusterError::Fenced {
-            node: lease.node,
-            token: lease.token,
-        });
-    }
+    hold_lease(&mut tx, lease, &err)?;
     if amount_milli >= 0 {
         tx.execute(
             "INSERT INTO accounts (name, role) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
@@ -514,22 +489,16 @@ pub fn credit(
             &[&account, &delta],
         )
         .map_err(&err)?;
-        tx.execute(
-            "INSERT INTO entries (seq, node, kind, account, bucket, amount_milli, reference,
-                                  at_unix_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-            &[
-                &(seq as i64),
-                &lease.node,
-                &kind,
-                &account,
-                &bucket.as_str(),
-                &delta,
-                &reference,
-                &at_unix_ms,
-            ],
-        )
-        .map_err(&err)?;
+        let entry = EntryRow {
+            seq,
+            kind,
+            account,
+            bucket,
+            amount_milli: delta,
+            reference,
+            at_unix_ms,
+        };
+        insert_entry(&mut tx, lease, &entry, &err)?;
     }
     tx.commit().map_err(&err)?;
     Ok(Some(delta))
@@ -568,34 +537,9 @@ pub fn transfer(
     if parent == child || amount_milli == 0 {
         return Ok(Err(TransferRefused::NotASubaccount));
     }
-    let (posted_col, reserved_col, granted_col) = match bucket {
-        Bucket::Anytime => (
-            "anytime_posted_milli",
-            "anytime_reserved_milli",
-            "anytime_granted_milli",
-        ),
-        Bucket::OffPeak => (
-            "offpeak_posted_milli",
-            "offpeak_reserved_milli",
-            "offpeak_granted_milli",
-        ),
-    };
+    let (posted_col, reserved_col, granted_col) = bucket_columns(bucket);
     let mut tx = client.transaction().map_err(&err)?;
-    let live = tx
-        .query_opt(
-            "SELECT FROM cluster_nodes
-             WHERE node = $1 AND token = $2 AND NOT released AND expires_at > now()
-             FOR SHARE",
-            &[&lease.node, &lease.token],
-        )
-        .map_err(&err)?;
-    if live.is_none() {
-        tx.rollback().map_err(&err)?;
-        return Err(ClusterError::Fenced {
-            node: lease.node,
-            token: lease.token,
-        });
-    }
+    hold_lease(&mut tx, lease, &err)?;
     // Name order, so two opposite transfers cannot deadlock.
     let rows = tx
         .query(
@@ -631,24 +575,98 @@ pub fn transfer(
             &[&name, &delta],
         )
         .map_err(&err)?;
-        tx.execute(
-            "INSERT INTO entries (seq, node, kind, account, bucket, amount_milli, reference,
-                                  at_unix_ms)
-             VALUES ($1, $2, 'transfer', $3, $4, $5, $6, $7)",
-            &[
-                &((seq + i as u64) as i64),
-                &lease.node,
-                &name,
-                &bucket.as_str(),
-                &delta,
-                &reference,
-                &at_unix_ms,
-            ],
-        )
-        .map_err(&err)?;
+        let entry = EntryRow {
+            seq: seq + i as u64,
+            kind: "transfer",
+            account: name,
+            bucket,
+            amount_milli: delta,
+            reference,
+            at_unix_ms,
+        };
+        insert_entry(&mut tx, lease, &entry, &err)?;
     }
     tx.commit().map_err(&err)?;
     Ok(Ok(()))
+}
+
+/// The `accounts` columns of `bucket`'s posted, reserved and granted
+/// balances.
+fn bucket_columns(bucket: Bucket) -> (&'static str, &'static str, &'static str) {
+    match bucket {
+        Bucket::Anytime => (
+            "anytime_posted_milli",
+            "anytime_reserved_milli",
+            "anytime_granted_milli",
+        ),
+        Bucket::OffPeak => (
+            "offpeak_posted_milli",
+            "offpeak_reserved_milli",
+            "offpeak_granted_milli",
+        ),
+    }
+}
+
+/// Holds the node's lease row (shared) for the rest of `tx`, so no expiry
+/// sweep can end it before the transaction commits; `Fenced` unless the
+/// lease is live on the database's clock (the caller drops `tx`, which
+/// rolls it back).
+fn hold_lease(
+    tx: &mut postgres::Transaction<'_>,
+    lease: NodeLease,
+    err: &impl Fn(postgres::Error) -> StoreError,
+) -> Result<(), ClusterError> {
+    let live = tx
+        .query_opt(
+            "SELECT FROM cluster_nodes
+             WHERE node = $1 AND token = $2 AND NOT released AND expires_at > now()
+             FOR SHARE",
+            &[&lease.node, &lease.token],
+        )
+        .map_err(err)?;
+    if live.is_some() {
+        return Ok(());
+    }
+    Err(ClusterError::Fenced {
+        node: lease.node,
+        token: lease.token,
+    })
+}
+
+/// One journal entry a credit action or a transfer appends.
+struct EntryRow<'a> {
+    seq: u64,
+    kind: &'a str,
+    account: &'a str,
+    bucket: Bucket,
+    amount_milli: i64,
+    reference: Option<&'a str>,
+    at_unix_ms: i64,
+}
+
+fn insert_entry(
+    tx: &mut postgres::Transaction<'_>,
+    lease: NodeLease,
+    e: &EntryRow<'_>,
+    err: &impl Fn(postgres::Error) -> StoreError,
+) -> Result<(), ClusterError> {
+    tx.execute(
+        "INSERT INTO entries (seq, node, kind, account, bucket, amount_milli, reference,
+                              at_unix_ms)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        &[
+            &(e.seq as i64),
+            &lease.node,
+            &e.kind,
+            &e.account,
+            &e.bucket.as_str(),
+            &e.amount_milli,
+            &e.reference,
+            &e.at_unix_ms,
+        ],
+    )
+    .map_err(err)?;
+    Ok(())
 }
 
 /// `account`'s balances across the cluster, per bucket (`None`: no row).
