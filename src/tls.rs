@@ -435,21 +435,7 @@ impl GatewayTls {
         let ssl = conf
             .into_ssl(self.sni.as_deref().unwrap_or(""))
             .map_err(|e| fail(&e))?;
-        let mut stream = GatewayStream::new(ssl, tcp).map_err(|e| fail(&e))?;
-        match Pin::new(&mut stream).connect().await {
-            Ok(()) => Ok(stream),
-            Err(e) => {
-                let verify = stream.ssl().verify_result();
-                if verify.as_raw() != 0 {
-                    Err(fail(&format!(
-                        "certificate refused: {}",
-                        verify.error_string()
-                    )))
-                } else {
-                    Err(fail(&e))
-                }
-            }
-        }
+        client_handshake(ssl, tcp, fail).await
     }
 }
 
@@ -463,6 +449,30 @@ pub struct RelayTls {
 
 /// A TLS connection of the relay.
 pub type RelayStream = pingora::tls::tokio_ssl::SslStream<TcpStream>;
+
+/// The client side of a handshake over `tcp`; a failure says whether the
+/// peer's certificate was refused (and why) or the handshake failed.
+async fn client_handshake(
+    ssl: pingora::tls::ssl::Ssl,
+    tcp: TcpStream,
+    fail: impl Fn(&dyn std::fmt::Display) -> String,
+) -> Result<pingora::tls::tokio_ssl::SslStream<TcpStream>, String> {
+    let mut stream = pingora::tls::tokio_ssl::SslStream::new(ssl, tcp).map_err(|e| fail(&e))?;
+    match Pin::new(&mut stream).connect().await {
+        Ok(()) => Ok(stream),
+        Err(e) => {
+            let verify = stream.ssl().verify_result();
+            if verify.as_raw() != 0 {
+                Err(fail(&format!(
+                    "certificate refused: {}",
+                    verify.error_string()
+                )))
+            } else {
+                Err(fail(&e))
+            }
+        }
+    }
+}
 
 impl RelayTls {
     pub fn new(ca_file: Option<&Path>) -> Result<RelayTls, TlsError> {
@@ -504,21 +514,7 @@ impl RelayTls {
         let mut conf = self.connector.configure().map_err(|e| fail(&e))?;
         conf.set_use_server_name_indication(host.parse::<std::net::IpAddr>().is_err());
         let ssl = conf.into_ssl(host).map_err(|e| fail(&e))?;
-        let mut stream = RelayStream::new(ssl, tcp).map_err(|e| fail(&e))?;
-        match Pin::new(&mut stream).connect().await {
-            Ok(()) => Ok(stream),
-            Err(e) => {
-                let verify = stream.ssl().verify_result();
-                if verify.as_raw() != 0 {
-                    Err(fail(&format!(
-                        "certificate refused: {}",
-                        verify.error_string()
-                    )))
-                } else {
-                    Err(fail(&e))
-                }
-            }
-        }
+        client_handshake(ssl, tcp, fail).await
     }
 }
 

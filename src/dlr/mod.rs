@@ -945,16 +945,21 @@ impl Dlr {
         if !self.resolve_holds(&row.hold_ids, action, "report") {
             return false;
         }
-        if self.sync {
-            if let Some(w) = &self.store {
-                if w.wait_durable().await.is_err() {
-                    return false;
-                }
-            }
+        if !self.durable_if_sync().await {
+            return false;
         }
         row.applied = true;
         self.record_or_close(key, cell, n, &row, may_close).await;
         true
+    }
+
+    /// Under `durability: sync`, waits until the ledger's changes so far
+    /// are committed; `false` if they were not in time.
+    async fn durable_if_sync(&self) -> bool {
+        match (&self.store, self.sync) {
+            (Some(w), true) => w.wait_durable().await.is_ok(),
+            _ => true,
+        }
     }
 
     /// Posts or voids each hold once; `false` if the ledger refused one
@@ -1053,14 +1058,10 @@ impl Dlr {
         self.metrics
             .dlr_refunded_milli
             .inc_by((off + any).max(0) as u64);
-        if self.sync {
-            if let Some(w) = &self.store {
-                if w.wait_durable().await.is_err() {
-                    // Queued, and committed once the store recovers; the
-                    // row stays planned so a restart looks it up.
-                    return false;
-                }
-            }
+        if !self.durable_if_sync().await {
+            // Queued, and committed once the store recovers; the row
+            // stays planned so a restart looks it up.
+            return false;
         }
         row.applied = true;
         self.record_or_close(key, cell, n, &row, may_close).await;
