@@ -115,10 +115,13 @@ impl Fleet {
         p
     }
 
+    /// Until `/readyz` says 200 and the client listener accepts: the
+    /// admin and proxy services start side by side, so the first can
+    /// answer before the second has bound its port.
     fn wait_ready(&self, limit: Duration) {
         let deadline = Instant::now() + limit;
         loop {
-            if readyz(self.t.admin) == Some(200) {
+            if readyz(self.t.admin) == Some(200) && connect(self.t.addr).is_ok() {
                 return;
             }
             assert!(
