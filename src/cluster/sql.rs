@@ -55,6 +55,16 @@ pub enum ClusterError {
     Store(#[from] StoreError),
 }
 
+impl ClusterError {
+    /// `lease` is no longer this node's (see [`ClusterError::Fenced`]).
+    fn fenced(lease: NodeLease) -> ClusterError {
+        ClusterError::Fenced {
+            node: lease.node,
+            token: lease.token,
+        }
+    }
+}
+
 /// What a take (or top-up) did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Take {
@@ -193,10 +203,7 @@ pub fn renew(
     if n == 1 {
         Ok(())
     } else {
-        Err(ClusterError::Fenced {
-            node: lease.node,
-            token: lease.token,
-        })
+        Err(ClusterError::fenced(lease))
     }
 }
 
@@ -233,10 +240,7 @@ pub fn release(
         )
         .map_err(pg(settings))?;
     if !row.get::<_, bool>(0) {
-        return Err(ClusterError::Fenced {
-            node: lease.node,
-            token: lease.token,
-        });
+        return Err(ClusterError::fenced(lease));
     }
     Ok(row.get(1))
 }
@@ -295,10 +299,7 @@ pub fn take(
         )
         .map_err(pg(settings))?;
     if !row.get::<_, bool>(0) {
-        return Err(ClusterError::Fenced {
-            node: lease.node,
-            token: lease.token,
-        });
+        return Err(ClusterError::fenced(lease));
     }
     match (row.get::<_, Option<i64>>(1), row.get::<_, Option<i64>>(2)) {
         (Some(left), Some(grant)) => Ok(Take::Granted {
@@ -352,10 +353,7 @@ pub fn give_back(
         )
         .map_err(pg(settings))?;
     if !row.get::<_, bool>(0) {
-        return Err(ClusterError::Fenced {
-            node: lease.node,
-            token: lease.token,
-        });
+        return Err(ClusterError::fenced(lease));
     }
     Ok(row.get(1))
 }
@@ -627,10 +625,7 @@ fn hold_lease(
     if live.is_some() {
         return Ok(());
     }
-    Err(ClusterError::Fenced {
-        node: lease.node,
-        token: lease.token,
-    })
+    Err(ClusterError::fenced(lease))
 }
 
 /// One journal entry a credit action or a transfer appends.
