@@ -58,6 +58,14 @@ struct Shared {
 }
 
 impl Shared {
+    fn may_spend(&self) -> bool {
+        if self.fenced.load(Ordering::Acquire) {
+            return false;
+        }
+        let now = Instant::now().saturating_duration_since(self.base);
+        (now.as_nanos() as u64) < self.spend_until_ns.load(Ordering::Acquire)
+    }
+
     fn extend(&self, sent: Instant, lease: Duration, margin: Duration) {
         let until = (sent + lease)
             .checked_sub(margin)
@@ -65,6 +73,22 @@ impl Shared {
             .saturating_duration_since(self.base);
         let ns = u64::try_from(until.as_nanos()).unwrap_or(u64::MAX);
         self.spend_until_ns.fetch_max(ns, Ordering::AcqRel);
+    }
+}
+
+/// Whether the node may spend now: a cheap clone of the keeper's deadline.
+#[derive(Clone, Debug)]
+pub struct SpendGate(Arc<Shared>);
+
+impl SpendGate {
+    /// See [`LeaseKeeper::may_spend`].
+    pub fn may_spend(&self) -> bool {
+        self.0.may_spend()
+    }
+
+    /// See [`LeaseKeeper::fenced`].
+    pub fn fenced(&self) -> bool {
+        self.0.fenced.load(Ordering::Acquire)
     }
 }
 
@@ -143,16 +167,18 @@ impl LeaseKeeper {
     /// Whether the node may decide a reservation now: its lease is known to
     /// outlast this instant by the margin on the database's side.
     pub fn may_spend(&self) -> bool {
-        if self.shared.fenced.load(Ordering::Acquire) {
-            return false;
-        }
-        let now = Instant::now().saturating_duration_since(self.shared.base);
-        (now.as_nanos() as u64) < self.shared.spend_until_ns.load(Ordering::Acquire)
+        self.shared.may_spend()
     }
 
     /// The lease is gone for good: this incarnation never spends again.
     pub fn fenced(&self) -> bool {
         self.shared.fenced.load(Ordering::Acquire)
+    }
+
+    /// [`Self::may_spend`] for the request path, which must not hold the
+    /// keeper (shutdown takes it to release the lease).
+    pub fn gate(&self) -> SpendGate {
+        SpendGate(self.shared.clone())
     }
 
     pub fn renewals(&self) -> (u64, u64) {

@@ -502,6 +502,81 @@ pub fn credit(
     Ok(Some(delta))
 }
 
+/// An account as `accounts.yaml` seeds it (`config::accounts`).
+#[derive(Clone, Copy, Debug)]
+pub struct Seed<'a> {
+    pub name: &'a str,
+    pub parent: Option<&'a str>,
+    pub role: Role,
+    pub tariff_class: Option<&'a str>,
+    pub anytime_milli: i64,
+    pub offpeak_milli: i64,
+}
+
+/// Seeds an account the cluster does not have yet, with its opening
+/// balances and their `add` entries (reference `seed`, seqs `seq` and
+/// `seq + 1` from the node's range), under a valid lease, in one short
+/// transaction; every node of a cluster reads the same seed file and
+/// starts at any time, so only the first creates it. An account that
+/// exists keeps its balance and takes the seed's identity (parent, role,
+/// tariff class: the file is their source; an account a credit action
+/// created has none). Returns whether it created the account.
+pub fn seed(
+    client: &mut Client,
+    settings: &PgSettings,
+    lease: NodeLease,
+    seq: u64,
+    seed: &Seed<'_>,
+    at_unix_ms: i64,
+) -> Result<bool, ClusterError> {
+    let err = pg(settings);
+    let mut tx = client.transaction().map_err(&err)?;
+    hold_lease(&mut tx, lease, &err)?;
+    let created: bool = tx
+        .query_one(
+            "INSERT INTO accounts AS a (name, parent, role, tariff_class, anytime_posted_milli,
+                                        offpeak_posted_milli)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (name) DO UPDATE
+                 SET parent = excluded.parent, role = excluded.role,
+                     tariff_class = excluded.tariff_class
+             RETURNING xmax = 0",
+            &[
+                &seed.name,
+                &seed.parent,
+                &seed.role.as_str(),
+                &seed.tariff_class,
+                &seed.anytime_milli,
+                &seed.offpeak_milli,
+            ],
+        )
+        .map_err(&err)?
+        .get(0);
+    if created {
+        let legs = [
+            (Bucket::Anytime, seed.anytime_milli),
+            (Bucket::OffPeak, seed.offpeak_milli),
+        ];
+        for (i, (bucket, amount_milli)) in legs.into_iter().enumerate() {
+            if amount_milli == 0 {
+                continue;
+            }
+            let entry = EntryRow {
+                seq: seq + i as u64,
+                kind: "add",
+                account: seed.name,
+                bucket,
+                amount_milli,
+                reference: Some("seed"),
+                at_unix_ms,
+            };
+            insert_entry(&mut tx, lease, &entry, &err)?;
+        }
+    }
+    tx.commit().map_err(&err)?;
+    Ok(created)
+}
+
 /// Why a cluster-wide transfer was refused (nothing written).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TransferRefused {
@@ -512,12 +587,13 @@ pub enum TransferRefused {
     Insufficient { available_milli: i64 },
 }
 
-/// A transfer between a parent and its sub-account on one bucket, straight
-/// in the database under a valid lease: `amount_milli` from `parent` to
-/// `child` (negative: back), both rows locked in name order in one short
-/// transaction, the giver never below what reservations and grants hold;
-/// two `transfer` entries (`seq`, `seq + 1`, from the node's range: parent
-/// leg first), as the ledger journals them.
+/// A transfer between a parent and its sub-account, straight in the
+/// database under a valid lease: `amounts_milli` (anytime, offpeak) from
+/// `parent` to `child` (negative: back), both rows locked in name order in
+/// one short transaction, so both buckets move or neither; the giver never
+/// below what reservations and grants hold. Up to four `transfer` entries
+/// (from `seq` on, from the node's range: per bucket, parent leg first;
+/// zero legs skipped), as the ledger journals them.
 #[allow(clippy::too_many_arguments)]
 pub fn transfer(
     client: &mut Client,
@@ -526,25 +602,23 @@ pub fn transfer(
     seq: u64,
     parent: &str,
     child: &str,
-    bucket: Bucket,
-    amount_milli: i64,
+    amounts_milli: [i64; 2],
     reference: Option<&str>,
     at_unix_ms: i64,
 ) -> Result<Result<(), TransferRefused>, ClusterError> {
     let err = pg(settings);
-    if parent == child || amount_milli == 0 {
+    if parent == child || amounts_milli == [0, 0] {
         return Ok(Err(TransferRefused::NotASubaccount));
     }
-    let (posted_col, reserved_col, granted_col) = bucket_columns(bucket);
     let mut tx = client.transaction().map_err(&err)?;
     hold_lease(&mut tx, lease, &err)?;
     // Name order, so two opposite transfers cannot deadlock.
     let rows = tx
         .query(
-            &format!(
-                "SELECT name, parent, {posted_col} - {reserved_col} - {granted_col}
-                 FROM accounts WHERE name = $1 OR name = $2 ORDER BY name FOR UPDATE"
-            ),
+            "SELECT name, parent,
+                    anytime_posted_milli - anytime_reserved_milli - anytime_granted_milli,
+                    offpeak_posted_milli - offpeak_reserved_milli - offpeak_granted_milli
+             FROM accounts WHERE name = $1 OR name = $2 ORDER BY name FOR UPDATE",
             &[&parent, &child],
         )
         .map_err(&err)?;
@@ -557,32 +631,43 @@ pub fn transfer(
         tx.rollback().map_err(&err)?;
         return Ok(Err(TransferRefused::NotASubaccount));
     }
-    let giver_available: i64 = if amount_milli > 0 { p.get(2) } else { c.get(2) };
-    if giver_available < amount_milli.saturating_abs() {
-        tx.rollback().map_err(&err)?;
-        return Ok(Err(TransferRefused::Insufficient {
-            available_milli: giver_available.max(0),
-        }));
-    }
-    for (i, (name, delta)) in [(parent, -amount_milli), (child, amount_milli)]
-        .into_iter()
-        .enumerate()
-    {
-        tx.execute(
-            &format!("UPDATE accounts SET {posted_col} = {posted_col} + $2 WHERE name = $1"),
-            &[&name, &delta],
-        )
-        .map_err(&err)?;
-        let entry = EntryRow {
-            seq: seq + i as u64,
-            kind: "transfer",
-            account: name,
-            bucket,
-            amount_milli: delta,
-            reference,
-            at_unix_ms,
+    for (i, amount_milli) in amounts_milli.into_iter().enumerate() {
+        let giver_available: i64 = if amount_milli > 0 {
+            p.get(2 + i)
+        } else {
+            c.get(2 + i)
         };
-        insert_entry(&mut tx, lease, &entry, &err)?;
+        if giver_available < amount_milli.saturating_abs() {
+            tx.rollback().map_err(&err)?;
+            return Ok(Err(TransferRefused::Insufficient {
+                available_milli: giver_available.max(0),
+            }));
+        }
+    }
+    let mut next = seq;
+    for (bucket, amount_milli) in Bucket::ALL.into_iter().zip(amounts_milli) {
+        if amount_milli == 0 {
+            continue;
+        }
+        let (posted_col, _, _) = bucket_columns(bucket);
+        for (name, delta) in [(parent, -amount_milli), (child, amount_milli)] {
+            tx.execute(
+                &format!("UPDATE accounts SET {posted_col} = {posted_col} + $2 WHERE name = $1"),
+                &[&name, &delta],
+            )
+            .map_err(&err)?;
+            let entry = EntryRow {
+                seq: next,
+                kind: "transfer",
+                account: name,
+                bucket,
+                amount_milli: delta,
+                reference,
+                at_unix_ms,
+            };
+            insert_entry(&mut tx, lease, &entry, &err)?;
+            next += 1;
+        }
     }
     tx.commit().map_err(&err)?;
     Ok(Ok(()))

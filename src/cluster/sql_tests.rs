@@ -455,6 +455,7 @@ fn keeper_config(name: &str) -> crate::config::cluster::ClusterConfig {
         grant_target_s: 5,
         top_up_below_percent: 50,
         direct_below_milli: 5_000,
+        grant_idle: Duration::from_millis(2_000),
     }
 }
 
@@ -917,19 +918,7 @@ fn a_transfer_moves_only_ungranted_credit_between_parent_and_child() {
     sql::take(&mut c, &s, a, "parent", Bucket::Anytime, 7_000).unwrap();
     let mut seq = sql::next_node_seq(&mut c, &s, a.node).unwrap();
     let mut transfer = |c: &mut postgres::Client, from: &str, to: &str, amount: i64| {
-        let r = sql::transfer(
-            c,
-            &s,
-            a,
-            seq,
-            from,
-            to,
-            Bucket::Anytime,
-            amount,
-            Some("t"),
-            NOW,
-        )
-        .unwrap();
+        let r = sql::transfer(c, &s, a, seq, from, to, [amount, 0], Some("t"), NOW).unwrap();
         seq += 2;
         r
     };

@@ -15,6 +15,7 @@
 //!   grant_target_s: 5          # ... covering this many seconds of spend
 //!   top_up_below_percent: 50   # top up when free < this % of the grant
 //!   direct_below_milli: 5000   # smaller accounts reserve straight in PostgreSQL
+//!   grant_idle_ms: 2000        # a grant unused this long goes back to the account
 //! ```
 
 use std::path::Path;
@@ -49,6 +50,8 @@ pub struct FileCluster {
     top_up_below_percent: i64,
     #[serde(default = "default_direct_below_milli")]
     direct_below_milli: i64,
+    #[serde(default = "default_grant_idle_ms")]
+    grant_idle_ms: u64,
 }
 
 fn default_lease_ms() -> u64 {
@@ -78,6 +81,9 @@ fn default_top_up_below_percent() -> i64 {
 fn default_direct_below_milli() -> i64 {
     5_000
 }
+fn default_grant_idle_ms() -> u64 {
+    2_000
+}
 
 /// The validated `cluster:` section.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +102,9 @@ pub struct ClusterConfig {
     pub grant_target_s: i64,
     pub top_up_below_percent: i64,
     pub direct_below_milli: i64,
+    /// A grant not reserved from this long goes back to the account, so
+    /// other nodes can spend it (stranded credit is bounded by this).
+    pub grant_idle: Duration,
 }
 
 impl ClusterConfig {
@@ -182,6 +191,9 @@ impl ClusterConfig {
                 "must be 0 to cluster.grant_max_milli".into(),
             );
         }
+        if !(100..=3_600_000).contains(&f.grant_idle_ms) {
+            return bad("cluster.grant_idle_ms", "must be 100 to 3600000 ms".into());
+        }
         Ok(ClusterConfig {
             node_id: f.node_id,
             lease: Duration::from_millis(f.lease_ms),
@@ -193,6 +205,7 @@ impl ClusterConfig {
             grant_target_s: f.grant_target_s,
             top_up_below_percent: f.top_up_below_percent,
             direct_below_milli: f.direct_below_milli,
+            grant_idle: Duration::from_millis(f.grant_idle_ms),
         })
     }
 }
@@ -239,6 +252,7 @@ mod tests {
                 "node_id: a\ndirect_below_milli: -1",
                 "cluster.direct_below_milli",
             ),
+            ("node_id: a\ngrant_idle_ms: 50", "cluster.grant_idle_ms"),
         ] {
             let e = parse(yaml).unwrap_err();
             assert_eq!(e.key, key, "{yaml}: {e}");

@@ -958,6 +958,27 @@ impl Config {
                  which cannot go below zero)",
             ));
         }
+        if cluster.is_some() && f.durability != Durability::Sync {
+            // An acknowledged reservation not yet committed would be spent
+            // at the gateway while its grant could come back to the
+            // account (lease lost, crash): other nodes would spend it too.
+            return Err(ConfigError::new(
+                path,
+                "durability",
+                "must be sync with cluster: (a reservation is committed under the node's \
+                 lease before its send leaves, so no credit is spent twice)",
+            ));
+        }
+        if cluster.is_some() && f.auth.adopt_balance {
+            // An adopted balance is a credit action of one node's ledger;
+            // a cluster node journals credit only in the database.
+            return Err(ConfigError::new(
+                path,
+                "auth.adopt_balance",
+                "cannot be true with cluster: (give adopted accounts their credit with \
+                 addcredits, which every node sees)",
+            ));
+        }
         if f.metrics.balance_accounts.len() > BALANCE_ACCOUNTS_MAX {
             return Err(ConfigError::new(
                 path,

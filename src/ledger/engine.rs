@@ -222,6 +222,20 @@ impl ReadyAccount {
     pub fn name(&self) -> &str {
         &self.account.name
     }
+
+    /// The same account with other balances: a cluster node restores
+    /// every account's identity but only what it may spend itself (its
+    /// own open reservations; its grants start empty).
+    pub fn with_balances(mut self, anytime: BucketBalance, offpeak: BucketBalance) -> ReadyAccount {
+        let st = Arc::get_mut(&mut self.account)
+            .expect("a ready account is not shared")
+            .state
+            .get_mut();
+        st.anytime = anytime;
+        st.offpeak = offpeak;
+        self.posted_milli = st.posted_sum_milli();
+        self
+    }
 }
 
 impl From<AccountView> for ReadyAccount {
@@ -676,6 +690,64 @@ impl Ledger {
             }],
         );
         Applied { seq, balance: new }
+    }
+
+    // ----- cluster grants (`crate::cluster`) ------------------------------
+
+    /// A cluster node's grant on `bucket` grew by `amount_milli` (taken in
+    /// PostgreSQL by `cluster::sql::take` first). On a cluster node an
+    /// account's `posted` is what the node may spend: its grant plus its
+    /// own open reservations; so the grant moves `posted` and records no
+    /// entry (the take is not a journal change of the account's credit).
+    pub fn grant_in(
+        &self,
+        name: &str,
+        bucket: Bucket,
+        amount_milli: i64,
+    ) -> Result<BucketBalance, LedgerError> {
+        if amount_milli < 0 {
+            return Err(LedgerError::InvalidAmount(
+                "a grant cannot grow by a negative amount".into(),
+            ));
+        }
+        let account = self.cell(name)?;
+        let mut st = account.state.lock();
+        // Critical section: move one bucket's posted.
+        let new = st.bucket(bucket).checked_apply(amount_milli, 0)?;
+        *st.bucket_mut(bucket) = new;
+        self.total_posted_milli
+            .fetch_add(amount_milli, Ordering::Relaxed);
+        Ok(new)
+    }
+
+    /// Takes up to `max_milli` of `bucket`'s available balance out of
+    /// `posted` (never below 0 available), so no reservation can use it
+    /// while a cluster node gives it back; returns how much it took.
+    /// Records no entry (see [`Self::grant_in`]).
+    pub fn grant_out(
+        &self,
+        name: &str,
+        bucket: Bucket,
+        max_milli: i64,
+    ) -> Result<i64, LedgerError> {
+        let account = self.cell(name)?;
+        let mut st = account.state.lock();
+        // Critical section: move one bucket's posted.
+        let old = st.bucket(bucket);
+        let n = max_milli.min(available(old)?).max(0);
+        if n > 0 {
+            *st.bucket_mut(bucket) = old.checked_apply(-n, 0)?;
+            self.total_posted_milli.fetch_sub(n, Ordering::Relaxed);
+        }
+        Ok(n)
+    }
+
+    /// Takes `n` consecutive seqs for entries written straight to the
+    /// store, not through the ledger (a cluster node's credit actions,
+    /// `cluster::sql::credit`), so no ledger entry reuses them. Returns the
+    /// first.
+    pub fn take_external_seqs(&self, n: usize) -> u64 {
+        self.take_seqs(n)
     }
 
     // ----- reservations ---------------------------------------------------

@@ -112,19 +112,25 @@ impl<'a> Folded<'a> {
 
 /// What a cluster node's batch moves between its grants and `reserved`,
 /// per (account, bucket): a `reserve` takes its amount out of the grant,
-/// a `void`/`expire` puts it back (`post` moves `posted` and `reserved`
-/// only; credit actions do not touch grants). Sorted, zero moves left out.
-/// See `crate::cluster`.
+/// a `void`/`expire` puts it back, and so does a `refund` (a delivery
+/// report gives a posted share back: on the node it is free to spend
+/// again, so in the database it lands in the node's grant, not in what
+/// any node may take). `post` moves `posted` and `reserved` only; a node
+/// journals no credit action through its ledger (they go straight to the
+/// database, `cluster::sql::credit`). Sorted, zero moves left out. See
+/// `crate::cluster`.
 pub fn grant_moves(entries: &[Entry]) -> Vec<(&str, Bucket, i64)> {
     let mut moves: HashMap<(&str, Bucket), i64> = HashMap::new();
     for e in entries {
-        if matches!(
-            e.kind,
-            EntryKind::Reserve | EntryKind::Void | EntryKind::Expire
-        ) {
-            let m = moves.entry((e.account.as_str(), e.bucket)).or_insert(0);
-            *m = m.wrapping_sub(e.amount_milli);
-        }
+        let delta = match e.kind {
+            EntryKind::Reserve | EntryKind::Void | EntryKind::Expire => {
+                e.amount_milli.wrapping_neg()
+            }
+            EntryKind::Refund => e.amount_milli,
+            _ => continue,
+        };
+        let m = moves.entry((e.account.as_str(), e.bucket)).or_insert(0);
+        *m = m.wrapping_add(delta);
     }
     let mut moves: Vec<(&str, Bucket, i64)> = moves
         .into_iter()
@@ -195,13 +201,16 @@ mod tests {
             Entry::for_test(6, Reserve, "b", 700, Some(6)),
             Entry::for_test(7, Expire, "b", -700, Some(6)),
             Entry::for_test(8, Reserve, "c", 100, Some(8)),
+            // A delivery report refunds a posted share: back into the grant.
+            Entry::for_test(9, Refund, "d", 400, Some(1)),
         ];
         assert_eq!(
             grant_moves(&entries),
             vec![
                 ("a", Bucket::Anytime, -2_000),
                 ("a", Bucket::OffPeak, -500),
-                ("c", Bucket::Anytime, -100)
+                ("c", Bucket::Anytime, -100),
+                ("d", Bucket::Anytime, 400)
             ]
         );
     }

@@ -352,6 +352,28 @@ impl WriteBehind {
         self.shared.committed.load(Ordering::Acquire)
     }
 
+    /// Whether this writer can never commit again (another process owns
+    /// the store, or a cluster node's lease is gone).
+    pub fn is_fenced(&self) -> bool {
+        self.shared.is_fenced()
+    }
+
+    /// Blocks (a background thread, never a tokio worker) until the
+    /// committed position reaches `target` ([`Self::enqueued_position`]
+    /// read earlier), at most `timeout`; whether it did.
+    pub fn wait_committed_blocking(&self, target: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.committed_position() >= target {
+                return true;
+            }
+            if self.shared.is_fenced() || Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Entries recorded and not yet committed.
     pub fn depth(&self) -> u64 {
         self.shared.depth(self.committed_position())

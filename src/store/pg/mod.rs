@@ -585,14 +585,28 @@ impl PgStore {
     /// What [`Store::load`] returns but the accounts (left empty): the open
     /// reservations and the last seq.
     pub fn load_without_accounts(&mut self) -> Result<Loaded, StoreError> {
+        // A cluster node loads its own reservations only (the others' are
+        // theirs, or in doubt for the operator) and continues its own seq
+        // range (`cluster::sql::node_seq_base`).
+        let node = self.lease.map(|l| l.node);
+        let (first, end) = match node {
+            Some(n) => (
+                crate::cluster::sql::node_seq_base(n) as i64,
+                crate::cluster::sql::node_seq_base(n + 1) as i64,
+            ),
+            None => (0, i64::MAX),
+        };
         let client = self.read_session()?;
         let rows = client.query(
             "SELECT id, account, anytime_milli, offpeak_milli, reference, tariff_version,
                     created_unix_ms
-             FROM open_reservations ORDER BY id",
-            &[],
+             FROM open_reservations WHERE $1::integer IS NULL OR node = $1 ORDER BY id",
+            &[&node],
         );
-        let last = client.query_one("SELECT COALESCE(MAX(seq), 0) FROM entries", &[]);
+        let last = client.query_one(
+            "SELECT COALESCE(MAX(seq), $1::bigint) FROM entries WHERE seq >= $1 AND seq < $2",
+            &[&first, &end],
+        );
         let (rows, last) = match (rows, last) {
             (Ok(rows), Ok(last)) => (rows, last),
             (Err(e), _) | (_, Err(e)) => return Err(self.err(&e)),
