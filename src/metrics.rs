@@ -250,6 +250,24 @@ pub struct Metrics {
     /// share) resolved, by `result` (`charged`, `released`) and `cause`
     /// (`report`, `timeout`: `dlr.on_timeout` applied).
     pub dlr_holds_resolved: IntCounterVec,
+    /// Cluster nodes (`cluster:`): the free part of this node's grants,
+    /// by bucket (what it may still reserve without a round trip).
+    pub cluster_grant_held_milli: IntGaugeVec,
+    /// Grant takes and top-ups by result (granted, insufficient, error).
+    pub cluster_grant_takes: IntCounterVec,
+    /// Milli-credits taken into and returned from this node's grants.
+    pub cluster_grant_milli: IntCounterVec,
+    /// Takes of exactly a send's shortfall (direct mode: the account has
+    /// too little left to slice).
+    pub cluster_direct_takes: IntCounter,
+    /// Dead nodes' grants this node's expiry sweeps returned.
+    pub cluster_swept_milli: IntCounter,
+    /// Lease renewals by result (ok, failed).
+    pub cluster_lease_renewals: IntCounterVec,
+    /// 1 while this node's lease lets it reserve, else 0.
+    pub cluster_may_spend: IntGauge,
+    /// The grant protocol's PostgreSQL round trips, by statement.
+    pub cluster_pg_seconds: HistogramVec,
     /// Low-balance crossings, by whether their webhook was queued in the
     /// outbox (`queued`) or refused by it (`refused`: retried on the
     /// account's next change).
@@ -636,6 +654,44 @@ impl Metrics {
                 "charge_on: delivery holds (one per part) resolved, by result and cause",
                 &["result", "cause"],
             ),
+            cluster_grant_held_milli: gauge_vec(
+                "tollgate_cluster_grant_held_milli",
+                "Cluster node: milli-credits of this node's grants not yet reserved, by bucket",
+                &["bucket"],
+            ),
+            cluster_grant_takes: counter_vec(
+                "tollgate_cluster_grant_takes_total",
+                "Cluster node: grant takes and top-ups by result (granted, insufficient, error)",
+                &["result"],
+            ),
+            cluster_grant_milli: counter_vec(
+                "tollgate_cluster_grant_milli_total",
+                "Cluster node: milli-credits taken into (taken) and given back from (returned) its grants",
+                &["direction"],
+            ),
+            cluster_direct_takes: counter(
+                "tollgate_cluster_direct_takes_total",
+                "Cluster node: takes of exactly a send's shortfall (the account has too little left to slice)",
+            ),
+            cluster_swept_milli: counter(
+                "tollgate_cluster_swept_milli_total",
+                "Cluster node: milli-credits of dead nodes' grants this node's expiry sweeps returned",
+            ),
+            cluster_lease_renewals: counter_vec(
+                "tollgate_cluster_lease_renewals_total",
+                "Cluster node: lease renewals by result (ok, failed)",
+                &["result"],
+            ),
+            cluster_may_spend: gauge(
+                "tollgate_cluster_may_spend",
+                "Cluster node: 1 while its lease lets it reserve, else 0",
+            ),
+            cluster_pg_seconds: latency_histogram(
+                "tollgate_cluster_pg_seconds",
+                "Cluster node: PostgreSQL round trips of the grant protocol, by statement \
+                 (take, give_back, credit, balance, transfer, seed)",
+                &["statement"],
+            ),
         };
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(m.build_info.clone()),
@@ -696,6 +752,14 @@ impl Metrics {
             Box::new(m.dlr_pending_shares.clone()),
             Box::new(m.dlr_timeouts.clone()),
             Box::new(m.dlr_holds_resolved.clone()),
+            Box::new(m.cluster_grant_held_milli.clone()),
+            Box::new(m.cluster_grant_takes.clone()),
+            Box::new(m.cluster_grant_milli.clone()),
+            Box::new(m.cluster_direct_takes.clone()),
+            Box::new(m.cluster_swept_milli.clone()),
+            Box::new(m.cluster_lease_renewals.clone()),
+            Box::new(m.cluster_may_spend.clone()),
+            Box::new(m.cluster_pg_seconds.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");
@@ -946,12 +1010,19 @@ mod tests {
         m.account_available_milli.with_label_values(&["a", "b"]);
         m.account_reserved_milli.with_label_values(&["a", "b"]);
         m.requests.with_label_values(&["a", "b", "c"]);
+        m.cluster_grant_held_milli.with_label_values(&["anytime"]);
+        m.cluster_grant_takes.with_label_values(&["granted"]);
+        m.cluster_grant_milli.with_label_values(&["taken"]);
+        m.cluster_lease_renewals.with_label_values(&["ok"]);
+        m.cluster_pg_seconds
+            .with_label_values(&["take"])
+            .observe(0.001);
         m.set_tariff_version("v", 0);
         let families = m.registry.gather();
         let (ours, process): (Vec<_>, Vec<_>) = families
             .iter()
             .partition(|f| f.get_name().starts_with("tollgate_"));
-        assert_eq!(ours.len(), 58);
+        assert_eq!(ours.len(), 66);
         let mut process: Vec<&str> = process.iter().map(|f| f.get_name()).collect();
         process.sort_unstable();
         let mut expected = PROCESS_FAMILIES.to_vec();

@@ -17,6 +17,7 @@
 //! `--upgrade` and the socket paths to pingora, and installs the signal
 //! handling that starts the hand-over).
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -29,10 +30,13 @@ use pingora::services::listening::Service;
 
 use crate::admin::AdminApp;
 use crate::auth::CredentialStore;
+use crate::cluster::node::ClusterNode;
 use crate::config::{accounts, Config, InDoubtPolicy};
 use crate::downstream::{ConnectionGate, GateConfig};
 use crate::handover::{Readiness, Slot, UpgradeSignals};
-use crate::ledger::{Bucket, Clock, EntrySink, Ledger, LedgerConfig, NullSink, SystemClock};
+use crate::ledger::{
+    Bucket, BucketBalance, Clock, EntrySink, Ledger, LedgerConfig, NullSink, SystemClock,
+};
 use crate::metrics::Metrics;
 use crate::proxy::TollgateProxy;
 use crate::reload::Reloader;
@@ -78,6 +82,9 @@ pub struct OpenedStore {
     pub loaded: Loaded,
     /// Where the store is, for the restore's own connections.
     location: StoreLocation,
+    /// A cluster node's runtime (`cluster:`): registered, its writer under
+    /// the node's lease.
+    cluster: Option<Arc<ClusterNode>>,
     /// About how many accounts the store holds: sizes the ledger's map once.
     accounts_hint: usize,
 }
@@ -158,6 +165,7 @@ pub fn open_store(
         loaded,
         location: StoreLocation::Sqlite(path.clone()),
         accounts_hint,
+        cluster: None,
     }))
 }
 
@@ -171,14 +179,7 @@ fn open_postgres(
 ) -> Result<OpenedStore, StartError> {
     let location = StoreLocation::Postgres(Box::new(pg.clone()));
     if let Some(cluster) = &config.cluster {
-        // Fail closed: the grant protocol's SQL exists (`crate::cluster`),
-        // the request path does not use it yet. Never run as a plain
-        // single node while the operator asked for a cluster node.
-        return Err(location.fail(format!(
-            "cluster (node {}): this tollgate validates the cluster section but cannot serve \
-             as a cluster node yet; remove the section to run one node on this store",
-            cluster.node_id
-        )));
+        return open_cluster_node(config, pg, cluster, metrics, clock, location);
     }
     let fail = |e: StoreError| match (location.fail(e.to_string()), &e) {
         (StartError::Store { path, problem }, StoreError::Owned { .. }) => {
@@ -203,6 +204,64 @@ fn open_postgres(
         loaded,
         location,
         accounts_hint,
+        cluster: None,
+    })
+}
+
+/// [`open_postgres`] for a cluster node: applies pending migrations (under
+/// their lock, so nodes starting together migrate once), registers the
+/// node (its lease and fencing token: `crate::cluster`), and opens the
+/// writer under that lease; loads only this node's open reservations and
+/// continues its own seq range. No single-owner fence: the nodes share the
+/// store.
+fn open_cluster_node(
+    config: &Config,
+    pg: &PgSettings,
+    cluster: &crate::config::cluster::ClusterConfig,
+    metrics: &Arc<Metrics>,
+    clock: Arc<dyn Clock>,
+    location: StoreLocation,
+) -> Result<OpenedStore, StartError> {
+    let fail = |problem: String| location.fail(problem);
+    let me = crate::store::fence::Claimant::this_process(clock.now_unix_ms());
+    drop(
+        PgStore::open(pg, config.durability, &me.host, me.started_unix_ms)
+            .map_err(|e| fail(e.to_string()))?,
+    );
+    let node = ClusterNode::start(
+        pg,
+        cluster,
+        metrics.clone(),
+        clock,
+        config.store.ack_timeout,
+    )
+    .map_err(|e| fail(format!("cluster (node {}): {e}", cluster.node_id)))?;
+    let mut store = PgStore::open_under_lease(pg, config.durability, node.lease())
+        .map_err(|e| fail(e.to_string()))?
+        .with_metrics(metrics.clone());
+    let loaded = store
+        .load_without_accounts()
+        .map_err(|e| fail(e.to_string()))?;
+    let accounts_hint = store
+        .account_count_hint()
+        .map_err(|e| fail(e.to_string()))?;
+    let writer = Arc::new(WriteBehind::new(
+        Box::new(store),
+        WriterConfig::from(&config.store),
+        metrics.clone(),
+    ));
+    tracing::info!(
+        node = %cluster.node_id,
+        id = node.lease().node,
+        own_open_reservations = loaded.open_reservations.len(),
+        "cluster node joined"
+    );
+    Ok(OpenedStore {
+        writer,
+        loaded,
+        location,
+        accounts_hint,
+        cluster: Some(node),
     })
 }
 
@@ -221,9 +280,21 @@ fn open_postgres(
 /// A PostgreSQL store is read by one thread over one snapshot session,
 /// streamed (the server sends rows as fast as the ledger takes them).
 fn restore(ledger: &Ledger, opened: OpenedStore) -> Result<Arc<WriteBehind>, StartError> {
+    // A cluster node restores every account's identity but spends only
+    // its own: each account's balance is its open reservations here (its
+    // grants start empty; `cluster::node`).
+    let own = opened.cluster.as_ref().map(|_| {
+        let mut own: HashMap<&str, [i64; 2]> = HashMap::new();
+        for r in &opened.loaded.open_reservations {
+            let sums = own.entry(r.account.as_str()).or_default();
+            sums[0] += r.anytime_milli.max(0);
+            sums[1] += r.offpeak_milli.max(0);
+        }
+        own
+    });
     let restored = match &opened.location {
         StoreLocation::Sqlite(path) => restore_sqlite(ledger, path),
-        StoreLocation::Postgres(pg) => restore_postgres(ledger, pg),
+        StoreLocation::Postgres(pg) => restore_postgres(ledger, pg, own.as_ref()),
     }
     .map_err(|e| opened.location.fail(e.to_string()))?;
     let loaded = opened.loaded;
@@ -246,10 +317,25 @@ fn restore(ledger: &Ledger, opened: OpenedStore) -> Result<Arc<WriteBehind>, Sta
     Ok(opened.writer)
 }
 
-fn restore_postgres(ledger: &Ledger, pg: &PgSettings) -> Result<usize, StoreError> {
+fn restore_postgres(
+    ledger: &Ledger,
+    pg: &PgSettings,
+    own: Option<&HashMap<&str, [i64; 2]>>,
+) -> Result<usize, StoreError> {
     let mut reader = PgStore::open_snapshot(pg)?;
     let mut batch = Vec::with_capacity(RESTORE_BATCH);
     let n = reader.for_each_ready_account(&mut |account| {
+        let account = match own {
+            None => account,
+            Some(own) => {
+                let [anytime, offpeak] = own.get(account.name()).copied().unwrap_or_default();
+                let held = |milli| BucketBalance {
+                    posted_milli: milli,
+                    reserved_milli: milli,
+                };
+                account.with_balances(held(anytime), held(offpeak))
+            }
+        };
         batch.push(account);
         if batch.len() == RESTORE_BATCH {
             ledger.restore_ready(batch.drain(..));
@@ -386,6 +472,7 @@ fn build(
         stored_accounts,
     ));
     let location = store.as_ref().map(|s| s.location.clone());
+    let cluster = store.as_ref().and_then(|s| s.cluster.clone());
     let writer = match store {
         Some(opened) => {
             let writer = restore(&ledger, opened)?;
@@ -403,11 +490,18 @@ fn build(
         config.auth.credential_cache_entries,
         seeds.len(),
     ));
+    if let Some(node) = &cluster {
+        if let Some(writer) = &writer {
+            node.attach(ledger.clone(), writer.clone());
+        }
+        seed_cluster(node, &ledger, &seeds)?;
+    }
     for seed in &seeds {
-        seed_account(&ledger, &credentials, seed)?;
+        seed_account(&ledger, &credentials, seed, cluster.is_none())?;
     }
     let mut app = App::new(config, ledger, credentials, tariff, metrics, clock);
     app.store = writer;
+    app.cluster = cluster;
     // Idempotency keys live next to the ledger store (SPEC 3.4) and belong to
     // its owner: opened only once this process owns the store. With a
     // PostgreSQL store and no key file, in the store's database.
@@ -523,12 +617,50 @@ fn refunds_in_journal(
     Ok(found)
 }
 
+/// A cluster node's seeds: the accounts the cluster lacks are created in
+/// the database with their opening balances (by whichever node starts
+/// first); the ledger then opens every seed empty (`seed_account`), as a
+/// node spends only from its grants.
+fn seed_cluster(
+    node: &ClusterNode,
+    ledger: &Ledger,
+    seeds: &[accounts::AccountSeed],
+) -> Result<(), StartError> {
+    let rows: Vec<crate::cluster::sql::Seed<'_>> = seeds
+        .iter()
+        .map(|s| crate::cluster::sql::Seed {
+            name: &s.name,
+            parent: s.parent.as_deref(),
+            role: s.role,
+            tariff_class: s.tariff_class.as_deref(),
+            anytime_milli: s.anytime_milli,
+            offpeak_milli: s.offpeak_milli,
+        })
+        .collect();
+    let created = node
+        .seed_blocking(ledger, &rows)
+        .map_err(|e| StartError::Store {
+            path: node.settings().url.redacted().to_string(),
+            problem: node.settings().url.redact(&e.to_string()),
+        })?;
+    if created > 0 {
+        tracing::info!(
+            created,
+            "cluster: seed accounts created in the shared store"
+        );
+    }
+    Ok(())
+}
+
 /// Opens a seed account the ledger does not know yet, with its opening
-/// balances; an account the ledger already has keeps its balance.
+/// balances (`with_balance`; a cluster node opens it empty: the balance
+/// is the cluster's, `seed_cluster`); an account the ledger already has
+/// keeps its balance.
 fn seed_account(
     ledger: &Ledger,
     credentials: &CredentialStore,
     seed: &accounts::AccountSeed,
+    with_balance: bool,
 ) -> Result<(), StartError> {
     let fail = |problem: String| StartError::Account {
         account: seed.name.clone(),
@@ -550,7 +682,7 @@ fn seed_account(
         (Bucket::Anytime, seed.anytime_milli),
         (Bucket::OffPeak, seed.offpeak_milli),
     ] {
-        if amount != 0 {
+        if amount != 0 && with_balance {
             ledger
                 .add(&seed.name, bucket, amount, Some("seed"))
                 .map_err(|e| fail(e.to_string()))?;
@@ -704,6 +836,14 @@ pub fn run(config: Config) -> Result<(), StartError> {
 pub fn run_with(config: Config, options: RunOptions) -> Result<(), StartError> {
     let metrics = Arc::new(Metrics::with_store_ack_timeout(config.store.ack_timeout));
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+    if options.upgrade && config.cluster.is_some() {
+        return Err(StartError::Upgrade(
+            "a cluster node is not upgraded in place: stop it (SIGTERM: it gives its grants \
+             back) and start the new build; the load balancer sends clients to the other \
+             nodes meanwhile"
+                .into(),
+        ));
+    }
     let slot = if options.upgrade {
         // The successor listens before it owns the store; the ledger is
         // bound into the slot once the old process released it.
@@ -842,7 +982,12 @@ pub fn run_with(config: Config, options: RunOptions) -> Result<(), StartError> {
     match slot.bound() {
         Some(app) => {
             app.idempotency.flush_blocking();
-            flush_store(&app)
+            let flushed = flush_store(&app);
+            // After the last commit: every grant back, the lease released.
+            if let Some(node) = &app.cluster {
+                node.shutdown();
+            }
+            flushed
         }
         // A successor stopped before it got the store: nothing to flush.
         None => Ok(()),

@@ -1,8 +1,7 @@
 //! Several tollgate nodes on one PostgreSQL ledger (`cluster:`), over the
 //! real binary. The grant protocol itself is tested against PostgreSQL in
 //! the crate (`cluster::sql_tests`) and as a model (`cluster::model`);
-//! `tollgate run` does not serve as a cluster node yet, and must say so
-//! rather than run as a plain single node.
+//! here two real nodes share one database.
 
 mod common;
 
@@ -44,39 +43,49 @@ fn tollgate(args: &[&str], config: &std::path::Path) -> std::process::Output {
 }
 
 #[test]
-fn a_cluster_section_is_validated_and_run_refuses_it_rather_than_run_alone() {
-    let db = TestDb::create("cluster_refused");
+fn a_cluster_section_is_validated_and_refused_where_it_cannot_hold() {
+    let db = TestDb::create("cluster_check");
     let dir = tempfile::tempdir().unwrap();
     let cluster = "cluster: { node_id: node-a, lease_ms: 3000 }\n";
     let path = config(dir.path(), &pg::store_yaml(&db.url(), ""), cluster);
     let out = tollgate(&["check"], &path);
     assert!(out.status.success(), "{}", cli_text(&out));
 
-    let out = tollgate(&["run"], &path);
-    let text = cli_text(&out);
-    assert!(!out.status.success(), "{text}");
-    assert!(
-        text.contains("cluster (node node-a)")
-            && text.contains("cannot serve as a cluster node yet"),
-        "{text}"
-    );
-    // Refused before anything was written: no schema, no node.
-    let tables: i64 = db
-        .client()
-        .query_one(
-            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'",
-            &[],
-        )
-        .unwrap()
-        .get(0);
-    assert_eq!(tables, 0);
-
-    // On SQLite, or with an unknown key: refused by check, naming the key.
-    let path = config(dir.path(), "store: { path: t.db }\n", cluster);
-    let out = tollgate(&["check"], &path);
-    let text = cli_text(&out);
-    assert!(!out.status.success(), "{text}");
-    assert!(text.contains("cluster: needs a PostgreSQL store"), "{text}");
+    // On SQLite, with an unknown key, or with a rule that would let a node
+    // spend what it was not granted: refused by check, naming the key.
+    for (store, extra, says) in [
+        (
+            "store: { path: t.db }\n",
+            "",
+            "cluster: needs a PostgreSQL store",
+        ),
+        (
+            "",
+            "durability: async\n",
+            "durability: must be sync with cluster",
+        ),
+        (
+            "",
+            "ledger: { overdraft: ozeki }\n",
+            "ledger.overdraft: must be strict",
+        ),
+        (
+            "",
+            "auth: { adopt_balance: true }\n",
+            "auth.adopt_balance: cannot be true",
+        ),
+    ] {
+        let store = if store.is_empty() {
+            pg::store_yaml(&db.url(), "")
+        } else {
+            store.to_string()
+        };
+        let path = config(dir.path(), &format!("{store}{extra}"), cluster);
+        let out = tollgate(&["check"], &path);
+        let text = cli_text(&out);
+        assert!(!out.status.success(), "{text}");
+        assert!(text.contains(says), "{says}: {text}");
+    }
     let path = config(
         dir.path(),
         &pg::store_yaml(&db.url(), ""),
@@ -86,6 +95,109 @@ fn a_cluster_section_is_validated_and_run_refuses_it_rather_than_run_alone() {
     let text = cli_text(&out);
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("unknown field"), "{text}");
+    // Nothing ran: no schema was made.
+    let tables: i64 = db
+        .client()
+        .query_one(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(tables, 0);
+}
+
+/// A node of a cluster on `db`, in front of `sim`.
+fn node(sim: &Sim, db: &TestDb, id: &str) -> Tollgate {
+    Tollgate::start(
+        sim.addr,
+        TollgateOptions {
+            extra_yaml: format!(
+                "{}durability: sync\n\
+                 cluster: {{ node_id: {id}, lease_ms: 2000, lease_renew_ms: 500, \
+                 lease_margin_ms: 500, grant_ttl_ms: 5000, grant_idle_ms: 400 }}\n",
+                pg::store_yaml(&db.url(), "statement_timeout_ms: 2000")
+            ),
+            ..Default::default()
+        },
+    )
+}
+
+fn send(t: &Tollgate, user: &str, password: &str, to: &str) -> (u16, String) {
+    get(&t.url(&format!(
+        "/api?action=sendmessage&username={user}&password={password}&recipient={to}&messagedata=hi"
+    )))
+}
+
+fn admin_add(t: &Tollgate, user: &str, credits: i64) -> (u16, String) {
+    get(&t.url(&format!(
+        "/api?action=addcredits&username=admin&password=abc123&useraccount={user}&add={credits}"
+    )))
+}
+
+#[test]
+fn two_nodes_share_one_ledger_and_spend_exactly_its_credit() {
+    let db = TestDb::create("cluster_two_nodes");
+    let sim = Sim::start(&["--user", "poor:poor1:1000"]);
+    let a = node(&sim, &db, "node-a");
+    let b = node(&sim, &db, "node-b");
+    // Seeded once (by whichever started first), seen by both.
+    assert_eq!(a.balance("john", "secret1"), "744");
+    assert_eq!(b.balance("john", "secret1"), "744");
+
+    // A credit action on one node is the next decision of the other.
+    let (status, body) = admin_add(&a, "poor", 10);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(xml_field(&body, "balance").as_deref(), Some("10"), "{body}");
+    assert_eq!(b.balance("poor", "poor1"), "10");
+
+    // 1 credit a send, alternating nodes, retried until the cluster's
+    // credit is gone: exactly 10 accepted, none beyond.
+    let nodes = [&a, &b];
+    let (mut accepted, mut refused_in_a_row, mut i) = (0, 0, 0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while refused_in_a_row < 20 && std::time::Instant::now() < deadline {
+        let (status, body) = send(nodes[i % 2], "poor", "poor1", "%2B36201234567");
+        i += 1;
+        if status == 200 && body.contains("accepted") && !body.contains("rejected") {
+            accepted += 1;
+            refused_in_a_row = 0;
+        } else {
+            assert!(body.contains("nsufficient"), "{status} {body}");
+            refused_in_a_row += 1;
+            // Credit a node holds comes back after `grant_idle_ms`.
+            std::thread::sleep(std::time::Duration::from_millis(60));
+        }
+    }
+    assert_eq!(accepted, 5, "2 credits a send to 3620, 10 credits");
+    assert_eq!(a.balance("poor", "poor1"), "0");
+    assert_eq!(b.balance("poor", "poor1"), "0");
+
+    // A deduction beyond the balance is refused cluster-wide.
+    let (_, body) = admin_add(&b, "poor", -1);
+    assert!(body.contains("nsufficient"), "{body}");
+
+    // Stopping a node gives its grants back and releases its lease.
+    a.balance("john", "secret1");
+    let mut a = a;
+    assert!(a.stop_with("TERM").success(), "{}", a.log());
+    let status = cli_text(&b.cli(&["cluster", "status"]));
+    assert!(
+        status.contains("\"node-a\"") && status.contains("released"),
+        "{status}"
+    );
+    let held: i64 = db
+        .client()
+        .query_one(
+            "SELECT COALESCE(sum(amount_milli), 0)::bigint FROM grants g JOIN nodes n \
+             ON n.id = g.node WHERE n.name = 'node-a'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(held, 0);
+    let out = b.cli(&["ledger", "verify"]);
+    assert!(out.status.success(), "{}", cli_text(&out));
 }
 
 #[test]

@@ -62,6 +62,7 @@
 
 pub mod keeper;
 pub mod model;
+pub mod node;
 pub mod sizing;
 pub mod sql;
 #[cfg(test)]

@@ -101,6 +101,10 @@ pub struct App {
     pub dropin: dropin::DropIn,
     /// Delivery reports (`dlr.enabled`), set once at start-up.
     pub dlr: Option<Arc<crate::dlr::Dlr>>,
+    /// This node's part of a cluster (`cluster:`), set once at start-up:
+    /// sends reserve from its grants, credit actions and balances go to
+    /// the shared database (`crate::cluster::node`).
+    pub cluster: Option<Arc<crate::cluster::node::ClusterNode>>,
     /// The durable outbox, opened at start-up when something sends through
     /// it (`dlr.enabled`, `notify.low_balance`).
     pub outbox: Option<Arc<crate::outbox::Outbox>>,
@@ -180,6 +184,7 @@ impl App {
             reload_lock: parking_lot::Mutex::new(()),
             store: None,
             dlr: None,
+            cluster: None,
             outbox: None,
             low_balance: None,
             standby: false,

@@ -117,7 +117,7 @@ async fn run(app: &App, snapshot: &Snapshot, req: &Request<'_>, params: &Params)
         } => {
             const ACTION: &str = "getcredits";
             match check_caller(app, snapshot, req.client_ip, &credentials).await {
-                Ok(()) => get_credits(app, &credentials, useraccount),
+                Ok(()) => get_credits(app, &credentials, useraccount).await,
                 Err(refusal) => refuse(Shape::Ozeki { action: ACTION }, refusal),
             }
         }
@@ -246,7 +246,7 @@ fn credits(action_echo: &str, account: &str, available_milli: i64) -> Reply {
     )
 }
 
-fn get_credits(app: &App, credentials: &Credentials, useraccount: Option<String>) -> Reply {
+async fn get_credits(app: &App, credentials: &Credentials, useraccount: Option<String>) -> Reply {
     const ACTION: &str = "getcredits";
     let refused = |code: ErrorCode| refuse(Shape::Ozeki { action: ACTION }, Refusal::new(code));
     if let Err(code) = app.ensure_owner() {
@@ -260,9 +260,21 @@ fn get_credits(app: &App, credentials: &Credentials, useraccount: Option<String>
     if target != caller.name && caller.role != Role::Admin {
         return refused(ErrorCode::Forbidden);
     }
-    match app.ledger.account(&target) {
-        Some(view) => credits(ACTION, &view.name, view.anytime.available_milli()),
-        None => refused(ErrorCode::UnknownAccount),
+    match (app.ledger.account(&target), &app.cluster) {
+        (Some(view), None) => credits(ACTION, &view.name, view.anytime.available_milli()),
+        // The account's balance across the cluster, one round trip (boxed:
+        // only cluster nodes wait here).
+        (Some(view), Some(node)) => match Box::pin(node.balance(&view.name)).await {
+            Ok(balances) => {
+                let balance = balances.map_or(0, |[anytime, _]| anytime.balance_milli());
+                credits(ACTION, &view.name, balance)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cluster: reading a balance failed");
+                refused(ErrorCode::StoreUnavailable)
+            }
+        },
+        (None, _) => refused(ErrorCode::UnknownAccount),
     }
 }
 
@@ -319,6 +331,16 @@ async fn credit_change(
         return refused(Refusal::new(code));
     }
     let reference = Some(req.request_id.as_str());
+    if let Some(node) = &app.cluster {
+        let Some(view) = app.ledger.account(&target) else {
+            return refused(Refusal::new(ErrorCode::UnknownAccount));
+        };
+        let answer = Box::pin(cluster_credit_change(app, node, &view, change, reference)).await;
+        return match answer {
+            Ok(balance) => credits(echo, &target, balance),
+            Err(code) => refused(Refusal::new(code)),
+        };
+    }
     let result = match change {
         Change::Set(None) => match app.ledger.account(&target) {
             Some(v) => Ok(v.anytime),
@@ -345,6 +367,60 @@ async fn credit_change(
             credits(echo, &target, balance.available_milli())
         }
         Err(e) => refused(Refusal::new(ledger_error_code(&e))),
+    }
+}
+
+/// A cluster node's `setcredits`/`addcredits`: straight in the shared
+/// database (committed before the answer, visible to every node's next
+/// take); the answer is the account's balance across the cluster. Refused
+/// with `insufficient_credit` when the change would take the balance below
+/// what reservations and nodes' grants hold (idle grants come back within
+/// `cluster.grant_idle_ms`).
+async fn cluster_credit_change(
+    app: &App,
+    node: &crate::cluster::node::ClusterNode,
+    target: &crate::ledger::AccountView,
+    change: Change,
+    reference: Option<&str>,
+) -> Result<i64, ErrorCode> {
+    use crate::cluster::sql::CreditKind;
+    let balance = |b: Option<[crate::cluster::sql::ClusterBalance; 2]>| {
+        b.map_or(0, |[anytime, _]| anytime.balance_milli())
+    };
+    let (kind, amount) = match change {
+        Change::Set(None) => {
+            return match node.balance(&target.name).await {
+                Ok(b) => Ok(balance(b)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cluster: reading a balance failed");
+                    Err(ErrorCode::StoreUnavailable)
+                }
+            }
+        }
+        Change::Set(Some(_)) | Change::Add(_) if !node.may_spend() => {
+            return Err(ErrorCode::StoreUnavailable)
+        }
+        Change::Set(Some(new)) if new < 0 => return Err(ErrorCode::InvalidRequest),
+        Change::Set(Some(new)) => (CreditKind::Set, new),
+        Change::Add(amount) => (CreditKind::Add, amount),
+    };
+    match node
+        .credit(
+            &app.ledger,
+            kind,
+            &target.name,
+            target.role,
+            amount,
+            reference,
+        )
+        .await
+    {
+        Ok(Some(b)) => Ok(balance(Some(b))),
+        Ok(None) => Err(ErrorCode::InsufficientCredit),
+        Err(e) => {
+            tracing::warn!(error = %e, "cluster: a credit action failed");
+            Err(ErrorCode::StoreUnavailable)
+        }
     }
 }
 

@@ -17,6 +17,7 @@
 
 use crate::api::ozeki::answer::{match_reports, parse_send_answer, AnswerError};
 use crate::api::ozeki::command::SendMessage;
+use crate::cluster::node::Refused;
 use crate::config::{Mode, UnknownAccounts};
 use crate::error::ErrorCode;
 use crate::ledger::{BucketPreference, LedgerError, ReservationGuard};
@@ -85,24 +86,46 @@ pub async fn send(app: &App, snapshot: &Snapshot, req: &Request<'_>, send: SendM
         permit.refund(&app.limiter);
         return refused(Refusal::new(code));
     }
-    let reserved = app.ledger.reserve(
-        &account,
-        &priced.shares,
-        priced.preference,
-        Some(&req.request_id),
-        Some(snapshot.tariff.version()),
-    );
+    let reference = Some(req.request_id.as_str());
+    let version = Some(snapshot.tariff.version());
+    let reserved = match &app.cluster {
+        None => app
+            .ledger
+            .reserve(
+                &account,
+                &priced.shares,
+                priced.preference,
+                reference,
+                version,
+            )
+            .map_err(Refused::Ledger),
+        // From this node's grants, taking more from the cluster on a
+        // shortfall (`cluster::node`).
+        // Boxed: its state would otherwise size every send's future.
+        Some(node) => {
+            Box::pin(node.reserve(
+                &app.ledger,
+                &account,
+                &priced.shares,
+                priced.preference,
+                reference,
+                version,
+            ))
+            .await
+        }
+    };
     let mut guard = match reserved {
         Ok(id) => ReservationGuard::new(app.ledger.clone(), id),
         Err(e) => {
             // Nothing goes upstream: the parts are given back.
             permit.refund(&app.limiter);
             return refused(match e {
-                LedgerError::InsufficientCredit { .. } => Refusal::with_text(
+                Refused::Ledger(LedgerError::InsufficientCredit { .. }) => Refusal::with_text(
                     ErrorCode::InsufficientCredit,
                     "Insufficient credit to send this message",
                 ),
-                e => Refusal::new(ledger_error_code(&e)),
+                Refused::Ledger(e) => Refusal::new(ledger_error_code(&e)),
+                Refused::Unavailable => Refusal::new(ErrorCode::StoreUnavailable),
             });
         }
     };
@@ -194,7 +217,9 @@ pub async fn send(app: &App, snapshot: &Snapshot, req: &Request<'_>, send: SendM
     if settled.held_milli > 0 {
         extra.push(("X-Tollgate-Held", format_credits(settled.held_milli)));
     }
-    if let Some(view) = app.ledger.account(&account) {
+    // A cluster node's ledger holds its grants, not the account's balance
+    // (that is one round trip away: `getcredits`), so it says nothing.
+    if let (None, Some(view)) = (&app.cluster, app.ledger.account(&account)) {
         extra.push((
             "X-Tollgate-Balance",
             format_credits(view.anytime.available_milli()),

@@ -334,6 +334,48 @@ fn failure_answer(
     respond::refuse(shape, Refusal::with_text(code, text))
 }
 
+/// A cluster node's `SubAccountGiveCredit`: one transaction in the shared
+/// database, both buckets or neither (`cluster::sql::transfer`); the
+/// answer shows both accounts' balances across the cluster.
+async fn cluster_give_credit(
+    app: &App,
+    node: &crate::cluster::node::ClusterNode,
+    parent: &str,
+    sub_account: &str,
+    amounts_milli: [i64; 2],
+    request_id: &str,
+) -> Result<(Balances, Balances), ErrorCode> {
+    use crate::cluster::sql::TransferRefused;
+    if amounts_milli == [0, 0] {
+        return Err(ErrorCode::InvalidRequest);
+    }
+    if !node.may_spend() {
+        return Err(ErrorCode::StoreUnavailable);
+    }
+    let of = |[anytime, offpeak]: [crate::cluster::sql::ClusterBalance; 2]| Balances {
+        anytime_milli: anytime.balance_milli(),
+        offpeak_milli: offpeak.balance_milli(),
+    };
+    match node
+        .transfer(
+            &app.ledger,
+            parent,
+            sub_account,
+            amounts_milli,
+            Some(request_id),
+        )
+        .await
+    {
+        Ok(Ok([p, c])) => Ok((of(p), of(c))),
+        Ok(Err(TransferRefused::NotASubaccount)) => Err(ErrorCode::NotASubaccount),
+        Ok(Err(TransferRefused::Insufficient { .. })) => Err(ErrorCode::InsufficientCredit),
+        Err(e) => {
+            tracing::warn!(error = %e, "cluster: a transfer failed");
+            Err(ErrorCode::StoreUnavailable)
+        }
+    }
+}
+
 fn balances_of(b: &crate::ledger::AccountBalances) -> Balances {
     Balances {
         anytime_milli: b.anytime.available_milli(),
@@ -424,6 +466,39 @@ async fn give_credit(
     };
     if let Err(code) = app.admit_change().await {
         return refused(code, code.message());
+    }
+    if let Some(node) = &app.cluster {
+        let amounts = [anytime_milli, offpeak_milli];
+        let given = Box::pin(cluster_give_credit(
+            app,
+            node,
+            &caller.name,
+            sub_account,
+            amounts,
+            request_id,
+        ))
+        .await;
+        return match given {
+            Ok((parent, sub)) => ok_answer(
+                version,
+                give_credit_response(
+                    version,
+                    &GiveCreditAnswer {
+                        ok: true,
+                        parent: Some(parent),
+                        sub: Some(sub),
+                        result_text: format!(
+                            "Credits successfully exchanged between {} (master account) and {} (sub account).",
+                            caller.name, sub_account
+                        ),
+                        code: 0,
+                    },
+                ),
+            ),
+            // A cluster node's ledger holds grants, not balances: the
+            // refusal shows none.
+            Err(code) => failure_answer(version, op, code, code.message(), None, None),
+        };
     }
     match app.ledger.transfer(
         &caller.name,
