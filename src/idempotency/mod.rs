@@ -42,6 +42,39 @@
 //! - The key file cannot be written: new keys are refused with
 //!   `store_unavailable` before anything runs.
 //!
+//! # Cluster (`cluster:`, several nodes on one PostgreSQL store)
+//! Opened with [`Idempotency::open_postgres_cluster`], the key table is
+//! `idempotency_keys` in the store's database, shared by every node, and
+//! the rules above hold across nodes, not only within one process:
+//! - A claim is decided by PostgreSQL: `INSERT ... ON CONFLICT DO NOTHING`
+//!   of the `pending` row, committed on its own (one round trip, on the
+//!   shared key thread, never on a tokio worker) before the request runs.
+//!   Two nodes claiming one key at once: one inserts, the other finds it.
+//! - A retry finding the key `pending` with the same fingerprint cannot
+//!   tell a request still running on another node from one whose node
+//!   died, so it **waits**: the row is read again every [`SHARED_POLL`]
+//!   until it is `done` (replayed), gone (released: claimed afresh) or
+//!   `idempotency.wait_ms` passes: HTTP **409** `replayed`. A row left
+//!   pending by a dead node (or by a cancelled request here) stays so
+//!   until it expires: 409 after the wait, never a second run.
+//! - The answer (`done`) and the release (the row deleted) are written to
+//!   PostgreSQL in the order they happen on the same thread, each committed
+//!   on its own; until a release is committed the row is pending and
+//!   retries on every node wait, so none runs afresh early.
+//! - `idempotency.max_keys` bounds the shared table: counted at start, at
+//!   each sweep and when full, plus this node's claims since (every node
+//!   sweeps expired rows).
+//! - Only this mode pays the round trips: without `cluster:` the claim
+//!   goes through the group-committed writer as before.
+//!
+//! Failure modes in cluster mode: PostgreSQL down or the session broken →
+//! new keys (and retries that must read a row) get `store_unavailable`
+//! (HTTP 503) before anything runs; an answer or a release that cannot be
+//! written leaves the row pending → 409 for retries until it expires (fail
+//! closed, logged). The key table never decides from this process's memory
+//! alone, except that two requests with one key on the same node wait for
+//! each other in memory first (as without `cluster:`).
+//!
 //! Storage: its own SQLite file (`idempotency.path`, default next to the
 //! ledger store: `<store stem>.idempotency.db`), or, with a PostgreSQL
 //! ledger store (`store.url`) and no `idempotency.path`, the table
@@ -60,7 +93,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::clock::Clock;
 use sqlite::SqliteTable;
-use table::{Backend, DurableKeys, Found, MemoryKeys, Op};
+use table::{Backend, DurableKeys, Found, MemoryKeys, Op, SharedKeys, SharedOp};
 
 mod pg;
 mod sqlite;
@@ -169,6 +202,7 @@ struct InFlight {
 pub struct Claim {
     inner: Arc<Inner>,
     scope: Scope,
+    fingerprint: Fingerprint,
     finished: bool,
     _done: watch::Sender<()>,
 }
@@ -186,13 +220,15 @@ impl std::fmt::Debug for Claim {
 impl Claim {
     /// Binds the key to `answer` for the rest of its life.
     pub fn complete(mut self, answer: StoredAnswer) {
-        self.inner.backend.complete(&self.scope, answer);
+        self.inner
+            .backend
+            .complete(&self.scope, self.fingerprint, answer);
         self.finish();
     }
 
     /// Forgets the key: the request changed nothing.
     pub fn release(mut self) {
-        self.inner.backend.release(&self.scope);
+        self.inner.backend.release(&self.scope, self.fingerprint);
         self.finish();
     }
 
@@ -229,6 +265,10 @@ struct Inner {
 /// Shortest time between two sweeps of the key table.
 pub const SWEEP_EVERY_MS: i64 = 60_000;
 
+/// How often a key pending on the table a cluster shares is read again
+/// while a retry waits for it.
+pub const SHARED_POLL: Duration = Duration::from_millis(25);
+
 /// The key table of the process.
 pub struct Idempotency {
     inner: Arc<Inner>,
@@ -252,6 +292,21 @@ impl Idempotency {
     ) -> Result<Idempotency, String> {
         let table = pg::PgTable::open(store)?;
         let backend = Backend::Durable(DurableKeys::start(Box::new(table), cfg.max_keys)?);
+        Ok(Self::with_backend(backend, cfg, clock))
+    }
+
+    /// [`Self::open_postgres`] for a node of a cluster (`cluster:`): the
+    /// table is shared by every node on the store's database, so a claim
+    /// is decided by PostgreSQL, committed before its request runs, and a
+    /// key pending there is waited for as if it ran here (see "Cluster"
+    /// in the module docs). Call it off the async runtime (it connects).
+    pub fn open_postgres_cluster(
+        cfg: &IdempotencyConfig,
+        store: &crate::store::pg::PgSettings,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Idempotency, String> {
+        let table = pg::PgTable::open(store)?;
+        let backend = Backend::Shared(SharedKeys::start(Box::new(table), cfg.max_keys)?);
         Ok(Self::with_backend(backend, cfg, clock))
     }
 
@@ -312,10 +367,11 @@ impl Idempotency {
                     let claim = Claim {
                         inner: self.inner.clone(),
                         scope: scope.clone(),
+                        fingerprint,
                         finished: false,
                         _done: tx,
                     };
-                    return self.claimed(claim, fingerprint).await;
+                    return self.claimed(claim, fingerprint, deadline).await;
                 }
             };
             if let Some(mut done) = waiting {
@@ -331,30 +387,53 @@ impl Idempotency {
     }
 
     /// Holding the in-memory claim: looks the key up in the table and
-    /// records it as pending if it is new.
-    async fn claimed(&self, mut claim: Claim, fingerprint: Fingerprint) -> Begin {
+    /// records it as pending if it is new. On the table a cluster shares,
+    /// a key pending with the same request may be running on another
+    /// node: it is read again every [`SHARED_POLL`] until it is answered
+    /// (replayed), released (claimed afresh) or `deadline` passes.
+    async fn claimed(
+        &self,
+        mut claim: Claim,
+        fingerprint: Fingerprint,
+        deadline: tokio::time::Instant,
+    ) -> Begin {
+        let backend = &self.inner.backend;
         let now = self.inner.clock.now_unix_ms();
-        let found = self
-            .inner
-            .backend
+        let mut found = backend
             .begin(&claim.scope, fingerprint, now, now + self.inner.ttl_ms)
             .await;
-        let outcome = match found {
-            Ok(Found::Inserted) => return Begin::Fresh(claim),
-            Ok(Found::Done {
-                fingerprint: stored,
-                answer,
-            }) if stored == fingerprint => Begin::Replay(answer),
-            Ok(Found::Done { .. }) => Begin::Mismatch,
-            Ok(Found::Pending {
-                fingerprint: stored,
-            }) if stored == fingerprint => Begin::Interrupted,
-            Ok(Found::Pending { .. }) => Begin::Mismatch,
-            Ok(Found::Full) => Begin::Full,
-            Err(e) => {
-                tracing::error!(error = %e, "idempotency key table unavailable");
-                Begin::Unavailable
-            }
+        let outcome = loop {
+            break match found {
+                Ok(Found::Inserted) => return Begin::Fresh(claim),
+                Ok(Found::Done {
+                    fingerprint: stored,
+                    answer,
+                }) if stored == fingerprint => Begin::Replay(answer),
+                Ok(Found::Done { .. }) => Begin::Mismatch,
+                Ok(Found::Pending {
+                    fingerprint: stored,
+                }) if stored == fingerprint && backend.shared() => {
+                    if tokio::time::Instant::now() + SHARED_POLL > deadline {
+                        Begin::InProgress
+                    } else {
+                        tokio::time::sleep(SHARED_POLL).await;
+                        let now = self.inner.clock.now_unix_ms();
+                        found = backend
+                            .poll(&claim.scope, fingerprint, now, now + self.inner.ttl_ms)
+                            .await;
+                        continue;
+                    }
+                }
+                Ok(Found::Pending {
+                    fingerprint: stored,
+                }) if stored == fingerprint => Begin::Interrupted,
+                Ok(Found::Pending { .. }) => Begin::Mismatch,
+                Ok(Found::Full) => Begin::Full,
+                Err(e) => {
+                    tracing::error!(error = %e, "idempotency key table unavailable");
+                    Begin::Unavailable
+                }
+            };
         };
         // Not ours to run: free the in-memory entry, leave the row alone.
         claim.finish();
@@ -393,28 +472,35 @@ impl Idempotency {
         match &self.inner.backend {
             Backend::Memory(m) => m.lock().rows.len(),
             Backend::Durable(s) => s.rows.load(Ordering::Relaxed),
+            Backend::Shared(s) => s.rows.load(Ordering::Relaxed),
         }
     }
 
     /// [`Self::flush`] for a thread outside the async runtime (shutdown:
     /// the answers already sent are recorded before the process exits).
     pub fn flush_blocking(&self) {
-        if let Backend::Durable(s) = &self.inner.backend {
-            let (tx, rx) = oneshot::channel();
-            if s.send(Op::Flush(tx)) {
-                let _ = rx.blocking_recv();
-            }
+        if let Some(rx) = self.send_flush() {
+            let _ = rx.blocking_recv();
         }
     }
 
     /// Waits until every change sent to the key file so far is committed
     /// (tests, shutdown).
     pub async fn flush(&self) {
-        if let Backend::Durable(s) = &self.inner.backend {
-            let (tx, rx) = oneshot::channel();
-            if s.send(Op::Flush(tx)) {
-                let _ = rx.await;
-            }
+        if let Some(rx) = self.send_flush() {
+            let _ = rx.await;
         }
+    }
+
+    /// Queues a flush behind every change sent so far; `None` if there is
+    /// nothing to wait for (in memory, or the writer is gone).
+    fn send_flush(&self) -> Option<oneshot::Receiver<()>> {
+        let (tx, rx) = oneshot::channel();
+        let sent = match &self.inner.backend {
+            Backend::Memory(_) => false,
+            Backend::Durable(s) => s.send(Op::Flush(tx)),
+            Backend::Shared(s) => s.send(SharedOp::Flush(tx)),
+        };
+        sent.then_some(rx)
     }
 }

@@ -248,3 +248,265 @@ fn keys_and_fingerprints() {
     assert!(valid_key(&[b'a'; 255]));
     assert_ne!(fingerprint(&[b"ab", b"c"]), fingerprint(&[b"a", b"bc"]));
 }
+
+// ---------------------------------------------------------------------------
+// Two nodes of a cluster on one PostgreSQL table.
+// ---------------------------------------------------------------------------
+
+/// A node's key table in the shared mode (`cluster:`), opened off the
+/// runtime as `tollgate run` does.
+fn cluster_node(table: &Table, clock: Arc<ManualClock>, wait_ms: u64) -> Arc<Idempotency> {
+    let Table::Postgres(settings) = table else {
+        panic!("the shared mode needs PostgreSQL")
+    };
+    let cfg = IdempotencyConfig {
+        max_keys: 100,
+        wait: Duration::from_millis(wait_ms),
+        ..IdempotencyConfig::default()
+    };
+    let (settings, clock): (_, Arc<dyn Clock>) = ((**settings).clone(), clock);
+    let node =
+        std::thread::spawn(move || Idempotency::open_postgres_cluster(&cfg, &settings, clock))
+            .join()
+            .unwrap()
+            .unwrap();
+    Arc::new(node)
+}
+
+#[test]
+fn cluster_a_retry_on_another_node_waits_then_replays() {
+    let db = crate::store::pg::testing::TestDb::create("idem_cluster_wait");
+    let table = postgres(&db);
+    on_runtime(async {
+        let clock = Arc::new(ManualClock::new(1_000));
+        let a = cluster_node(&table, clock.clone(), 5_000);
+        let b = cluster_node(&table, clock.clone(), 5_000);
+        let fp = fingerprint(&[b"POST", b"/api", b"to=1"]);
+        let other = fingerprint(&[b"POST", b"/api", b"to=2"]);
+
+        let Begin::Fresh(claim) = a.begin("john", "k1", fp).await else {
+            panic!("fresh on A")
+        };
+        // The same key with another request on B: refused at once, from
+        // the row A committed (B has nothing in memory).
+        assert!(matches!(
+            b.begin("john", "k1", other).await,
+            Begin::Mismatch
+        ));
+        // The same request on B while A runs: B waits for A's answer.
+        let started = tokio::time::Instant::now();
+        let retry = {
+            let b = b.clone();
+            tokio::spawn(async move { b.begin("john", "k1", fp).await })
+        };
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(!retry.is_finished(), "B waits while A runs");
+        claim.complete(answer("from A"));
+        match retry.await.unwrap() {
+            Begin::Replay(got) => assert_eq!(got, answer("from A")),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "woken by the poll"
+        );
+        assert_eq!(b.in_flight(), 0);
+        // Done on A: B replays at once, A too; another request: 422.
+        for node in [&a, &b] {
+            match node.begin("john", "k1", fp).await {
+                Begin::Replay(got) => assert_eq!(got, answer("from A")),
+                other => panic!("{other:?}"),
+            }
+            assert!(matches!(
+                node.begin("john", "k1", other).await,
+                Begin::Mismatch
+            ));
+        }
+        // Scoped per account across nodes too.
+        let Begin::Fresh(c) = b.begin("jane", "k1", other).await else {
+            panic!("another account's key is free")
+        };
+        c.complete(answer("jane"));
+        b.flush().await;
+        assert_eq!(b.keys_held(), 1, "B's claims since it counted");
+        // A sweep recounts the shared table: every node's keys.
+        clock.advance(SWEEP_EVERY_MS);
+        b.sweep();
+        b.flush().await;
+        assert_eq!(b.keys_held(), 2, "both nodes' keys");
+    });
+}
+
+#[test]
+fn cluster_a_release_on_one_node_lets_another_run_afresh() {
+    let db = crate::store::pg::testing::TestDb::create("idem_cluster_release");
+    let table = postgres(&db);
+    on_runtime(async {
+        let clock = Arc::new(ManualClock::new(1_000));
+        let a = cluster_node(&table, clock.clone(), 5_000);
+        let b = cluster_node(&table, clock.clone(), 5_000);
+        let fp = fingerprint(&[b"x"]);
+
+        // Released while B waits: B claims the key itself.
+        let Begin::Fresh(claim) = a.begin("john", "k", fp).await else {
+            panic!()
+        };
+        let retry = {
+            let b = b.clone();
+            tokio::spawn(async move { b.begin("john", "k", fp).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        claim.release();
+        let Begin::Fresh(on_b) = retry.await.unwrap() else {
+            panic!("B runs afresh after A's release")
+        };
+        // Now B holds it: A's retry waits for B.
+        on_b.complete(answer("from B"));
+        b.flush().await;
+        match a.begin("john", "k", fp).await {
+            Begin::Replay(got) => assert_eq!(got, answer("from B")),
+            other => panic!("{other:?}"),
+        }
+
+        // Released and committed before the retry: fresh at once.
+        let Begin::Fresh(claim) = a.begin("john", "k2", fp).await else {
+            panic!()
+        };
+        claim.release();
+        a.flush().await;
+        assert!(matches!(b.begin("john", "k2", fp).await, Begin::Fresh(_)));
+    });
+}
+
+#[test]
+fn cluster_a_key_left_pending_by_a_dead_node_is_409_never_a_second_run() {
+    let db = crate::store::pg::testing::TestDb::create("idem_cluster_crash");
+    let table = postgres(&db);
+    on_runtime(async {
+        let clock = Arc::new(ManualClock::new(1_000));
+        let a = cluster_node(&table, clock.clone(), 300);
+        let b = cluster_node(&table, clock.clone(), 300);
+        let fp = fingerprint(&[b"x"]);
+        let Begin::Fresh(claim) = a.begin("john", "k", fp).await else {
+            panic!()
+        };
+        // A "crashes": the claim ends without an answer and the node goes.
+        drop(claim);
+        a.flush().await;
+        drop(a);
+        let started = tokio::time::Instant::now();
+        assert!(matches!(b.begin("john", "k", fp).await, Begin::InProgress));
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "waited first"
+        );
+        // Every later retry, on any node: the same.
+        let c = cluster_node(&table, clock.clone(), 100);
+        assert!(matches!(c.begin("john", "k", fp).await, Begin::InProgress));
+        assert!(matches!(b.begin("john", "k", fp).await, Begin::InProgress));
+        // Until the key expires (without a sweep): then it is free.
+        clock.advance(DAY_MS);
+        let Begin::Fresh(claim) = c.begin("john", "k", fp).await else {
+            panic!("an expired key is free")
+        };
+        claim.complete(answer("late"));
+        c.flush().await;
+        match b.begin("john", "k", fp).await {
+            Begin::Replay(got) => assert_eq!(got, answer("late")),
+            other => panic!("{other:?}"),
+        }
+    });
+}
+
+#[test]
+fn cluster_nodes_claiming_one_key_at_once_run_it_once() {
+    let db = crate::store::pg::testing::TestDb::create("idem_cluster_race");
+    let table = postgres(&db);
+    on_runtime(async {
+        let clock = Arc::new(ManualClock::new(1_000));
+        let nodes: Vec<_> = (0..3)
+            .map(|_| cluster_node(&table, clock.clone(), 5_000))
+            .collect();
+        let fp = fingerprint(&[b"x"]);
+        for round in 0..20 {
+            let key = format!("k{round}");
+            let tasks: Vec<_> = nodes
+                .iter()
+                .flat_map(|n| [n.clone(), n.clone()])
+                .map(|n| {
+                    let key = key.clone();
+                    tokio::spawn(async move {
+                        match n.begin("john", &key, fp).await {
+                            Begin::Fresh(claim) => {
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                                claim.complete(answer(&key));
+                                true
+                            }
+                            Begin::Replay(got) => {
+                                assert_eq!(got, answer(&key));
+                                false
+                            }
+                            other => panic!("{other:?}"),
+                        }
+                    })
+                })
+                .collect();
+            let mut runs = 0;
+            for t in tasks {
+                runs += usize::from(t.await.unwrap());
+            }
+            assert_eq!(runs, 1, "round {round}: one run, every other replays");
+        }
+    });
+}
+
+/// Lets the test database accept sessions or not, and with `false` cuts
+/// tollgate's; on a thread of its own (the blocking client must not run
+/// on the test's runtime).
+fn allow_connections(db: &str, allow: bool) {
+    let db = db.to_string();
+    std::thread::spawn(move || {
+        let url = format!("{}/postgres", crate::store::pg::testing::server_url());
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        c.batch_execute(&format!(
+            "ALTER DATABASE \"{db}\" ALLOW_CONNECTIONS {allow}"
+        ))
+        .unwrap();
+        if !allow {
+            assert!(crate::store::pg::testing::terminate(&db, "tollgate") >= 1);
+        }
+    })
+    .join()
+    .unwrap();
+}
+
+#[test]
+fn cluster_claims_fail_closed_when_postgres_is_gone() {
+    let db = crate::store::pg::testing::TestDb::create("idem_cluster_down");
+    let table = postgres(&db);
+    on_runtime(async {
+        let clock = Arc::new(ManualClock::new(1_000));
+        let a = cluster_node(&table, clock.clone(), 300);
+        let fp = fingerprint(&[b"x"]);
+        let Begin::Fresh(held) = a.begin("john", "held", fp).await else {
+            panic!()
+        };
+        allow_connections(&db.name, false);
+        // A new key: refused before anything runs.
+        assert!(matches!(
+            a.begin("john", "new", fp).await,
+            Begin::Unavailable
+        ));
+        assert_eq!(a.in_flight(), 1, "only the held claim");
+        // An answer that cannot be stored: the key stays pending → 409.
+        held.complete(answer("lost"));
+        a.flush().await;
+        allow_connections(&db.name, true);
+        assert!(matches!(
+            a.begin("john", "held", fp).await,
+            Begin::InProgress
+        ));
+        // Back: new keys are claimed again (the session reconnects).
+        assert!(matches!(a.begin("john", "new", fp).await, Begin::Fresh(_)));
+    });
+}
