@@ -122,3 +122,18 @@ bench-memory: deps
 bench-latency: deps
 	$(CARGO) build --release --bins
 	BENCH_COMMAND="make bench-latency" bash benches/e2e/latency.sh
+
+# Several nodes on one PostgreSQL ledger (issue 14, docs/cluster.md):
+# ozeki-sim, three tollgate nodes on the local PostgreSQL (database
+# tollgate_cluster, created when missing) and nginx in front of them
+# (installed when absent); prints the client and admin ports, Ctrl-C stops.
+.PHONY: run-cluster bench-cluster
+run-cluster: build
+	@bash deploy/cluster/run-cluster.sh
+
+# SQLite against PostgreSQL on one node, PostgreSQL statements per 1000
+# sends, 1/2/3 nodes behind nginx (wrk, oha), stranded credit; a markdown
+# table on stdout (benches/cluster/bench.sh).
+bench-cluster: deps
+	$(CARGO) build --release --bins
+	bash benches/cluster/bench.sh
