@@ -514,14 +514,18 @@ fn build(
                 })?;
         app.idempotency = Arc::new(keys);
     } else if let Some(pg) = &app.config.store.postgres {
-        let keys = crate::idempotency::Idempotency::open_postgres(
-            &app.config.idempotency,
-            pg,
-            app.clock.clone(),
-        )
-        .map_err(|problem| StartError::Store {
-            path: pg.url.redacted().to_string(),
-            problem: pg.url.redact(&problem),
+        // Cluster nodes share the key table: PostgreSQL decides each claim
+        // (a retry on another node replays, never runs twice).
+        let open = if app.cluster.is_some() {
+            crate::idempotency::Idempotency::open_postgres_cluster
+        } else {
+            crate::idempotency::Idempotency::open_postgres
+        };
+        let keys = open(&app.config.idempotency, pg, app.clock.clone()).map_err(|problem| {
+            StartError::Store {
+                path: pg.url.redacted().to_string(),
+                problem: pg.url.redact(&problem),
+            }
         })?;
         app.idempotency = Arc::new(keys);
     }

@@ -1031,6 +1031,15 @@ impl Config {
                 .map(|p| resolve_relative(path, p))
                 .as_deref(),
         )?;
+        if cluster.is_some() && idempotency.path.is_some() {
+            // A key file is one node's: a retry on another would run again.
+            return Err(ConfigError::new(
+                path,
+                "idempotency.path",
+                "cannot be set with cluster: (the nodes share the key table in the store's \
+                 database)",
+            ));
+        }
         let upgrade = upgrade_config(
             path,
             &f.upgrade,
