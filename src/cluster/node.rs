@@ -268,9 +268,7 @@ impl ClusterNode {
             .cluster_pg_seconds
             .with_label_values(&[statement]);
         let job: Job = Box::new(move |client| {
-            let started = Instant::now();
-            let result = f(client);
-            histogram.observe(started.elapsed().as_secs_f64());
+            let result = timed(&histogram, || f(client));
             let suspect = matches!(result, Err(ClusterError::Store(_)));
             let _ = tx.send(result);
             suspect
@@ -350,12 +348,9 @@ impl ClusterNode {
 
     /// What the ledger's grants lack for a send of `cost_milli`.
     fn shortfall(ledger: &Ledger, account: &str, pref: BucketPreference, cost_milli: i64) -> i64 {
-        let Some(view) = ledger.account(account) else {
-            return 0;
-        };
         let free: i64 = buckets(pref)
             .iter()
-            .map(|b| view.bucket(*b).available_milli().max(0))
+            .map(|b| ledger.available_milli(account, *b).unwrap_or(0).max(0))
             .sum();
         cost_milli.saturating_sub(free)
     }
@@ -429,7 +424,6 @@ impl ClusterNode {
     ) -> Result<Take, ClusterError> {
         let (settings, lease, ledger) = (self.settings.clone(), self.lease, ledger.clone());
         let metrics = self.metrics.clone();
-        let direct_below = self.config.direct_below_milli;
         let name = account.to_string();
         let result = self
             .run("take", move |c| {
@@ -445,18 +439,25 @@ impl ClusterNode {
                 )
             })
             .await;
-        let scarce = match &result {
-            Ok(Take::Granted {
-                available_milli, ..
-            }) => *available_milli < direct_below,
-            Ok(Take::Insufficient { .. }) => true,
-            Err(_) => return result,
-        };
-        self.grants[bucket_index(bucket)]
-            .entry(account.to_string())
-            .or_default()
-            .scarce = scarce;
+        if let Ok(take) = &result {
+            self.grants[bucket_index(bucket)]
+                .entry(account.to_string())
+                .or_default()
+                .scarce = self.scarce_after(take);
+        }
         result
+    }
+
+    /// Whether an account is scarce after `take` answered: what is left
+    /// ungranted is below `direct_below_milli` (or not even the amount
+    /// asked for was there).
+    fn scarce_after(&self, take: &Take) -> bool {
+        match take {
+            Take::Granted {
+                available_milli, ..
+            } => *available_milli < self.config.direct_below_milli,
+            Take::Insufficient { .. } => true,
+        }
     }
 
     /// After a reservation: counts the spend and asks for a top-up when
@@ -475,9 +476,7 @@ impl ClusterNode {
             return;
         }
         let want = self.sizing.want_milli(st.rate.rate_milli_per_s(now));
-        let free = ledger
-            .account(account)
-            .map_or(0, |v| v.bucket(bucket).available_milli());
+        let free = ledger.available_milli(account, bucket).unwrap_or(0);
         if !self.sizing.needs_top_up(free, want) {
             return;
         }
@@ -687,9 +686,7 @@ impl ClusterNode {
             }
             None => return,
         };
-        let free = ledger
-            .account(account)
-            .map_or(0, |v| v.bucket(bucket).available_milli());
+        let free = ledger.available_milli(account, bucket).unwrap_or(0);
         if scarce || !self.sizing.needs_top_up(free, want) || !self.gate.may_spend() {
             return;
         }
@@ -704,26 +701,21 @@ impl ClusterNode {
                 .inc();
             return;
         };
-        let started = Instant::now();
-        let result = take_into(
-            c,
-            &self.settings,
-            self.lease,
-            ledger,
-            &self.metrics,
-            account,
-            bucket,
-            amount,
-        );
-        self.metrics
-            .cluster_pg_seconds
-            .with_label_values(&["take"])
-            .observe(started.elapsed().as_secs_f64());
+        let histogram = self.metrics.cluster_pg_seconds.with_label_values(&["take"]);
+        let result = timed(&histogram, || {
+            take_into(
+                c,
+                &self.settings,
+                self.lease,
+                ledger,
+                &self.metrics,
+                account,
+                bucket,
+                amount,
+            )
+        });
         let scarce = match result {
-            Ok(Take::Granted {
-                available_milli, ..
-            }) => available_milli < self.config.direct_below_milli,
-            Ok(Take::Insufficient { .. }) => true,
+            Ok(take) => self.scarce_after(&take),
             Err(e) => {
                 tracing::warn!(account, error = %e, "cluster: a grant top-up failed");
                 *client = None;
@@ -751,9 +743,7 @@ impl ClusterNode {
                 .collect();
             let mut held = 0i64;
             for (account, idle_for, scarce, want) in looked {
-                let free = ledger
-                    .account(&account)
-                    .map_or(0, |v| v.bucket(bucket).available_milli().max(0));
+                let free = ledger.available_milli(&account, bucket).unwrap_or(0).max(0);
                 let idle_after = if scarce { idle_ms / 4 } else { idle_ms };
                 let give = if idle_for >= idle_after {
                     free
@@ -807,12 +797,13 @@ impl ClusterNode {
             let _ = ledger.grant_in(account, bucket, n);
             return 0;
         };
-        let started = Instant::now();
-        let result = sql::give_back(c, &self.settings, self.lease, account, bucket, n);
-        self.metrics
+        let histogram = self
+            .metrics
             .cluster_pg_seconds
-            .with_label_values(&["give_back"])
-            .observe(started.elapsed().as_secs_f64());
+            .with_label_values(&["give_back"]);
+        let result = timed(&histogram, || {
+            sql::give_back(c, &self.settings, self.lease, account, bucket, n)
+        });
         match result {
             Ok(true) => {
                 self.metrics
@@ -866,6 +857,15 @@ impl ClusterNode {
             }
         }
     }
+}
+
+/// Runs one round trip of the grant protocol, observed in `histogram`
+/// (`tollgate_cluster_pg_seconds{statement}`).
+fn timed<T>(histogram: &prometheus::Histogram, f: impl FnOnce() -> T) -> T {
+    let started = Instant::now();
+    let result = f();
+    histogram.observe(started.elapsed().as_secs_f64());
+    result
 }
 
 /// A take, applied to the ledger at once (see the module docs).

@@ -566,6 +566,14 @@ impl Ledger {
         Some(st.view(&account.name))
     }
 
+    /// One bucket's available balance, read under the account's lock
+    /// without copying the account (`None`: no such account).
+    pub fn available_milli(&self, name: &str, bucket: Bucket) -> Option<i64> {
+        let account = self.cell(name).ok()?;
+        let st = account.state.lock();
+        Some(st.bucket(bucket).available_milli())
+    }
+
     /// Every account name, in no particular order. Walks the whole map.
     pub fn account_names(&self) -> Vec<String> {
         self.accounts

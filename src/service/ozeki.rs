@@ -264,15 +264,9 @@ async fn get_credits(app: &App, credentials: &Credentials, useraccount: Option<S
         (Some(view), None) => credits(ACTION, &view.name, view.anytime.available_milli()),
         // The account's balance across the cluster, one round trip (boxed:
         // only cluster nodes wait here).
-        (Some(view), Some(node)) => match Box::pin(node.balance(&view.name)).await {
-            Ok(balances) => {
-                let balance = balances.map_or(0, |[anytime, _]| anytime.balance_milli());
-                credits(ACTION, &view.name, balance)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cluster: reading a balance failed");
-                refused(ErrorCode::StoreUnavailable)
-            }
+        (Some(view), Some(node)) => match Box::pin(cluster_balance(node, &view.name)).await {
+            Ok(balance) => credits(ACTION, &view.name, balance),
+            Err(code) => refused(code),
         },
         (None, _) => refused(ErrorCode::UnknownAccount),
     }
@@ -370,6 +364,21 @@ async fn credit_change(
     }
 }
 
+/// The any-time balance of `account` across the cluster, as the credit
+/// answers show it (0 for an account the database has no row of yet).
+async fn cluster_balance(
+    node: &crate::cluster::node::ClusterNode,
+    account: &str,
+) -> Result<i64, ErrorCode> {
+    match node.balance(account).await {
+        Ok(b) => Ok(b.map_or(0, |[anytime, _]| anytime.balance_milli())),
+        Err(e) => {
+            tracing::warn!(error = %e, "cluster: reading a balance failed");
+            Err(ErrorCode::StoreUnavailable)
+        }
+    }
+}
+
 /// A cluster node's `setcredits`/`addcredits`: straight in the shared
 /// database (committed before the answer, visible to every node's next
 /// take); the answer is the account's balance across the cluster. Refused
@@ -384,19 +393,8 @@ async fn cluster_credit_change(
     reference: Option<&str>,
 ) -> Result<i64, ErrorCode> {
     use crate::cluster::sql::CreditKind;
-    let balance = |b: Option<[crate::cluster::sql::ClusterBalance; 2]>| {
-        b.map_or(0, |[anytime, _]| anytime.balance_milli())
-    };
     let (kind, amount) = match change {
-        Change::Set(None) => {
-            return match node.balance(&target.name).await {
-                Ok(b) => Ok(balance(b)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cluster: reading a balance failed");
-                    Err(ErrorCode::StoreUnavailable)
-                }
-            }
-        }
+        Change::Set(None) => return cluster_balance(node, &target.name).await,
         Change::Set(Some(_)) | Change::Add(_) if !node.may_spend() => {
             return Err(ErrorCode::StoreUnavailable)
         }
@@ -415,7 +413,7 @@ async fn cluster_credit_change(
         )
         .await
     {
-        Ok(Some(b)) => Ok(balance(Some(b))),
+        Ok(Some([anytime, _])) => Ok(anytime.balance_milli()),
         Ok(None) => Err(ErrorCode::InsufficientCredit),
         Err(e) => {
             tracing::warn!(error = %e, "cluster: a credit action failed");
