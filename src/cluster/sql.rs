@@ -12,6 +12,16 @@
 //! round trip and one transaction; leases are judged on the database's
 //! clock (`now()`, the statement's start), never the node's.
 //!
+//! # Lock order
+//! Every statement that locks rows locks them in one order, so that no two
+//! of them (a take, a give-back, a sweep, a release, a transfer, a node's
+//! group commit) can wait for each other in a cycle: the node's
+//! `cluster_nodes` row, then `grants` rows, then `accounts` rows by name.
+//! A deadlock is not only a failed statement: PostgreSQL finds it after
+//! `deadlock_timeout` (1 s), and a group commit waiting that long holds its
+//! node's lease row, so the lease renewal behind it times out and the node
+//! loses its lease (`tests/cluster_nodes.rs` found this under load).
+//!
 //! # Failure modes
 //! - The session breaks mid-statement: the outcome is unknown. A take whose
 //!   answer is lost leaves credit in the node's grant that the node does
@@ -228,10 +238,13 @@ pub fn release(
                         COALESCE(sum(amount_milli) FILTER (WHERE bucket = 'anytime'), 0) AS anytime,
                         COALESCE(sum(amount_milli) FILTER (WHERE bucket = 'offpeak'), 0) AS offpeak
                  FROM gone GROUP BY account
+             ), locked AS (
+                 SELECT FROM accounts WHERE name IN (SELECT account FROM sums)
+                 ORDER BY name FOR UPDATE
              ), accounts_back AS (
                  UPDATE accounts a SET anytime_granted_milli = a.anytime_granted_milli - s.anytime,
                                        offpeak_granted_milli = a.offpeak_granted_milli - s.offpeak
-                 FROM sums s WHERE a.name = s.account
+                 FROM sums s WHERE a.name = s.account AND (SELECT count(*) FROM locked) >= 0
                  RETURNING 1
              )
              SELECT EXISTS (SELECT FROM me),
@@ -261,6 +274,11 @@ pub fn take(
             "WITH live AS (
                  SELECT FROM cluster_nodes
                  WHERE node = $1 AND token = $2 AND NOT released AND expires_at > now()
+             ), mine AS (
+                 -- The grant row first, then the account's: the order every
+                 -- statement on both takes (see LOCK ORDER in the module docs).
+                 SELECT FROM grants WHERE account = $3 AND node = $1 AND bucket = $4::text
+                 FOR UPDATE
              ), acc AS (
                  UPDATE accounts SET
                      anytime_granted_milli = anytime_granted_milli
@@ -268,6 +286,7 @@ pub fn take(
                      offpeak_granted_milli = offpeak_granted_milli
                          + CASE WHEN $4::text = 'offpeak' THEN $5::bigint ELSE 0 END
                  WHERE name = $3 AND $5::bigint > 0 AND EXISTS (SELECT FROM live)
+                   AND (SELECT count(*) FROM mine) >= 0
                    AND CASE WHEN $4::text = 'anytime'
                             THEN anytime_posted_milli - anytime_reserved_milli - anytime_granted_milli
                             ELSE offpeak_posted_milli - offpeak_reserved_milli - offpeak_granted_milli
@@ -392,10 +411,13 @@ pub fn expire(
                         COALESCE(sum(amount_milli) FILTER (WHERE bucket = 'anytime'), 0) AS anytime,
                         COALESCE(sum(amount_milli) FILTER (WHERE bucket = 'offpeak'), 0) AS offpeak
                  FROM gone GROUP BY account
+             ), locked AS (
+                 SELECT FROM accounts WHERE name IN (SELECT account FROM sums)
+                 ORDER BY name FOR UPDATE
              ), accounts_back AS (
                  UPDATE accounts a SET anytime_granted_milli = a.anytime_granted_milli - s.anytime,
                                        offpeak_granted_milli = a.offpeak_granted_milli - s.offpeak
-                 FROM sums s WHERE a.name = s.account
+                 FROM sums s WHERE a.name = s.account AND (SELECT count(*) FROM locked) >= 0
                  RETURNING 1
              )
              SELECT (SELECT count(*) FROM dead), (SELECT count(*) FROM gone),
