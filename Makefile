@@ -123,7 +123,7 @@ bench-latency: deps
 	$(CARGO) build --release --bins
 	BENCH_COMMAND="make bench-latency" bash benches/e2e/latency.sh
 
-# Several nodes on one PostgreSQL ledger (issue 14, docs/cluster.md):
+# Several nodes on one PostgreSQL ledger (README "Running several nodes"):
 # ozeki-sim, three tollgate nodes on the local PostgreSQL (database
 # tollgate_cluster, created when missing) and nginx in front of them
 # (installed when absent); prints the client and admin ports, Ctrl-C stops.

@@ -173,66 +173,14 @@ fn write_ca(dir: &Path, ca: &Ca) -> PathBuf {
 // Clients
 // ---------------------------------------------------------------------------
 
-fn have(binary: &str, version_arg: &str) -> bool {
-    Command::new(binary)
-        .arg(version_arg)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// The real TLS clients these tests drive (`openssl`, `curl`, `python3`):
-/// Debian's packages are installed when one is missing (as root or by
-/// `sudo -n`), else the test fails saying what to install. Never skips.
+/// The real TLS clients these tests drive (`openssl`, `curl`, `python3`),
+/// installed from Debian's packages when missing (`common::ensure_installed`).
 fn ensure_tls_clients() {
-    let wanted = [
+    ensure_installed(&[
         ("openssl", "version", "openssl"),
         ("curl", "--version", "curl"),
         ("python3", "--version", "python3"),
-    ];
-    let missing: Vec<&str> = wanted
-        .iter()
-        .filter(|(bin, arg, _)| !have(bin, arg))
-        .map(|(_, _, package)| *package)
-        .collect();
-    if missing.is_empty() {
-        return;
-    }
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false);
-    let apt = |args: &[&str]| {
-        let mut cmd = if root {
-            Command::new("apt-get")
-        } else {
-            let mut c = Command::new("sudo");
-            c.args(["-n", "apt-get"]);
-            c
-        };
-        // Another test may be installing at the same time: wait for dpkg.
-        cmd.args(["-o", "DPkg::Lock::Timeout=300"])
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive");
-        run(&mut cmd)
-    };
-    let mut install = vec!["install", "-y", "-q"];
-    install.extend(&missing);
-    let (mut ok, mut log) = apt(&install);
-    if !ok {
-        let (_, update) = apt(&["update", "-q"]);
-        let (ok2, log2) = apt(&install);
-        ok = ok2;
-        log = format!("{log}\n--- apt-get update ---\n{update}\n--- retry ---\n{log2}");
-    }
-    assert!(
-        ok && wanted.iter().all(|(bin, arg, _)| have(bin, arg)),
-        "these tests need {missing:?} and could not install them \
-         (`apt-get install -y {}`); install them and run again. apt said:\n{log}",
-        missing.join(" ")
-    );
+    ]);
 }
 
 /// A TLS connection verified against `ca_file` for 127.0.0.1.
@@ -532,7 +480,9 @@ except ssl.SSLError as e:
 
 #[test]
 fn a_silent_client_is_closed_at_the_header_deadline_and_tls_counts_against_the_cap() {
-    let t = start_tls("downstream: { header_timeout_ms: 1000, max_connections_per_ip: 2 }\n");
+    // A 3 s deadline: the refusals below must happen before it, which takes
+    // a few hundred ms on a machine busy with other tests.
+    let t = start_tls("downstream: { header_timeout_ms: 3000, max_connections_per_ip: 2 }\n");
     // Two connections to the TLS port that never send a ClientHello hold
     // the address's two places: the plain listener refuses a third.
     let started = Instant::now();
@@ -556,7 +506,7 @@ fn a_silent_client_is_closed_at_the_header_deadline_and_tls_counts_against_the_c
         .unwrap();
     let mut buf = [0u8; 16];
     assert_eq!(std::io::Read::read(&mut third, &mut buf).unwrap_or(0), 0);
-    assert!(started.elapsed() < Duration::from_millis(900));
+    assert!(started.elapsed() < Duration::from_millis(2900));
     assert_eq!(
         t.tg.metric_value("tollgate_downstream_connections_refused_total"),
         2.0
@@ -569,7 +519,7 @@ fn a_silent_client_is_closed_at_the_header_deadline_and_tls_counts_against_the_c
     }
     let waited = started.elapsed();
     assert!(
-        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        waited >= Duration::from_millis(2900) && waited < Duration::from_secs(8),
         "{waited:?}"
     );
     wait_until(
@@ -585,7 +535,7 @@ fn a_silent_client_is_closed_at_the_header_deadline_and_tls_counts_against_the_c
     let started = Instant::now();
     let mut rest = Vec::new();
     let _ = std::io::Read::read_to_end(&mut s, &mut rest);
-    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(started.elapsed() < Duration::from_secs(8));
     let text = String::from_utf8_lossy(&rest);
     assert!(
         text.is_empty() || text.starts_with("HTTP/1.1 408"),

@@ -5,6 +5,7 @@
 //! nothing running.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod pg;
 pub mod promtool;
 
@@ -247,6 +248,12 @@ impl Tollgate {
 
     pub fn kill(&mut self) {
         self.proc = None;
+    }
+
+    /// The exit status, if the process has exited on its own (`None`
+    /// while it runs or after [`Self::kill`]).
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.proc.as_mut()?.child.try_wait().ok().flatten()
     }
 
     /// The running process's id.
@@ -556,4 +563,68 @@ pub fn check_config(extra_yaml: &str) -> std::process::Output {
         .arg(&cfg)
         .output()
         .unwrap()
+}
+
+/// Whether `binary version_arg` runs and succeeds.
+pub fn have(binary: &str, version_arg: &str) -> bool {
+    Command::new(binary)
+        .arg(version_arg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Makes sure each `(binary, version_arg, package)` of `wanted` runs:
+/// Debian's packages are installed when one is missing (as root or by
+/// `sudo -n`), else the test fails saying what to install. Never skips.
+pub fn ensure_installed(wanted: &[(&str, &str, &str)]) {
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(bin, arg, _)| !have(bin, arg))
+        .map(|(_, _, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return;
+    }
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    let apt = |args: &[&str]| {
+        let mut cmd = if root {
+            Command::new("apt-get")
+        } else {
+            let mut c = Command::new("sudo");
+            c.args(["-n", "apt-get"]);
+            c
+        };
+        // Another test may be installing at the same time: wait for dpkg.
+        cmd.args(["-o", "DPkg::Lock::Timeout=300"])
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let mut install = vec!["install", "-y", "-q"];
+    install.extend(&missing);
+    let (mut ok, mut log) = apt(&install);
+    if !ok {
+        let (_, update) = apt(&["update", "-q"]);
+        let (ok2, log2) = apt(&install);
+        ok = ok2;
+        log = format!("{log}\n--- apt-get update ---\n{update}\n--- retry ---\n{log2}");
+    }
+    assert!(
+        ok && wanted.iter().all(|(bin, arg, _)| have(bin, arg)),
+        "these tests need {missing:?} and could not install them \
+         (`apt-get install -y {}`); install them and run again. apt said:\n{log}",
+        missing.join(" ")
+    );
 }

@@ -38,7 +38,8 @@ pub fn server_url() -> &'static str {
     })
 }
 
-fn connect(url: &str) -> Result<postgres::Client, postgres::Error> {
+/// A plain session on `url` (5 s to connect).
+pub fn connect(url: &str) -> Result<postgres::Client, postgres::Error> {
     let mut config: postgres::Config = url.parse()?;
     config.connect_timeout(Duration::from_secs(5));
     config.connect(postgres::NoTls)
