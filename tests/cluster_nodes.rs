@@ -382,3 +382,45 @@ fn a_node_cut_off_from_postgresql_stops_spending_and_the_others_go_on() {
     assert!(tally.accepted("small0") <= 60);
     settle_and_check(&mut nodes, &url, &accounts, &tally, &lowest);
 }
+
+#[test]
+fn an_idempotency_key_retried_on_another_node_charges_once() {
+    let db = TestDb::create("cluster_idem");
+    let accounts = accounts("idem", 1, 10);
+    let sim = sim_for(&accounts);
+    let a = Node::start(&sim, &db.url(), "node-a", &accounts);
+    let b = Node::start(&sim, &db.url(), "node-b", &accounts);
+    let acct = &accounts[0];
+    let send = |node: &Node, key: &str| {
+        let r = client()
+            .get(node.tg.url(&format!(
+                "/api?action=sendmessage&username={}&password={}&recipient={RECIPIENT}&messagedata=hi",
+                acct.name, acct.password
+            )))
+            .header("Idempotency-Key", key)
+            .send()
+            .unwrap();
+        let replayed = r.headers().get("idempotent-replayed").is_some();
+        (r.status().as_u16(), replayed, r.text().unwrap())
+    };
+    let (status, replayed, first) = send(&a, "order-1");
+    assert_eq!((status, replayed), (200, false), "{first}");
+    assert!(first.contains("accepted"), "{first}");
+    // The retry lands on the other node: the first answer, no second send.
+    let (status, replayed, again) = send(&b, "order-1");
+    assert_eq!((status, replayed), (200, true), "{again}");
+    assert_eq!(again, first);
+    // The same key with another request is refused on either node.
+    let r = client()
+        .get(b.tg.url(&format!(
+            "/api?action=sendmessage&username={}&password={}&recipient=%2B36309999999&messagedata=hi",
+            acct.name, acct.password
+        )))
+        .header("Idempotency-Key", "order-1")
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 422);
+    // Charged once: 1 credit of 10 across the cluster.
+    assert_eq!(b.tg.balance(&acct.name, &acct.password), "9");
+    assert_eq!(a.tg.balance(&acct.name, &acct.password), "9");
+}
