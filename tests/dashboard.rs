@@ -18,6 +18,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::pg;
 use common::promtool::{ensure_prometheus, repo_path, run_bounded};
 use common::*;
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
@@ -47,7 +48,9 @@ impl Drop for Prometheus {
 }
 
 impl Prometheus {
-    fn start(scrape_target: std::net::SocketAddr) -> Prometheus {
+    fn start(scrape_targets: &[std::net::SocketAddr]) -> Prometheus {
+        let targets: Vec<String> = scrape_targets.iter().map(|t| format!("\"{t}\"")).collect();
+        let targets = targets.join(", ");
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let config = dir.path().join("prometheus.yml");
@@ -60,7 +63,7 @@ impl Prometheus {
             format!(
                 "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
                  rule_files:\n{rule_files}\
-                 scrape_configs:\n  - job_name: tollgate\n    static_configs:\n      - targets: [\"{scrape_target}\"]\n"
+                 scrape_configs:\n  - job_name: tollgate\n    static_configs:\n      - targets: [{targets}]\n"
             ),
         )
         .unwrap();
@@ -293,7 +296,26 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
             ..Default::default()
         },
     );
-    traffic_round(&tg);
+    // A cluster node beside it (the Cluster row): its own database,
+    // scraped by the same Prometheus.
+    let db = pg::TestDb::create("dashboard_cluster");
+    let node = Tollgate::start(
+        sim.addr,
+        TollgateOptions {
+            extra_yaml: format!(
+                "{}durability: sync\n\
+                 cluster: {{ node_id: dash-a, lease_ms: 2000, lease_renew_ms: 500, \
+                 lease_margin_ms: 500, grant_ttl_ms: 5000, grant_idle_ms: 400 }}\n",
+                pg::store_yaml(&db.url(), "statement_timeout_ms: 2000")
+            ),
+            ..Default::default()
+        },
+    );
+    let round = |tg: &Tollgate, node: &Tollgate| {
+        traffic_round(tg);
+        traffic_round(node);
+    };
+    round(&tg, &node);
     sim.fault("http500", 1);
     send(&tg, "%2B442012345678");
     sim.fault("reset", 1);
@@ -322,13 +344,13 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         "promtool check metrics:\n{out}\n--- scrape ---\n{scrape}"
     );
 
-    let prometheus = Prometheus::start(tg.admin);
+    let prometheus = Prometheus::start(&[tg.admin, node.admin]);
     // Wait for the first successful scrape, keeping traffic flowing.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        traffic_round(&tg);
+        round(&tg, &node);
         let up = prometheus.query("up{job=\"tollgate\"} == 1");
-        if up.is_ok_and(|r| !r.is_empty()) {
+        if up.is_ok_and(|r| r.len() == 2) {
             break;
         }
         assert!(
@@ -341,7 +363,7 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     }
     let loaded_until = Instant::now() + LOADED_FOR;
     while Instant::now() < loaded_until {
-        traffic_round(&tg);
+        round(&tg, &node);
         std::thread::sleep(Duration::from_millis(200));
     }
 
@@ -409,7 +431,12 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     assert!(critical.is_empty(), "{}", critical.join("\n"));
 
     // Spot-check that the data is tollgate's: the in-doubt send is there.
-    let in_doubt = prometheus.query("tollgate_reservations_in_doubt").unwrap();
+    let in_doubt = prometheus
+        .query(&format!(
+            "tollgate_reservations_in_doubt{{instance=\"{}\"}}",
+            tg.admin
+        ))
+        .unwrap();
     assert_eq!(in_doubt[0]["value"][1], "1", "{in_doubt:?}");
     assert!(
         started.elapsed() < Duration::from_secs(600),
