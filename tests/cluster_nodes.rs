@@ -186,7 +186,15 @@ fn ten_kill_nines_under_load_lose_nothing_acknowledged_and_overspend_nothing() {
         std::thread::sleep(Duration::from_millis(700));
         let victim = (next(&mut seed) % nodes.len() as u64) as usize;
         let id = nodes[victim].id.clone();
+        // A victim that holds grants (a node just restarted takes its
+        // first ones with its first sends), so that nearly every round
+        // measures a real return (a grant its last commit spent is gone at
+        // once, into reserved).
+        within(Duration::from_secs(5), || {
+            held_by(&mut client, &id).is_ok_and(|h| h >= 10_000)
+        });
         let held = held_by(&mut client, &id).unwrap();
+        assert!(held > 0, "round {round}: {id} never took a grant");
         let before = load.tally.total_accepted();
         nodes[victim].kill9();
         let killed = std::time::Instant::now();
