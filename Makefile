@@ -123,6 +123,22 @@ bench-latency: deps
 	$(CARGO) build --release --bins
 	BENCH_COMMAND="make bench-latency" bash benches/e2e/latency.sh
 
+# Evidence that holds on a busy machine (issue 17, benches/e2e/tail.md):
+# instructions per request under callgrind (SCENARIO passthrough, async,
+# sync, getcredits; CONN keepalive or close), and one open-loop run under
+# perf sched (SCENARIO, RATE req/s): per-thread switches and scheduling delay.
+.PHONY: bench-callgrind bench-sched
+SCENARIO ?= async
+CONN ?= keepalive
+RATE ?= 5000
+bench-callgrind: deps
+	$(CARGO) build --release --bins
+	bash benches/e2e/callgrind.sh $(SCENARIO) $(CONN)
+
+bench-sched: deps
+	$(CARGO) build --release --bins
+	bash benches/e2e/sched.sh $(SCENARIO) $(RATE)
+
 # Several nodes on one PostgreSQL ledger (README "Running several nodes"):
 # ozeki-sim, three tollgate nodes on the local PostgreSQL (database
 # tollgate_cluster, created when missing) and nginx in front of them

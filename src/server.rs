@@ -23,6 +23,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
@@ -872,6 +873,16 @@ pub fn run_with(config: Config, options: RunOptions) -> Result<(), StartError> {
     if let Some(t) = cfg.threads {
         conf.threads = t;
     }
+    // pingora's own knobs (`pingora:`), absent ones at pingora's default.
+    if let Some(n) = cfg.pingora.listener_tasks_per_fd {
+        conf.listener_tasks_per_fd = n;
+    }
+    if let Some(w) = cfg.pingora.work_stealing {
+        conf.work_stealing = w;
+    }
+    if let Some(n) = cfg.pingora.upstream_keepalive_pool_size {
+        conf.upstream_keepalive_pool_size = n;
+    }
     conf.grace_period_seconds = Some(cfg.shutdown_grace.as_secs());
     conf.graceful_shutdown_timeout_seconds = Some(10);
     // pingora's graceful upgrade (docs/user_guide/graceful.md): the old
@@ -1036,9 +1047,19 @@ fn client_tls<A>(
 
 /// The client listeners of the proxy service: `listen` (plain HTTP) and
 /// `tls.listen` (the gate tells its connections by their local address).
+///
+/// The plain listener reads straight from the socket: pingora's default
+/// L4 read buffer (64 KiB, allocated and zeroed for every accepted
+/// connection) only adds a copy in front of its HTTP/1 reader, which has
+/// its own header buffer — the cost of every new connection, the common
+/// case for Ozeki clients (benches/e2e/results.md). The TLS listener keeps
+/// it: OpenSSL reads a record's 5-byte header and then its body, and the
+/// buffer turns those into one read of the socket.
 fn add_client_listeners<A>(proxy: &mut Service<A>, cfg: &Config) {
     if let Some(listen) = cfg.listen {
-        proxy.add_tcp(&listen.to_string());
+        proxy.add_listener(
+            ListenerConfig::tcp(listen.to_string()).l4_buffer(L4BufferSettings::default().read(0)),
+        );
     }
     if let Some(tls) = &cfg.tls {
         proxy.add_tcp(&tls.listen.to_string());

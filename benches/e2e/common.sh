@@ -171,10 +171,10 @@ start_tollgate() { # mode durability [nostore | dlr-accept | dlr-delivery]
     port="$(free_port)"
     admin="$(free_port)"
     mkdir -p "$dir/conf" "$dir/var"
-    store_yaml="store: { path: ../var/tollgate.db, batch_age_max_ms: $BATCH_AGE_MS }"
+    store_yaml="store: { path: ../var/tollgate.db, batch_age_max_ms: ${TG_BATCH_AGE_MS:-$BATCH_AGE_MS} }"
     [ "${3:-}" = nostore ] && store_yaml="# no store: the ledger lives in memory only"
     cp "$HERE/tariffs.yaml" "$dir/conf/"
-    sed -e "s|@MODE@|$1|" -e "s|@DURABILITY@|$2|" -e "s|@THREADS@|$TOLLGATE_THREADS|" \
+    sed -e "s|@MODE@|$1|" -e "s|@DURABILITY@|$2|" -e "s|@THREADS@|${TG_THREADS:-$TOLLGATE_THREADS}|" \
         -e "s|@LISTEN@|127.0.0.1:$port|" -e "s|@ADMIN@|127.0.0.1:$admin|" \
         -e "s|@UPSTREAM@|$SIM|" -e "s|@STORE_YAML@|$store_yaml|" \
         "$HERE/tollgate.yaml.tmpl" >"$dir/conf/tollgate.yaml"
@@ -188,9 +188,10 @@ start_tollgate() { # mode durability [nostore | dlr-accept | dlr-delivery]
                 "$dlr_port" "${3#dlr-}" >>"$dir/conf/tollgate.yaml"
             ;;
     esac
-    echo benchpw | RUST_LOG=warn "$BIN_DIR/tollgate" accounts -c "$dir/conf/tollgate.yaml" \
+    [ -z "${TG_EXTRA_YAML:-}" ] || printf '%s\n' "$TG_EXTRA_YAML" >>"$dir/conf/tollgate.yaml"
+    echo benchpw | RUST_LOG=warn "${TG_BIN:-$BIN_DIR}/tollgate" accounts -c "$dir/conf/tollgate.yaml" \
         add bench --anytime 1000000000000 >/dev/null
-    RUST_LOG="${TOLLGATE_RUST_LOG:-warn}" "$BIN_DIR/tollgate" run -c "$dir/conf/tollgate.yaml" >"$dir/stdout" 2>"$dir/stderr" &
+    RUST_LOG="${TOLLGATE_RUST_LOG:-warn}" "${TG_BIN:-$BIN_DIR}/tollgate" run -c "$dir/conf/tollgate.yaml" >"$dir/stdout" 2>"$dir/stderr" &
     TG_PID=$!
     PIDS+=("$TG_PID")
     wait_port "127.0.0.1:$port"
@@ -201,12 +202,40 @@ start_tollgate() { # mode durability [nostore | dlr-accept | dlr-delivery]
     TG_DIR="$dir"
 }
 
+# Variants of a tollgate scenario, for knobs measured side by side:
+# NAME+V1+V2..., e.g. async+t2 or passthrough+ws0+lt2 (EXTRA="async+t2"):
+#   tN     threads: N
+#   ws0    pingora.work_stealing: false
+#   ltN    pingora.listener_tasks_per_fd: N
+#   poolN  pingora.upstream_keepalive_pool_size: N
+#   ageN   store.batch_age_max_ms: N
+#   old    the tollgate binary in OLD_BIN_DIR (a before/after in one run)
+variant_env() { # NAME → sets TG_THREADS, TG_BATCH_AGE_MS, TG_EXTRA_YAML
+    local v pingora=""
+    TG_THREADS="" TG_BATCH_AGE_MS="" TG_EXTRA_YAML="" TG_BIN=""
+    [[ "$1" == *+* ]] || return 0
+    local IFS=+
+    for v in ${1#*+}; do
+        case "$v" in
+            t[0-9]*) TG_THREADS="${v#t}" ;;
+            ws0) pingora+="${pingora:+, }work_stealing: false" ;;
+            lt[0-9]*) pingora+="${pingora:+, }listener_tasks_per_fd: ${v#lt}" ;;
+            pool[0-9]*) pingora+="${pingora:+, }upstream_keepalive_pool_size: ${v#pool}" ;;
+            age[0-9]*) TG_BATCH_AGE_MS="${v#age}" ;;
+            old) TG_BIN="${OLD_BIN_DIR:?OLD_BIN_DIR: the directory of the old tollgate binary}" ;;
+            *) die "unknown variant $v in $1" ;;
+        esac
+    done
+    [ -z "$pingora" ] || TG_EXTRA_YAML="pingora: { $pingora }"
+}
+
 # start_scenario NAME: the target of a scenario, up and listening; sets
 # TARGET, TARGET_PIDS and SCENARIO_PATH. stop_scenario NAME ends it.
 start_scenario() {
     SCENARIO_PATH="$SEND_PATH"
     TARGET_PIDS=()
-    case "$1" in
+    variant_env "$1"
+    case "${1%%+*}" in
         direct) TARGET="$SIM" ;;
         nginx) start_nginx ;;
         passthrough) start_tollgate passthrough async ;;
@@ -219,9 +248,9 @@ start_scenario() {
         *) die "unknown scenario $1" ;;
     esac
 }
-is_tollgate() { [[ "$1" =~ ^(passthrough|async|sync|nostore|getcredits|dlr|dlrhold)$ ]]; }
+is_tollgate() { [[ "${1%%+*}" =~ ^(passthrough|async|sync|nostore|getcredits|dlr|dlrhold)$ ]]; }
 stop_scenario() {
-    case "$1" in
+    case "${1%%+*}" in
         nginx) stop_pid "$NGINX_PID" ;;
         direct) ;;
         *) stop_pid "$TG_PID" ;;
@@ -248,6 +277,10 @@ median() { # values... → the median ("–" stays "–")
 }
 
 label() {
+    if [[ "$1" == *+* ]]; then
+        echo "$(label "${1%%+*}") [+${1#*+}]"
+        return
+    fi
     case "$1" in
         direct) echo "1 direct to ozeki-sim" ;;
         nginx) echo "2 nginx proxy_pass (1 worker, keepalive)" ;;

@@ -15,18 +15,19 @@
 #              to deadline") and their connections dropped
 #   oha-wait   the same with -w: oha waits for the answers in flight, then
 #              closes idle connections only
-# If the upstream_error outcomes are clients going away, oha-wait has none,
-# every error line names the downstream (client) side, and for oha-abort
-# the books balance: aborted = upstream_error (the client left before
-# tollgate wrote the answer's header) + forwarded − answers (tollgate wrote
-# the answer, the client was no longer reading). Nothing here depends on
-# the upstream failing.
+# Clients going away are `client_closed`, never `upstream_error` (this
+# script was first written when they were counted as upstream errors):
+# upstream_error stays 0 in every run, oha-wait has no client_closed
+# either, and for oha-abort the books balance: aborted = client_closed (the
+# client left before tollgate wrote the answer's header) + forwarded −
+# answers (tollgate wrote the answer, the client was no longer reading).
+# Nothing here depends on the upstream failing.
 #
 # Knobs: RUNS (3), DURATION (3s), CONNECTIONS (64), RATE (10000), OHA
 # (target/tools/bin/oha, as installed by latency.sh), BIN_DIR.
 set -euo pipefail
 
-BENCH=passthrough-close
+BENCH=pt-close   # short: the upgrade socket path under $TMPDIR must stay < 100 bytes
 RUNS="${RUNS:-3}"
 DURATION="${DURATION:-3s}"
 CONNECTIONS="${CONNECTIONS:-64}"
@@ -49,10 +50,10 @@ count() { # outcome → tollgate_requests_total{outcome=...} summed
 }
 fails() { grep -c "Fail to proxy" "$TG_DIR/stderr" || true; }
 
-printf '%-10s %3s  %10s  %14s  %14s  %s\n' run "#" forwarded upstream_error "Fail to proxy" "generator says" >&2
+printf '%-10s %3s  %10s  %14s  %13s  %14s  %s\n' run "#" forwarded upstream_error client_closed "Fail to proxy" "generator says" >&2
 for kind in wrk oha-abort oha-wait; do
     for i in $(seq 1 "$RUNS"); do
-        f0="$(count forwarded)" u0="$(count upstream_error)" l0="$(fails)"
+        f0="$(count forwarded)" u0="$(count upstream_error)" c0="$(count client_closed)" l0="$(fails)"
         case "$kind" in
             wrk)
                 says="$(wrk -t1 -c"$CONNECTIONS" -d"$DURATION" "$URL" 2>&1 |
@@ -67,8 +68,9 @@ for kind in wrk oha-abort oha-wait; do
                     ((.errorDistribution | to_entries | map("\(.key)=\(.value)") | join(", ")) | if . == "" then "none" else . end)' "$WORK/oha.json")" ;;
         esac
         sleep 0.5   # let tollgate log the requests the client left
-        printf '%-10s %3s  %10s  %14s  %14s  %s\n' "$kind" "$i" \
-            $(($(count forwarded) - f0)) $(($(count upstream_error) - u0)) $(($(fails) - l0)) "$says" >&2
+        printf '%-10s %3s  %10s  %14s  %13s  %14s  %s\n' "$kind" "$i" \
+            $(($(count forwarded) - f0)) $(($(count upstream_error) - u0)) \
+            $(($(count client_closed) - c0)) $(($(fails) - l0)) "$says" >&2
     done
 done
 

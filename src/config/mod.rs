@@ -14,6 +14,7 @@ pub mod limits;
 pub mod log;
 pub mod notify;
 pub mod outbox;
+pub mod pingora;
 pub mod postgres;
 pub mod tls;
 
@@ -107,6 +108,9 @@ struct FileConfig {
     tls: Option<tls::FileTls>,
     #[serde(default)]
     threads: Option<usize>,
+    /// pingora's own server knobs (`pingora.rs`).
+    #[serde(default)]
+    pingora: pingora::FilePingora,
     upstream: FileUpstream,
     #[serde(default)]
     admin: FileAdmin,
@@ -572,6 +576,8 @@ pub struct Config {
     pub tls: Option<tls::TlsListenerConfig>,
     /// Worker threads of the proxy service; `None` = pingora's default.
     pub threads: Option<usize>,
+    /// pingora's server knobs (`pingora:`).
+    pub pingora: pingora::PingoraConfig,
     pub upstream: UpstreamConfig,
     pub admin: AdminConfig,
     pub ozeki: OzekiConfig,
@@ -1086,12 +1092,14 @@ impl Config {
         let store_path = f.store.path.as_deref().map(|p| resolve_relative(path, p));
         let outbox = outbox::OutboxConfig::from_file(path, f.outbox, store_path.as_deref())?;
         let dlr = dlr::DlrConfig::from_file(path, f.dlr)?;
+        let pingora = pingora::PingoraConfig::from_file(path, f.pingora)?;
         Ok(Config {
             source: path.to_path_buf(),
             mode: f.mode,
             listen,
             tls,
             threads: f.threads,
+            pingora,
             upstream: UpstreamConfig {
                 address: parse_addr(path, "upstream.address", &f.upstream.address)?,
                 connect_timeout: Duration::from_millis(f.upstream.connect_timeout_ms),
