@@ -258,20 +258,8 @@ pub fn release(
     Ok(row.get(1))
 }
 
-/// Takes (or tops up) `amount_milli` of `account`'s `bucket` into the
-/// node's grant, only when that much is ungranted cluster-wide: one
-/// conditional `UPDATE` of the account row, under a valid lease.
-pub fn take(
-    client: &mut Client,
-    settings: &PgSettings,
-    lease: NodeLease,
-    account: &str,
-    bucket: Bucket,
-    amount_milli: i64,
-) -> Result<Take, ClusterError> {
-    let row = client
-        .query_one(
-            "WITH live AS (
+/// The statement of [`take`].
+const TAKE: &str = "WITH live AS (
                  SELECT FROM cluster_nodes
                  WHERE node = $1 AND token = $2 AND NOT released AND expires_at > now()
              ), mine AS (
@@ -307,16 +295,38 @@ pub fn take(
                     (SELECT CASE WHEN $4::text = 'anytime'
                                  THEN anytime_posted_milli - anytime_reserved_milli - anytime_granted_milli
                                  ELSE offpeak_posted_milli - offpeak_reserved_milli - offpeak_granted_milli
-                            END FROM accounts WHERE name = $3)",
-            &[
-                &lease.node,
-                &lease.token,
-                &account,
-                &bucket.as_str(),
-                &amount_milli,
-            ],
-        )
-        .map_err(pg(settings))?;
+                            END FROM accounts WHERE name = $3)";
+
+/// Takes (or tops up) `amount_milli` of `account`'s `bucket` into the
+/// node's grant, only when that much is ungranted cluster-wide: one
+/// conditional `UPDATE` of the account row, under a valid lease.
+pub fn take(
+    client: &mut Client,
+    settings: &PgSettings,
+    lease: NodeLease,
+    account: &str,
+    bucket: Bucket,
+    amount_milli: i64,
+) -> Result<Take, ClusterError> {
+    let params: &[&(dyn postgres::types::ToSql + Sync)] = &[
+        &lease.node,
+        &lease.token,
+        &account,
+        &bucket.as_str(),
+        &amount_milli,
+    ];
+    let row = match client.query_one(TAKE, params) {
+        // PostgreSQL rolled the statement back, so it may run once more.
+        Err(e) if e.code() == Some(&postgres::error::SqlState::T_R_DEADLOCK_DETECTED) => {
+            tracing::warn!(
+                account,
+                "cluster: a take was a deadlock's victim; running it again"
+            );
+            client.query_one(TAKE, params)
+        }
+        other => other,
+    }
+    .map_err(pg(settings))?;
     if !row.get::<_, bool>(0) {
         return Err(ClusterError::fenced(lease));
     }
