@@ -109,6 +109,11 @@ fn a_cluster_section_is_validated_and_refused_where_it_cannot_hold() {
 
 /// A node of a cluster on `db`, in front of `sim`.
 fn node(sim: &Sim, db: &TestDb, id: &str) -> Tollgate {
+    node_with(sim, db, id, default_accounts())
+}
+
+/// [`node`] with these seed accounts.
+fn node_with(sim: &Sim, db: &TestDb, id: &str, accounts: String) -> Tollgate {
     Tollgate::start(
         sim.addr,
         TollgateOptions {
@@ -118,6 +123,7 @@ fn node(sim: &Sim, db: &TestDb, id: &str) -> Tollgate {
                  lease_margin_ms: 500, grant_ttl_ms: 5000, grant_idle_ms: 400 }}\n",
                 pg::store_yaml(&db.url(), "statement_timeout_ms: 2000")
             ),
+            accounts,
             ..Default::default()
         },
     )
@@ -252,4 +258,74 @@ fn cluster_status_lists_the_nodes_their_leases_and_grants() {
             && text.contains("never committed"),
         "{text}"
     );
+}
+
+const JOHN_BOXIS_KEY: &str = "JohnKey-0123456789";
+
+/// A Boxis `getCreditLimit` of john's, signed for `ts`, on `t`: the
+/// `credit` of the answer, or its `resulttxt` when refused.
+fn credit_limit(t: &Tollgate, ts: i64) -> Result<String, String> {
+    let code = tollgate::service::boxis::authcode(&ts.to_string(), JOHN_BOXIS_KEY);
+    let body = format!(
+        "version=1.0&timestamp={ts}&username=john&authcode={}&section=sms&action=getCreditLimit",
+        std::str::from_utf8(&code).unwrap()
+    );
+    let (status, _, answer) = post_form(&t.url("/boxis"), body);
+    assert_eq!(status, 200, "{answer}");
+    match xml_field(&answer, "result").as_deref() {
+        Some("1") => Ok(xml_field(&answer, "credit").unwrap()),
+        _ => Err(xml_field(&answer, "resulttxt").unwrap_or(answer)),
+    }
+}
+
+#[test]
+fn a_boxis_authcode_is_used_once_across_the_cluster_and_limits_are_cluster_wide() {
+    let db = TestDb::create("cluster_boxis");
+    let sim = Sim::start(&[]);
+    let accounts = format!(
+        "accounts:\n\
+         - {{ name: admin, role: admin, password_hash: '{}', anytime: 1000 }}\n\
+         - {{ name: john, role: user, password_hash: '{}', anytime: 744, boxis_user_key: {JOHN_BOXIS_KEY} }}\n",
+        password_hash("abc123"),
+        password_hash("secret1"),
+    );
+    let a = node_with(&sim, &db, "node-a", accounts.clone());
+    let b = node_with(&sim, &db, "node-b", accounts);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+
+    // Accepted on A, then replayed on B (whose own cache never saw it) and
+    // on A: refused on both.
+    assert_eq!(credit_limit(&a, now), Ok("744".into()));
+    assert_eq!(credit_limit(&b, now), Err("error: replayed".into()));
+    assert_eq!(credit_limit(&a, now), Err("error: replayed".into()));
+    // The first use on B is refused on A likewise.
+    assert_eq!(credit_limit(&b, now - 1), Ok("744".into()));
+    assert_eq!(credit_limit(&a, now - 1), Err("error: replayed".into()));
+
+    // B holds no grant of john's: its limit is the cluster's balance, and
+    // follows a send on A (2 credits to 3620) at once.
+    let (status, body) = send(&a, "john", "secret1", "%2B36201234567");
+    assert!(
+        status == 200 && body.contains("accepted") && !body.contains("rejected"),
+        "{status} {body}"
+    );
+    assert_eq!(credit_limit(&b, now - 2), Ok("742".into()));
+    assert_eq!(credit_limit(&a, now - 3), Ok("742".into()));
+    assert_eq!(b.balance("john", "secret1"), "742");
+    // Claims are kept as hashes: no authcode or key in the database.
+    let rows: Vec<Vec<u8>> = db
+        .client()
+        .query("SELECT key FROM boxis_authcodes", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(rows.len(), 4, "one claim per accepted authcode");
+    assert!(rows.iter().all(|k| k.len() == 16));
+    for t in [&a, &b] {
+        assert!(!t.log().contains(JOHN_BOXIS_KEY));
+    }
 }

@@ -178,7 +178,7 @@ fn check_reports_pending_migrations_and_run_applies_them_once() {
     };
     let text = check();
     assert!(text.contains("schema version 0"), "{text}");
-    assert!(text.contains("4 pending migrations"), "{text}");
+    assert!(text.contains("5 pending migrations"), "{text}");
     assert!(text.contains("1 ledger: nodes, entries"), "{text}");
     assert!(text.contains("2 idempotency keys"), "{text}");
     assert!(text.contains("3 outbox"), "{text}");
@@ -196,7 +196,7 @@ fn check_reports_pending_migrations_and_run_applies_them_once() {
     let mut t = Tollgate::start(sim.addr, with_store(pg::store_yaml(&db.url(), "")));
     assert!(t.log().contains("store schema migrated"), "{}", t.log());
     let text = check();
-    assert!(text.contains("schema version 4"), "{text}");
+    assert!(text.contains("schema version 5"), "{text}");
     assert!(text.contains("no pending migration"), "{text}");
     let applied = |db: &TestDb| -> Vec<(i32, i64)> {
         db.client()
@@ -212,7 +212,7 @@ fn check_reports_pending_migrations_and_run_applies_them_once() {
     let first = applied(&db);
     assert_eq!(
         first.iter().map(|a| a.0).collect::<Vec<_>>(),
-        vec![1, 2, 3, 4]
+        vec![1, 2, 3, 4, 5]
     );
     assert!(t.stop_with("TERM").success());
     t.spawn();

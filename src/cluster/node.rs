@@ -1,9 +1,10 @@
 //! A cluster node at run time: what the request path asks of the grant
 //! protocol. Owns the node's lease keeper, its grants' bookkeeping (spend
 //! rate, last use, whether the account is scarce), the grant thread that
-//! tops grants up ahead of need and gives idle ones back, and a small pool
-//! of PostgreSQL sessions on threads of their own for what a request must
-//! wait for: a take on a miss, credit actions, cluster-wide balances.
+//! tops grants up ahead of need, gives idle ones back and deletes expired
+//! Boxis authcode claims, and a small pool of PostgreSQL sessions on
+//! threads of their own for what a request must wait for: a take on a
+//! miss, credit actions, cluster-wide balances, Boxis authcode claims.
 //!
 //! # How a reservation is decided here
 //! The in-memory ledger holds, per account and bucket, what this node may
@@ -73,6 +74,12 @@ use crate::store::{StoreError, WriteBehind};
 const POOL_SESSIONS: usize = 3;
 /// How often the grant thread looks at idle grants and refreshes gauges.
 const SCAN_EVERY: Duration = Duration::from_millis(200);
+/// How often the grant thread deletes expired Boxis authcode claims.
+const AUTHCODE_SWEEP_EVERY: Duration = Duration::from_secs(30);
+/// How long past its expiry a Boxis claim is kept: a node whose clock runs
+/// behind the sweeper's by up to this still finds the claim and refuses a
+/// replay its own timestamp window lets through.
+const AUTHCODE_KEPT_AFTER_S: i64 = 60;
 /// Top-up requests waiting for the grant thread; more are dropped (the
 /// next reservation asks again).
 const TOP_UP_QUEUE: usize = 1024;
@@ -498,6 +505,23 @@ impl ClusterNode {
             .await
     }
 
+    /// Claims a Boxis authcode's replay key for the whole cluster until
+    /// `expires_at_s` ([`sql::claim_authcode`]): `Ok(true)` the first time
+    /// any node sees it, `Ok(false)` for a replay. An error leaves the
+    /// outcome unknown: the caller refuses the request.
+    pub async fn claim_authcode(
+        &self,
+        key: [u8; 16],
+        expires_at_s: i64,
+        now_s: i64,
+    ) -> Result<bool, ClusterError> {
+        let settings = self.settings.clone();
+        self.run("claim_authcode", move |c| {
+            sql::claim_authcode(c, &settings, &key, expires_at_s, now_s)
+        })
+        .await
+    }
+
     /// A credit action on `account`'s anytime bucket straight in the
     /// database; the account's balances after it, or `None` when refused
     /// for want of credit no node holds.
@@ -602,6 +626,7 @@ impl ClusterNode {
         };
         let mut client: Option<Client> = None;
         let mut last_scan = Instant::now();
+        let mut last_authcode_sweep = Instant::now();
         let mut renewals_seen = (0u64, 0u64);
         while !self.stop.load(Ordering::Acquire) {
             match top_ups.recv_timeout(SCAN_EVERY) {
@@ -636,6 +661,35 @@ impl ClusterNode {
                     .inc_by(swept.saturating_sub(counted));
             }
             self.scan(&mut client, ledger, writer);
+            if last_authcode_sweep.elapsed() >= AUTHCODE_SWEEP_EVERY {
+                last_authcode_sweep = Instant::now();
+                self.sweep_authcodes(&mut client);
+            }
+        }
+    }
+
+    /// Deletes the Boxis claims that expired a while ago (every node does,
+    /// every [`AUTHCODE_SWEEP_EVERY`]; the table holds only authcodes
+    /// still inside some node's timestamp window).
+    fn sweep_authcodes(&self, client: &mut Option<Client>) {
+        let Some(c) = self.session(client) else {
+            return;
+        };
+        let before_s = self
+            .clock
+            .now_unix_ms()
+            .div_euclid(1000)
+            .saturating_sub(AUTHCODE_KEPT_AFTER_S);
+        let histogram = self
+            .metrics
+            .cluster_pg_seconds
+            .with_label_values(&["expire_authcodes"]);
+        let result = timed(&histogram, || {
+            sql::expire_authcodes(c, &self.settings, before_s)
+        });
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "cluster: deleting expired Boxis authcodes failed");
+            *client = None;
         }
     }
 

@@ -1,8 +1,9 @@
 //! The grant protocol's statements on the PostgreSQL store (schema version
-//! 4: `cluster_nodes`, `grants`, the accounts' `*_granted_milli`): node
-//! leases with their own fencing tokens, taking (and topping up),
-//! returning and expiring grants, credit actions straight in the database,
-//! and the cluster-wide balance. The group commit under a grant is the
+//! 4: `cluster_nodes`, `grants`, the accounts' `*_granted_milli`; version
+//! 5: `boxis_authcodes`): node leases with their own fencing tokens, taking
+//! (and topping up), returning and expiring grants, credit actions straight
+//! in the database, the cluster-wide balance, and the cluster-wide Boxis
+//! replay check. The group commit under a grant is the
 //! store's (`store::pg::PgStore::open_under_lease`). Each function is what
 //! the same-named method of [`super::model::Db`] specifies.
 //!
@@ -809,6 +810,49 @@ pub fn balance(
             },
         ]
     }))
+}
+
+/// Claims a Boxis authcode's replay key (`service::boxis::ReplayCache::key`:
+/// a hash of the account and the authcode, never the authcode) for the
+/// whole cluster until `expires_at_s` (Unix seconds), in one statement.
+/// `true`: no node had it, or only an expired claim (`expires_at_s <=
+/// now_s`, which it replaces); `false`: another request (on any node) holds
+/// it: a replay. Two nodes claiming one key at once are serialised by the
+/// primary key: exactly one gets `true`. Needs no lease: it moves no money.
+pub fn claim_authcode(
+    client: &mut Client,
+    settings: &PgSettings,
+    key: &[u8; 16],
+    expires_at_s: i64,
+    now_s: i64,
+) -> Result<bool, ClusterError> {
+    let row = client
+        .query_opt(
+            "INSERT INTO boxis_authcodes AS b (key, expires_at_s) VALUES ($1, $2)
+             ON CONFLICT (key) DO UPDATE SET expires_at_s = excluded.expires_at_s
+                 WHERE b.expires_at_s <= $3
+             RETURNING 1",
+            &[&key.as_slice(), &expires_at_s, &now_s],
+        )
+        .map_err(pg(settings))?;
+    Ok(row.is_some())
+}
+
+/// Deletes the Boxis claims that expired before `before_s` (Unix seconds);
+/// returns how many. Any node may run it at any time: a claim it deletes
+/// is one [`claim_authcode`] would replace anyway.
+pub fn expire_authcodes(
+    client: &mut Client,
+    settings: &PgSettings,
+    before_s: i64,
+) -> Result<u64, ClusterError> {
+    let deleted = client
+        .execute(
+            "DELETE FROM boxis_authcodes WHERE expires_at_s < $1",
+            &[&before_s],
+        )
+        .map_err(pg(settings))?;
+    Ok(deleted)
 }
 
 /// The grant `node` holds on `account`'s `bucket` (0: none).

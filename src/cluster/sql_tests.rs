@@ -2,7 +2,8 @@
 //! database of its own, `store::pg::testing`): leases and their fencing,
 //! takes racing for the last credit, the group commit under a grant,
 //! give-back, release, expiry of a dead node's grants (its committed
-//! reservations stay), concurrent sweepers, credit actions.
+//! reservations stay), concurrent sweepers, credit actions, Boxis authcode
+//! claims.
 
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
@@ -441,6 +442,59 @@ fn credit_actions_are_cluster_wide_and_never_take_what_nodes_hold() {
     let mut reader = PgStore::open_snapshot(&s).unwrap();
     let report = crate::store::verify::verify(&mut reader).unwrap();
     assert!(report.is_ok(crate::ledger::Overdraft::Strict), "{report}");
+}
+
+#[test]
+fn a_boxis_authcode_is_claimed_once_across_nodes_until_it_expires() {
+    let db = TestDb::create("cluster_authcodes");
+    let (s, mut a) = session(&db);
+    let mut b = s.connect("node-b", Some(Duration::from_secs(10))).unwrap();
+    let now = NOW / 1000;
+    let (key, other) = ([7u8; 16], [8u8; 16]);
+    let claim = |c: &mut postgres::Client, key: [u8; 16], expires, now| {
+        sql::claim_authcode(c, &s, &key, expires, now).unwrap()
+    };
+    assert!(claim(&mut a, key, now + 301, now));
+    // The same key again, on another node's session or this one: a
+    // replay, up to the last second of its window.
+    assert!(!claim(&mut b, key, now + 301, now + 10));
+    assert!(!claim(&mut a, key, now + 301, now + 300));
+    // Another key is fresh.
+    assert!(claim(&mut b, other, now + 101, now));
+    // Expired (its timestamp left the window): claimable again, and the
+    // new claim holds.
+    assert!(claim(&mut b, key, now + 700, now + 301));
+    assert!(!claim(&mut a, key, now + 700, now + 302));
+
+    // The sweep deletes only what expired before its bound.
+    assert_eq!(sql::expire_authcodes(&mut a, &s, now + 102).unwrap(), 1);
+    assert_eq!(sql::expire_authcodes(&mut a, &s, now + 102).unwrap(), 0);
+    assert!(!claim(&mut b, key, now + 700, now + 400));
+    let rows: i64 = a
+        .query_one("SELECT count(*) FROM boxis_authcodes", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1);
+
+    // Eight nodes claiming one new key at once: exactly one gets it.
+    let racers = 8;
+    let barrier = Arc::new(Barrier::new(racers));
+    let won: usize = std::thread::scope(|scope| {
+        let runs: Vec<_> = (0..racers)
+            .map(|_| {
+                let (s, barrier) = (s.clone(), barrier.clone());
+                scope.spawn(move || {
+                    let mut c = s.connect("racer", Some(Duration::from_secs(10))).unwrap();
+                    barrier.wait();
+                    sql::claim_authcode(&mut c, &s, &[9u8; 16], now + 301, now).unwrap()
+                })
+            })
+            .collect();
+        runs.into_iter()
+            .map(|r| usize::from(r.join().unwrap()))
+            .sum()
+    });
+    assert_eq!(won, 1);
 }
 
 fn keeper_config(name: &str) -> crate::config::cluster::ClusterConfig {

@@ -985,6 +985,25 @@ impl Config {
                  addcredits, which every node sees)",
             ));
         }
+        // Both read the node's ledger, which on a cluster node holds its
+        // grants, not the accounts' balances: they would report (and
+        // alert on) the wrong numbers.
+        if cluster.is_some() && f.notify.has_low_balance() {
+            return Err(ConfigError::new(
+                path,
+                "notify.low_balance",
+                "cannot be set with cluster: (a node's memory holds its grants, not the \
+                 accounts' balances; watch balances with getcredits or the store)",
+            ));
+        }
+        if cluster.is_some() && !f.metrics.balance_accounts.is_empty() {
+            return Err(ConfigError::new(
+                path,
+                "metrics.balance_accounts",
+                "cannot be set with cluster: (a node's memory holds its grants, not the \
+                 accounts' balances)",
+            ));
+        }
         if f.metrics.balance_accounts.len() > BALANCE_ACCOUNTS_MAX {
             return Err(ConfigError::new(
                 path,
@@ -1432,6 +1451,30 @@ mod tests {
         );
         let e = Config::from_yaml(&text, Path::new("t.yaml")).unwrap_err();
         assert_eq!(e.key, "ledger.overdraft");
+    }
+
+    #[test]
+    fn a_cluster_node_refuses_what_reads_its_grants_as_balances() {
+        let pg_cluster = "store: { url: 'postgres://u@h/db' }\ncluster: { node_id: a }\n";
+        let low_balance =
+            "notify: { low_balance: { url: 'http://127.0.0.1:9/h', secret: 0123456789abcdef, default_threshold: 10 } }\n";
+        let gauges = "metrics: { balance_accounts: [john] }\n";
+        for (extra, key) in [
+            (low_balance, "notify.low_balance"),
+            (gauges, "metrics.balance_accounts"),
+        ] {
+            // Valid on one node ...
+            let text = format!("{MINIMAL}store: {{ url: 'postgres://u@h/db' }}\n{extra}");
+            Config::from_yaml(&text, Path::new("t.yaml")).unwrap();
+            // ... refused with cluster:, naming the key.
+            let text = format!("{MINIMAL}{pg_cluster}{extra}");
+            let e = Config::from_yaml(&text, Path::new("t.yaml")).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+            assert!(e.problem.contains("cannot be set with cluster"), "{e}");
+        }
+        // An empty list is no gauge: allowed.
+        let text = format!("{MINIMAL}{pg_cluster}metrics: {{ balance_accounts: [] }}\n");
+        Config::from_yaml(&text, Path::new("t.yaml")).unwrap();
     }
 
     #[test]

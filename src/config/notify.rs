@@ -28,6 +28,13 @@ pub struct FileNotify {
     low_balance: Option<FileLowBalance>,
 }
 
+impl FileNotify {
+    /// Whether `notify.low_balance` is set (refused with `cluster:`).
+    pub fn has_low_balance(&self) -> bool {
+        self.low_balance.is_some()
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileLowBalance {

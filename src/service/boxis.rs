@@ -25,7 +25,19 @@
 //!   still inside the window; when that many fresh ones are held, new
 //!   requests are refused (`rate_limited`) rather than risk a replay;
 //! - a restart forgets the cache: a request captured less than the window
-//!   before a restart can be replayed once after it.
+//!   before a restart can be replayed once after it (not on a cluster
+//!   node: see below).
+//!
+//! On a cluster node (`cluster:`) an authcode fresh in this process's cache
+//! is then claimed in PostgreSQL (`cluster::sql::claim_authcode`, one
+//! statement), so one accepted on any node is `replayed` on every other,
+//! and after a restart; the local cache stays in front (it refuses most
+//! replays without a round trip, and bounds the work). A database error
+//! during the claim refuses the request `store_unavailable` (fail closed;
+//! its authcode stays used on this node, so a retry needs a new
+//! timestamp). `getCreditLimit` there answers the account's any-time
+//! balance across the cluster, read from PostgreSQL (the node's ledger
+//! holds only its grants), as Ozeki's `getcredits` does.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -38,8 +50,10 @@ use subtle::ConstantTimeEq;
 
 use crate::api::boxis::form::{parse_multipart_form, Form};
 use crate::api::boxis::{
-    classify, parse_form, render, return_type_of, Action, CalculateCredits, FormLimits, ReturnType,
+    classify, parse_form, render, return_type_of, Action, BoxisRequest, CalculateCredits,
+    FormLimits, ReturnType,
 };
+use crate::cluster::node::ClusterNode;
 use crate::config::BoxisConfig;
 use crate::error::ErrorCode;
 use crate::service::respond::{self, Refusal, Reply, Shape};
@@ -275,8 +289,16 @@ pub struct BoxisHttpRequest<'a> {
 
 /// The answer (HTTP 200 for every application error, as Boxis does),
 /// labelled with its action for metrics and the access line.
-pub fn handle(app: &App, req: &BoxisHttpRequest, now_s: i64) -> Reply {
-    let (label, reply) = answer(app, req, now_s, false);
+pub async fn handle(app: &App, req: &BoxisHttpRequest<'_>, now_s: i64) -> Reply {
+    let (label, reply) = match verify(app, req, now_s) {
+        Ok(v) => match &app.cluster {
+            // Boxed: only cluster nodes wait here, so the future of every
+            // other request does not grow by this one's.
+            Some(node) => (v.label, Box::pin(answer_cluster(app, node, v, now_s)).await),
+            None => (v.label, answer(app, &v, now_s)),
+        },
+        Err(refused) => *refused,
+    };
     reply.for_action(label)
 }
 
@@ -284,23 +306,45 @@ pub fn handle(app: &App, req: &BoxisHttpRequest, now_s: i64) -> Reply {
 /// whose store is not loaded in time, `handover.rs`): the request is read
 /// as [`handle`] reads it, and a valid one is refused `store_unavailable`
 /// before anything is checked or moved.
-pub fn unavailable(app: &App, req: &BoxisHttpRequest, now_s: i64) -> Reply {
-    let (label, reply) = answer(app, req, now_s, true);
+pub fn unavailable(app: &App, req: &BoxisHttpRequest<'_>, now_s: i64) -> Reply {
+    let (label, reply) = match read(app, req, now_s) {
+        Ok((label, request)) => {
+            let code = ErrorCode::StoreUnavailable;
+            let rt = request.return_type;
+            (label, refuse(rt, code, now_s, code.message()))
+        }
+        Err(refused) => *refused,
+    };
     reply.for_action(label)
 }
 
-fn answer(
+/// A refused request: its action label and the refusal (boxed: the
+/// accepted path stays small).
+type Refused = Box<(&'static str, Reply)>;
+
+/// A request whose authcode verified and was fresh in this process's
+/// replay cache.
+struct Verified {
+    label: &'static str,
+    rt: ReturnType,
+    account: String,
+    action: Action,
+    replay_key: [u8; 16],
+    expires_at_s: i64,
+}
+
+/// Parses and validates every field (`invalid_request`).
+fn read(
     app: &App,
-    req: &BoxisHttpRequest,
+    req: &BoxisHttpRequest<'_>,
     now_s: i64,
-    unavailable: bool,
-) -> (&'static str, Reply) {
+) -> Result<(&'static str, BoxisRequest), Refused> {
     let sniffed = sniff_return_type(req.body);
     if !req.method.eq_ignore_ascii_case("POST") {
-        return (
+        return Err(Box::new((
             "other",
             refuse(sniffed, ErrorCode::InvalidRequest, now_s, "not a POST"),
-        );
+        )));
     }
     let limits = FormLimits {
         max_value_len: app.config.boxis.body_limit_bytes,
@@ -309,37 +353,38 @@ fn answer(
     let form = match read_form(req.content_type, req.body, &limits) {
         Ok(f) => f,
         Err(reason) => {
-            return (
+            return Err(Box::new((
                 "other",
                 refuse(sniffed, ErrorCode::InvalidRequest, now_s, &reason),
-            )
+            )))
         }
     };
-    let request = match classify(&form) {
-        Ok(r) => r,
+    match classify(&form) {
+        Ok(r) => Ok((r.action.label(), r)),
         Err(e) => {
             let label = match form.get("action") {
                 Some(a) if a.eq_ignore_ascii_case(b"calculateCredits") => "calculatecredits",
                 Some(a) if a.eq_ignore_ascii_case(b"getCreditLimit") => "getcreditlimit",
                 _ => "other",
             };
-            return (
+            Err(Box::new((
                 label,
                 refuse(return_type_of(&form), e.code, now_s, &e.reason),
-            );
+            )))
         }
-    };
-    let label = request.action.label();
+    }
+}
+
+/// Reads the request, then checks the timestamp window, the lockout, the
+/// authcode and this process's replay cache (see the module docs).
+fn verify(app: &App, req: &BoxisHttpRequest<'_>, now_s: i64) -> Result<Verified, Refused> {
+    let (label, request) = read(app, req, now_s)?;
     let rt = request.return_type;
     let creds = &request.credentials;
-    if unavailable {
-        let code = ErrorCode::StoreUnavailable;
-        return (label, refuse(rt, code, now_s, code.message()));
-    }
 
     let window_s = app.config.boxis.timestamp_window_s;
     if now_s.abs_diff(creds.timestamp_s) > window_s {
-        return (
+        return Err(Box::new((
             label,
             refuse(
                 rt,
@@ -347,7 +392,7 @@ fn answer(
                 now_s,
                 "stale timestamp",
             ),
-        );
+        )));
     }
 
     let resolved = app.boxis.keys.resolve(&creds.username);
@@ -364,7 +409,7 @@ fn answer(
         .is_err()
     {
         let code = ErrorCode::RateLimited;
-        return (label, refuse(rt, code, now_s, code.message()));
+        return Err(Box::new((label, refuse(rt, code, now_s, code.message()))));
     }
     // Unknown users are checked against a dummy key, so the work done does
     // not reveal which names exist.
@@ -377,7 +422,10 @@ fn answer(
     let verified = account.filter(|_| matches);
     app.record_auth(&snapshot, req.client_ip, &lockout_user, verified.is_some());
     let Some(account) = verified else {
-        return (label, refuse(rt, ErrorCode::AuthFailed, now_s, "authcode"));
+        return Err(Box::new((
+            label,
+            refuse(rt, ErrorCode::AuthFailed, now_s, "authcode"),
+        )));
     };
 
     let replay_key = ReplayCache::key(account, &creds.authcode);
@@ -392,45 +440,93 @@ fn answer(
     {
         ReplayCheck::Fresh => {}
         ReplayCheck::Replayed => {
-            return (
+            return Err(Box::new((
                 label,
                 refuse(rt, ErrorCode::Replayed, now_s, "authcode reused"),
-            )
+            )))
         }
         ReplayCheck::Full => {
             tracing::warn!("boxis replay cache full; refusing until authcodes expire");
-            return (
+            return Err(Box::new((
                 label,
                 refuse(rt, ErrorCode::RateLimited, now_s, "replay cache full"),
-            );
+            )));
         }
     }
+    Ok(Verified {
+        label,
+        rt,
+        account: account.to_string(),
+        action: request.action,
+        replay_key,
+        expires_at_s,
+    })
+}
 
-    let Some(view) = app.ledger.account(account) else {
-        return (
-            label,
-            refuse(rt, ErrorCode::UnknownAccount, now_s, "no ledger account"),
-        );
+/// The answer of one process (no `cluster:`): from its ledger.
+fn answer(app: &App, v: &Verified, now_s: i64) -> Reply {
+    let rt = v.rt;
+    let Some(view) = app.ledger.account(&v.account) else {
+        return refuse(rt, ErrorCode::UnknownAccount, now_s, "no ledger account");
     };
-    let credit_milli = match &request.action {
+    let credit_milli = match &v.action {
         // A balance only its store's owner may answer (pricing needs none).
         Action::GetCreditLimit => match app.ensure_owner() {
             Ok(()) => view.anytime.available_milli(),
-            Err(code) => return (label, refuse(rt, code, now_s, code.message())),
+            Err(code) => return refuse(rt, code, now_s, code.message()),
         },
         Action::CalculateCredits(calc) => match price(app, calc, view.tariff_class.as_deref()) {
             Ok(c) => c,
-            Err(reason) => return (label, refuse(rt, ErrorCode::InvalidRequest, now_s, &reason)),
+            Err(reason) => return refuse(rt, ErrorCode::InvalidRequest, now_s, &reason),
         },
     };
-    (
-        label,
-        Reply::local(
-            200,
-            render::content_type(rt),
-            render::success(rt, credit_milli, now_s),
-            Outcome::Ok,
-        ),
+    success(rt, credit_milli, now_s)
+}
+
+/// The answer of a cluster node: the authcode must also be fresh across
+/// the cluster (claimed in PostgreSQL: a replay on another node is
+/// refused), and `getCreditLimit` answers the account's balance across the
+/// cluster (this node's ledger holds only its grants). A database error
+/// refuses the request `store_unavailable`: nothing is answered from a
+/// claim that was not confirmed (the authcode stays used on this node).
+async fn answer_cluster(app: &App, node: &ClusterNode, v: Verified, now_s: i64) -> Reply {
+    let rt = v.rt;
+    match node
+        .claim_authcode(v.replay_key, v.expires_at_s, now_s)
+        .await
+    {
+        Ok(true) => {}
+        Ok(false) => return refuse(rt, ErrorCode::Replayed, now_s, "authcode reused"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cluster: claiming a Boxis authcode failed");
+            let code = ErrorCode::StoreUnavailable;
+            return refuse(rt, code, now_s, code.message());
+        }
+    }
+    match &v.action {
+        Action::GetCreditLimit => {
+            if app.ledger.account(&v.account).is_none() {
+                return refuse(rt, ErrorCode::UnknownAccount, now_s, "no ledger account");
+            }
+            if let Err(code) = app.ensure_owner() {
+                return refuse(rt, code, now_s, code.message());
+            }
+            match super::ozeki::cluster_balance(node, &v.account).await {
+                Ok(balance_milli) => success(rt, balance_milli, now_s),
+                Err(code) => refuse(rt, code, now_s, code.message()),
+            }
+        }
+        // Pricing reads the tariff only.
+        Action::CalculateCredits(_) => answer(app, &v, now_s),
+    }
+}
+
+fn success(rt: ReturnType, credit_milli: i64, now_s: i64) -> Reply {
+    Reply::local(
+        200,
+        render::content_type(rt),
+        render::success(rt, credit_milli, now_s),
+        Outcome::Ok,
     )
 }
 

@@ -569,7 +569,7 @@ async fn serve(app: &App, mut req: Request<'_>, unavailable: bool) -> Reply {
             if unavailable {
                 boxis::unavailable(app, &boxis_req, now_s)
             } else {
-                boxis::handle(app, &boxis_req, now_s)
+                boxis::handle(app, &boxis_req, now_s).await
             }
         }
         Door::Soap => {

@@ -365,8 +365,10 @@ async fn credit_change(
 }
 
 /// The any-time balance of `account` across the cluster, as the credit
-/// answers show it (0 for an account the database has no row of yet).
-async fn cluster_balance(
+/// answers show it (0 for an account the database has no row of yet); a
+/// database error is `store_unavailable`. Boxis' `getCreditLimit` answers
+/// the same.
+pub(super) async fn cluster_balance(
     node: &crate::cluster::node::ClusterNode,
     account: &str,
 ) -> Result<i64, ErrorCode> {

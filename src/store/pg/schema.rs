@@ -9,7 +9,7 @@
 //! [`migrate`] is called by `tollgate run` only; [`report`] (for `tollgate
 //! check` and the offline readers) reads and never writes.
 //!
-//! # Tables (version 4)
+//! # Tables (version 5)
 //! - `nodes(id, name, first_seen_unix_ms)`: every tollgate process that has
 //!   written to the store, by name (the host name on one node). Entries
 //!   and open reservations carry the id of the node that wrote them, so a
@@ -31,6 +31,11 @@
 //!   (`crate::cluster::sql`), version 4.
 //! - `grants(account, node, bucket, amount_milli ≥ 0, taken_at)`, keyed by
 //!   (account, node, bucket): the credit each node holds, version 4.
+//! - `boxis_authcodes(key PK, expires_at_s)`: with `cluster:`, the Boxis
+//!   authcodes some node accepted (a 16-byte hash of account and authcode,
+//!   never the authcode), until their timestamp leaves the window (Unix
+//!   seconds), so that a replay on another node is refused
+//!   (`crate::cluster::sql::claim_authcode`), version 5.
 //! - `open_reservations(id PK, node, account, anytime_milli,
 //!   offpeak_milli, reference, tariff_version, created_unix_ms)`.
 //! - `store_owner(id = 1, token, pid, host, started_unix_ms,
@@ -197,6 +202,17 @@ CREATE TABLE grants (
     PRIMARY KEY (account, node, bucket)
 );
 CREATE INDEX grants_node ON grants (node);
+",
+    },
+    Migration {
+        version: 5,
+        name: "cluster: Boxis authcodes seen",
+        sql: "
+CREATE TABLE boxis_authcodes (
+    key          BYTEA  PRIMARY KEY,
+    expires_at_s BIGINT NOT NULL
+);
+CREATE INDEX boxis_authcodes_expiry ON boxis_authcodes (expires_at_s);
 ",
     },
 ];

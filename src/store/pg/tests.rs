@@ -124,7 +124,7 @@ fn migrations_are_applied_once_and_reported() {
     assert_eq!(before.current, 0);
     assert_eq!(before.pending.len(), schema::MIGRATIONS.len());
     assert!(
-        before.to_string().contains("4 pending migrations"),
+        before.to_string().contains("5 pending migrations"),
         "{before}"
     );
     assert!(matches!(
@@ -147,14 +147,14 @@ fn migrations_are_applied_once_and_reported() {
     });
     let mut all: Vec<i32> = applied.concat();
     all.sort_unstable();
-    assert_eq!(all, vec![1, 2, 3, 4], "{applied:?}");
+    assert_eq!(all, vec![1, 2, 3, 4, 5], "{applied:?}");
 
     let after = schema::report(&mut client, &s).unwrap();
     assert_eq!(after.current, schema::SCHEMA_VERSION);
     assert!(after.pending.is_empty());
     assert_eq!(
         after.applied.iter().map(|a| a.version).collect::<Vec<_>>(),
-        vec![1, 2, 3, 4]
+        vec![1, 2, 3, 4, 5]
     );
     assert!(after.applied.iter().all(|a| a.applied_unix_ms == NOW));
     assert!(
