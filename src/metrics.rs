@@ -689,7 +689,7 @@ impl Metrics {
             cluster_pg_seconds: latency_histogram(
                 "tollgate_cluster_pg_seconds",
                 "Cluster node: PostgreSQL round trips of the grant protocol, by statement \
-                 (take, give_back, credit, balance, transfer, seed, claim_authcode, \
+                 (take, give_back, credit, balance, transfer, claim_authcode, \
                  expire_authcodes)",
                 &["statement"],
             ),
