@@ -579,11 +579,12 @@ pub fn have(binary: &str, version_arg: &str) -> bool {
 /// Debian's packages are installed when one is missing (as root or by
 /// `sudo -n`), else the test fails saying what to install. Never skips.
 pub fn ensure_installed(wanted: &[(&str, &str, &str)]) {
-    let missing: Vec<&str> = wanted
+    let mut missing: Vec<&str> = wanted
         .iter()
         .filter(|(bin, arg, _)| !have(bin, arg))
         .map(|(_, _, package)| *package)
         .collect();
+    missing.dedup();
     if missing.is_empty() {
         return;
     }
@@ -604,13 +605,7 @@ pub fn ensure_installed(wanted: &[(&str, &str, &str)]) {
         cmd.args(["-o", "DPkg::Lock::Timeout=300"])
             .args(args)
             .env("DEBIAN_FRONTEND", "noninteractive");
-        let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
+        promtool::run_bounded(&mut cmd, Duration::from_secs(600))
     };
     let mut install = vec!["install", "-y", "-q"];
     install.extend(&missing);

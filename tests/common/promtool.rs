@@ -47,56 +47,13 @@ pub fn run_bounded(cmd: &mut Command, limit: Duration) -> (bool, String) {
     }
 }
 
-fn have(binary: &str) -> bool {
-    Command::new(binary)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// Installs Debian's `prometheus` package (prometheus + promtool) when
 /// either binary is missing; panics with the reason if it cannot.
 pub fn ensure_prometheus() {
-    if have("prometheus") && have("promtool") {
-        return;
-    }
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false);
-    let apt = |args: &[&str]| {
-        let mut cmd = if root {
-            Command::new("apt-get")
-        } else {
-            let mut c = Command::new("sudo");
-            c.args(["-n", "apt-get"]);
-            c
-        };
-        // Another test binary may be installing the same package.
-        cmd.args(["-o", "DPkg::Lock::Timeout=300"])
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive");
-        run_bounded(&mut cmd, Duration::from_secs(600))
-    };
-    let install = ["install", "-y", "-q", "prometheus"];
-    let (mut ok, mut log) = apt(&install);
-    if !ok {
-        let (_, update_log) = apt(&["update", "-q"]);
-        let (ok2, log2) = apt(&install);
-        ok = ok2;
-        log = format!("{log}\n--- apt-get update ---\n{update_log}\n--- retry ---\n{log2}");
-    }
-    assert!(
-        ok && have("prometheus") && have("promtool"),
-        "this test needs Prometheus and promtool and could not install them \
-         (`apt-get install -y prometheus`{}). Install Debian's `prometheus` \
-         package, which provides `prometheus` and `promtool`, and run the test \
-         again. apt said:\n{log}",
-        if root { "" } else { " via sudo" }
-    );
+    super::ensure_installed(&[
+        ("prometheus", "--version", "prometheus"),
+        ("promtool", "--version", "prometheus"),
+    ]);
 }
 
 /// `promtool ARGS...` run from the repository root; (success, output).
