@@ -77,6 +77,8 @@ fi
 
 quiet_check
 bench_init
+# The gateway knows every account that sends (it checks them too).
+SIM_EXTRA_USERS="--user small:smallpw:1000000000 --user strand:strandpw:1000000000"
 start_sim
 
 DB_N=0
@@ -99,7 +101,7 @@ trap bench_cleanup EXIT INT TERM
 
 # The seed accounts every node reads: bench (a billion credits, served
 # from grants), small (100 000 credits; node-direct puts it below
-# direct_below_milli) and strand (exactly STRAND_N credits = parts).
+# direct_below_milli) and strand (credit for exactly STRAND_N parts).
 SEEDS="$WORK/seeds"
 mkdir -p "$SEEDS"
 cp "$E2E/tariffs.yaml" "$SEEDS/"
@@ -110,7 +112,12 @@ add_seed() { # name credits password
 }
 add_seed bench 1000000000 benchpw
 add_seed small 100000 smallpw
-add_seed strand "$STRAND_N" strandpw
+# requests.lua's recipients (+3620...) cost 2 credits a part (tariffs.yaml):
+# credit for exactly STRAND_N parts.
+add_seed strand "$((2 * STRAND_N))" strandpw
+
+# bash 5.2 reads `&` in a ${var//pattern/replacement} as the matched text.
+shopt -u patsub_replacement 2>/dev/null || true
 
 # What each tariff prices: tariffs.yaml gives every recipient of
 # requests.lua (+3620…) one price; STRAND parts below use it too.
@@ -200,7 +207,7 @@ start_scenario() {
             [[ "$name" == strand-* ]] && n=3
             for i in $(seq 1 "$n"); do
                 case "$name" in
-                    strand-small) start_node node "node-$i" "grant_min_milli: 1000, grant_max_milli: 3000, grant_idle_ms: 2000" ;;
+                    strand-small) start_node node "node-$i" "grant_min_milli: 1000, grant_max_milli: 3000, direct_below_milli: 1000, grant_idle_ms: 2000" ;;
                     *) start_node node "node-$i" ;;
                 esac
                 NODE_ADDRS+=("$NODE_ADDR")
@@ -430,7 +437,7 @@ m() { local v="${1:-}"; if [ -z "${v// /}" ]; then echo "–"; else # shellcheck
     echo
     echo "## (d) stranded credit"
     echo
-    echo "Account \`strand\` with credit for exactly $STRAND_N parts, three nodes behind nginx, 32 wrk connections sending"
+    echo "Account \`strand\` with credit for exactly $STRAND_N parts ($((2 * STRAND_N)) credits at 2 a part), three nodes behind nginx, 32 wrk connections sending"
     echo "for up to $STRAND_LIMIT s (refusals are retried at once); when the cluster balance (getcredits) reached 0."
     echo
     echo "| grant sizing | parts sent of $STRAND_N | balance 0 after (s) | insufficient-credit refusals | sent per round | seconds per round |"

@@ -130,12 +130,12 @@ TICKS="$(getconf CLK_TCK)"
 SEND_PATH="/api?action=sendmessage&username=bench&password=benchpw&recipient=RCPT&messagetype=SMS:TEXT&messagedata=Hello+from+the+tollgate+benchmark"
 CREDITS_PATH="/api?action=getcredits&username=bench&password=benchpw"
 
-start_sim() { # sets SIM (host:port) and SIM_PID
+start_sim() { # sets SIM (host:port) and SIM_PID; SIM_EXTRA_USERS: more --user NAME:PW:CREDITS
     local port
     port="$(free_port)"
     SIM="127.0.0.1:$port"
     "$BIN_DIR/ozeki-sim" --listen "$SIM" --no-record --threads "$SIM_THREADS" \
-        --user bench:benchpw:1000000 >"$WORK/sim.out" 2>"$WORK/sim.err" &
+        --user bench:benchpw:1000000 ${SIM_EXTRA_USERS:-} >"$WORK/sim.out" 2>"$WORK/sim.err" &
     SIM_PID=$!
     PIDS+=("$SIM_PID")
     wait_port "$SIM"
