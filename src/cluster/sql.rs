@@ -15,8 +15,8 @@
 //!
 //! # Lock order
 //! Every statement that locks rows locks them in one order, so that no two
-//! of them (a take, a give-back, a sweep, a release, a transfer, a node's
-//! group commit) can wait for each other in a cycle: the node's
+//! of them (a take, a give-back, a sweep, a release, a registration, a
+//! transfer, a node's group commit) can wait for each other in a cycle: the node's
 //! `cluster_nodes` row, then `grants` rows, then `accounts` rows by name.
 //! A deadlock is not only a failed statement: PostgreSQL finds it after
 //! `deadlock_timeout` (1 s), and a group commit waiting that long holds its
@@ -178,22 +178,38 @@ pub fn register(
     Ok(NodeLease { node, token })
 }
 
+/// The CTEs after a statement's `gone` (the grant rows it deleted, as
+/// `account, bucket, amount_milli`) that give that credit back to the
+/// accounts, which they lock in name order first (see "Lock order"):
+/// a node's registration, its release and the sweep of dead nodes.
+macro_rules! grants_back {
+    () => {
+        "sums AS (
+             SELECT account,
+                    COALESCE(sum(amount_milli) FILTER (WHERE bucket = 'anytime'), 0) AS anytime,
+                    COALESCE(sum(amount_milli) FILTER (WHERE bucket = 'offpeak'), 0) AS offpeak
+             FROM gone GROUP BY account
+         ), locked AS (
+             SELECT FROM accounts WHERE name IN (SELECT account FROM sums)
+             ORDER BY name FOR UPDATE
+         ), accounts_back AS (
+             UPDATE accounts a SET anytime_granted_milli = a.anytime_granted_milli - s.anytime,
+                                   offpeak_granted_milli = a.offpeak_granted_milli - s.offpeak
+             FROM sums s WHERE a.name = s.account AND (SELECT count(*) FROM locked) >= 0
+             RETURNING 1
+         )
+         "
+    };
+}
+
 /// Every grant of node `$1` back to its accounts (one statement).
-const RETURN_ALL: &str = "
-WITH gone AS (
-    DELETE FROM grants WHERE node = $1 RETURNING account, bucket, amount_milli
-), sums AS (
-    SELECT account,
-           COALESCE(sum(amount_milli) FILTER (WHERE bucket = 'anytime'), 0) AS anytime,
-           COALESCE(sum(amount_milli) FILTER (WHERE bucket = 'offpeak'), 0) AS offpeak
-    FROM gone GROUP BY account
-), accounts_back AS (
-    UPDATE accounts a SET anytime_granted_milli = a.anytime_granted_milli - s.anytime,
-                          offpeak_granted_milli = a.offpeak_granted_milli - s.offpeak
-    FROM sums s WHERE a.name = s.account
-    RETURNING 1
-)
-SELECT COALESCE((SELECT sum(amount_milli) FROM gone), 0)::bigint";
+const RETURN_ALL: &str = concat!(
+    "WITH gone AS (
+         DELETE FROM grants WHERE node = $1 RETURNING account, bucket, amount_milli
+     ), ",
+    grants_back!(),
+    "SELECT COALESCE((SELECT sum(amount_milli) FROM gone), 0)::bigint"
+);
 
 /// Extends a valid lease by `lease` from the database's `now()`. An
 /// expired lease cannot be renewed: [`ClusterError::Fenced`].
@@ -227,29 +243,19 @@ pub fn release(
 ) -> Result<i64, ClusterError> {
     let row = client
         .query_one(
-            "WITH me AS (
-                 UPDATE cluster_nodes SET released = true, expires_at = now()
-                 WHERE node = $1 AND token = $2 AND NOT released
-                 RETURNING node
-             ), gone AS (
-                 DELETE FROM grants WHERE node = $1 AND EXISTS (SELECT FROM me)
-                 RETURNING account, bucket, amount_milli
-             ), sums AS (
-                 SELECT account,
-                        COALESCE(sum(amount_milli) FILTER (WHERE bucket = 'anytime'), 0) AS anytime,
-                        COALESCE(sum(amount_milli) FILTER (WHERE bucket = 'offpeak'), 0) AS offpeak
-                 FROM gone GROUP BY account
-             ), locked AS (
-                 SELECT FROM accounts WHERE name IN (SELECT account FROM sums)
-                 ORDER BY name FOR UPDATE
-             ), accounts_back AS (
-                 UPDATE accounts a SET anytime_granted_milli = a.anytime_granted_milli - s.anytime,
-                                       offpeak_granted_milli = a.offpeak_granted_milli - s.offpeak
-                 FROM sums s WHERE a.name = s.account AND (SELECT count(*) FROM locked) >= 0
-                 RETURNING 1
-             )
-             SELECT EXISTS (SELECT FROM me),
-                    COALESCE((SELECT sum(amount_milli) FROM gone), 0)::bigint",
+            concat!(
+                "WITH me AS (
+                     UPDATE cluster_nodes SET released = true, expires_at = now()
+                     WHERE node = $1 AND token = $2 AND NOT released
+                     RETURNING node
+                 ), gone AS (
+                     DELETE FROM grants WHERE node = $1 AND EXISTS (SELECT FROM me)
+                     RETURNING account, bucket, amount_milli
+                 ), ",
+                grants_back!(),
+                "SELECT EXISTS (SELECT FROM me),
+                        COALESCE((SELECT sum(amount_milli) FROM gone), 0)::bigint"
+            ),
             &[&lease.node, &lease.token],
         )
         .map_err(pg(settings))?;
@@ -265,7 +271,7 @@ const TAKE: &str = "WITH live AS (
                  WHERE node = $1 AND token = $2 AND NOT released AND expires_at > now()
              ), mine AS (
                  -- The grant row first, then the account's: the order every
-                 -- statement on both takes (see LOCK ORDER in the module docs).
+                 -- statement on both takes (see Lock order in the module docs).
                  SELECT FROM grants WHERE account = $3 AND node = $1 AND bucket = $4::text
                  FOR UPDATE
              ), acc AS (
@@ -408,31 +414,21 @@ pub fn expire(
 ) -> Result<Expired, ClusterError> {
     let row = client
         .query_one(
-            "WITH dead AS (
-                 SELECT node FROM cluster_nodes n
-                 WHERE expires_at <= now()
-                   AND renewed_at + $1::bigint * interval '1 millisecond' <= now()
-                   AND EXISTS (SELECT FROM grants g WHERE g.node = n.node)
-                 FOR UPDATE SKIP LOCKED
-             ), gone AS (
-                 DELETE FROM grants WHERE node IN (SELECT node FROM dead)
-                 RETURNING account, bucket, amount_milli
-             ), sums AS (
-                 SELECT account,
-                        COALESCE(sum(amount_milli) FILTER (WHERE bucket = 'anytime'), 0) AS anytime,
-                        COALESCE(sum(amount_milli) FILTER (WHERE bucket = 'offpeak'), 0) AS offpeak
-                 FROM gone GROUP BY account
-             ), locked AS (
-                 SELECT FROM accounts WHERE name IN (SELECT account FROM sums)
-                 ORDER BY name FOR UPDATE
-             ), accounts_back AS (
-                 UPDATE accounts a SET anytime_granted_milli = a.anytime_granted_milli - s.anytime,
-                                       offpeak_granted_milli = a.offpeak_granted_milli - s.offpeak
-                 FROM sums s WHERE a.name = s.account AND (SELECT count(*) FROM locked) >= 0
-                 RETURNING 1
-             )
-             SELECT (SELECT count(*) FROM dead), (SELECT count(*) FROM gone),
-                    COALESCE((SELECT sum(amount_milli) FROM gone), 0)::bigint",
+            concat!(
+                "WITH dead AS (
+                     SELECT node FROM cluster_nodes n
+                     WHERE expires_at <= now()
+                       AND renewed_at + $1::bigint * interval '1 millisecond' <= now()
+                       AND EXISTS (SELECT FROM grants g WHERE g.node = n.node)
+                     FOR UPDATE SKIP LOCKED
+                 ), gone AS (
+                     DELETE FROM grants WHERE node IN (SELECT node FROM dead)
+                     RETURNING account, bucket, amount_milli
+                 ), ",
+                grants_back!(),
+                "SELECT (SELECT count(*) FROM dead), (SELECT count(*) FROM gone),
+                        COALESCE((SELECT sum(amount_milli) FROM gone), 0)::bigint"
+            ),
             &[&millis(grant_ttl)],
         )
         .map_err(pg(settings))?;
