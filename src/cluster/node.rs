@@ -668,6 +668,17 @@ impl ClusterNode {
         }
     }
 
+    /// [`timed`] under `statement`, for the grant thread's own round trips.
+    fn timed<T>(&self, statement: &str, f: impl FnOnce() -> T) -> T {
+        timed(
+            &self
+                .metrics
+                .cluster_pg_seconds
+                .with_label_values(&[statement]),
+            f,
+        )
+    }
+
     /// Deletes the Boxis claims that expired a while ago (every node does,
     /// every [`AUTHCODE_SWEEP_EVERY`]; the table holds only authcodes
     /// still inside some node's timestamp window).
@@ -680,11 +691,7 @@ impl ClusterNode {
             .now_unix_ms()
             .div_euclid(1000)
             .saturating_sub(AUTHCODE_KEPT_AFTER_S);
-        let histogram = self
-            .metrics
-            .cluster_pg_seconds
-            .with_label_values(&["expire_authcodes"]);
-        let result = timed(&histogram, || {
+        let result = self.timed("expire_authcodes", || {
             sql::expire_authcodes(c, &self.settings, before_s)
         });
         if let Err(e) = result {
@@ -755,8 +762,7 @@ impl ClusterNode {
                 .inc();
             return;
         };
-        let histogram = self.metrics.cluster_pg_seconds.with_label_values(&["take"]);
-        let result = timed(&histogram, || {
+        let result = self.timed("take", || {
             take_into(
                 c,
                 &self.settings,
@@ -851,11 +857,7 @@ impl ClusterNode {
             let _ = ledger.grant_in(account, bucket, n);
             return 0;
         };
-        let histogram = self
-            .metrics
-            .cluster_pg_seconds
-            .with_label_values(&["give_back"]);
-        let result = timed(&histogram, || {
+        let result = self.timed("give_back", || {
             sql::give_back(c, &self.settings, self.lease, account, bucket, n)
         });
         match result {
