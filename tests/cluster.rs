@@ -117,12 +117,7 @@ fn node_with(sim: &Sim, db: &TestDb, id: &str, accounts: String) -> Tollgate {
     Tollgate::start(
         sim.addr,
         TollgateOptions {
-            extra_yaml: format!(
-                "{}durability: sync\n\
-                 cluster: {{ node_id: {id}, lease_ms: 2000, lease_renew_ms: 500, \
-                 lease_margin_ms: 500, grant_ttl_ms: 5000, grant_idle_ms: 400 }}\n",
-                pg::store_yaml(&db.url(), "statement_timeout_ms: 2000")
-            ),
+            extra_yaml: common::cluster::node_yaml(&db.url(), id),
             accounts,
             ..Default::default()
         },

@@ -302,12 +302,7 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     let node = Tollgate::start(
         sim.addr,
         TollgateOptions {
-            extra_yaml: format!(
-                "{}durability: sync\n\
-                 cluster: {{ node_id: dash-a, lease_ms: 2000, lease_renew_ms: 500, \
-                 lease_margin_ms: 500, grant_ttl_ms: 5000, grant_idle_ms: 400 }}\n",
-                pg::store_yaml(&db.url(), "statement_timeout_ms: 2000")
-            ),
+            extra_yaml: common::cluster::node_yaml(&db.url(), "dash-a"),
             ..Default::default()
         },
     );

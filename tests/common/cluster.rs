@@ -78,17 +78,23 @@ pub struct Node {
     pub restarts: u32,
 }
 
+/// The `extra_yaml` of a cluster node `id` on `store_url`, with the test
+/// timings above (`durability: sync`, as a node requires).
+pub fn node_yaml(store_url: &str, id: &str) -> String {
+    format!(
+        "{}durability: sync\n\
+         cluster: {{ node_id: {id}, lease_ms: {LEASE_MS}, lease_renew_ms: 500, \
+         lease_margin_ms: 500, grant_ttl_ms: {GRANT_TTL_MS}, grant_idle_ms: 400 }}\n",
+        pg::store_yaml(store_url, "statement_timeout_ms: 2000")
+    )
+}
+
 impl Node {
     pub fn start(sim: &Sim, store_url: &str, id: &str, accounts: &[Account]) -> Node {
         let tg = Tollgate::start(
             sim.addr,
             TollgateOptions {
-                extra_yaml: format!(
-                    "{}durability: sync\n\
-                     cluster: {{ node_id: {id}, lease_ms: {LEASE_MS}, lease_renew_ms: 500, \
-                     lease_margin_ms: 500, grant_ttl_ms: {GRANT_TTL_MS}, grant_idle_ms: 400 }}\n",
-                    pg::store_yaml(store_url, "statement_timeout_ms: 2000")
-                ),
+                extra_yaml: node_yaml(store_url, id),
                 accounts: accounts_yaml(accounts),
                 ..Default::default()
             },
@@ -190,13 +196,6 @@ impl Nginx {
     pub fn error_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
     }
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 /// A TCP proxy to `target` that can stop forwarding without closing

@@ -565,6 +565,15 @@ pub fn check_config(extra_yaml: &str) -> std::process::Output {
         .unwrap()
 }
 
+/// Whether the tests run as root (else installs go through `sudo -n`, and
+/// PostgreSQL and nginx are run as another user).
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
 /// Whether `binary version_arg` runs and succeeds.
 pub fn have(binary: &str, version_arg: &str) -> bool {
     Command::new(binary)
@@ -588,13 +597,8 @@ pub fn ensure_installed(wanted: &[(&str, &str, &str)]) {
     if missing.is_empty() {
         return;
     }
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false);
     let apt = |args: &[&str]| {
-        let mut cmd = if root {
+        let mut cmd = if is_root() {
             Command::new("apt-get")
         } else {
             let mut c = Command::new("sudo");

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use super::is_root;
 #[allow(unused_imports)]
 pub use shared::*;
 use tollgate::ledger::Entry;
@@ -68,13 +69,6 @@ fn pg_bin() -> PathBuf {
         bin.display()
     );
     bin
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 impl PrivateServer {
