@@ -83,6 +83,9 @@ const AUTHCODE_KEPT_AFTER_S: i64 = 60;
 /// Top-up requests waiting for the grant thread; more are dropped (the
 /// next reservation asks again).
 const TOP_UP_QUEUE: usize = 1024;
+/// Stripes of [`GrantLocks`]: enough that takes of different accounts
+/// rarely wait for each other on the node's few sessions.
+const GRANT_LOCK_STRIPES: usize = 64;
 /// The process exit status of a node whose lease is lost for good
 /// (`EX_TEMPFAIL`: start it again).
 pub const EXIT_LEASE_LOST: i32 = 75;
@@ -110,6 +113,36 @@ struct GrantState {
     topping: bool,
 }
 
+/// Serialises this node's statements on one grant row (a take, a top-up, a
+/// give-back of the same account and bucket), across its sessions.
+///
+/// A take locks its grant row before the account row (see "Lock order" in
+/// `sql`), but `FOR UPDATE` locks only a row its snapshot sees. Two takes
+/// of one node on an account whose grant row a third creates meanwhile
+/// (the first sends after a restart) could otherwise lock in opposite
+/// orders: the one that missed the row locks the account, then waits in
+/// its `ON CONFLICT` for the other, which holds the grant row and waits
+/// for the account. PostgreSQL breaks that after `deadlock_timeout`, and
+/// the group commit and the lease renewal queued behind it lose that
+/// second (seen in `tests/cluster_nodes.rs` under load). Other nodes never
+/// touch this node's grant rows while it lives, so a lock per node is
+/// enough. Striped by a hash: bounded memory, whatever the accounts.
+#[derive(Debug)]
+struct GrantLocks([Mutex<()>; GRANT_LOCK_STRIPES]);
+
+impl GrantLocks {
+    fn new() -> GrantLocks {
+        GrantLocks(std::array::from_fn(|_| Mutex::new(())))
+    }
+
+    /// Held for one statement on `account`'s `bucket` grant row.
+    fn hold(&self, account: &str, bucket: Bucket) -> parking_lot::MutexGuard<'_, ()> {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one((account, bucket));
+        self.0[(hash % GRANT_LOCK_STRIPES as u64) as usize].lock()
+    }
+}
+
 /// One job of the session pool: runs with a live session; returns whether
 /// the session is suspect (dropped and made again for the next job).
 type Job = Box<dyn FnOnce(&mut Client) -> bool + Send>;
@@ -131,6 +164,7 @@ pub struct ClusterNode {
     wait: Duration,
     /// Per bucket ([`bucket_index`]), by account name.
     grants: [DashMap<String, GrantState>; 2],
+    grant_locks: Arc<GrantLocks>,
     attached: OnceLock<(Arc<Ledger>, Arc<WriteBehind>)>,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     top_ups: Mutex<Option<mpsc::SyncSender<(String, Bucket)>>>,
@@ -219,6 +253,7 @@ impl ClusterNode {
             clock,
             wait,
             grants: [DashMap::new(), DashMap::new()],
+            grant_locks: Arc::new(GrantLocks::new()),
             attached: OnceLock::new(),
             jobs: Mutex::new(None),
             top_ups: Mutex::new(None),
@@ -430,10 +465,11 @@ impl ClusterNode {
         amount_milli: i64,
     ) -> Result<Take, ClusterError> {
         let (settings, lease, ledger) = (self.settings.clone(), self.lease, ledger.clone());
-        let metrics = self.metrics.clone();
+        let (metrics, locks) = (self.metrics.clone(), self.grant_locks.clone());
         let name = account.to_string();
         let result = self
             .run("take", move |c| {
+                let _row = locks.hold(&name, bucket);
                 take_into(
                     c,
                     &settings,
@@ -763,6 +799,7 @@ impl ClusterNode {
             return;
         };
         let result = self.timed("take", || {
+            let _row = self.grant_locks.hold(account, bucket);
             take_into(
                 c,
                 &self.settings,
@@ -858,6 +895,7 @@ impl ClusterNode {
             return 0;
         };
         let result = self.timed("give_back", || {
+            let _row = self.grant_locks.hold(account, bucket);
             sql::give_back(c, &self.settings, self.lease, account, bucket, n)
         });
         match result {
