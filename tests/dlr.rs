@@ -369,6 +369,47 @@ fn hostile_callbacks_are_refused_with_a_clear_answer() {
 }
 
 #[test]
+fn a_part_number_the_message_lacks_moves_nothing() {
+    let s = start(", request: always, keywords: { part: \"$part\" }");
+    sim_post(&s.sim, "/sim/dlr?prefix=36&outcome=never");
+    let base = format!("http://127.0.0.1:{}", s.dlr_port);
+    // Two parts at 1 credit each.
+    send(&s.tg, "+36301111111", &"x".repeat(200), None);
+    let query = s.sim.requests().last().unwrap()["query"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let token = query.split("%2Fdlr%2F").nth(1).unwrap()[..32].to_string();
+    let before = balance(&s.tg);
+    let report = |part: &str| {
+        get(&format!(
+            "{base}/dlr/{token}?messageid=m1&recipient=%2B36301111111\
+             &deliverystatus=undelivered&part={part}"
+        ))
+    };
+    // Read as "every part" before: a bogus part number refunded all.
+    for (part, answer) in [
+        ("7", "part out of range for this message\n"),
+        ("0", "part out of range for this message\n"),
+        ("two", "part is not a number\n"),
+        ("-1", "part is not a number\n"),
+    ] {
+        let (code, body) = report(part);
+        assert_eq!((code, body.as_str()), (400, answer), "part={part}");
+    }
+    assert_eq!(balance(&s.tg), before);
+    assert_eq!(refunds(&s.tg), 0.0);
+    assert_eq!(
+        s.tg.metric_value("tollgate_dlr_refused_total{reason=\"malformed\"}"),
+        4.0
+    );
+    // A part it has: that part only.
+    assert_eq!(report("2"), (200, "OK\n".to_string()));
+    assert_eq!(balance(&s.tg), before + 1.0);
+    verify_clean(&s.tg);
+}
+
+#[test]
 fn kill_9_with_reports_in_the_outbox_loses_nothing_and_relays_once() {
     let s = start("");
     let mut tg = s.tg;

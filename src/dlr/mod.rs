@@ -741,11 +741,15 @@ impl Dlr {
         let message_id = read(&k.message_id);
         let recipient = read(&k.recipient);
         let status = read(&k.status).unwrap_or_default();
-        let part = k
-            .part
-            .as_deref()
-            .and_then(read)
-            .and_then(|p| p.trim().parse::<u32>().ok());
+        // A part number the send does not have is the gateway's error,
+        // not "every part": it moves nothing (see the range check below).
+        let part = match k.part.as_deref().and_then(read) {
+            None => None,
+            Some(p) => match p.trim().parse::<u32>() {
+                Ok(p) => Some(p),
+                Err(_) => return refuse("malformed", Answer::new(400, "part is not a number\n")),
+            },
+        };
         let outcome = self.config.outcome(&status);
         let outcome_label = outcome.map_or("other", Outcome::as_str);
         let who = message_id
@@ -782,10 +786,20 @@ impl Dlr {
                     Answer::new(429, "too many reports for this send\n"),
                 );
             }
+            let share = match_share(&st, message_id.as_deref(), recipient.as_deref());
+            if let (Some(p), Some(i)) = (part, share) {
+                if p == 0 || p > st.shares[i].parts {
+                    drop(st);
+                    self.count(outcome_label, "refused");
+                    return refuse(
+                        "malformed",
+                        Answer::new(400, "part out of range for this message\n"),
+                    );
+                }
+            }
             if !st.busy.insert(dedupe.clone()) {
                 return Answer::new(503, "report being processed; retry\n");
             }
-            let share = match_share(&st, message_id.as_deref(), recipient.as_deref());
             let mut row = ReportRow {
                 dedupe: dedupe.clone(),
                 share,
@@ -1565,7 +1579,9 @@ fn match_share(st: &SendState, message_id: Option<&str>, recipient: Option<&str>
     candidates(true).or_else(|| candidates(false))
 }
 
-/// The parts a report resolves: one part, or all unresolved ones.
+/// The parts a report resolves: one part, or all unresolved ones (no part
+/// number; `report` refuses one out of range, so only a row recorded
+/// before that check can name one here).
 fn parts_of(share: &ShareState, part: Option<u32>) -> Vec<u32> {
     match part {
         Some(p) if p >= 1 && p <= share.parts => {
