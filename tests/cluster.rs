@@ -107,6 +107,36 @@ fn a_cluster_section_is_validated_and_refused_where_it_cannot_hold() {
     assert_eq!(tables, 0);
 }
 
+#[test]
+fn the_deployed_node_template_passes_check() {
+    let db = TestDb::create("cluster_template");
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["accounts.yaml", "tariffs.yaml"] {
+        std::fs::copy(format!("conf/{file}"), dir.path().join(file)).unwrap();
+    }
+    let filled = include_str!("../deploy/cluster/node.yaml.tmpl")
+        .replace("@LISTEN@", &format!("127.0.0.1:{}", free_port()))
+        .replace("@ADMIN@", &format!("127.0.0.1:{}", free_port()))
+        .replace("@UPSTREAM@", &format!("127.0.0.1:{}", free_port()))
+        .replace("@STORE_URL@", &db.url())
+        .replace("@NODE_ID@", "node-a")
+        .replace("@ADMIN_TOKEN@", "a-token-of-32-characters-or-more-0000");
+    // `@NAME@`, as run-cluster.sh fills them in.
+    let placeholder = filled.match_indices('@').any(|(i, _)| {
+        let rest = &filled[i + 1..];
+        let name = rest.len()
+            - rest
+                .trim_start_matches(|c: char| c.is_ascii_uppercase() || c == '_')
+                .len();
+        name > 0 && rest[name..].starts_with('@')
+    });
+    assert!(!placeholder, "a placeholder is left: {filled}");
+    let path = dir.path().join("tollgate.yaml");
+    std::fs::write(&path, filled).unwrap();
+    let out = tollgate(&["check"], &path);
+    assert!(out.status.success(), "{}", cli_text(&out));
+}
+
 /// A node of a cluster on `db`, in front of `sim`.
 fn node(sim: &Sim, db: &TestDb, id: &str) -> Tollgate {
     node_with(sim, db, id, default_accounts())
