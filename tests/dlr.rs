@@ -427,6 +427,18 @@ fn kill_9_with_reports_in_the_outbox_loses_nothing_and_relays_once() {
         },
         "failed relay attempts",
     );
+    // Both reports acknowledged, so in the outbox (see the PostgreSQL
+    // variant below).
+    wait_until(
+        || {
+            sim_calls(&s.sim)
+                .iter()
+                .filter(|c| c["status"] == 200)
+                .count()
+                == 2
+        },
+        "both reports acknowledged",
+    );
     assert!(rx.seen().is_empty());
     tg.stop_with("KILL");
     rx.status.store(200, Ordering::SeqCst);
@@ -551,6 +563,19 @@ fn on_postgres_the_outbox_and_refunds_survive_kill_9() {
     assert_eq!(balance(&tg), before - 3.0);
     sim_post(&s.sim, "/sim/dlr/hold?on=0");
     wait_until(|| refunds(&tg) == 1.0, "the refund");
+    // Both reports acknowledged (so in the outbox) before the kill: the
+    // simulator retries a report only for half a second, and one it gave
+    // up on during the restart was never tollgate's to lose.
+    wait_until(
+        || {
+            sim_calls(&s.sim)
+                .iter()
+                .filter(|c| c["status"] == 200)
+                .count()
+                == 2
+        },
+        "both reports acknowledged",
+    );
     tg.stop_with("KILL");
     rx.status.store(200, Ordering::SeqCst);
     tg.spawn();
