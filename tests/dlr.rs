@@ -156,6 +156,17 @@ fn verify_clean(tg: &Tollgate) {
     assert!(out.status.success(), "ledger verify:\n{text}");
 }
 
+/// Waits until the simulator saw `n` reports answered 200, so recorded in
+/// the outbox: a test that kills tollgate after this loses nothing it
+/// acknowledged. (The simulator retries a report only for half a second;
+/// one it gave up on during a restart was never tollgate's to lose.)
+fn wait_acknowledged(sim: &Sim, n: usize) {
+    wait_until(
+        || sim_calls(sim).iter().filter(|c| c["status"] == 200).count() == n,
+        "the reports acknowledged",
+    );
+}
+
 fn sim_calls(sim: &Sim) -> Vec<serde_json::Value> {
     client()
         .get(sim.url("/sim/dlr"))
@@ -441,18 +452,7 @@ fn kill_9_with_reports_in_the_outbox_loses_nothing_and_relays_once() {
         },
         "failed relay attempts",
     );
-    // Both reports acknowledged, so in the outbox (see the PostgreSQL
-    // variant below).
-    wait_until(
-        || {
-            sim_calls(&s.sim)
-                .iter()
-                .filter(|c| c["status"] == 200)
-                .count()
-                == 2
-        },
-        "both reports acknowledged",
-    );
+    wait_acknowledged(&s.sim, 2);
     assert!(rx.seen().is_empty());
     tg.stop_with("KILL");
     rx.status.store(200, Ordering::SeqCst);
@@ -588,19 +588,7 @@ fn on_postgres_the_outbox_and_refunds_survive_kill_9() {
     assert_eq!(balance(&tg), before - 3.0);
     sim_post(&s.sim, "/sim/dlr/hold?on=0");
     wait_until(|| refunds(&tg) == 1.0, "the refund");
-    // Both reports acknowledged (so in the outbox) before the kill: the
-    // simulator retries a report only for half a second, and one it gave
-    // up on during the restart was never tollgate's to lose.
-    wait_until(
-        || {
-            sim_calls(&s.sim)
-                .iter()
-                .filter(|c| c["status"] == 200)
-                .count()
-                == 2
-        },
-        "both reports acknowledged",
-    );
+    wait_acknowledged(&s.sim, 2);
     tg.stop_with("KILL");
     rx.status.store(200, Ordering::SeqCst);
     tg.spawn();

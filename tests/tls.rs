@@ -18,18 +18,15 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::tls_receiver::{ca, ec_key, name, write_ca, Ca};
 use common::*;
 use openssl::asn1::{Asn1Integer, Asn1Time};
 use openssl::bn::BigNum;
-use openssl::ec::{EcGroup, EcKey};
 use openssl::hash::MessageDigest;
-use openssl::nid::Nid;
 use openssl::pkey::{PKey, Private};
 use openssl::ssl::{SslConnector, SslFiletype, SslMethod, SslStream};
-use openssl::x509::extension::{
-    BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAlternativeName,
-};
-use openssl::x509::{X509NameBuilder, X509};
+use openssl::x509::extension::{ExtendedKeyUsage, SubjectAlternativeName};
+use openssl::x509::X509;
 
 const SEND: &str = "/api?action=sendmessage&username=john&password=secret1&recipient=%2B36301111111&messagedata=hi";
 
@@ -37,58 +34,11 @@ const SEND: &str = "/api?action=sendmessage&username=john&password=secret1&recip
 // Certificates
 // ---------------------------------------------------------------------------
 
-fn ec_key() -> PKey<Private> {
-    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
-    PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap()
-}
-
-fn name(cn: &str) -> openssl::x509::X509Name {
-    let mut n = X509NameBuilder::new().unwrap();
-    n.append_entry_by_nid(Nid::COMMONNAME, cn).unwrap();
-    n.build()
-}
-
 fn now_s() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64
-}
-
-struct Ca {
-    cert: X509,
-    key: PKey<Private>,
-}
-
-fn ca() -> Ca {
-    let key = ec_key();
-    let mut b = X509::builder().unwrap();
-    b.set_version(2).unwrap();
-    b.set_serial_number(&Asn1Integer::from_bn(&BigNum::from_u32(1).unwrap()).unwrap())
-        .unwrap();
-    b.set_subject_name(&name("tollgate test CA")).unwrap();
-    b.set_issuer_name(&name("tollgate test CA")).unwrap();
-    b.set_pubkey(&key).unwrap();
-    b.set_not_before(&Asn1Time::days_from_now(0).unwrap())
-        .unwrap();
-    b.set_not_after(&Asn1Time::days_from_now(30).unwrap())
-        .unwrap();
-    b.append_extension(BasicConstraints::new().critical().ca().build().unwrap())
-        .unwrap();
-    b.append_extension(
-        KeyUsage::new()
-            .critical()
-            .key_cert_sign()
-            .crl_sign()
-            .build()
-            .unwrap(),
-    )
-    .unwrap();
-    b.sign(&key, MessageDigest::sha256()).unwrap();
-    Ca {
-        cert: b.build(),
-        key,
-    }
 }
 
 /// What a server certificate says.
@@ -161,12 +111,6 @@ fn replace_file(path: &Path, bytes: &[u8]) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes).unwrap();
     std::fs::rename(&tmp, path).unwrap();
-}
-
-fn write_ca(dir: &Path, ca: &Ca) -> PathBuf {
-    let p = dir.join("ca.pem");
-    std::fs::write(&p, ca.cert.to_pem().unwrap()).unwrap();
-    p
 }
 
 // ---------------------------------------------------------------------------
@@ -280,7 +224,7 @@ struct TlsTollgate {
 fn start_tls(extra_yaml: &str) -> TlsTollgate {
     ensure_tls_clients();
     let certs = tempfile::tempdir().unwrap();
-    let ca = ca();
+    let ca = ca("tollgate test CA");
     let ca_file = write_ca(certs.path(), &ca);
     let (cert, key) = leaf(Some(&ca), &Leaf::valid(1));
     let (cert_file, key_file) = write_pair(certs.path(), "server", &cert, &key);
@@ -758,7 +702,7 @@ fn start_behind(gateway: SocketAddr, upstream_yaml: &str) -> Tollgate {
 fn https_to_the_gateway_is_verified_and_a_bad_certificate_charges_nothing() {
     let sim = Sim::start(&[]);
     let certs = tempfile::tempdir().unwrap();
-    let ca = ca();
+    let ca = ca("tollgate test CA");
     let ca_file = write_ca(certs.path(), &ca);
     let verified = format!(
         ", tls: true, sni: localhost, ca_file: {}",

@@ -8,6 +8,7 @@
 pub mod cluster;
 pub mod pg;
 pub mod promtool;
+pub mod tls_receiver;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
