@@ -10,6 +10,7 @@ use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::tls_receiver::{ca, write_ca, TlsReceiver};
 use common::*;
 
 const SECRET: &str = "whsec-0123456789abcdef";
@@ -179,10 +180,55 @@ fn a_failing_receiver_is_retried_and_a_restart_repeats_nothing() {
 }
 
 #[test]
-fn an_https_or_short_secret_webhook_is_a_config_error() {
+fn a_webhook_goes_to_https_receivers_the_configured_ca_signed() {
+    let trusted = ca("tollgate webhook test CA");
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = write_ca(dir.path(), &trusted);
+    let good = TlsReceiver::start(&trusted);
+    let stranger = TlsReceiver::start(&ca("some other CA"));
+    // One account's webhook goes to the trusted receiver; a second
+    // tollgate's to one whose certificate that CA did not sign.
+    let tls = |url: &str| {
+        config(url, STORE_YAML).replace(
+            "outbox: { ",
+            &format!("outbox: {{ ca_file: {}, ", ca_file.display()),
+        )
+    };
+    let (_sim, tg) = start_pair(&[], &tls(&good.url("/hooks/low-balance")));
+    let (_sim2, refused) = start_pair(&[], &tls(&stranger.url("/hooks/low-balance")));
+    send(&tg);
+    send(&refused);
+    wait_until(|| good.received().len() == 1, "the webhook over https");
+    let call = &good.received()[0];
+    assert_eq!(call.target, "/hooks/low-balance");
+    let v: serde_json::Value = serde_json::from_slice(&call.body).unwrap();
+    assert_eq!(
+        (v["account"].as_str(), v["available"].as_str()),
+        (Some("john"), Some("743"))
+    );
+    let sig = call.header("X-Tollgate-Signature").unwrap();
+    assert!(tollgate::notify::webhook::verify(
+        SECRET.as_bytes(),
+        sig,
+        &call.body
+    ));
+    // The stranger's certificate is refused: retried, never delivered.
+    wait_until(
+        || {
+            refused.metric_value(
+                "tollgate_outbox_attempts_total{kind=\"low_balance\",result=\"failed\"}",
+            ) >= 2.0
+        },
+        "failed attempts at the untrusted receiver",
+    );
+    assert!(stranger.received().is_empty());
+}
+
+#[test]
+fn a_webhook_url_without_a_host_or_a_short_secret_is_a_config_error() {
     for (notify, key) in [
         (
-            "{ low_balance: { url: 'https://hooks.example/x', secret: whsec-0123456789abcdef } }",
+            "{ low_balance: { url: 'https:///x', secret: whsec-0123456789abcdef } }",
             "notify.low_balance.url",
         ),
         (

@@ -109,20 +109,13 @@ impl NotifyConfig {
         let url: http::Uri = lb.url.parse().map_err(|_| {
             ConfigError::new(path, key("url"), "must be an http:// or https:// URL")
         })?;
-        if url.scheme_str() == Some("https") {
-            // The outbox's client speaks plain HTTP only (for now): refuse
-            // rather than send signed balances somewhere they never arrive.
+        // The outbox calls it: `https://` verified against `outbox.ca_file`
+        // (or the system's roots), as delivery-report relays are.
+        if !matches!(url.scheme_str(), Some("http" | "https")) || url.host().is_none() {
             return Err(ConfigError::new(
                 path,
                 key("url"),
-                "https:// is not supported yet: point it at an http:// receiver (e.g. a local relay)",
-            ));
-        }
-        if url.scheme_str() != Some("http") || url.host().is_none() {
-            return Err(ConfigError::new(
-                path,
-                key("url"),
-                "must be an http:// URL with a host",
+                "must be an http:// or https:// URL with a host",
             ));
         }
         if lb.secret.len() < SECRET_MIN_BYTES {
@@ -199,7 +192,7 @@ mod tests {
             ("low_balance: { url: 'http://x/', secret: short }", "secret"),
             ("low_balance: { url: 'http://x/', secret: 0123456789abcdef, default_threshold: 1.0001 }", "default_threshold"),
             ("low_balance: { url: 'http://x/', secret: 0123456789abcdef, accounts: { a: [1] } }", "accounts.a"),
-            ("low_balance: { url: 'https://x/', secret: 0123456789abcdef }", "url"),
+            ("low_balance: { url: 'https:///x', secret: 0123456789abcdef }", "url"),
         ] {
             let e = parse(yaml).unwrap_err();
             assert_eq!(e.key, format!("notify.low_balance.{key}"), "{yaml}: {e:?}");
