@@ -6,7 +6,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
@@ -37,27 +37,15 @@ impl Receiver {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { return };
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-                let mut reader = BufReader::new(stream.try_clone().unwrap());
-                let mut line = String::new();
-                if reader.read_line(&mut line).is_err() {
+                let Some(request) = read_request(&mut stream) else {
                     continue;
-                }
-                let mut delivery_id = String::new();
-                loop {
-                    let mut h = String::new();
-                    if reader.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
-                        break;
-                    }
-                    if let Some((name, value)) = h.split_once(':') {
-                        if name.eq_ignore_ascii_case("x-tollgate-delivery-id") {
-                            delivery_id = value.trim().to_string();
-                        }
-                    }
-                }
+                };
                 let code = c.load(Ordering::SeqCst);
                 if (200..300).contains(&code) {
-                    let target = line.split_whitespace().nth(1).unwrap_or("").to_string();
-                    s.lock().unwrap().push((target, delivery_id));
+                    let id = request.header("X-Tollgate-Delivery-Id").unwrap_or("");
+                    s.lock()
+                        .unwrap()
+                        .push((request.target.clone(), id.to_string()));
                 }
                 let _ = write!(
                     stream,

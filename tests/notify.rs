@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,26 +15,8 @@ use common::*;
 
 const SECRET: &str = "whsec-0123456789abcdef";
 
-#[derive(Debug, Clone)]
-struct Call {
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Call {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap()
-    }
-}
-
 /// A webhook receiver that answers `fail_first` calls with 500, then 200.
-fn receiver(fail_first: usize) -> (String, Arc<Mutex<Vec<Call>>>) {
+fn receiver(fail_first: usize) -> (String, Arc<Mutex<Vec<Received>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!(
         "http://{}/hooks/low-balance",
@@ -45,36 +27,16 @@ fn receiver(fail_first: usize) -> (String, Arc<Mutex<Vec<Call>>>) {
     std::thread::spawn(move || {
         for (n, stream) in listener.incoming().enumerate() {
             let Ok(mut stream) = stream else { continue };
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut line = String::new();
-            if reader.read_line(&mut line).is_err() || !line.starts_with("POST ") {
+            let Some(call) = read_request(&mut stream).filter(|r| r.method == "POST") else {
                 continue;
-            }
-            let mut headers = Vec::new();
-            loop {
-                let mut h = String::new();
-                reader.read_line(&mut h).unwrap();
-                let h = h.trim_end();
-                if h.is_empty() {
-                    break;
-                }
-                let (name, value) = h.split_once(':').unwrap();
-                headers.push((name.trim().to_string(), value.trim().to_string()));
-            }
-            let len: usize = headers
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
-                .map(|(_, v)| v.parse().unwrap())
-                .unwrap_or(0);
-            let mut body = vec![0u8; len];
-            reader.read_exact(&mut body).unwrap();
+            };
             let status = if n < fail_first {
                 "500 Internal Server Error"
             } else {
                 "200 OK"
             };
             if n >= fail_first {
-                seen.lock().unwrap().push(Call { headers, body });
+                seen.lock().unwrap().push(call);
             }
             let _ = stream.write_all(
                 format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
@@ -99,7 +61,7 @@ fn send(tg: &Tollgate) {
     assert_eq!(status, 200, "{body}");
 }
 
-fn wait_calls(calls: &Arc<Mutex<Vec<Call>>>, n: usize) -> Vec<Call> {
+fn wait_calls(calls: &Arc<Mutex<Vec<Received>>>, n: usize) -> Vec<Received> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let got = calls.lock().unwrap().clone();
@@ -201,7 +163,7 @@ fn a_webhook_goes_to_https_receivers_the_configured_ca_signed() {
     wait_until(|| good.received().len() == 1, "the webhook over https");
     let call = &good.received()[0];
     assert_eq!(call.target, "/hooks/low-balance");
-    let v: serde_json::Value = serde_json::from_slice(&call.body).unwrap();
+    let v = call.json();
     assert_eq!(
         (v["account"].as_str(), v["available"].as_str()),
         (Some("john"), Some("743"))

@@ -537,6 +537,61 @@ pub fn read_answer(s: &mut impl Read) -> RawAnswer {
     }
 }
 
+/// One HTTP request a test's receiver read (see [`read_request`]).
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: String,
+    pub target: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+}
+
+/// Reads one request (line, headers, a `Content-Length` body up to 1 MiB)
+/// from a test receiver's connection; `None` when it breaks off first.
+pub fn read_request(stream: &mut impl Read) -> Option<Received> {
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).ok()?;
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = h.split_once(':') {
+            headers.push((name.trim().to_string(), value.trim().to_string()));
+        }
+    }
+    let mut words = line.split_whitespace();
+    let (method, target) = (words.next()?.to_string(), words.next()?.to_string());
+    let mut request = Received {
+        method,
+        target,
+        headers,
+        body: Vec::new(),
+    };
+    let len: usize = request
+        .header("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    request.body = vec![0u8; len.min(1 << 20)];
+    reader.read_exact(&mut request.body).ok()?;
+    Some(request)
+}
+
 /// Polls `done` every 20 ms for up to 10 s; panics naming `what` if it
 /// never holds (for effects that land just after an answer, such as the
 /// metrics and access line of a request).

@@ -2,7 +2,7 @@
 //! receiver on 127.0.0.1 for the outbox's `https://` calls, generated with
 //! openssl as `tests/tls.rs` does.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -19,6 +19,8 @@ use openssl::x509::extension::{
     BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAlternativeName,
 };
 use openssl::x509::{X509NameBuilder, X509};
+
+use super::{read_request, Received};
 
 pub fn ec_key() -> PKey<Private> {
     let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
@@ -98,23 +100,6 @@ pub fn write_ca(dir: &Path, ca: &Ca) -> PathBuf {
     p
 }
 
-/// One request a [`TlsReceiver`] answered.
-#[derive(Debug, Clone)]
-pub struct Received {
-    pub target: String,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-}
-
-impl Received {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
 /// A TLS receiver on 127.0.0.1 with a `localhost` certificate `ca`
 /// signed: records each request, answers 200.
 pub struct TlsReceiver {
@@ -167,32 +152,4 @@ impl TlsReceiver {
     pub fn seen(&self) -> Vec<String> {
         self.received().into_iter().map(|r| r.target).collect()
     }
-}
-
-fn read_request(stream: &mut impl Read) -> Option<Received> {
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    reader.read_line(&mut line).ok()?;
-    let mut headers = Vec::new();
-    loop {
-        let mut h = String::new();
-        if reader.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
-            break;
-        }
-        if let Some((name, value)) = h.split_once(':') {
-            headers.push((name.trim().to_string(), value.trim().to_string()));
-        }
-    }
-    let len: usize = headers
-        .iter()
-        .find(|(n, _): &&(String, String)| n.eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(0);
-    let mut body = vec![0u8; len.min(1 << 20)];
-    reader.read_exact(&mut body).ok()?;
-    Some(Received {
-        target: line.split_whitespace().nth(1).unwrap_or("").to_string(),
-        headers,
-        body,
-    })
 }
