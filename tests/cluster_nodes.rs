@@ -152,6 +152,19 @@ fn three_nodes_behind_nginx_accept_exactly_each_accounts_credit() {
     }
 }
 
+/// Restarts every node but `except` whose process exited (a node whose
+/// lease is lost exits 75 for its supervisor), saying so after `when`.
+fn supervise(nodes: &mut [Node], except: Option<usize>, when: &str) {
+    for (i, n) in nodes.iter_mut().enumerate() {
+        if Some(i) == except {
+            continue;
+        }
+        if let Some(status) = n.supervise() {
+            eprintln!("{when}{} had exited ({status}); restarted", n.id);
+        }
+    }
+}
+
 /// The last lines of every node's log and of nginx's error log.
 fn tails(nodes: &[Node], nginx: &Nginx) -> String {
     let tail = |s: String| {
@@ -216,13 +229,7 @@ fn ten_kill_nines_under_load_lose_nothing_acknowledged_and_overspend_nothing() {
         let took = within(
             Duration::from_millis(LEASE_MS + GRANT_TTL_MS + 5000),
             || {
-                for (i, n) in nodes.iter_mut().enumerate() {
-                    if i != victim {
-                        if let Some(status) = n.supervise() {
-                            eprintln!("round {round}: {} had exited ({status}); restarted", n.id);
-                        }
-                    }
-                }
+                supervise(&mut nodes, Some(victim), &format!("round {round}: "));
                 held_by(&mut client, &id).is_ok_and(|h| h == 0)
             },
         );
@@ -245,11 +252,7 @@ fn ten_kill_nines_under_load_lose_nothing_acknowledged_and_overspend_nothing() {
         );
         returned.push(took.unwrap());
         nodes[victim].restart();
-        for n in nodes.iter_mut() {
-            if let Some(status) = n.supervise() {
-                eprintln!("round {round}: {} had exited ({status}); restarted", n.id);
-            }
-        }
+        supervise(&mut nodes, None, &format!("round {round}: "));
     }
     std::thread::sleep(Duration::from_secs(1));
     let tally = load.stop();
@@ -310,11 +313,7 @@ fn a_postgresql_restart_under_load_overspends_nothing_and_heals_by_itself() {
     // Every node serves again by itself (a node whose lease ran out while
     // the database was away exits 75 and its supervisor starts it again).
     let healed = within(Duration::from_secs(60), || {
-        for n in nodes.iter_mut() {
-            if let Some(status) = n.supervise() {
-                eprintln!("{} had exited ({status}); restarted", n.id);
-            }
-        }
+        supervise(&mut nodes, None, "");
         let last = load.tally.last_accepted.lock().unwrap();
         targets
             .iter()
@@ -377,11 +376,7 @@ fn a_node_cut_off_from_postgresql_stops_spending_and_the_others_go_on() {
     hole.resume();
     let back = Instant::now();
     let healed = within(Duration::from_secs(60), || {
-        for n in nodes.iter_mut() {
-            if let Some(status) = n.supervise() {
-                eprintln!("{} had exited ({status}); restarted", n.id);
-            }
-        }
+        supervise(&mut nodes, None, "");
         let last = load.tally.last_accepted.lock().unwrap();
         last.get(&targets[0]).is_some_and(|at| *at > back)
     });
