@@ -341,7 +341,7 @@ fn hostile_callbacks_are_refused_with_a_clear_answer() {
     assert!(query.contains("reporturl="), "{query}");
     // A forged report for the right token but another number moves
     // nothing: no share matches.
-    let token = query.split("%2Fdlr%2F").nth(1).unwrap()[..32].to_string();
+    let token = last_dlr_token(&s.sim);
     let before = balance(&s.tg);
     let (code, body) = get(&format!(
         "{base}/dlr/{token}?messageid=zz&recipient=%2B449999&deliverystatus=undelivered"
@@ -363,11 +363,7 @@ fn hostile_callbacks_are_refused_with_a_clear_answer() {
     assert_eq!(refunds(&s.tg), 1.0);
     // A flood of distinct reports for a live token is cut off.
     send(&s.tg, "+36301111112", "hi", None);
-    let query = s.sim.requests().last().unwrap()["query"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let token = query.split("%2Fdlr%2F").nth(1).unwrap()[..32].to_string();
+    let token = last_dlr_token(&s.sim);
     let codes: Vec<u16> = (0..40)
         .map(|i| {
             get(&format!(
@@ -388,11 +384,7 @@ fn a_part_number_the_message_lacks_moves_nothing() {
     let base = format!("http://127.0.0.1:{}", s.dlr_port);
     // Two parts at 1 credit each.
     send(&s.tg, "+36301111111", &"x".repeat(200), None);
-    let query = s.sim.requests().last().unwrap()["query"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let token = query.split("%2Fdlr%2F").nth(1).unwrap()[..32].to_string();
+    let token = last_dlr_token(&s.sim);
     let before = balance(&s.tg);
     let report = |part: &str| {
         get(&format!(

@@ -142,14 +142,6 @@ fn hold_entries(tg: &Tollgate) -> (usize, usize) {
 }
 
 /// The token of the last send's callback URL (as forwarded to the sim).
-fn last_token(sim: &Sim) -> String {
-    let query = sim.requests().last().unwrap()["query"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    query.split("%2Fdlr%2F").nth(1).unwrap()[..32].to_string()
-}
-
 #[test]
 fn each_outcome_posts_or_releases_its_share_and_nothing_is_charged_on_accept() {
     let s = start(&["--reject-prefix", "3680"], "");
@@ -284,7 +276,7 @@ fn kill_9_with_pending_delivery_shares_keeps_them_reserved_and_settles_once() {
     let before = balance(&tg);
     let (posted0, _) = bucket(&tg);
     send(&tg, "+36301111111,+36201111111", "hi");
-    let token = last_token(&s.sim);
+    let token = last_dlr_token(&s.sim);
     assert_eq!(bucket(&tg), (posted0, 3.0));
     tg.stop_with("KILL");
     tg.spawn();
@@ -335,7 +327,7 @@ fn on_postgres_pending_delivery_shares_survive_kill_9() {
     sim_post(&s.sim, "/sim/dlr?prefix=36&outcome=never");
     let before = balance(&tg);
     send(&tg, "+36301111111", "hi");
-    let token = last_token(&s.sim);
+    let token = last_dlr_token(&s.sim);
     tg.stop_with("KILL");
     tg.spawn();
     wait_for_dlr(s.dlr_port);

@@ -537,6 +537,16 @@ pub fn read_answer(s: &mut impl Read) -> RawAnswer {
     }
 }
 
+/// The callback token tollgate put into the `reporturl` of the last
+/// request `sim` received (`.../dlr/<32 hex>...`).
+pub fn last_dlr_token(sim: &Sim) -> String {
+    let query = sim.requests().last().unwrap()["query"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    query.split("%2Fdlr%2F").nth(1).unwrap()[..32].to_string()
+}
+
 /// One HTTP request a test's receiver read (see [`read_request`]).
 #[derive(Debug, Clone)]
 pub struct Received {
