@@ -408,6 +408,10 @@ fn a_part_number_the_message_lacks_moves_nothing() {
         s.tg.metric_value("tollgate_dlr_refused_total{reason=\"malformed\"}"),
         4.0
     );
+    assert_eq!(
+        s.tg.metric_value("tollgate_dlr_reports_total{outcome=\"failed\",result=\"refused\"}"),
+        4.0
+    );
     // A part it has: that part only.
     assert_eq!(report("2"), (200, "OK\n".to_string()));
     assert_eq!(balance(&s.tg), before + 1.0);

@@ -741,17 +741,20 @@ impl Dlr {
         let message_id = read(&k.message_id);
         let recipient = read(&k.recipient);
         let status = read(&k.status).unwrap_or_default();
+        let outcome = self.config.outcome(&status);
+        let outcome_label = outcome.map_or("other", Outcome::as_str);
         // A part number the send does not have is the gateway's error,
         // not "every part": it moves nothing (see the range check below).
         let part = match k.part.as_deref().and_then(read) {
             None => None,
             Some(p) => match p.trim().parse::<u32>() {
                 Ok(p) => Some(p),
-                Err(_) => return refuse("malformed", Answer::new(400, "part is not a number\n")),
+                Err(_) => {
+                    self.count(outcome_label, "refused");
+                    return refuse("malformed", Answer::new(400, "part is not a number\n"));
+                }
             },
         };
-        let outcome = self.config.outcome(&status);
-        let outcome_label = outcome.map_or("other", Outcome::as_str);
         let who = message_id
             .clone()
             .map(|m| format!("id:{m}"))
