@@ -19,62 +19,25 @@ use postgres::{Client, GenericClient};
 
 use super::table::{KeyRow, KeyTable, KeyTx, SharedTable};
 use super::{Fingerprint, Scope, StoredAnswer};
-use crate::store::pg::{describe, schema, session_broken, PgSettings};
+use crate::store::pg::{describe, PgSettings, TableSession};
 
 pub(super) struct PgTable {
-    settings: PgSettings,
-    /// `None` after the session ended; the next batch reconnects.
-    client: Option<Client>,
+    session: TableSession,
 }
 
 impl PgTable {
-    /// Connects and checks that the store's migrations created the table
-    /// (`tollgate run` opens the ledger store, which migrates, first).
     pub(super) fn open(settings: &PgSettings) -> Result<PgTable, String> {
-        let mut table = PgTable {
-            settings: settings.clone(),
-            client: None,
-        };
-        let settings = settings.clone();
-        let client = table.client()?;
-        let report = schema::report(client, &settings).map_err(|e| e.to_string())?;
-        if report.current < 2 {
-            return Err(format!(
-                "{}: the idempotency key table is missing (schema version {}); start tollgate \
-                 with this store.url once so that it migrates the store",
-                settings.url, report.current
-            ));
-        }
-        Ok(table)
-    }
-
-    fn client(&mut self) -> Result<&mut Client, String> {
-        if self.client.as_ref().is_some_and(Client::is_closed) {
-            self.client = None;
-        }
-        if self.client.is_none() {
-            let client = self
-                .settings
-                .connect("keys", Some(self.settings.statement_timeout))
-                .map_err(|e| e.to_string())?;
-            self.client = Some(client);
-        }
-        Ok(self.client.as_mut().expect("connected above"))
-    }
-
-    fn failed(&mut self, e: &postgres::Error) -> String {
-        if session_broken(e) {
-            self.client = None;
-        }
-        self.settings.url.redact(&describe(e))
+        let session =
+            TableSession::open(settings, "keys", 2, "the idempotency key table is missing")?;
+        Ok(PgTable { session })
     }
 }
 
 impl KeyTable for PgTable {
     fn count(&mut self) -> Result<usize, String> {
-        let client = self.client()?;
+        let client = self.session.client()?;
         let n = client.query_one("SELECT count(*) FROM idempotency_keys", &[]);
-        let n: i64 = n.map_err(|e| self.failed(&e))?.get(0);
+        let n: i64 = n.map_err(|e| self.session.failed(&e))?.get(0);
         Ok(n.max(0) as usize)
     }
 
@@ -82,8 +45,8 @@ impl KeyTable for PgTable {
         &mut self,
         ops: &mut dyn FnMut(&mut dyn KeyTx) -> Result<(), String>,
     ) -> Result<(), String> {
-        let url = self.settings.url.clone();
-        let client = self.client()?;
+        let url = self.session.settings().url.clone();
+        let client = self.session.client()?;
         let mut broken: Option<postgres::Error> = None;
         let result = (|| {
             let mut tx = client
@@ -98,10 +61,10 @@ impl KeyTable for PgTable {
             tx.commit().map_err(|e| url.redact(&describe(&e)))
         })();
         if let (Err(_), Some(e)) = (&result, &broken) {
-            self.failed(e);
+            self.session.failed(e);
         }
-        if result.is_err() && self.client.as_ref().is_some_and(Client::is_closed) {
-            self.client = None;
+        if result.is_err() {
+            self.session.forget_if(false);
         }
         result
     }
@@ -205,16 +168,16 @@ impl PgTable {
         &mut self,
         op: impl FnOnce(&mut PgTx<'_, Client>) -> Result<T, String>,
     ) -> Result<T, String> {
-        let url = self.settings.url.clone();
+        let url = self.session.settings().url.clone();
         let mut broken: Option<postgres::Error> = None;
-        let client = self.client()?;
+        let client = self.session.client()?;
         let result = op(&mut PgTx {
             tx: client,
             broken: &mut broken,
             url: &url,
         });
         if let Some(e) = &broken {
-            self.failed(e);
+            self.session.failed(e);
         }
         result
     }

@@ -7,50 +7,20 @@
 //! the batch fails as a whole (producers refuse their causes; finishes are
 //! retried by the relay), and the next batch reconnects.
 
-use postgres::Client;
-
 use super::{
     headers_from_json, headers_json, Finish, Item, ItemState, KindStats, NewItem, OutboxTable,
     OutboxTx,
 };
-use crate::store::pg::{describe, schema, session_broken, PgSettings, PgUrl};
+use crate::store::pg::{describe, session_broken, PgSettings, PgUrl, TableSession};
 
 pub(super) struct PgTable {
-    settings: PgSettings,
-    client: Option<Client>,
+    session: TableSession,
 }
 
 impl PgTable {
     pub(super) fn open(settings: &PgSettings) -> Result<PgTable, String> {
-        let mut table = PgTable {
-            settings: settings.clone(),
-            client: None,
-        };
-        let s = settings.clone();
-        let client = table.client()?;
-        let report = schema::report(client, &s).map_err(|e| e.to_string())?;
-        if report.current < 3 {
-            return Err(format!(
-                "{}: the outbox tables are missing (schema version {}); start tollgate with this \
-                 store.url once so that it migrates the store",
-                s.url, report.current
-            ));
-        }
-        Ok(table)
-    }
-
-    fn client(&mut self) -> Result<&mut Client, String> {
-        if self.client.as_ref().is_some_and(Client::is_closed) {
-            self.client = None;
-        }
-        if self.client.is_none() {
-            let client = self
-                .settings
-                .connect("outbox", Some(self.settings.statement_timeout))
-                .map_err(|e| e.to_string())?;
-            self.client = Some(client);
-        }
-        Ok(self.client.as_mut().expect("connected above"))
+        let session = TableSession::open(settings, "outbox", 3, "the outbox tables are missing")?;
+        Ok(PgTable { session })
     }
 }
 
@@ -59,8 +29,8 @@ impl OutboxTable for PgTable {
         &mut self,
         ops: &mut dyn FnMut(&mut dyn OutboxTx) -> Result<(), String>,
     ) -> Result<(), String> {
-        let url = self.settings.url.clone();
-        let client = self.client()?;
+        let url = self.session.settings().url.clone();
+        let client = self.session.client()?;
         let mut broken = false;
         let result = (|| {
             let mut tx = client
@@ -74,8 +44,8 @@ impl OutboxTable for PgTable {
             ops(&mut t)?;
             tx.commit().map_err(|e| url.redact(&describe(&e)))
         })();
-        if result.is_err() && (broken || self.client.as_ref().is_some_and(Client::is_closed)) {
-            self.client = None;
+        if result.is_err() {
+            self.session.forget_if(broken);
         }
         result
     }

@@ -2,9 +2,10 @@
 //! connection, used by the outbox writer thread only.
 
 use std::path::Path;
-use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use crate::store::sqlite::open_side_file;
 
 use super::{
     headers_from_json, headers_json, Finish, Item, ItemState, KindStats, NewItem, OutboxTable,
@@ -42,22 +43,7 @@ pub(super) struct SqliteTable {
 
 impl SqliteTable {
     pub(super) fn open(path: &Path) -> Result<SqliteTable, String> {
-        let fail = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
-        }
-        let conn = Connection::open(path).map_err(|e| fail(&e))?;
-        conn.busy_timeout(Duration::from_secs(5))
-            .map_err(|e| fail(&e))?;
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
-            .map_err(|e| fail(&e))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(fail(&format!("could not switch to WAL (got {mode})")));
-        }
-        conn.execute_batch("PRAGMA synchronous=FULL;")
-            .and_then(|_| conn.execute_batch(SCHEMA))
-            .map_err(|e| fail(&e))?;
+        let conn = open_side_file(path, SCHEMA)?;
         Ok(SqliteTable { conn })
     }
 }

@@ -871,6 +871,29 @@ impl Store for SqliteStore {
     }
 }
 
+/// Opens a file of tollgate's own beside the store (the idempotency keys,
+/// the outbox), creating its directory, in WAL mode with
+/// `synchronous=FULL`, and applies `schema` (idempotent `CREATE … IF NOT
+/// EXISTS`). Errors name the file.
+pub fn open_side_file(path: &Path, schema: &str) -> Result<Connection, String> {
+    let fail = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
+    }
+    let conn = Connection::open(path).map_err(|e| fail(&e))?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| fail(&e))?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .map_err(|e| fail(&e))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(fail(&format!("could not switch to WAL (got {mode})")));
+    }
+    conn.execute_batch("PRAGMA synchronous=FULL;")
+        .and_then(|_| conn.execute_batch(schema))
+        .map_err(|e| fail(&e))?;
+    Ok(conn)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -48,6 +48,7 @@
 
 pub mod owner;
 pub mod schema;
+mod table;
 #[cfg(test)]
 pub(crate) mod testing;
 #[cfg(test)]
@@ -61,6 +62,7 @@ use postgres::{Client, NoTls, Statement};
 
 pub use crate::config::postgres::{PgSettings, PgUrl};
 pub use owner::PgOwner;
+pub use table::TableSession;
 
 use super::batch::Folded;
 use super::fence::{Claimant, CommitGuard, Fence, OwnerRecord};
