@@ -57,11 +57,10 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use parking_lot::Mutex;
-use postgres::Client;
 
 use super::keeper::{LeaseKeeper, SpendGate};
 use super::sizing::{Sizing, SpendRate};
-use super::sql::{self, ClusterBalance, ClusterError, Take};
+use super::sql::{self, ClusterBalance, ClusterError, Session, Take};
 use crate::clock::Clock;
 use crate::config::cluster::ClusterConfig;
 use crate::ledger::{Bucket, BucketPreference, Ledger, LedgerError, ReservationId};
@@ -145,7 +144,7 @@ impl GrantLocks {
 
 /// One job of the session pool: runs with a live session; returns whether
 /// the session is suspect (dropped and made again for the next job).
-type Job = Box<dyn FnOnce(&mut Client) -> bool + Send>;
+type Job = Box<dyn FnOnce(&mut Session) -> bool + Send>;
 
 /// A running cluster node (see the module docs). Made by
 /// [`ClusterNode::start`] before the ledger exists, attached to it and the
@@ -302,7 +301,7 @@ impl ClusterNode {
     async fn run<T: Send + 'static>(
         &self,
         statement: &'static str,
-        f: impl FnOnce(&mut Client) -> Result<T, ClusterError> + Send + 'static,
+        f: impl FnOnce(&mut Session) -> Result<T, ClusterError> + Send + 'static,
     ) -> Result<T, ClusterError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let histogram = self
@@ -660,7 +659,7 @@ impl ClusterNode {
         let Some((ledger, writer)) = self.attached.get() else {
             return;
         };
-        let mut client: Option<Client> = None;
+        let mut client: Option<Session> = None;
         let mut last_scan = Instant::now();
         let mut last_authcode_sweep = Instant::now();
         let mut renewals_seen = (0u64, 0u64);
@@ -718,7 +717,7 @@ impl ClusterNode {
     /// Deletes the Boxis claims that expired a while ago (every node does,
     /// every [`AUTHCODE_SWEEP_EVERY`]; the table holds only authcodes
     /// still inside some node's timestamp window).
-    fn sweep_authcodes(&self, client: &mut Option<Client>) {
+    fn sweep_authcodes(&self, client: &mut Option<Session>) {
         let Some(c) = self.session(client) else {
             return;
         };
@@ -754,19 +753,20 @@ impl ClusterNode {
     }
 
     /// The grant thread's session, made again when it ended.
-    fn session<'c>(&self, client: &'c mut Option<Client>) -> Option<&'c mut Client> {
-        if client.as_ref().is_none_or(Client::is_closed) {
+    fn session<'c>(&self, client: &'c mut Option<Session>) -> Option<&'c mut Session> {
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
             *client = self
                 .settings
                 .connect("grants", Some(self.settings.statement_timeout))
-                .ok();
+                .ok()
+                .map(Session::new);
         }
         client.as_mut()
     }
 
     fn top_up(
         &self,
-        client: &mut Option<Client>,
+        client: &mut Option<Session>,
         ledger: &Arc<Ledger>,
         account: &str,
         bucket: Bucket,
@@ -825,7 +825,7 @@ impl ClusterNode {
     }
 
     /// Gives idle and oversized grants back; refreshes the held gauges.
-    fn scan(&self, client: &mut Option<Client>, ledger: &Arc<Ledger>, writer: &Arc<WriteBehind>) {
+    fn scan(&self, client: &mut Option<Session>, ledger: &Arc<Ledger>, writer: &Arc<WriteBehind>) {
         let now = self.clock.now_unix_ms();
         let idle_ms = self.config.grant_idle.as_millis() as i64;
         for bucket in Bucket::ALL {
@@ -871,7 +871,7 @@ impl ClusterNode {
     /// this node (given back, or lost with an unanswered statement).
     fn give_back(
         &self,
-        client: &mut Option<Client>,
+        client: &mut Option<Session>,
         ledger: &Ledger,
         writer: &WriteBehind,
         account: &str,
@@ -965,7 +965,7 @@ fn timed<T>(histogram: &prometheus::Histogram, f: impl FnOnce() -> T) -> T {
 /// A take, applied to the ledger at once (see the module docs).
 #[allow(clippy::too_many_arguments)]
 fn take_into(
-    client: &mut Client,
+    client: &mut Session,
     settings: &PgSettings,
     lease: NodeLease,
     ledger: &Ledger,
@@ -999,7 +999,7 @@ fn take_into(
 
 /// A pool session thread: runs jobs until the pool is dropped.
 fn pool_thread(jobs: &Mutex<mpsc::Receiver<Job>>, settings: &PgSettings) {
-    let mut client: Option<Client> = None;
+    let mut client: Option<Session> = None;
     loop {
         let job = {
             let rx = jobs.lock();
@@ -1008,10 +1008,11 @@ fn pool_thread(jobs: &Mutex<mpsc::Receiver<Job>>, settings: &PgSettings) {
         let Ok(job) = job else {
             return;
         };
-        if client.as_ref().is_none_or(Client::is_closed) {
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
             client = settings
                 .connect("cluster", Some(settings.statement_timeout))
-                .ok();
+                .ok()
+                .map(Session::new);
         }
         // No session: the job is dropped and its requester told so.
         let Some(c) = client.as_mut() else {

@@ -94,6 +94,52 @@ fn age_lease(c: &mut postgres::Client, lease: NodeLease, ago_ms: i64) {
     .unwrap();
 }
 
+/// A node's session parses and plans its per-request statements once:
+/// however often they run, each is one prepared statement on the server,
+/// and the answers are those of a plain client.
+#[test]
+fn a_session_prepares_each_frequent_statement_once() {
+    let db = TestDb::create("cluster_session");
+    let (s, mut c) = session(&db);
+    let a = node(&mut c, &s, "node-a");
+    fund(&mut c, &s, a, "john", 10_000);
+    let mut session = sql::Session::new(s.connect("node", Some(Duration::from_secs(10))).unwrap());
+    let prepared = |session: &mut sql::Session| -> i64 {
+        session
+            .query_one("SELECT count(*) FROM pg_prepared_statements", &[])
+            .unwrap()
+            .get(0)
+    };
+    let before = prepared(&mut session);
+    for round in 1..=3 {
+        let take = sql::take(&mut session, &s, a, "john", Bucket::Anytime, 1_000).unwrap();
+        assert_eq!(
+            take,
+            Take::Granted {
+                grant_milli: round * 1_000,
+                available_milli: 10_000 - round * 1_000,
+            }
+        );
+        assert!(sql::give_back(&mut session, &s, a, "john", Bucket::Anytime, 500).unwrap());
+        assert!(sql::take(&mut session, &s, a, "john", Bucket::Anytime, 500).is_ok());
+        let balance = sql::balance(&mut session, &s, "john").unwrap().unwrap()[0];
+        assert_eq!(balance.granted_milli, round * 1_000);
+        assert_eq!(
+            balance,
+            anytime(&mut c, &s, "john"),
+            "the same answer as a plain client"
+        );
+        let key = [round as u8; 16];
+        assert!(sql::claim_authcode(&mut session, &s, &key, NOW / 1000 + 60, NOW / 1000).unwrap());
+        assert!(!sql::claim_authcode(&mut session, &s, &key, NOW / 1000 + 60, NOW / 1000).unwrap());
+    }
+    assert_eq!(
+        prepared(&mut session) - before,
+        4,
+        "take, give_back, balance, claim_authcode"
+    );
+}
+
 #[test]
 fn nodes_racing_for_an_account_never_take_more_than_it_holds() {
     let db = TestDb::create("cluster_race");
