@@ -690,7 +690,8 @@ impl Metrics {
                 "tollgate_cluster_pg_seconds",
                 "Cluster node: PostgreSQL round trips of the grant protocol, by statement \
                  (take, give_back, credit, balance, transfer, claim_authcode, \
-                 expire_authcodes)",
+                 expire_authcodes); a take or give_back includes its wait for the \
+                 node's other statement on the same grant row",
                 &["statement"],
             ),
         };
