@@ -8,7 +8,10 @@
 # (a) one node, `sendmessage` throughput (wrk), store × durability:
 #     sqlite-async, sqlite-sync (the SQLite store), pg-async, pg-sync (one
 #     owner on PostgreSQL, no `cluster:`) and node-sync (one cluster node:
-#     grants, lease, `durability: sync`, which a node requires).
+#     grants, lease, `durability: sync`, which a node requires); beside
+#     them sqlite-async-ageN and pg-async-ageN (ASYNC_AGES): async with
+#     store.batch_age_max_ms N, fewer and larger commits. With each, the
+#     CPU per settled send of tollgate, ozeki-sim and PostgreSQL.
 # (b) PostgreSQL statements per 1 000 sends, from the deltas of
 #     tollgate_store_pg_statements_total and the grant protocol's round
 #     trips (tollgate_cluster_pg_seconds_count) over node-sync's run, for a
@@ -29,7 +32,8 @@
 #
 # Knobs (environment): ROUNDS (3), DURATION (10s), WARMUP (2s),
 # CONNECTIONS (64), WRK_THREADS (1), TOLLGATE_THREADS (1), SIM_THREADS (2),
-# RATE_PCT (50), STRAND_N (300), STRAND_LIMIT (15), PG (server URL without
+# RATE_PCT (50), ASYNC_AGES (10: (a) also runs sqlite-async-age10 and
+# pg-async-age10, with store.batch_age_max_ms 10; "" for none), STRAND_N (300), STRAND_LIMIT (15), PG (server URL without
 # a database; default: postgres or root at 127.0.0.1:5432), OHA (an oha
 # binary; else installed into target/tools as benches/e2e/latency.sh does),
 # ONLY (a subset of scenario names), BIN_DIR, QUIET_WAIT.
@@ -45,6 +49,7 @@ RATE_PCT="${RATE_PCT:-50}"
 STRAND_N="${STRAND_N:-300}"
 STRAND_LIMIT="${STRAND_LIMIT:-15}"
 ONLY="${ONLY:-}"
+ASYNC_AGES="${ASYNC_AGES-10}"
 OHA_VERSION="${OHA_VERSION:-1.16.0}"
 # shellcheck source=benches/e2e/common.sh
 . "$(cd "$(dirname "${BASH_SOURCE[0]}")/../e2e" && pwd)/common.sh"
@@ -129,15 +134,17 @@ STRAND_CREDITS_PATH="/api?action=getcredits&username=strand&password=strandpw"
 # KIND: sqlite-async | sqlite-sync | pg-async | pg-sync | node (cluster,
 # sync) on DB_URL.
 start_node() {
-    local kind="$1" name="$2" extra="${3:-}" dir port admin store durability cluster=""
+    local kind="$1" name="$2" extra="${3:-}" dir port admin store durability cluster="" age="$BATCH_AGE_MS"
+    # NAME-ageN: the same with store.batch_age_max_ms N (async's batch size).
+    if [[ "$kind" =~ ^(.*)-age([0-9]+)$ ]]; then kind="${BASH_REMATCH[1]}" age="${BASH_REMATCH[2]}"; fi
     dir="$WORK/$name-$RANDOM"
     port="$(free_port)"
     admin="$(free_port)"
     mkdir -p "$dir/conf" "$dir/var"
     cp "$SEEDS/accounts.yaml" "$SEEDS/tariffs.yaml" "$dir/conf/"
     case "$kind" in
-        sqlite-*) store="store: { path: ../var/tollgate.db, batch_age_max_ms: $BATCH_AGE_MS }"; durability="${kind#sqlite-}" ;;
-        pg-*) store="store: { url: '$DB_URL', batch_age_max_ms: $BATCH_AGE_MS }"; durability="${kind#pg-}" ;;
+        sqlite-*) store="store: { path: ../var/tollgate.db, batch_age_max_ms: $age }"; durability="${kind#sqlite-}" ;;
+        pg-*) store="store: { url: '$DB_URL', batch_age_max_ms: $age }"; durability="${kind#pg-}" ;;
         node)
             store="store: { url: '$DB_URL', batch_age_max_ms: $BATCH_AGE_MS, statement_timeout_ms: 2000 }"
             durability=sync
@@ -197,8 +204,8 @@ start_scenario() {
     ADMINS=()
     LB_PID=""
     case "$name" in
-        sqlite-async | sqlite-sync) start_node "$name" tg ;;
-        pg-async | pg-sync) new_db; start_node "$name" tg ;;
+        sqlite-async | sqlite-sync | sqlite-async-age*) start_node "$name" tg ;;
+        pg-async | pg-sync | pg-async-age*) new_db; start_node "$name" tg ;;
         node-sync) new_db; start_node node node-a ;;
         node-direct) new_db; start_node node node-a "grant_max_milli: 1000000000000, direct_below_milli: 1000000000000" ;;
         nginx-1 | nginx-2 | nginx-3 | strand-default | strand-small)
@@ -254,16 +261,47 @@ metric_sum() {
 }
 sends_settled() { metric_sum tollgate_requests_total 'action="sendmessage".*outcome="settled"|outcome="settled".*action="sendmessage"'; }
 
-# run_wrk NAME PATH → RPS P99 ERRS (and the statement deltas: ST_STORE ST_CLUSTER SENDS)
+# CPU time (user + system, in clock ticks) of processes, each with every
+# thread; `ticks PID...`. With REAPED=1, also the CPU of their children
+# that have exited and been waited for (a PostgreSQL postmaster's
+# autovacuum workers and ended backends).
+CLK_TCK="$(getconf CLK_TCK)"
+ticks() {
+    local p total=0 v
+    for p in "$@"; do
+        # Fields after the command name, which may hold spaces: state is 3,
+        # utime 14, stime 15, cutime 16, cstime 17.
+        v="$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk -v r="${REAPED:-0}" '{ print $12 + $13 + (r ? $14 + $15 : 0) }')" || v=0
+        total=$((total + ${v:-0}))
+    done
+    echo "$total"
+}
+# Every PostgreSQL process: the live ones, and what the postmaster (the
+# oldest) has reaped. A process that ends during a run is counted whole
+# at its end, and its part before the run was counted at the start.
+pg_ticks() {
+    local live postmaster
+    postmaster="$(pgrep -o -x postgres || true)"
+    mapfile -t live < <(pgrep -x postgres || true)
+    [ -n "$postmaster" ] || { echo 0; return; }
+    echo $(($(ticks "${live[@]}") + $(REAPED=1 ticks "$postmaster") - $(ticks "$postmaster")))
+}
+# µs of CPU per send from a tick delta.
+per_send_us() { awk -v t="$1" -v n="$2" -v hz="$CLK_TCK" 'BEGIN{ if (n > 0) printf "%.1f", t * 1e6 / hz / n; else print "–" }'; }
+
+# run_wrk NAME PATH → RPS P99 ERRS (and the statement deltas: ST_STORE ST_CLUSTER SENDS;
+# the CPU per settled send in µs: CPU_TG CPU_SIM CPU_PG)
 run_wrk() {
-    local name="$1" path="$2" out="$WORK/wrk-$1.txt" s0 s1 c0 c1 n0 n1
+    local name="$1" path="$2" out="$WORK/wrk-$1.txt" s0 s1 c0 c1 n0 n1 tg0 tg1 sim0 sim1 pg0 pg1
     wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$WARMUP" -s "$E2E/requests.lua" \
         "http://$TARGET" -- "$path" >/dev/null 2>&1 || true
     s0="$(metric_sum tollgate_store_pg_statements_total)"
     c0="$(metric_sum tollgate_cluster_pg_seconds_count)"
     n0="$(sends_settled)"
+    tg0="$(ticks "${TARGET_PIDS[@]}")" sim0="$(ticks "$SIM_PID")" pg0="$(pg_ticks)"
     wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s "$E2E/requests.lua" \
         "http://$TARGET" -- "$path" >"$out" 2>&1 || die "wrk failed for $name: $(cat "$out")"
+    tg1="$(ticks "${TARGET_PIDS[@]}")" sim1="$(ticks "$SIM_PID")" pg1="$(pg_ticks)"
     s1="$(metric_sum tollgate_store_pg_statements_total)"
     c1="$(metric_sum tollgate_cluster_pg_seconds_count)"
     n1="$(sends_settled)"
@@ -273,8 +311,13 @@ run_wrk() {
     SENDS=$((n1 - n0))
     ST_STORE=$((s1 - s0))
     ST_CLUSTER=$((c1 - c0))
+    CPU_TG="$(per_send_us $((tg1 - tg0)) "$SENDS")"
+    CPU_SIM="$(per_send_us $((sim1 - sim0)) "$SENDS")"
+    CPU_PG="$(per_send_us $((pg1 - pg0)) "$SENDS")"
     log "$(printf '%-15s %7s req/s  p99 %8s ms  errors %s  settled sends %s  pg statements: store %s, grant protocol %s' \
         "$name" "$RPS" "$P99" "$ERRS" "$SENDS" "$ST_STORE" "$ST_CLUSTER")"
+    log "$(printf '%-15s CPU per settled send: tollgate %s µs, ozeki-sim %s µs, PostgreSQL %s µs' \
+        "$name" "$CPU_TG" "$CPU_SIM" "$CPU_PG")"
 }
 
 # oha_p99 NAME RATE → OHA_P50 OHA_P99 OHA_ACH (ms, ms, req/s)
@@ -323,9 +366,11 @@ strand_run() {
         "$name" "$ST_OK" "$STRAND_N" "$ST_LAST" "$ST_REF")"
 }
 
-declare -A A_RPS A_P99 A_ERR A_SPK A_CPK A_OP50 A_OP99 A_OACH A_SOK A_SLAST A_SREF
+declare -A A_CTG A_CSIM A_CPG A_RPS A_P99 A_ERR A_SPK A_CPK A_OP50 A_OP99 A_OACH A_SOK A_SLAST A_SREF
 
-PHASE1=(sqlite-async sqlite-sync pg-async pg-sync node-sync node-direct nginx-1 nginx-2 nginx-3)
+AGED=()
+for a in $ASYNC_AGES; do AGED+=("sqlite-async-age$a" "pg-async-age$a"); done
+PHASE1=(sqlite-async sqlite-sync pg-async pg-sync "${AGED[@]}" node-sync node-direct nginx-1 nginx-2 nginx-3)
 log "bench-cluster: wrk -t$WRK_THREADS -c$CONNECTIONS -d$DURATION (warm-up $WARMUP), tollgate threads $TOLLGATE_THREADS, $ROUNDS rounds; load $LOAD_AT_START"
 for round in $(seq 1 "$ROUNDS"); do
     log "-- round $round of $ROUNDS"
@@ -336,6 +381,7 @@ for round in $(seq 1 "$ROUNDS"); do
         [ "$s" = node-direct ] && path="$SMALL_PATH"
         run_wrk "$s" "$path"
         A_RPS[$s]+=" $RPS"; A_P99[$s]+=" $P99"; A_ERR[$s]+=" $ERRS"
+        A_CTG[$s]+=" $CPU_TG"; A_CSIM[$s]+=" $CPU_SIM"; A_CPG[$s]+=" $CPU_PG"
         if [ "$SENDS" -gt 0 ] && [[ "$s" != sqlite-* ]]; then
             A_SPK[$s]+=" $(awk -v a="$ST_STORE" -v n="$SENDS" 'BEGIN{printf "%.1f", a*1000/n}')"
             A_CPK[$s]+=" $(awk -v a="$ST_CLUSTER" -v n="$SENDS" 'BEGIN{printf "%.1f", a*1000/n}')"
@@ -392,7 +438,7 @@ m() { local v="${1:-}"; if [ -z "${v// /}" ]; then echo "–"; else # shellcheck
     echo
     echo "| scenario | req/s | p99 ms | errors | req/s per round |"
     echo "|---|---:|---:|---:|---|"
-    for s in sqlite-async sqlite-sync pg-async pg-sync node-sync; do
+    for s in sqlite-async sqlite-sync pg-async pg-sync "${AGED[@]}" node-sync; do
         [ -n "${A_RPS[$s]:-}" ] || continue
         echo "| $s | $(m "${A_RPS[$s]}") | $(m "${A_P99[$s]}") | $(m "${A_ERR[$s]}") |${A_RPS[$s]} |"
     done
@@ -400,8 +446,22 @@ m() { local v="${1:-}"; if [ -z "${v// /}" ]; then echo "–"; else # shellcheck
     echo "| ratio | throughput |"
     echo "|---|---:|"
     echo "| pg-async / sqlite-async | $(ratio "$(m "${A_RPS[pg-async]:-}")" "$(m "${A_RPS[sqlite-async]:-}")") |"
+    for a in $ASYNC_AGES; do
+        echo "| pg-async-age$a / sqlite-async-age$a (\`batch_age_max_ms: $a\` on both) | $(ratio "$(m "${A_RPS[pg-async-age$a]:-}")" "$(m "${A_RPS[sqlite-async-age$a]:-}")") |"
+    done
     echo "| pg-sync / sqlite-sync | $(ratio "$(m "${A_RPS[pg-sync]:-}")" "$(m "${A_RPS[sqlite-sync]:-}")") |"
     echo "| node-sync / pg-sync (the grant protocol's cost on one node) | $(ratio "$(m "${A_RPS[node-sync]:-}")" "$(m "${A_RPS[pg-sync]:-}")") |"
+    echo
+    echo "CPU per settled send (µs; /proc/PID/stat user + system over the measured run; PostgreSQL: every postgres"
+    echo "process, with the ended ones its postmaster reaped): on this machine's two cores every µs PostgreSQL spends"
+    echo "is a µs tollgate and ozeki-sim do not get, so the throughput ratio follows the sum."
+    echo
+    echo "| scenario | tollgate | ozeki-sim | PostgreSQL | sum | tollgate per round | PostgreSQL per round |"
+    echo "|---|---:|---:|---:|---:|---|---|"
+    for s in sqlite-async sqlite-sync pg-async pg-sync "${AGED[@]}" node-sync; do
+        [ -n "${A_CTG[$s]:-}" ] || continue
+        echo "| $s | $(m "${A_CTG[$s]}") | $(m "${A_CSIM[$s]}") | $(m "${A_CPG[$s]}") | $(awk -v a="$(m "${A_CTG[$s]}")" -v b="$(m "${A_CSIM[$s]}")" -v c="$(m "${A_CPG[$s]}")" 'BEGIN{printf "%.1f", a + b + c}') |${A_CTG[$s]} |${A_CPG[$s]} |"
+    done
     echo
     echo "## (b) PostgreSQL statements per 1 000 sends"
     echo
@@ -410,7 +470,8 @@ m() { local v="${1:-}"; if [ -z "${v// /}" ]; then echo "–"; else # shellcheck
     echo
     echo "| scenario | store statements / 1000 sends | grant protocol / 1000 sends | req/s |"
     echo "|---|---:|---:|---:|"
-    for s in pg-async pg-sync node-sync node-direct; do
+    for s in pg-async pg-sync "${AGED[@]}" node-sync node-direct; do
+        [[ "$s" == sqlite-* ]] && continue
         [ -n "${A_RPS[$s]:-}" ] || continue
         echo "| $s | $(m "${A_SPK[$s]:-}") | $(m "${A_CPK[$s]:-}") | $(m "${A_RPS[$s]}") |"
     done
